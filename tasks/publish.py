@@ -1,0 +1,225 @@
+"""publish: push the DVC cache to S3 and upload a versioned, self-verifying release bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tlpipe.store import StoreSession, object_exists, upload_file
+
+from tlpipe.data import sha256_file
+from tlpipe.errors import GateFailed, StoreError
+from tlpipe.model import fresh_dir, write_json
+from tlpipe.params import Params, PublishParams
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LOCKED_STAGES = ("prepare", "validate", "pretrain", "finetune", "evaluate", "export")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    uri: str
+    manifest_uri: str
+    already_published: bool
+
+
+def release_prefix(p: PublishParams, version: str) -> str:
+    return f"{p.prefix}/{p.model_name}/{version}"
+
+
+def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_diff: float) -> None:
+    """Promotion goes only through gates: re-read the gate files and refuse on any miss."""
+    for path in (evaluate_metrics, parity):
+        if not path.is_file():
+            raise GateFailed(f"{path} is missing: its stage has not passed")
+    metrics = json.loads(evaluate_metrics.read_text())
+    gain = metrics["gain"]["accuracy"]
+    if gain < min_gain:
+        raise GateFailed(f"transfer gain {gain:+.4f} is below evaluate.min_gain {min_gain:+.4f}")
+    par = json.loads(parity.read_text())
+    if par["max_abs_diff"] > max_abs_diff or par["argmax_agreement"] < 1.0:
+        raise GateFailed(
+            f"ONNX parity not met: max |Δlogit| {par['max_abs_diff']:.3e}, "
+            f"argmax agreement {par['argmax_agreement']:.4f}"
+        )
+
+
+def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], version: str) -> str:
+    t, s = metrics["transfer"], metrics["scratch"]
+    labels = ", ".join(params.prepare.labels)
+    return "\n".join(
+        [
+            f"# {params.publish.model_name} {version}",
+            "",
+            f"Text classifier over [{labels}], fine-tuned from `{params.pretrain.init_from or 'a new encoder'}` "
+            f"on {params.prepare.target_train_size} labelled target rows.",
+            "",
+            f"- Data: `{params.data.path}` (SHA-256 `{params.data.sha256 or 'unpinned'}`), "
+            f"target rows matching `{params.prepare.target_pattern}`.",
+            f"- Test rows: {metrics['test_rows']}; "
+        f"majority-class accuracy {metrics['majority_class_accuracy']:.4f}.",
+            "",
+            "| model | accuracy | macro-F1 |",
+            "|---|---|---|",
+            f"| this model | {t['accuracy']:.4f} | {t['macro_f1']:.4f} |",
+            f"| same architecture from scratch | {s['accuracy']:.4f} | {s['macro_f1']:.4f} |",
+            "",
+            f"ONNX parity on the test split: max |Δlogit| {parity['max_abs_diff']:.2e}, "
+            f"argmax agreement {parity['argmax_agreement']:.2%}.",
+            "",
+            "Run it with onnxruntime and tokenizers alone: `tlpipe predict --bundle <this prefix> --input FILE`.",
+            "Every file's SHA-256 is in manifest.json, which is written last: a release without it is incomplete.",
+            "",
+        ]
+    )
+
+
+def _lock_hashes(lock_path: Path) -> dict[str, Any]:
+    if not lock_path.is_file():
+        return {}
+    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
+    return {
+        name: {o["path"]: o.get("md5") for o in stages[name].get("outs", [])}
+        for name in LOCKED_STAGES
+        if name in stages
+    }
+
+
+def _git_commit(root: Path) -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    return (
+        {"commit": commit or None, "dirty": bool(git("status", "--porcelain"))}
+        if commit
+        else {"commit": None, "dirty": None}
+    )
+
+
+def push_dvc_cache(root: Path, store: StoreSession, remote_path: str) -> None:
+    """`dvc push` every cached output to s3://<bucket>/<remote_path>; the endpoint and
+    credentials come from the session's environment, never from committed config."""
+    from dvc.repo import Repo
+
+    url = f"s3://{store.bucket}/{remote_path}"
+    config = {
+        "core": {"remote": "tlpipe"},
+        "remote": {"tlpipe": {"url": url, "endpointurl": store.endpoint_url, "region": store.region}},
+    }
+    with store.environ(), Repo(str(root), config=config) as repo:
+        pushed = repo.push(remote="tlpipe")
+    log.info("dvc push: %s objects to %s", pushed, url)
+
+
+def publish(
+    params: Params, root: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path, store: StoreSession
+) -> PublishResult:
+    """Gate, push the DVC cache, then upload the release under a content-addressed version.
+
+    Files go up first, each with a conditional write that never overwrites; manifest.json
+    (SHA-256 of every file, git commit, dvc.lock output hashes, params) goes last, so a
+    release without a manifest is incomplete and is never read as one. Publishing the same
+    content again finds its manifest and uploads nothing. Writes `out_dir/release.json`.
+    Raises GateFailed when a gate file says the model is not fit to ship, StoreError when
+    the store refuses a write.
+    """
+    p = params.publish
+    check_gates(
+        params.evaluate.min_gain,
+        evaluate_dir / "metrics.json",
+        export_dir / "parity.json",
+        params.export.max_abs_diff,
+    )
+    bundle = export_dir / "bundle"
+    metrics = json.loads((evaluate_dir / "metrics.json").read_text())
+    parity = json.loads((export_dir / "parity.json").read_text())
+
+    files = {f.name: f for f in sorted(bundle.iterdir()) if f.is_file()}
+    files["metrics.json"] = evaluate_dir / "metrics.json"
+    files["parity.json"] = export_dir / "parity.json"
+    digests = {name: sha256_file(path) for name, path in files.items()}
+    version = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    prefix = release_prefix(p, version)
+    uri = f"s3://{store.bucket}/{prefix}/"
+    fresh_dir(out_dir)
+
+    push_dvc_cache(root, store, p.dvc_remote_path)
+
+    card = out_dir / "README.md"
+    card.write_text(model_card(params, metrics, parity, version))
+    files["README.md"] = card
+    digests["README.md"] = sha256_file(card)
+
+    manifest_key = f"{prefix}/{MANIFEST}"
+    already = object_exists(store.client, store.bucket, manifest_key)
+    if already:
+        log.info("publish: %s is already complete; nothing uploaded", uri)
+    else:
+        for name, path in files.items():
+            key = f"{prefix}/{name}"
+            if object_exists(store.client, store.bucket, key):
+                # Left by an interrupted attempt at this same content-addressed version.
+                remote = store.client.head_object(Bucket=store.bucket, Key=key)
+                if remote.get("Metadata", {}).get("sha256") != digests[name]:
+                    raise StoreError(f"s3://{store.bucket}/{key} exists with other contents")
+                continue
+            upload_file(
+                store.client, path, store.bucket, key, if_none_match=True, metadata={"sha256": digests[name]}
+            )
+        manifest = {
+            "name": p.model_name,
+            "version": version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": {n: {"sha256": digests[n], "bytes": files[n].stat().st_size} for n in sorted(files)},
+            "git": _git_commit(root),
+            "dvc_lock": _lock_hashes(root / "dvc.lock"),
+            "params": params.as_dict(),
+            "metrics": {
+                "transfer": metrics["transfer"]["accuracy"],
+                "scratch": metrics["scratch"]["accuracy"],
+                "gain": metrics["gain"]["accuracy"],
+            },
+        }
+        manifest_path = out_dir / MANIFEST
+        write_json(manifest_path, manifest)
+        upload_file(store.client, manifest_path, store.bucket, manifest_key, if_none_match=True)
+        log.info("publish: released %s", uri)
+    # Promotion: the pointer moves only to a complete, gated release.
+    latest = out_dir / "latest.json"
+    write_json(latest, {"version": version, "manifest": f"s3://{store.bucket}/{manifest_key}"})
+    upload_file(store.client, latest, store.bucket, f"{p.prefix}/{p.model_name}/latest.json")
+    result = PublishResult(version, uri, f"s3://{store.bucket}/{manifest_key}", already)
+    write_json(
+        out_dir / "release.json",
+        {
+            "version": version,
+            "uri": uri,
+            "manifest": result.manifest_uri,
+            "files": sorted(digests),
+        },
+    )
+    return result
+
+
+if __name__ == "__main__":
+    from tlpipe.store import open_store
+
+    from tlpipe.entry import main
+    from tlpipe.params import stage_dir
+
+    def _run(params: Params, out: Path) -> PublishResult:
+        with open_store(params.publish.bucket) as store:
+            return publish(params, Path("."), stage_dir("export"), stage_dir("evaluate"), out, store)
+
+    main("publish", _run)

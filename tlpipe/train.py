@@ -1,0 +1,365 @@
+"""The training loop shared by pretrain, finetune and the scratch control.
+
+One process, plain PyTorch: length-bucketed batches with dynamic padding, the masked-LM
+loss computed on masked positions only, no per-step host syncs beyond logging.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from tlpipe.batching import length_batches, pad_arrays
+from tlpipe.model import mlm_head
+from tlpipe.params import FinetuneParams, OptimParams
+from tlpipe.text import SpecialIds
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids (B, T) and attention_mask (B, T)."""
+    ids, mask = pad_arrays(seqs, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def iterate_batches(
+    ids: Sequence[np.ndarray], batches: Iterable[np.ndarray], pad_id: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    for idx in batches:
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
+        yield idx, input_ids, mask
+
+
+def mask_for_mlm(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special: SpecialIds,
+    vocab_size: int,
+    mask_prob: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BERT corruption: of a `mask_prob` share of real tokens, 80% [MASK], 10% random, 10% kept.
+
+    Returns (corrupted input_ids (B, T), positions (N,) into the flattened (B*T) batch,
+    target ids (N,)). The loss is computed on those N positions only.
+    """
+    maskable = (attention_mask == 1) & (input_ids != special.cls) & (input_ids != special.sep)
+    maskable &= input_ids != special.pad
+    probs = torch.rand(input_ids.shape, generator=gen)
+    chosen = maskable & (probs < mask_prob)
+    if not bool(chosen.any()):
+        # Short batches can draw no mask at all; force one so every step has a loss.
+        flat = maskable.flatten().nonzero().squeeze(1)
+        pick = flat[torch.randint(len(flat), (1,), generator=gen)]
+        chosen = chosen.flatten()
+        chosen[pick] = True
+        chosen = chosen.view_as(input_ids)
+    positions = chosen.flatten().nonzero().squeeze(1)
+    targets = input_ids.flatten()[positions]
+    corrupted = input_ids.clone().flatten()
+    roll = torch.rand(len(positions), generator=gen)
+    to_mask = roll < 0.8
+    to_random = (roll >= 0.8) & (roll < 0.9)
+    corrupted[positions[to_mask]] = special.mask
+    n_random = int(to_random.sum())
+    if n_random:
+        corrupted[positions[to_random]] = torch.randint(vocab_size, (n_random,), generator=gen)
+    return corrupted.view_as(input_ids), positions, targets
+
+
+_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def make_optimizer(
+    model: nn.Module, p: OptimParams, total_steps: int
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW (no decay on biases and norms) with linear warmup then linear decay to zero."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(_NO_DECAY) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": p.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=p.lr, foreach=True)
+    warmup = int(total_steps * p.warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, LambdaLR(optimizer, factor)
+
+
+@dataclass
+class MlmResult:
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _mlm_loss(
+    encoder: nn.Module,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
+    logits = head(picked)  # (N, V)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def train_mlm(
+    model: PreTrainedModel,
+    ids: Sequence[np.ndarray],
+    special: SpecialIds,
+    *,
+    steps: int,
+    optim: OptimParams,
+    mask_prob: float,
+    seed: int,
+    log_every: int,
+    desc: str = "pretrain",
+) -> MlmResult:
+    """Masked-LM training for `steps` optimizer steps over `ids`, epoch after epoch."""
+    encoder, head = mlm_head(model)
+    vocab = model.config.vocab_size
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    optimizer, scheduler = make_optimizer(model, optim, steps)
+    model.train()
+    result = MlmResult(steps=steps, tokens=0, seconds=0.0)
+    running = torch.zeros(())
+    start = time.perf_counter()
+    batches: list[np.ndarray] = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=_quiet())
+    for step in range(steps):
+        if not batches:
+            batches = length_batches(lengths, optim.batch_size, rng)
+        input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
+        corrupted, positions, targets = mask_for_mlm(input_ids, mask, special, vocab, mask_prob, gen)
+        loss = _mlm_loss(encoder, head, corrupted, mask, positions, targets)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.detach()
+        result.tokens += int(mask.sum())
+        bar.update()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            avg = float(running) / n
+            running.zero_()
+            result.history.append({"step": step + 1, "loss": avg, "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{avg:.3f}")
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def mlm_eval_loss(
+    model: PreTrainedModel,
+    ids: Sequence[np.ndarray],
+    special: SpecialIds,
+    *,
+    mask_prob: float,
+    seed: int,
+    batch_size: int = 64,
+) -> float:
+    """Mean masked-LM loss over `ids` under a fixed, seeded corruption."""
+    encoder, head = mlm_head(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    total, count = 0.0, 0
+    for _, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), special.pad):
+        corrupted, positions, targets = mask_for_mlm(
+            input_ids, mask, special, model.config.vocab_size, mask_prob, gen
+        )
+        loss = _mlm_loss(encoder, head, corrupted, mask, positions, targets)
+        total += float(loss) * len(targets)
+        count += len(targets)
+    return total / max(1, count)
+
+
+@dataclass
+class ClassifierResult:
+    best_epoch: int
+    best_val_macro_f1: float
+    seconds: float
+    examples: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_classifier(
+    model: PreTrainedModel,
+    train_ids: Sequence[np.ndarray],
+    train_y: np.ndarray,
+    val_ids: Sequence[np.ndarray],
+    val_y: np.ndarray,
+    p: FinetuneParams,
+    pad_id: int,
+    *,
+    optim: OptimParams | None = None,
+    checkpoint_dir: Path | None = None,
+    desc: str = "finetune",
+) -> ClassifierResult:
+    """Fine-tune with early stopping on validation macro-F1; the best epoch's weights win.
+
+    After each epoch the full training state (weights, optimizer, scheduler, RNG) is written
+    to `checkpoint_dir/last.pt` when a directory is given.
+    """
+    optim = optim or p.optim
+    n_labels = model.config.num_labels
+    lengths = np.fromiter((len(s) for s in train_ids), dtype=np.int64, count=len(train_ids))
+    rng = np.random.default_rng(p.seed)
+    steps_per_epoch = math.ceil(len(train_ids) / optim.batch_size)
+    optimizer, scheduler = make_optimizer(model, optim, steps_per_epoch * p.epochs)
+    labels_t = torch.tensor(train_y, dtype=torch.long)
+    best_f1, best_epoch, best_state, stale = -1.0, 0, None, 0
+    result = ClassifierResult(best_epoch=0, best_val_macro_f1=0.0, seconds=0.0, examples=0)
+    start = time.perf_counter()
+    for epoch in range(1, p.epochs + 1):
+        model.train()
+        running, seen = torch.zeros(()), 0
+        batches = length_batches(lengths, optim.batch_size, rng)
+        for idx, input_ids, mask in tqdm(
+            iterate_batches(train_ids, batches, pad_id),
+            total=len(batches),
+            desc=f"{desc} epoch {epoch}",
+            unit="batch",
+            leave=False,
+            disable=_quiet(),
+        ):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
+            loss = F.cross_entropy(logits, labels_t[idx])
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.detach() * len(idx)
+            seen += len(idx)
+        result.examples += seen
+        pred = predict_logits(model, val_ids, pad_id, p.eval_batch_size).argmax(1)
+        metrics = classification_metrics(val_y, pred, n_labels)
+        result.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(running) / max(1, seen),
+                "val_accuracy": metrics["accuracy"],
+                "val_macro_f1": metrics["macro_f1"],
+            }
+        )
+        if metrics["macro_f1"] > best_f1:
+            best_f1, best_epoch, stale = metrics["macro_f1"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if checkpoint_dir is not None:
+            _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, epoch)
+        if stale >= p.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result.best_epoch, result.best_val_macro_f1 = best_epoch, best_f1
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _save_training_state(
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    rng: np.random.Generator,
+    epoch: int,
+) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / ".last.pt.tmp"
+    torch.save(
+        {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, ckpt_dir / "last.pt")
+
+
+@torch.no_grad()
+def predict_logits(
+    model: PreTrainedModel, ids: Sequence[np.ndarray], pad_id: int, batch_size: int
+) -> np.ndarray:
+    """Logits (N, C) in the order of `ids`, batched by length to keep padding small."""
+    was_training = model.training
+    model.eval()
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    for idx, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), pad_id):
+        out[idx] = model(input_ids=input_ids, attention_mask=mask).logits.float().numpy()
+    model.train(was_training)
+    return out
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    confusion = np.zeros((n_labels, n_labels), dtype=np.int64)  # rows: true, cols: predicted
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp = np.diag(confusion).astype(float)
+    predicted, support = confusion.sum(0).astype(float), confusion.sum(1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "accuracy": float(tp.sum() / max(1, len(y_true))),
+        "macro_f1": float(f1.mean()),
+        "per_class": [
+            {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i in range(n_labels)
+        ],
+        "confusion": confusion.tolist(),
+    }
+
+
+def _quiet() -> bool:
+    return os.environ.get("TLPIPE_PROGRESS", "1") == "0"
