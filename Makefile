@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+STAMP := $(VENV)/.synced
+
+.PHONY: run test test-fast lint bench env clean
+
+$(UV):
+	python3 -m pip install --user --quiet "uv>=0.5"
+
+# The locked environment: created or updated from uv.lock, never re-resolved.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	touch $(STAMP)
+
+env: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/tlpipe run
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf outputs .tlpipe

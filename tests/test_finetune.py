@@ -1,0 +1,53 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from tasks.finetune import finetune
+from tlpipe.params import parse_params
+from tests.conftest import tiny_params
+
+
+def test_outputs_and_self_contained_model(finetuned: Path) -> None:
+    model = finetuned / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tlpipe.json"):
+        assert (model / name).is_file(), name
+    config = json.loads((model / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    metrics = json.loads((finetuned / "metrics.json").read_text())
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 2
+    assert (finetuned / "checkpoints/last.pt").is_file()
+    history = (finetuned / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,val_accuracy,val_macro_f1" and len(history) >= 2
+
+
+def test_encoder_is_transferred_and_head_is_new(pretrained: Path, finetuned: Path) -> None:
+    source = load_file(pretrained / "model.safetensors")
+    tuned = load_file(finetuned / "model" / "model.safetensors")
+    key = "bert.embeddings.word_embeddings.weight"
+    assert source[key].shape == tuned[key].shape
+    assert "classifier.weight" in tuned and "classifier.weight" not in source
+
+
+def test_training_state_checkpoint_resumable(finetuned: Path) -> None:
+    state = torch.load(finetuned / "checkpoints/last.pt", weights_only=False)
+    assert {"epoch", "model", "optimizer", "scheduler", "numpy_rng", "torch_rng"} <= set(state)
+
+
+def test_early_stopping_keeps_best_epoch(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
+    p = parse_params(tiny_params(**{"finetune.epochs": 6, "finetune.patience": 1}))
+    result = finetune(p.finetune, p.prepare.labels, pretrained, prepared, tmp_path / "f")
+    history = [line.split(",") for line in (tmp_path / "f/history.csv").read_text().splitlines()[1:]]
+    f1 = np.array([float(r[3]) for r in history])
+    assert result.best_epoch == int(np.argmax(f1)) + 1
+    assert len(history) <= result.best_epoch + 1  # stopped one stale epoch after the best
+
+
+def test_same_seed_same_model(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
+    p = parse_params(tiny_params(**{"finetune.epochs": 1}))
+    finetune(p.finetune, p.prepare.labels, pretrained, prepared, tmp_path / "a")
+    finetune(p.finetune, p.prepare.labels, pretrained, prepared, tmp_path / "b")
+    a = (tmp_path / "a/model/model.safetensors").read_bytes()
+    assert a == (tmp_path / "b/model/model.safetensors").read_bytes()

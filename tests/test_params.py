@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from tlpipe.params import ParamsError, load_params, parse_params, stage_dir
+from tests.conftest import REPO, tiny_params
+
+
+def test_repo_params_load() -> None:
+    p = load_params(REPO / "params.yaml")
+    assert p.prepare.labels == ("negative", "neutral", "positive")
+    assert p.validate_.min_per_class >= 1
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ParamsError, match=r"finetune\.epochz"):
+        parse_params(tiny_params(**{"finetune.epochz": 3}))
+
+
+def test_bad_value_is_named() -> None:
+    with pytest.raises(ParamsError, match=r"pretrain\.model.*divisible"):
+        parse_params(tiny_params(**{"pretrain.model.num_heads": 3}))
+    with pytest.raises(ParamsError, match=r"publish\.bucket"):
+        parse_params(tiny_params(**{"publish.bucket": "Not_A_Bucket"}))
+
+
+def test_params_are_frozen() -> None:
+    p = parse_params(tiny_params())
+    with pytest.raises(Exception, match="frozen"):
+        p.finetune.epochs = 5  # type: ignore[misc]
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("- a list\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_dir_knows_the_stages() -> None:
+    assert stage_dir("finetune") == Path("outputs/finetune")
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_dir("train")
