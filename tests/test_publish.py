@@ -1,0 +1,122 @@
+"""publish against a real SeaweedFS over HTTP: gates, manifest last, idempotence, faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.evaluate import evaluate
+from tasks.export import export
+from tasks.publish import publish
+from tlpipe.errors import GateFailed, StoreError
+from tlpipe.params import parse_params
+from tlpipe.release import fetch_release
+from tlpipe.serve import Bundle
+from tlpipe.store import open_store
+from tests.conftest import tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def staged(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC project folder holding evaluate and export outputs."""
+    root = tmp_path_factory.mktemp("publish-project")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    p = parse_params(tiny_params())
+    evaluate(p.evaluate, p.finetune, p.prepare.labels, finetuned, prepared, root / "outputs/evaluate")
+    export(p.export, p.finetune.max_length, finetuned, prepared, root / "outputs/export")
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    import os
+
+    saved = os.environ.pop("TLPIPE_S3_ENDPOINT", None)
+    with open_store("tlpipe-publish", root=tmp_path_factory.mktemp("store")) as session:
+        yield session
+    if saved is not None:
+        os.environ["TLPIPE_S3_ENDPOINT"] = saved
+
+
+def _copy(staged: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    shutil.copytree(staged, root)
+    return root
+
+
+def _publish(root: Path, store, **overrides):
+    params = parse_params(tiny_params(**{"publish.bucket": store.bucket, **overrides}))
+    return publish(params, root, root / "outputs/export", root / "outputs/evaluate",
+                   root / "outputs/publish", store)
+
+
+def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_path: Path) -> None:
+    root = _copy(staged, tmp_path)
+    first = _publish(root, store)
+    assert not first.already_published
+    prefix = first.uri.split("/", 3)[3]
+    manifest = json.loads(store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read())
+    for name, entry in manifest["files"].items():
+        body = store.client.get_object(Bucket=store.bucket, Key=prefix + name)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+    assert manifest["params"]["publish"]["model_name"] == "tiny"
+    assert "commit" in manifest["git"]
+
+    again = _publish(root, store)
+    assert again.already_published and again.version == first.version
+
+    folder = fetch_release(store, f"s3://{store.bucket}/releases/tiny", tmp_path / "cache")
+    preds = Bundle(folder).predict(["@united where is my bag", "love it @jetblue"])
+    assert [p["label"] in ("negative", "neutral", "positive") for p in preds] == [True, True]
+
+
+def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:
+    root = _copy(staged, tmp_path)
+    before = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)
+    with pytest.raises(GateFailed, match="below evaluate.min_gain"):
+        _publish(root, store, **{"evaluate.min_gain": 0.99})
+    after = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)
+    assert before == after
+    parity = root / "outputs/export/parity.json"
+    parity.write_text(json.dumps({**json.loads(parity.read_text()), "argmax_agreement": 0.99}))
+    with pytest.raises(GateFailed, match="ONNX parity not met"):
+        _publish(root, store)
+
+
+def test_interrupted_upload_is_never_a_release(staged: Path, store, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy(staged, tmp_path)
+    # A different model name gives a fresh release prefix for this test.
+    import tasks.publish as publish_module
+
+    real = publish_module.upload_file
+    calls = {"n": 0}
+
+    def failing(client, path, bucket, key, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise StoreError("connection reset (injected)")
+        return real(client, path, bucket, key, **kw)
+
+    monkeypatch.setattr(publish_module, "upload_file", failing)
+    with pytest.raises(StoreError, match="injected"):
+        _publish(root, store, **{"publish.model_name": "interrupted"})
+    keys = [o["Key"] for o in store.client.list_objects_v2(
+        Bucket=store.bucket, Prefix="releases/interrupted/").get("Contents", [])]
+    assert keys and not any(k.endswith(("manifest.json", "latest.json")) for k in keys)
+    with pytest.raises(StoreError, match="no manifest.json"):
+        fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")
+
+    monkeypatch.setattr(publish_module, "upload_file", real)
+    done = _publish(root, store, **{"publish.model_name": "interrupted"})
+    assert not done.already_published
+    fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")
