@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlpipe.data import read_split, sha256_file, texts
 from tlpipe.model import (
+    META_FILE,
     bert_config,
     fresh_dir,
     load_mlm,
@@ -24,6 +26,15 @@ from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
 from tlpipe.train import mlm_eval_loss, train_mlm
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 # Source rows held out to measure masked-LM loss (before/after, and forgetting later on).
 EVAL_ROWS = 512
@@ -51,6 +62,16 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
     n_eval = min(EVAL_ROWS, len(corpus) // 10)
     eval_texts, train_texts = corpus[:n_eval], corpus[n_eval:]
     fresh_dir(out_dir)
+
+    model_dir = out_dir / "model"
+    meta = {
+        "stage": "pretrain",
+        "params": p.model_dump(mode="json"),
+        "inputs": {"source.parquet": sha256_file(source_file)},
+        "max_length": p.max_length,
+    }
+    if p.init_from is not None and p.steps == 0:
+        return _use_as_is(p, model_dir, meta, out_dir)
 
     with tempfile.TemporaryDirectory() as download:
         if p.init_from is not None:
@@ -114,6 +135,26 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
     write_json(out_dir / "timing.json", {"tokens_per_second": tps})
     log.info("pretrain: %s", asdict(result))
     return result
+
+
+def _use_as_is(p: PretrainParams, model_dir: Path, meta: dict, out_dir: Path) -> PretrainResult:
+    """steps: 0 takes the checkpoint's files unchanged (every weight kept, pooler included)."""
+    assert p.init_from is not None
+    with tempfile.TemporaryDirectory() as download:
+        init_dir = resolve_init(p.init_from, Path(download))
+        load_tokenizer(init_dir)  # fails here, not in finetune, if it has no fast tokenizer
+        model_dir.mkdir(parents=True)
+        for name in CHECKPOINT_FILES:
+            if (init_dir / name).is_file():
+                shutil.copyfile(init_dir / name, model_dir / name)
+    write_json(model_dir / META_FILE, meta)
+    write_json(
+        out_dir / "metrics.json", {"steps": 0, "mlm_eval_loss_before": None, "mlm_eval_loss_after": None}
+    )
+    (out_dir / "history.csv").write_text("step,loss,lr\n")
+    write_json(out_dir / "timing.json", {"tokens_per_second": 0.0})
+    log.info("pretrain: using %s as it is", p.init_from)
+    return PretrainResult(model_dir, 0, None, float("nan"), 0.0)
 
 
 if __name__ == "__main__":

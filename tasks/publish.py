@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tlpipe.store import StoreSession, object_exists, upload_file
 
 from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.model import fresh_dir, write_json
 from tlpipe.params import Params, PublishParams
+from tlpipe.store import StoreSession, object_exists, upload_file
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,14 @@ def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], 
         [
             f"# {params.publish.model_name} {version}",
             "",
-            f"Text classifier over [{labels}], fine-tuned from `{params.pretrain.init_from or 'a new encoder'}` "
+            f"Text classifier over [{labels}], "
+            f"fine-tuned from `{params.pretrain.init_from or 'a new encoder'}` "
             f"on {params.prepare.target_train_size} labelled target rows.",
             "",
             f"- Data: `{params.data.path}` (SHA-256 `{params.data.sha256 or 'unpinned'}`), "
             f"target rows matching `{params.prepare.target_pattern}`.",
             f"- Test rows: {metrics['test_rows']}; "
-        f"majority-class accuracy {metrics['majority_class_accuracy']:.4f}.",
+            f"majority-class accuracy {metrics['majority_class_accuracy']:.4f}.",
             "",
             "| model | accuracy | macro-F1 |",
             "|---|---|---|",
@@ -77,8 +78,10 @@ def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], 
             f"ONNX parity on the test split: max |Δlogit| {parity['max_abs_diff']:.2e}, "
             f"argmax agreement {parity['argmax_agreement']:.2%}.",
             "",
-            "Run it with onnxruntime and tokenizers alone: `tlpipe predict --bundle <this prefix> --input FILE`.",
-            "Every file's SHA-256 is in manifest.json, which is written last: a release without it is incomplete.",
+            "Run it with onnxruntime and tokenizers alone: "
+            "`tlpipe predict --bundle <this prefix> --input FILE`.",
+            "Every file's SHA-256 is in manifest.json, which is written last: "
+            "a release without it is incomplete.",
             "",
         ]
     )
@@ -213,13 +216,12 @@ def publish(
 
 
 if __name__ == "__main__":
-    from tlpipe.store import open_store
-
     from tlpipe.entry import main
     from tlpipe.params import stage_dir
+    from tlpipe.store import open_store
 
     def _run(params: Params, out: Path) -> PublishResult:
-        with open_store(params.publish.bucket) as store:
+        with open_store(params.publish.bucket, root=Path(".tlpipe/store").resolve()) as store:
             return publish(params, Path("."), stage_dir("export"), stage_dir("evaluate"), out, store)
 
     main("publish", _run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -24,17 +25,32 @@ def tiny_params(**overrides: Any) -> dict[str, Any]:
     """Params for a 2-layer model on a few hundred rows: every stage runs in seconds."""
     raw: dict[str, Any] = {
         "data": {"path": "data/raw/sample.csv", "text_column": "text", "label_column": "sentiment"},
-        "prepare": {"seed": 1, "target_pattern": AIRLINES, "target_train_size": 60,
-                    "target_val_size": 40, "target_test_size": 60},
+        "prepare": {
+            "seed": 1,
+            "target_pattern": AIRLINES,
+            "target_train_size": 60,
+            "target_val_size": 40,
+            "target_test_size": 60,
+        },
         "validate": {"min_chars": 3, "max_chars": 400, "min_per_class": 2, "min_source_rows": 50},
         "pretrain": {
-            "seed": 1, "init_from": None, "steps": 12, "max_length": 48, "log_every": 4,
+            "seed": 1,
+            "init_from": None,
+            "steps": 12,
+            "max_length": 48,
+            "log_every": 4,
             "optim": {"lr": 1e-3, "batch_size": 16},
             "tokenizer": {"vocab_size": 400, "min_frequency": 2},
             "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
         },
-        "finetune": {"seed": 1, "max_length": 48, "epochs": 2, "patience": 2, "eval_batch_size": 32,
-                     "optim": {"lr": 1e-3, "batch_size": 16}},
+        "finetune": {
+            "seed": 1,
+            "max_length": 48,
+            "epochs": 2,
+            "patience": 2,
+            "eval_batch_size": 32,
+            "optim": {"lr": 1e-3, "batch_size": 16},
+        },
         "evaluate": {"min_gain": -1.0, "scratch_lr": 1e-3},
         "export": {"batch_size": 16},
         "publish": {"bucket": "tlpipe-test", "model_name": "tiny"},
@@ -57,10 +73,11 @@ def sample_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     frame = pd.read_csv(full, encoding_errors="replace", dtype=str)
     frame = frame.drop_duplicates("text")
     is_target = frame["text"].str.contains(AIRLINES, case=False, regex=True, na=False)
-    sample = pd.concat([frame[~is_target].sample(400, random_state=0),
-                        frame[is_target].sample(200, random_state=0)])
+    sample = pd.concat(
+        [frame[~is_target].sample(400, random_state=0), frame[is_target].sample(200, random_state=0)]
+    )
     path = tmp_path_factory.mktemp("data") / "sample.csv"
-    sample.to_csv(path, index=False)
+    sample.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
     return path
 
 
@@ -107,14 +124,26 @@ def make_project(root: Path, sample_csv: Path, raw_params: dict[str, Any]) -> Pa
     for name in ("tasks", "tlpipe", "flows"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    # DVC reads the keys a stage lists from params.yaml itself: write every value out.
+    resolved = parse_params(raw_params).as_dict()
+    (root / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (root / "data/raw").mkdir(parents=True)
     shutil.copy(sample_csv, root / "data/raw/sample.csv")
     (root / ".gitignore").write_text("/outputs/\n/.tlpipe/\n")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "project"],
+    ):
         subprocess.run(_venv_bin(cmd), cwd=root, check=True, env=env)
     return root
 

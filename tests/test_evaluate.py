@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from tasks.evaluate import evaluate
+from tests.conftest import tiny_params
 from tlpipe.errors import GateFailed
 from tlpipe.params import parse_params
 from tlpipe.train import classification_metrics
-from tests.conftest import tiny_params
 
 
 def test_metrics_by_hand() -> None:
@@ -31,7 +31,8 @@ def test_writes_metrics_plots_and_gain(finetuned: Path, prepared: Path, tmp_path
         assert set(metrics[model]["per_class"]) == {"negative", "neutral", "positive"}
         assert np.sum(metrics[model]["confusion"]) == 60
     assert metrics["gain"]["accuracy"] == pytest.approx(
-        metrics["transfer"]["accuracy"] - metrics["scratch"]["accuracy"])
+        metrics["transfer"]["accuracy"] - metrics["scratch"]["accuracy"]
+    )
     assert result.gain_accuracy == pytest.approx(metrics["gain"]["accuracy"])
     confusion = (tmp_path / "e/confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 61

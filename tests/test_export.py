@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from tasks.export import export
+from tests.conftest import REPO, tiny_params
 from tlpipe.errors import GateFailed
 from tlpipe.params import parse_params
-from tests.conftest import REPO, tiny_params
 
 
 @pytest.fixture(scope="module")

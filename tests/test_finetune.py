@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.finetune import finetune
-from tlpipe.params import parse_params
 from tests.conftest import tiny_params
+from tlpipe.params import parse_params
 
 
 def test_outputs_and_self_contained_model(finetuned: Path) -> None:

@@ -68,16 +68,21 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     release = json.loads(Path("outputs/publish/release.json").read_text())
     with open_store("tlpipe-test", root=project / ".tlpipe/store") as store:
         prefix = release["uri"].split("/", 3)[3]
-        manifest = json.loads(store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read())
-        assert {"model.onnx", "tokenizer.json", "bundle.json", "metrics.json", "README.md"} <= set(manifest["files"])
+        manifest = json.loads(
+            store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read()
+        )
+        assert {"model.onnx", "tokenizer.json", "bundle.json", "metrics.json", "README.md"} <= set(
+            manifest["files"]
+        )
         for name, entry in manifest["files"].items():
             body = store.client.get_object(Bucket=store.bucket, Key=prefix + name)["Body"].read()
             assert hashlib.sha256(body).hexdigest() == entry["sha256"], name
         assert manifest["dvc_lock"]["finetune"]
         cache = store.client.list_objects_v2(Bucket=store.bucket, Prefix="dvc-cache/")
         assert cache.get("KeyCount", 0) > 0
-        latest = json.loads(store.client.get_object(
-            Bucket=store.bucket, Key="releases/tiny/latest.json")["Body"].read())
+        latest = json.loads(
+            store.client.get_object(Bucket=store.bucket, Key="releases/tiny/latest.json")["Body"].read()
+        )
         assert latest["version"] == release["version"]
 
     first_lock = Path("dvc.lock").read_text()

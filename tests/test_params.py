@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe.params import ParamsError, load_params, parse_params, stage_dir
 from tests.conftest import REPO, tiny_params
+from tlpipe.params import ParamsError, load_params, parse_params, stage_dir
 
 
 def test_repo_params_load() -> None:

@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 
 from tasks.prepare import prepare
+from tests.conftest import tiny_params
 from tlpipe.data import normalise_text, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.params import parse_params
-from tests.conftest import tiny_params
 
 
 def _setup(tmp_path: Path, sample_csv: Path, **overrides: object) -> tuple[Path, object]:

