@@ -1,0 +1,76 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tasks.export import export
+from tlpipe.cli import app
+from tlpipe.params import parse_params
+from tests.conftest import tiny_params
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = parse_params(tiny_params())
+    out = tmp_path_factory.mktemp("cli-export") / "export"
+    export(p.export, p.finetune.max_length, finetuned, prepared, out)
+    return out / "bundle"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", ".txt"])
+def test_predict_streams_every_row(bundle: Path, tmp_path: Path, suffix: str) -> None:
+    texts = [f"@united flight {i} was {'great' if i % 2 else 'late'}" for i in range(250)]
+    path = tmp_path / f"in{suffix}"
+    frame = pd.DataFrame({"text": texts})
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        path.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["predict", "--bundle", str(bundle), "--input", str(path),
+                                 "--output", str(out), "--chunk-rows", "64"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 250
+    assert all(r["label"] in ("negative", "neutral", "positive") and 0 < r["score"] <= 1 for r in rows)
+
+
+def test_predict_names_a_missing_column(bundle: Path, tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    pd.DataFrame({"tweet": ["hi"]}).to_csv(path, index=False)
+    result = runner.invoke(app, ["predict", "--bundle", str(bundle), "--input", str(path)])
+    assert result.exit_code == 1
+    assert "tweet" in result.output or "text" in result.output
+
+
+def test_predict_rejects_a_folder_that_is_no_bundle(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("hello\n")
+    result = runner.invoke(app, ["predict", "--bundle", str(tmp_path), "--input", str(tmp_path / "in.txt")])
+    assert result.exit_code == 1
+    assert "not a tlpipe bundle" in result.output
+
+
+def test_run_refuses_bad_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("finetune:\n  epochs: -1\n")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 1
+    assert "finetune.epochs" in result.output
+
+
+def test_run_refuses_unknown_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", "--only", "train"])
+    assert result.exit_code == 2
+    assert "unknown stage" in result.output
