@@ -44,6 +44,8 @@ DEFAULT_ROOT = Path(".tlpipe/store")
 CONFIG_NAME = "s3.json"
 LOG_NAME = "weed.log"
 START_TIMEOUT_S = 60.0
+# On SIGTERM weed's filer waits a fixed 15 s for its in-process gRPC streams to end before
+# the volume server and master close; a clean stop takes about that long.
 STOP_TIMEOUT_S = 20.0
 PROGRESS_MIN_BYTES = 1 << 20
 PART_BYTES = 8 << 20
@@ -225,7 +227,8 @@ class EmbeddedStore:
         start_timeout: float = START_TIMEOUT_S,
         stop_timeout: float = STOP_TIMEOUT_S,
     ) -> None:
-        self.root = Path(root)
+        # Absolute, because weed runs with the root as its working directory.
+        self.root = Path(root).absolute()
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.endpoint_url = ""
@@ -265,30 +268,33 @@ class EmbeddedStore:
         """Start the server and wait until it serves S3 requests (see the class docstring)."""
         if self._proc is not None:
             raise StoreError(f"the store at {self.root} is already running")
+        if "," in str(self.root):
+            raise StoreError(
+                f"{self.root}: weed reads a comma in -dir as a list of folders; pick another root"
+            )
         weed = weed_binary()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / "data").mkdir(exist_ok=True)
-        self._lock_fd = _lock_root(self.root)
+        self._lock_fd = lock_fd = _lock_root(self.root)
         try:
             self._credentials = load_or_create_credentials(self.root / CONFIG_NAME)
             # Ports are picked free, then bound by weed: another process can take one in
             # between, which shows up as weed exiting with "address already in use".
             for _ in range(3):
-                if self._start_once(weed):
+                if self._start_once(weed, lock_fd):
                     return
             raise StoreError(f"SeaweedFS could not bind free ports on 127.0.0.1 (see {self.root / LOG_NAME})")
         except BaseException:
             self.stop()
             raise
 
-    def _start_once(self, weed: Path) -> bool:
+    def _start_once(self, weed: Path, lock_fd: int) -> bool:
         self.ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         log_path = self.root / LOG_NAME
         started = time.monotonic()
         with log_path.open("ab") as log_file:
             log_offset = log_file.tell()
-            assert self._lock_fd is not None
             self._proc = subprocess.Popen(
                 self._args(weed),
                 stdin=subprocess.DEVNULL,
@@ -297,7 +303,7 @@ class EmbeddedStore:
                 cwd=self.root,
                 # weed holds the root's lock while it lives, so a server left behind by a
                 # killed parent keeps the root locked instead of being joined by a second one.
-                pass_fds=(self._lock_fd,),
+                pass_fds=(lock_fd,),
                 # Shutdown is ours to order: a Ctrl-C in the terminal reaches Python only.
                 start_new_session=True,
             )
@@ -355,7 +361,10 @@ class EmbeddedStore:
             "-master.electionTimeout=1s",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume.grpc']}",
+            # Each bucket takes up to 7 volume slots at its first write: a small fixed count
+            # (8 fails the third bucket) runs out, 0 sizes it from the free disk space.
             "-volume.max=0",
+            # Otherwise the volume server idles 10 s after its last heartbeat on shutdown.
             "-volume.preStopSeconds=0",
             "-filer",
             f"-filer.port={p['filer']}",
