@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks.export import export
+from tests.conftest import tiny_params
 from tlpipe.cli import app
 from tlpipe.params import parse_params
-from tests.conftest import tiny_params
 
 runner = CliRunner()
 
@@ -35,8 +35,20 @@ def test_predict_streams_every_row(bundle: Path, tmp_path: Path, suffix: str) ->
     else:
         path.write_text("\n".join(texts) + "\n")
     out = tmp_path / "out.jsonl"
-    result = runner.invoke(app, ["predict", "--bundle", str(bundle), "--input", str(path),
-                                 "--output", str(out), "--chunk-rows", "64"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            "--bundle",
+            str(bundle),
+            "--input",
+            str(path),
+            "--output",
+            str(out),
+            "--chunk-rows",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 250
