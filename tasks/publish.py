@@ -221,7 +221,7 @@ if __name__ == "__main__":
     from tlpipe.store import open_store
 
     def _run(params: Params, out: Path) -> PublishResult:
-        with open_store(params.publish.bucket, root=Path(".tlpipe/store").resolve()) as store:
+        with open_store(params.publish.bucket) as store:
             return publish(params, Path("."), stage_dir("export"), stage_dir("evaluate"), out, store)
 
     main("publish", _run)

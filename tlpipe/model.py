@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from tlpipe.params import EncoderConfig
-from tlpipe.text import TOKENIZER_FILE, load_tokenizer
+from tlpipe.text import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,6 @@ def save_checkpoint(model: PreTrainedModel, tok: Tokenizer, out_dir: Path, meta:
     write_json(out_dir / META_FILE, meta)
 
 
-def copy_tokenizer(src_dir: Path) -> Tokenizer:
-    return load_tokenizer(src_dir)
-
-
 def read_meta(model_dir: Path) -> dict[str, Any]:
     path = model_dir / META_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -169,7 +165,6 @@ __all__ = [
     "META_FILE",
     "TOKENIZER_FILE",
     "bert_config",
-    "copy_tokenizer",
     "fresh_dir",
     "load_classifier",
     "load_mlm",

@@ -64,7 +64,7 @@ def _publish(params: Params, out: Path) -> Any:
     from tasks.publish import publish
     from tlpipe.store import open_store
 
-    with open_store(params.publish.bucket, root=Path(".tlpipe/store").resolve()) as store:
+    with open_store(params.publish.bucket) as store:
         return publish(params, Path("."), stage_dir("export"), stage_dir("evaluate"), out, store)
 
 
