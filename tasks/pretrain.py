@@ -58,11 +58,7 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
     """
     seed_everything(p.seed)
     source_file = prepare_dir / "source.parquet"
-    corpus = [t for t in texts(read_split(prepare_dir, "source")) if t.strip()]
-    n_eval = min(EVAL_ROWS, len(corpus) // 10)
-    eval_texts, train_texts = corpus[:n_eval], corpus[n_eval:]
     fresh_dir(out_dir)
-
     model_dir = out_dir / "model"
     meta = {
         "stage": "pretrain",
@@ -72,6 +68,10 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
     }
     if p.init_from is not None and p.steps == 0:
         return _use_as_is(p, model_dir, meta, out_dir)
+
+    corpus = [t for t in texts(read_split(prepare_dir, "source")) if t.strip()]
+    n_eval = min(EVAL_ROWS, len(corpus) // 10)
+    eval_texts, train_texts = corpus[:n_eval], corpus[n_eval:]
 
     with tempfile.TemporaryDirectory() as download:
         if p.init_from is not None:

@@ -119,6 +119,17 @@ def finetuned(pretrained: Path, prepared: Path, tmp_path_factory: pytest.TempPat
     return out
 
 
+@pytest.fixture(scope="session")
+def exported(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """outputs/export of the tiny fine-tuned model (bundle/ and parity.json)."""
+    from tasks.export import export
+
+    p = parse_params(tiny_params())
+    out = tmp_path_factory.mktemp("export") / "export"
+    export(p.export, p.finetune.max_length, finetuned, prepared, out)
+    return out
+
+
 def make_project(root: Path, sample_csv: Path, raw_params: dict[str, Any]) -> Path:
     """A real tlpipe project (git + DVC) in `root`, holding this repo's code and dvc.yaml."""
     for name in ("tasks", "tlpipe", "flows"):

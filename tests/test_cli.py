@@ -5,20 +5,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tasks.export import export
-from tests.conftest import tiny_params
 from tlpipe.cli import app
-from tlpipe.params import parse_params
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def bundle(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = parse_params(tiny_params())
-    out = tmp_path_factory.mktemp("cli-export") / "export"
-    export(p.export, p.finetune.max_length, finetuned, prepared, out)
-    return out / "bundle"
+@pytest.fixture
+def bundle(exported: Path) -> Path:
+    return exported / "bundle"
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", ".txt"])
@@ -70,19 +64,21 @@ def test_predict_rejects_a_folder_that_is_no_bundle(tmp_path: Path) -> None:
     assert "not a tlpipe bundle" in result.output
 
 
+def _project(root: Path, params_yaml: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(params_yaml)
+    monkeypatch.chdir(root)
+
+
 def test_run_refuses_bad_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    (tmp_path / "params.yaml").write_text("finetune:\n  epochs: -1\n")
-    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, "finetune:\n  epochs: -1\n", monkeypatch)
     result = runner.invoke(app, ["run"])
     assert result.exit_code == 1
     assert "finetune.epochs" in result.output
 
 
 def test_run_refuses_unknown_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    (tmp_path / "params.yaml").write_text("{}\n")
-    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, "{}\n", monkeypatch)
     result = runner.invoke(app, ["run", "--only", "train"])
     assert result.exit_code == 2
     assert "unknown stage" in result.output

@@ -3,20 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tasks.export import export
 from tests.conftest import REPO, tiny_params
 from tlpipe.errors import GateFailed
 from tlpipe.params import parse_params
-
-
-@pytest.fixture(scope="module")
-def exported(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = parse_params(tiny_params())
-    out = tmp_path_factory.mktemp("export") / "export"
-    export(p.export, p.finetune.max_length, finetuned, prepared, out)
-    return out
 
 
 def test_parity_over_whole_test_split(exported: Path) -> None:
