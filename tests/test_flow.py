@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
 from tests.conftest import make_project, tiny_params
+from tlpipe.cli import app
+
+runner = CliRunner()
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +97,94 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     states = _task_states(again)
     assert all(states[s] == "Skipped" for s in STAGES), states
     assert Path("dvc.lock").read_text() == first_lock
+
+    status = runner.invoke(app, ["status"])
+    assert status.exit_code == 0, status.output
+    assert status.output.count("up to date") == len(STAGES)
+    assert f"last published: {release['uri']}" in status.output
+
+    # One changed param: `--only` re-runs that stage alone and leaves the next one stale.
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["evaluate"]["min_gain"] = -0.5
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    only = runner.invoke(app, ["run", "--only", "evaluate"])
+    assert only.exit_code == 0, only.output
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+    assert lock["evaluate"]["params"]["params.yaml"]["evaluate"]["min_gain"] == -0.5
+    status = runner.invoke(app, ["status"])
+    assert "evaluate  up to date" in status.output and "publish   stale" in status.output
+
+
+TEXT, LABEL = "source.text: expect_column_", "source.label: expect_column_"
+BAD_ROWS = {
+    # rule: (a row appended to the source part of the CSV, the words the failure must name)
+    "text_not_null": ('"negative","0.9",""', TEXT + "values_to_not_be_null"),
+    "text_not_blank": ('"negative","0.9","   "', TEXT + "values_to_match_regex"),
+    "text_too_short": ('"negative","0.9","ok"', TEXT + "value_lengths_to_be_between"),
+    "text_too_long": (f'"negative","0.9","{"a" * 500}"', TEXT + "value_lengths_to_be_between"),
+    "label_not_in_set": ('"furious","0.9","a perfectly fine text"', LABEL + "values_to_be_in_set"),
+    "label_null": ('"","0.9","another perfectly fine text"', LABEL + "values_to_not_be_null"),
+}
+BAD_PARAMS = {
+    "min_per_class": ({"min_per_class": 1000}, "expect_column_values_to_be_between (min_per_class)"),
+    "min_source_rows": ({"min_source_rows": 100000}, "expect_table_row_count_to_be_between"),
+}
+
+
+def _run_failing() -> str:
+    """Run the flow; it must fail. Returns the failure message."""
+    from flows.pipeline import pipeline
+
+    state = pipeline(return_state=True)
+    assert state.is_failed()
+    return state.message
+
+
+def _assert_stopped_at_validate(project: Path, message: str, words: str) -> None:
+    assert "validation failed" in message and words in message, message
+    assert not Path("outputs/pretrain").exists()
+    assert not Path("outputs/publish").exists()
+    assert not (project / ".tlpipe/store").exists()  # nothing was published
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"] if Path("dvc.lock").exists() else {}
+    assert "validate" not in lock and "pretrain" not in lock
+
+
+@pytest.mark.parametrize("rule", sorted(BAD_ROWS))
+def test_each_bad_row_rule_stops_the_run(harness: None, project: Path, rule: str) -> None:
+    row, words = BAD_ROWS[rule]
+    csv = Path("data/raw/sample.csv")
+    csv.write_text(csv.read_text() + row + "\n")
+    message = _run_failing()
+    _assert_stopped_at_validate(project, message, words)
+    assert "— 1 of " in message  # exactly the one bad row is counted
+
+
+@pytest.mark.parametrize("rule", sorted(BAD_PARAMS))
+def test_each_count_rule_stops_the_run(harness: None, project: Path, rule: str) -> None:
+    change, words = BAD_PARAMS[rule]
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["validate"].update(change)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _assert_stopped_at_validate(project, _run_failing(), words)
+
+
+def test_command_line_exits_non_zero_naming_the_rule(project: Path) -> None:
+    csv = Path("data/raw/sample.csv")
+    csv.write_text(csv.read_text() + BAD_ROWS["text_too_short"][0] + "\n")
+    tlpipe = Path(sys.executable).parent / "tlpipe"
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    out = subprocess.run([str(tlpipe), "run"], cwd=project, capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert "validation failed" in out.stderr and BAD_ROWS["text_too_short"][1] in out.stderr
+    assert not Path("outputs/pretrain").exists() and not (project / ".tlpipe/store").exists()
+
+
+def test_missing_column_stops_the_run(harness: None, project: Path) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["data"]["text_column"] = "tweet"
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "['tweet'] not found" in _run_failing()
+    assert not Path("outputs/validate").exists() and not (project / ".tlpipe/store").exists()
 
 
 def test_bad_data_stops_before_pretrain(harness: None, project: Path) -> None:

@@ -128,3 +128,22 @@ def test_interrupted_upload_is_never_a_release(
     done = _publish(root, store, **{"publish.model_name": "interrupted"})
     assert not done.already_published
     fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")
+
+
+def test_pretrain_starts_from_an_s3_checkpoint(
+    store, pretrained: Path, prepared: Path, tmp_path: Path
+) -> None:
+    from tasks.pretrain import pretrain
+    from tlpipe.store import upload_file
+
+    for path in sorted(pretrained.iterdir()):
+        upload_file(store.client, path, store.bucket, f"checkpoints/tiny/{path.name}")
+    raw = tiny_params(**{"pretrain.init_from": f"s3://{store.bucket}/checkpoints/tiny", "pretrain.steps": 0})
+    with store.environ():
+        result = pretrain(parse_params(raw).pretrain, prepared, tmp_path / "p")
+    assert result.steps == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "p/model" / name).read_bytes() == (pretrained / name).read_bytes()
+    raw["pretrain"]["init_from"] = f"s3://{store.bucket}/checkpoints/none"
+    with store.environ(), pytest.raises(StoreError, match="no objects under this prefix"):
+        pretrain(parse_params(raw).pretrain, prepared, tmp_path / "q")
