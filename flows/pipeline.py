@@ -1,21 +1,29 @@
 """The tlpipe flow: one Prefect task run per stage, in order, skipping what DVC finds fresh.
 
-It runs in the project root (where dvc.yaml and params.yaml are).
+evaluate's data-efficiency curve runs as one task run per (arm, size, seed), mapped over
+the flow's task runner. The default runner works through them one at a time (each run
+seeds the process-wide torch RNG); a runner with separate worker processes (Dask, Ray)
+spreads them out unchanged. It runs in the project root (where dvc.yaml and params.yaml are).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks.evaluate import CurvePoint
 from tlpipe.bundled import materialize
+from tlpipe.model import fresh_dir
 from tlpipe.params import load_params, stage_dir
+from tlpipe.report import write_report
 from tlpipe.stages import RUNNERS, commit, is_up_to_date
+
+REPORT = Path("outputs/report.html")
 
 
 @task(name="data", retries=2, retry_delay_seconds=[2, 10])
@@ -60,9 +68,57 @@ def finetune() -> Any:
     return _run_stage("finetune")
 
 
+@task(name="curve-plan")
+def curve_plan() -> list[CurvePoint]:
+    """The curve's runs, or none when evaluate is up to date (its outputs start empty)."""
+    from tasks.evaluate import curve_plan as plan
+
+    if is_up_to_date("evaluate"):
+        return []
+    fresh_dir(stage_dir("evaluate"))
+    return plan(load_params().evaluate)
+
+
+@task(name="curve-point", task_run_name="curve-{point.arm}-{point.size}-seed{point.seed}")
+def curve_point(point: CurvePoint) -> dict[str, Any]:
+    """One arm at one size and seed, scored on test (an independent task run)."""
+    from tasks.evaluate import run_point
+
+    params = load_params()
+    return run_point(
+        point,
+        params.evaluate,
+        params.finetune,
+        params.prepare.labels,
+        stage_dir("pretrain") / "model",
+        stage_dir("prepare"),
+        stage_dir("evaluate") / "runs",
+    )
+
+
 @task(name="evaluate")
-def evaluate() -> Any:
-    return _run_stage("evaluate")
+def evaluate(points: list[dict[str, Any]] | None = None) -> Any:
+    """Summarise the curve, score the shipped model and apply the negative-transfer gate.
+
+    Without `points` (`tlpipe run --only evaluate`) the curve runs here, in turn.
+    """
+    if not points:
+        return _run_stage("evaluate")
+    from tasks.evaluate import finish
+
+    params = load_params()
+    result = finish(
+        params.evaluate,
+        params.finetune,
+        params.prepare.labels,
+        stage_dir("pretrain") / "model",
+        stage_dir("finetune"),
+        stage_dir("prepare"),
+        stage_dir("evaluate"),
+        points,
+    )
+    commit("evaluate")
+    return result
 
 
 @task(name="export")
@@ -75,32 +131,11 @@ def publish() -> Any:
     return _run_stage("publish")
 
 
-@task(name="summary")
-def summary() -> str:
-    """A markdown artifact: the metrics and where the release went."""
-
-    def read(path: Path) -> dict[str, Any]:
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    metrics = read(stage_dir("evaluate") / "metrics.json")
-    parity = read(stage_dir("export") / "parity.json")
-    release = read(stage_dir("publish") / "release.json")
-    lines = ["# tlpipe run", "", "| | accuracy | macro-F1 |", "|---|---|---|"]
-    for name in ("transfer", "scratch"):
-        if name in metrics:
-            lines.append(f"| {name} | {metrics[name]['accuracy']:.4f} | {metrics[name]['macro_f1']:.4f} |")
-    if "gain" in metrics:
-        lines.append(f"| gain | {metrics['gain']['accuracy']:+.4f} | {metrics['gain']['macro_f1']:+.4f} |")
-    if parity:
-        lines += [
-            "",
-            f"ONNX parity: max |Δlogit| {parity['max_abs_diff']:.2e} over {parity['rows']} rows, "
-            f"argmax agreement {parity['argmax_agreement']:.2%}.",
-        ]
-    if release:
-        lines += ["", f"Release `{release['version']}`: {release['uri']}", f"Manifest: {release['manifest']}"]
-    markdown = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown, key="tlpipe-summary", description="metrics and release URIs")
+@task(name="report")
+def report() -> str:
+    """outputs/report.html, and the same content as a Markdown artifact."""
+    path, markdown = write_report(load_params(), REPORT)
+    create_markdown_artifact(markdown, key="tlpipe-report", description=f"the run's report ({path})")
     return markdown
 
 
@@ -115,7 +150,7 @@ STAGE_TASKS = {
 }
 
 
-@flow(name="tlpipe")
+@flow(name="tlpipe", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline() -> str:
     """validate → pretrain → finetune → evaluate → export → publish, each a task run."""
     data()
@@ -123,10 +158,10 @@ def pipeline() -> str:
     validate()
     pretrain()
     finetune()
-    evaluate()
+    evaluate(curve_point.map(curve_plan()))
     export()
     publish()
-    return summary()
+    return report()
 
 
 @flow(name="tlpipe-stage")

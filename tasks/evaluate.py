@@ -1,150 +1,469 @@
-"""evaluate: score the fine-tuned model on the target test split against a scratch control."""
+"""evaluate: what transfer buys, measured honestly.
+
+The shipped (fine-tuned) model is scored on the target test split. A data-efficiency curve
+then trains transfer and a from-scratch control at several training-set sizes, several
+seeds each, on the same rows; the paired gain gets a confidence interval, and the
+negative-transfer gate fails the stage when, at the configured size, transfer is not
+better than scratch beyond that noise. Forgetting is the source task's score before and
+after fine-tuning.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from transformers import AutoModelForSequenceClassification
+import pandas as pd
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
-from tasks.finetune import HISTORY_FIELDS, encode_split, write_history
-from tlpipe.errors import GateFailed
-from tlpipe.model import fresh_dir, scratch_classifier, seed_everything, write_json
-from tlpipe.params import EvaluateParams, FinetuneParams
-from tlpipe.text import SpecialIds, load_tokenizer
-from tlpipe.train import classification_metrics, predict_logits, train_classifier
+from tasks.finetune import encode_split, transfer_setup
+from tlpipe.batching import length_batches
+from tlpipe.data import label_ids, read_split, texts
+from tlpipe.errors import DataError, GateFailed
+from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
+from tlpipe.params import EvaluateParams, FinetuneParams, Size
+from tlpipe.text import SpecialIds, encode, load_tokenizer
+from tlpipe.train import (
+    classification_metrics,
+    iterate_batches,
+    mlm_eval_loss,
+    predict_logits,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
+
+Arm = Literal["transfer", "scratch"]
+ARMS: tuple[Arm, ...] = ("transfer", "scratch")
+# Held-out source rows for the masked-LM forgetting measure: the rows pretrain held out.
+MLM_EVAL_ROWS = 512
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One training run of the curve: an arm, a training-set size and a seed."""
+
+    arm: Arm
+    size: Size
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}-{self.size}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
-    transfer: dict[str, Any]
-    scratch: dict[str, Any]
-    gain_accuracy: float
-    gain_macro_f1: float
+    shipped: dict[str, Any]
+    gate: dict[str, Any]
+    forgetting: dict[str, Any]
 
 
-def _named(metrics: dict[str, Any], labels: tuple[str, ...]) -> dict[str, Any]:
-    return metrics | {"per_class": dict(zip(labels, metrics["per_class"], strict=True))}
+def curve_plan(p: EvaluateParams) -> list[CurvePoint]:
+    """Every run of the curve, each independent of the others (any order, any worker)."""
+    return [CurvePoint(arm, size, seed) for size in p.sizes for seed in p.seeds for arm in ARMS]
 
 
-def evaluate(
+def labelled_target(prepare_dir: Path) -> pd.DataFrame:
+    """The labelled target rows a curve may train on: train, then pool (never val or test)."""
+    return pd.concat([read_split(prepare_dir, "train"), read_split(prepare_dir, "pool")], ignore_index=True)
+
+
+def subsample(frame: pd.DataFrame, size: Size, seed: int) -> pd.DataFrame:
+    """The first `size` rows of a seeded permutation: sizes are nested for a given seed."""
+    if size != "all" and size > len(frame):
+        raise DataError(
+            f"evaluate.sizes asks for {size} training rows; the target has {len(frame)} "
+            f"labelled rows outside val and test (train + pool)"
+        )
+    order = np.random.default_rng(seed).permutation(len(frame))
+    return frame.iloc[order if size == "all" else order[:size]]
+
+
+def scratch_params(ft: FinetuneParams, p: EvaluateParams) -> FinetuneParams:
+    """The control trains every layer, with no transfer objective, at its own learning rate."""
+    return ft.model_copy(
+        update={
+            "strategy": "full",
+            "freeze_bottom": 0,
+            "layer_decay": 1.0,
+            "l2sp": 0.0,
+            "joint_alpha": 0.0,
+            "tapt_steps": 0,
+            "optim": ft.optim.model_copy(update={"lr": p.scratch_lr}),
+        }
+    )
+
+
+def run_point(
+    point: CurvePoint,
     p: EvaluateParams,
     ft: FinetuneParams,
     labels: tuple[str, ...],
-    finetune_dir: Path,
+    source_dir: Path,
     prepare_dir: Path,
-    out_dir: Path,
-) -> EvaluateResult:
-    """Test-split metrics of `finetune_dir/model` and of the same architecture trained from
-    random initialisation with the same data and budget (the scratch control).
+    runs_dir: Path,
+) -> dict[str, Any]:
+    """Train one arm on `point.size` rows drawn with `point.seed`; score it on test.
 
-    Writes `metrics.json` (accuracy, macro-F1, per-class precision/recall, confusion matrix
-    for both, and the gain), `confusion.csv` and `curves.csv` (DVC plots) and `report.md`.
-    Raises GateFailed when the accuracy gain is below `p.min_gain`.
+    Writes and returns `runs_dir/<key>.json`: rows, test accuracy and macro-F1, steps, time.
     """
-    seed_everything(ft.seed)
-    fresh_dir(out_dir)
-    model_dir = finetune_dir / "model"
-    pad = SpecialIds.of(load_tokenizer(model_dir)).pad
-    test_ids, test_y = encode_split(prepare_dir, "test", model_dir, labels, ft.max_length)
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    transfer_pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
-    transfer = _named(classification_metrics(test_y, transfer_pred, len(labels)), labels)
-
-    train_ids, train_y = encode_split(prepare_dir, "train", model_dir, labels, ft.max_length)
-    val_ids, val_y = encode_split(prepare_dir, "val", model_dir, labels, ft.max_length)
-    control = scratch_classifier(model_dir, labels)
+    seed_everything(point.seed)
+    tok = load_tokenizer(source_dir)
+    pad = SpecialIds.of(tok).pad
+    rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
+    train_ids = encode(tok, texts(rows), ft.max_length)
+    train_y = label_ids(rows, labels)
+    val_ids, val_y = encode_split(prepare_dir, "val", source_dir, labels, ft.max_length)
+    test_ids, test_y = encode_split(prepare_dir, "test", source_dir, labels, ft.max_length)
+    run_ft = ft.model_copy(update={"seed": point.seed})
+    if point.arm == "transfer":
+        setup = transfer_setup(run_ft, labels, source_dir, prepare_dir)
+        model, transferred, source_mlm = setup.model, setup.transferred, setup.source_mlm
+    else:
+        run_ft = scratch_params(run_ft, p)
+        model, transferred, source_mlm = scratch_classifier(source_dir, labels, p.scratch_model), None, None
     run = train_classifier(
-        control,
+        model,
         train_ids,
         train_y,
         val_ids,
         val_y,
-        ft,
+        run_ft,
         pad,
-        optim=ft.optim.model_copy(update={"lr": p.scratch_lr}),
-        desc="scratch control",
+        transferred=transferred,
+        source_mlm=source_mlm,
+        desc=point.key,
     )
-    scratch_pred = predict_logits(control, test_ids, pad, ft.eval_batch_size).argmax(1)
-    scratch = _named(classification_metrics(test_y, scratch_pred, len(labels)), labels)
+    pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
+    metrics = classification_metrics(test_y, pred, len(labels))
+    result = {
+        **asdict(point),
+        "rows": len(rows),
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "best_step": run.best_step,
+        "steps": run.steps,
+        "train_seconds": run.seconds,
+    }
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    write_json(runs_dir / f"{point.key}.json", result)
+    log.info("%s: %d rows, test accuracy %.4f", point.key, len(rows), metrics["accuracy"])
+    return result
 
-    gain_acc = transfer["accuracy"] - scratch["accuracy"]
-    gain_f1 = transfer["macro_f1"] - scratch["macro_f1"]
+
+def interval(values: list[float], confidence: float) -> dict[str, float]:
+    """Mean, sample std and a two-sided Student-t confidence interval of the mean."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    half = (
+        float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1)) * std / math.sqrt(len(x)) if len(x) > 1 else 0.0
+    )
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": len(x)}
+
+
+def summarise(results: list[dict[str, Any]], p: EvaluateParams) -> list[dict[str, Any]]:
+    """Per size: each arm's accuracy and macro-F1 (mean, std, interval) and the paired gain."""
+    by = {(r["arm"], r["size"], r["seed"]): r for r in results}
+    curve = []
+    for size in p.sizes:
+        entry: dict[str, Any] = {"size": size, "rows": by[("transfer", size, p.seeds[0])]["rows"]}
+        for arm in ARMS:
+            entry[arm] = {
+                metric: interval([by[(arm, size, s)][metric] for s in p.seeds], p.confidence)
+                for metric in ("accuracy", "macro_f1")
+            }
+        entry["gain"] = {
+            metric: interval(
+                [by[("transfer", size, s)][metric] - by[("scratch", size, s)][metric] for s in p.seeds],
+                p.confidence,
+            )
+            for metric in ("accuracy", "macro_f1")
+        }
+        curve.append(entry)
+    return curve
+
+
+def gate(curve: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
+    """The negative-transfer gate: the gain's interval at `gate_size` must clear min_gain."""
+    entry = next(e for e in curve if e["size"] == p.gate_size)
+    gain = entry["gain"]["accuracy"]
+    return {
+        "size": p.gate_size,
+        "rows": entry["rows"],
+        "seeds": len(p.seeds),
+        "confidence": p.confidence,
+        "min_gain": p.min_gain,
+        "transfer_accuracy": entry["transfer"]["accuracy"]["mean"],
+        "scratch_accuracy": entry["scratch"]["accuracy"]["mean"],
+        "gain": gain["mean"],
+        "ci_low": gain["ci_low"],
+        "ci_high": gain["ci_high"],
+        "passed": gain["ci_low"] > p.min_gain,
+    }
+
+
+def gate_message(g: dict[str, Any]) -> str:
+    return (
+        f"negative-transfer gate at {g['rows']} training rows ({g['seeds']} seeds): transfer accuracy "
+        f"{g['transfer_accuracy']:.4f} vs scratch {g['scratch_accuracy']:.4f}, gain {g['gain']:+.4f} "
+        f"with {g['confidence']:.0%} interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]; its lower end "
+        f"must exceed evaluate.min_gain {g['min_gain']:+.4f} and is {g['min_gain'] - g['ci_low']:.4f} short"
+    )
+
+
+@torch.no_grad()
+def _mean_pooled(encoder: PreTrainedModel, ids: list[np.ndarray], pad: int, batch_size: int) -> torch.Tensor:
+    """Sentence features (N, H): the encoder's last hidden states averaged over real tokens."""
+    encoder.eval()
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    out = torch.zeros(len(ids), encoder.config.hidden_size)
+    for idx, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), pad):
+        hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        out[torch.from_numpy(idx)] = (hidden * m).sum(1) / m.sum(1)
+    return out
+
+
+def probe_accuracy(features: torch.Tensor, y: np.ndarray, n_labels: int, seed: int) -> float:
+    """A linear probe: multinomial logistic regression fit on half the rows, scored on the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=gen)
+    fit, score = order[: len(y) // 2], order[len(y) // 2 :]
+    mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
+    x = (features - mean) / std
+    target = torch.as_tensor(y, dtype=torch.long)
+    linear = torch.nn.Linear(x.shape[1], n_labels)
+    opt = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(x[fit]), target[fit])
+        loss = loss + 1e-3 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((linear(x[score]).argmax(1) == target[score]).float().mean())
+
+
+def forgetting(
+    p: EvaluateParams,
+    ft: FinetuneParams,
+    labels: tuple[str, ...],
+    source_dir: Path,
+    model: PreTrainedModel,
+    prepare_dir: Path,
+) -> dict[str, Any]:
+    """The source task before and after fine-tuning: a linear probe's accuracy on source
+    labels over each encoder's features, and held-out masked-LM loss when the source model
+    carries a trained LM head."""
+    tok = load_tokenizer(source_dir)
+    pad = SpecialIds.of(tok).pad
+    source = read_split(prepare_dir, "source")
+    picked = source.iloc[np.random.default_rng(ft.seed).permutation(len(source))[: p.forgetting_rows]]
+    ids = encode(tok, texts(picked), ft.max_length)
+    y = label_ids(picked, labels)
+    before_encoder = AutoModel.from_pretrained(source_dir)
+    report: dict[str, Any] = {
+        "source_rows": len(picked),
+        "probe_accuracy_before": probe_accuracy(
+            _mean_pooled(before_encoder, ids, pad, ft.eval_batch_size), y, len(labels), ft.seed
+        ),
+        "probe_accuracy_after": probe_accuracy(
+            _mean_pooled(model.base_model, ids, pad, ft.eval_batch_size), y, len(labels), ft.seed
+        ),
+        "mlm_loss_before": None,
+        "mlm_loss_after": None,
+    }
+    if has_mlm_head(source_dir):
+        corpus = [t for t in texts(source) if t.strip()]
+        held_out = encode(tok, corpus[: min(MLM_EVAL_ROWS, len(corpus) // 10)], ft.max_length)
+        special = SpecialIds.of(tok)
+        mlm = load_mlm(source_dir)
+        kw = {"mask_prob": ft.mask_prob, "seed": ft.seed}
+        report["mlm_loss_before"] = mlm_eval_loss(mlm, held_out, special, **kw)
+        mlm.base_model.load_state_dict(model.base_model.state_dict(), strict=False)
+        report["mlm_loss_after"] = mlm_eval_loss(mlm, held_out, special, **kw)
+    return report
+
+
+def evaluate_shipped(
+    ft: FinetuneParams, labels: tuple[str, ...], finetune_dir: Path, prepare_dir: Path
+) -> tuple[PreTrainedModel, dict[str, Any], np.ndarray, np.ndarray]:
+    """The shipped model on test: (model, metrics with per-class names, labels, predictions)."""
+    model_dir = finetune_dir / "model"
+    pad = SpecialIds.of(load_tokenizer(model_dir)).pad
+    test_ids, test_y = encode_split(prepare_dir, "test", model_dir, labels, ft.max_length)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
+    metrics = classification_metrics(test_y, pred, len(labels))
+    metrics["per_class"] = dict(zip(labels, metrics["per_class"], strict=True))
+    return model, metrics, test_y, pred
+
+
+def finish(
+    p: EvaluateParams,
+    ft: FinetuneParams,
+    labels: tuple[str, ...],
+    source_dir: Path,
+    finetune_dir: Path,
+    prepare_dir: Path,
+    out_dir: Path,
+    results: list[dict[str, Any]],
+) -> EvaluateResult:
+    """Summarise the curve runs, score the shipped model, measure forgetting, apply the gate.
+
+    Writes `metrics.json`, `curve.csv` (DVC plot), `curve.png`, `confusion.csv` (DVC plot)
+    and `report.md`. Raises GateFailed, after writing them, when the gate fails.
+    """
+    seed_everything(ft.seed)
+    model, shipped, test_y, pred = evaluate_shipped(ft, labels, finetune_dir, prepare_dir)
+    curve = summarise(results, p)
+    g = gate(curve, p)
+    forgot = forgetting(p, ft, labels, source_dir, model, prepare_dir)
     majority = float(np.bincount(test_y, minlength=len(labels)).max() / len(test_y))
     write_json(
         out_dir / "metrics.json",
         {
             "test_rows": len(test_y),
             "majority_class_accuracy": majority,
-            "transfer": transfer,
-            "scratch": scratch,
-            "gain": {"accuracy": gain_acc, "macro_f1": gain_f1},
+            "shipped": shipped,
+            "strategy": _strategy(ft),
+            "scratch": {
+                "lr": p.scratch_lr,
+                "model": p.scratch_model.model_dump() if p.scratch_model else None,
+            },
+            "curve": curve,
+            "gate": g,
+            "gain": {"accuracy": g["gain"], "ci_low": g["ci_low"], "ci_high": g["ci_high"]},
+            "forgetting": forgot,
         },
     )
+    _write_curve_csv(out_dir / "curve.csv", curve)
+    plot_curve(out_dir / "curve.png", curve, majority, p.confidence)
     with (out_dir / "confusion.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((labels[t], labels[q]) for t, q in zip(test_y, transfer_pred, strict=True))
-    write_history(out_dir / "scratch_history.csv", run)
-    _write_curves(out_dir / "curves.csv", finetune_dir / "history.csv", run.history)
-    _write_report(out_dir / "report.md", transfer, scratch, majority, labels)
-    log.info(
-        "evaluate: transfer acc %.4f f1 %.4f | scratch acc %.4f f1 %.4f | gain %+.4f",
-        transfer["accuracy"],
-        transfer["macro_f1"],
-        scratch["accuracy"],
-        scratch["macro_f1"],
-        gain_acc,
-    )
-    if gain_acc < p.min_gain:
-        raise GateFailed(
-            f"transfer accuracy {transfer['accuracy']:.4f} vs scratch {scratch['accuracy']:.4f}: "
-            f"gain {gain_acc:+.4f} is {p.min_gain - gain_acc:.4f} short of evaluate.min_gain "
-            f"{p.min_gain:+.4f}"
-        )
-    return EvaluateResult(transfer, scratch, gain_acc, gain_f1)
+        writer.writerows((labels[t], labels[q]) for t, q in zip(test_y, pred, strict=True))
+    (out_dir / "report.md").write_text(curve_markdown(curve, g, majority))
+    log.info("evaluate: %s", gate_message(g) if not g["passed"] else f"gate passed: {g}")
+    if not g["passed"]:
+        raise GateFailed(gate_message(g))
+    return EvaluateResult(shipped, g, forgot)
 
 
-def _write_curves(path: Path, transfer_history: Path, scratch_history: list[dict[str, float]]) -> None:
-    rows: list[dict[str, Any]] = []
-    if transfer_history.is_file():
-        with transfer_history.open() as f:
-            rows += [{"model": "transfer", **r} for r in csv.DictReader(f)]
-    rows += [{"model": "scratch", **r} for r in scratch_history]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", *HISTORY_FIELDS])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write_report(
-    path: Path,
-    transfer: dict[str, Any],
-    scratch: dict[str, Any],
-    majority: float,
+def evaluate(
+    p: EvaluateParams,
+    ft: FinetuneParams,
     labels: tuple[str, ...],
-) -> None:
-    lines = [
-        "| model | accuracy | macro-F1 |",
-        "|---|---|---|",
-        f"| transfer | {transfer['accuracy']:.4f} | {transfer['macro_f1']:.4f} |",
-        f"| scratch control | {scratch['accuracy']:.4f} | {scratch['macro_f1']:.4f} |",
-        f"| majority class | {majority:.4f} | |",
-        "",
-        "| class | precision | recall | support |",
-        "|---|---|---|---|",
+    source_dir: Path,
+    finetune_dir: Path,
+    prepare_dir: Path,
+    out_dir: Path,
+) -> EvaluateResult:
+    """Every curve run in turn (`out_dir/runs/*.json`), then `finish`. The Prefect flow runs
+    the same points as separate task runs instead."""
+    fresh_dir(out_dir)
+    results = [
+        run_point(point, p, ft, labels, source_dir, prepare_dir, out_dir / "runs") for point in curve_plan(p)
     ]
-    for label in labels:
-        c = transfer["per_class"][label]
-        lines.append(f"| {label} | {c['precision']:.4f} | {c['recall']:.4f} | {c['support']} |")
-    path.write_text("\n".join(lines) + "\n")
+    return finish(p, ft, labels, source_dir, finetune_dir, prepare_dir, out_dir, results)
+
+
+def _strategy(ft: FinetuneParams) -> dict[str, Any]:
+    keys = ("strategy", "freeze_bottom", "layer_decay", "l2sp", "joint_alpha", "tapt_steps")
+    return {k: getattr(ft, k) for k in keys} | {"lr": ft.optim.lr, "schedule": ft.optim.schedule}
+
+
+CURVE_FIELDS = [
+    "rows",
+    "transfer_accuracy",
+    "scratch_accuracy",
+    "gain",
+    "gain_ci_low",
+    "gain_ci_high",
+    "transfer_macro_f1",
+    "scratch_macro_f1",
+]
+
+
+def _write_curve_csv(path: Path, curve: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        for e in curve:
+            writer.writerow(
+                {
+                    "rows": e["rows"],
+                    "transfer_accuracy": e["transfer"]["accuracy"]["mean"],
+                    "scratch_accuracy": e["scratch"]["accuracy"]["mean"],
+                    "gain": e["gain"]["accuracy"]["mean"],
+                    "gain_ci_low": e["gain"]["accuracy"]["ci_low"],
+                    "gain_ci_high": e["gain"]["accuracy"]["ci_high"],
+                    "transfer_macro_f1": e["transfer"]["macro_f1"]["mean"],
+                    "scratch_macro_f1": e["scratch"]["macro_f1"]["mean"],
+                }
+            )
+
+
+def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confidence: float) -> None:
+    """Test accuracy against training rows (log scale), mean and interval of each arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = [e["rows"] for e in curve]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for arm, colour in zip(ARMS, ("tab:blue", "tab:orange"), strict=True):
+        acc = [e[arm]["accuracy"] for e in curve]
+        ax.plot(rows, [a["mean"] for a in acc], marker="o", color=colour, label=arm)
+        ax.fill_between(
+            rows, [a["ci_low"] for a in acc], [a["ci_high"] for a in acc], color=colour, alpha=0.2
+        )
+    ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+    ax.set_xscale("log")
+    ax.set_xlabel("target training rows")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Data efficiency (mean and {confidence:.0%} interval over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: float) -> str:
+    lines = [
+        "| rows | transfer accuracy | scratch accuracy | gain (interval) |",
+        "|---:|---|---|---|",
+    ]
+    for e in curve:
+        t, s, d = e["transfer"]["accuracy"], e["scratch"]["accuracy"], e["gain"]["accuracy"]
+        lines.append(
+            f"| {e['rows']} | {t['mean']:.4f} ± {t['std']:.4f} | {s['mean']:.4f} ± {s['std']:.4f} | "
+            f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |"
+        )
+    verdict = "passed" if g["passed"] else "FAILED"
+    lines += [
+        "",
+        f"Majority class: {majority:.4f}. Mean ± std over {g['seeds']} seeds; gain intervals at "
+        f"{g['confidence']:.0%}.",
+        f"Negative-transfer gate at {g['rows']} rows: {verdict} (lower end {g['ci_low']:+.4f}, "
+        f"needs > {g['min_gain']:+.4f}).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
@@ -157,6 +476,7 @@ if __name__ == "__main__":
             params.evaluate,
             params.finetune,
             params.prepare.labels,
+            stage_dir("pretrain") / "model",
             stage_dir("finetune"),
             stage_dir("prepare"),
             out,

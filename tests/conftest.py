@@ -51,7 +51,14 @@ def tiny_params(**overrides: Any) -> dict[str, Any]:
             "eval_batch_size": 32,
             "optim": {"lr": 1e-3, "batch_size": 16},
         },
-        "evaluate": {"min_gain": -1.0, "scratch_lr": 1e-3},
+        "evaluate": {
+            "sizes": [20, 40, "all"],
+            "seeds": [0, 1],
+            "gate_size": 40,
+            "min_gain": -1.0,
+            "scratch_lr": 1e-3,
+            "forgetting_rows": 100,
+        },
         "export": {"batch_size": 16},
         "publish": {"bucket": "tlpipe-test", "model_name": "tiny"},
     }

@@ -2,13 +2,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
-from tasks.evaluate import evaluate
+from tasks.evaluate import curve_plan, evaluate, gate, interval, probe_accuracy, subsample, summarise
 from tests.conftest import tiny_params
-from tlpipe.errors import GateFailed
-from tlpipe.params import parse_params
+from tlpipe.errors import DataError, GateFailed
+from tlpipe.params import EvaluateParams, ParamsError, parse_params
 from tlpipe.train import classification_metrics
+
+LABELS = ("negative", "neutral", "positive")
 
 
 def test_metrics_by_hand() -> None:
@@ -21,27 +25,139 @@ def test_metrics_by_hand() -> None:
     assert m["macro_f1"] == pytest.approx(np.mean(f1))
 
 
-def test_writes_metrics_plots_and_gain(finetuned: Path, prepared: Path, tmp_path: Path) -> None:
+def test_interval_by_hand() -> None:
+    ci = interval([1.0, 2.0, 3.0], 0.95)
+    # mean 2, sample std 1, t(0.975, df=2) = 4.302653
+    assert ci["mean"] == 2.0 and ci["std"] == pytest.approx(1.0)
+    assert ci["ci_high"] - 2.0 == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)
+    assert ci["ci_low"] == pytest.approx(4.0 - ci["ci_high"])
+
+
+def test_plan_covers_every_size_seed_and_arm() -> None:
+    p = EvaluateParams(sizes=(50, "all"), seeds=(0, 1, 2), gate_size=50)
+    plan = curve_plan(p)
+    assert len(plan) == 12 and len({pt.key for pt in plan}) == 12
+    assert {(pt.arm, pt.size) for pt in plan} == {
+        (a, s) for a in ("transfer", "scratch") for s in (50, "all")
+    }
+
+
+def test_sizes_nest_per_seed_and_differ_across_seeds() -> None:
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": ["negative"] * 100})
+    small, big = subsample(frame, 10, 0), subsample(frame, 40, 0)
+    assert list(small.index) == list(big.index[:10])
+    assert list(subsample(frame, 10, 1).index) != list(small.index)
+    assert len(subsample(frame, "all", 0)) == 100
+    with pytest.raises(DataError, match="asks for 101 training rows; the target has 100"):
+        subsample(frame, 101, 0)
+
+
+def test_curve_params_are_checked() -> None:
+    for bad, match in (
+        ({"evaluate.seeds": [0]}, "two distinct seeds"),
+        ({"evaluate.gate_size": 77}, "gate_size 77 is not one of sizes"),
+        ({"evaluate.sizes": [20, 20]}, "no repeats"),
+    ):
+        with pytest.raises(ParamsError, match=match):
+            parse_params(tiny_params(**bad))
+
+
+def _runs(gains: list[float]) -> list[dict]:
+    return [
+        r
+        for seed, g in enumerate(gains)
+        for r in (
+            {"arm": "transfer", "size": 100, "seed": seed, "rows": 100, "accuracy": 0.7 + g, "macro_f1": 0.5},
+            {"arm": "scratch", "size": 100, "seed": seed, "rows": 100, "accuracy": 0.7, "macro_f1": 0.4},
+        )
+    ]
+
+
+def test_gate_needs_the_whole_interval_above_min_gain() -> None:
+    p = EvaluateParams(sizes=(100,), seeds=(0, 1, 2), gate_size=100)
+    clear = gate(summarise(_runs([0.05, 0.06, 0.07]), p), p)
+    assert clear["passed"] and clear["gain"] == pytest.approx(0.06)
+    noisy = gate(summarise(_runs([0.10, -0.04, 0.03]), p), p)  # mean +0.03, interval spans 0
+    assert not noisy["passed"] and noisy["ci_low"] < 0 < noisy["gain"]
+
+
+def test_linear_probe_reads_separable_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = np.arange(300) % 3
+    features = torch.randn(300, 8, generator=gen) + 4 * torch.nn.functional.one_hot(torch.tensor(y), 8)
+    assert probe_accuracy(features, y, 3, seed=0) > 0.95
+    assert probe_accuracy(torch.randn(300, 8, generator=gen), y, 3, seed=0) < 0.6
+
+
+@pytest.fixture(scope="module")
+def evaluated(pretrained: Path, finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory):
     p = parse_params(tiny_params())
-    result = evaluate(p.evaluate, p.finetune, p.prepare.labels, finetuned, prepared, tmp_path / "e")
-    metrics = json.loads((tmp_path / "e/metrics.json").read_text())
-    assert metrics["test_rows"] == 60
-    for model in ("transfer", "scratch"):
-        assert 0 <= metrics[model]["accuracy"] <= 1
-        assert set(metrics[model]["per_class"]) == {"negative", "neutral", "positive"}
-        assert np.sum(metrics[model]["confusion"]) == 60
-    assert metrics["gain"]["accuracy"] == pytest.approx(
-        metrics["transfer"]["accuracy"] - metrics["scratch"]["accuracy"]
-    )
-    assert result.gain_accuracy == pytest.approx(metrics["gain"]["accuracy"])
-    confusion = (tmp_path / "e/confusion.csv").read_text().splitlines()
+    out = tmp_path_factory.mktemp("evaluate") / "evaluate"
+    result = evaluate(p.evaluate, p.finetune, LABELS, pretrained, finetuned, prepared, out)
+    return result, out
+
+
+def test_curve_runs_every_point_and_pairs_the_gain(evaluated) -> None:
+    _, out = evaluated
+    runs = {f.stem: json.loads(f.read_text()) for f in (out / "runs").glob("*.json")}
+    assert len(runs) == 3 * 2 * 2  # sizes x seeds x arms
+    assert {r["rows"] for r in runs.values()} == {20, 40, 100}  # "all": train 60 + pool 40
+    metrics = json.loads((out / "metrics.json").read_text())
+    entry = next(e for e in metrics["curve"] if e["size"] == 40)
+    gains = [
+        runs[f"transfer-40-seed{s}"]["accuracy"] - runs[f"scratch-40-seed{s}"]["accuracy"] for s in (0, 1)
+    ]
+    assert entry["gain"]["accuracy"]["mean"] == pytest.approx(np.mean(gains))
+    assert metrics["gate"]["size"] == 40 and metrics["gate"]["gain"] == pytest.approx(np.mean(gains))
+    csv_rows = (out / "curve.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("rows,transfer_accuracy,scratch_accuracy,gain") and len(csv_rows) == 4
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_model_confusion_and_forgetting(evaluated) -> None:
+    result, out = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_rows"] == 60 and np.sum(metrics["shipped"]["confusion"]) == 60
+    assert set(metrics["shipped"]["per_class"]) == set(LABELS)
+    confusion = (out / "confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 61
-    curves = (tmp_path / "e/curves.csv").read_text()
-    assert "transfer," in curves and "scratch," in curves
+    forgot = metrics["forgetting"]
+    assert 0 <= forgot["probe_accuracy_before"] <= 1 and 0 <= forgot["probe_accuracy_after"] <= 1
+    # The tiny source model was pretrained with masked-LM, so it has a trained head to score.
+    assert forgot["mlm_loss_before"] > 0 and forgot["mlm_loss_after"] > 0
+    assert result.forgetting == forgot
 
 
-def test_gate_names_the_shortfall(finetuned: Path, prepared: Path, tmp_path: Path) -> None:
-    p = parse_params(tiny_params(**{"evaluate.min_gain": 0.99}))
-    with pytest.raises(GateFailed, match=r"gain [+-]\d\.\d{4} is \d\.\d{4} short of evaluate\.min_gain"):
-        evaluate(p.evaluate, p.finetune, p.prepare.labels, finetuned, prepared, tmp_path / "e")
-    assert (tmp_path / "e/metrics.json").is_file()  # the evidence is kept
+def test_gate_failure_names_the_shortfall_and_keeps_the_evidence(
+    pretrained: Path, finetuned: Path, prepared: Path, tmp_path: Path
+) -> None:
+    p = parse_params(
+        tiny_params(**{"evaluate.min_gain": 0.99, "evaluate.sizes": [20], "evaluate.gate_size": 20})
+    )
+    with pytest.raises(GateFailed, match=r"negative-transfer gate at 20 training rows \(2 seeds\).*short"):
+        evaluate(p.evaluate, p.finetune, LABELS, pretrained, finetuned, prepared, tmp_path / "e")
+    assert not json.loads((tmp_path / "e/metrics.json").read_text())["gate"]["passed"]
+
+
+def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
+    from tasks.evaluate import CurvePoint, run_point
+
+    p = parse_params(
+        tiny_params(
+            **{
+                "evaluate.scratch_model": {
+                    "hidden_size": 16,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "intermediate_size": 32,
+                }
+            }
+        )
+    )
+    point = CurvePoint("scratch", 20, 0)
+    result = run_point(point, p.evaluate, p.finetune, LABELS, pretrained, prepared, tmp_path)
+    assert result["rows"] == 20 and (tmp_path / "scratch-20-seed0.json").is_file()
+    from tlpipe.model import scratch_classifier
+
+    model = scratch_classifier(pretrained, LABELS, p.evaluate.scratch_model)
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1

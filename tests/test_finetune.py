@@ -17,10 +17,11 @@ def test_outputs_and_self_contained_model(finetuned: Path) -> None:
     config = json.loads((model / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
     metrics = json.loads((finetuned / "metrics.json").read_text())
-    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 2
+    assert 1 <= metrics["best_step"] <= metrics["steps_run"] <= 8  # 2 epochs of 4 steps
+    assert metrics["strategy"] == "full" and metrics["tapt"] is None
     assert (finetuned / "checkpoints/last.pt").is_file()
     history = (finetuned / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,val_accuracy,val_macro_f1" and len(history) >= 2
+    assert history[0] == "step,epoch,train_loss,val_accuracy,val_macro_f1" and len(history) >= 2
 
 
 def test_encoder_is_transferred_and_head_is_new(pretrained: Path, finetuned: Path) -> None:
@@ -33,16 +34,17 @@ def test_encoder_is_transferred_and_head_is_new(pretrained: Path, finetuned: Pat
 
 def test_training_state_checkpoint_resumable(finetuned: Path) -> None:
     state = torch.load(finetuned / "checkpoints/last.pt", weights_only=False)
-    assert {"epoch", "model", "optimizer", "scheduler", "numpy_rng", "torch_rng"} <= set(state)
+    assert {"step", "model", "optimizer", "scheduler", "numpy_rng", "torch_rng"} <= set(state)
 
 
-def test_early_stopping_keeps_best_epoch(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
-    p = parse_params(tiny_params(**{"finetune.epochs": 6, "finetune.patience": 1}))
+def test_early_stopping_keeps_best_validation(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
+    p = parse_params(tiny_params(**{"finetune.epochs": 6, "finetune.patience": 1, "finetune.evaluations": 6}))
     result = finetune(p.finetune, p.prepare.labels, pretrained, prepared, tmp_path / "f")
     history = [line.split(",") for line in (tmp_path / "f/history.csv").read_text().splitlines()[1:]]
-    f1 = np.array([float(r[3]) for r in history])
-    assert result.best_epoch == int(np.argmax(f1)) + 1
-    assert len(history) <= result.best_epoch + 1  # stopped one stale epoch after the best
+    f1 = np.array([float(r[4]) for r in history])
+    best = int(np.argmax(f1))
+    assert result.best_step == int(history[best][0])
+    assert len(history) <= best + 2  # stopped one stale validation after the best
 
 
 def test_same_seed_same_model(pretrained: Path, prepared: Path, tmp_path: Path) -> None:

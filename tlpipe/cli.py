@@ -66,6 +66,22 @@ def run(
 
 
 @app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="where to write the HTML page")] = Path("outputs/report.html"),
+) -> None:
+    """One self-contained HTML page on the last run: data, validation, curve, gate, lineage."""
+    _project_root()
+    from tlpipe.params import ParamsError, load_params
+    from tlpipe.report import write_report
+
+    try:
+        path, _ = write_report(load_params(), out)
+    except (ParamsError, OSError) as err:
+        _fail(err)
+    typer.echo(f"tlpipe: report written to {path}")
+
+
+@app.command()
 def status() -> None:
     """What is stale, and what was last published."""
     _project_root()

@@ -96,13 +96,45 @@ def mlm_head(model: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
 
 def load_classifier(model_dir: Path, labels: tuple[str, ...]) -> PreTrainedModel:
     """The encoder of a checkpoint with a new classification head for `labels`."""
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, **_label_kwargs(labels))
+    return load_transfer_classifier(model_dir, labels)[0]
 
 
-def scratch_classifier(model_dir: Path, labels: tuple[str, ...]) -> PreTrainedModel:
-    """The same architecture as the checkpoint, randomly initialised (the scratch control)."""
+def load_transfer_classifier(model_dir: Path, labels: tuple[str, ...]) -> tuple[PreTrainedModel, set[str]]:
+    """`load_classifier`, and the names of the parameters whose values came from the checkpoint."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, output_loading_info=True, **_label_kwargs(labels)
+    )
+    new = set(info["missing_keys"]) | set(info["mismatched_keys"])
+    return model, {name for name, _ in model.named_parameters() if name not in new}
+
+
+def scratch_classifier(
+    model_dir: Path, labels: tuple[str, ...], encoder: EncoderConfig | None = None
+) -> PreTrainedModel:
+    """A randomly initialised classifier on the checkpoint's vocabulary (the scratch control):
+    the checkpoint's own architecture, or an encoder of the size `encoder` gives."""
     config = AutoConfig.from_pretrained(model_dir, **_label_kwargs(labels))
+    if encoder is not None:
+        config = bert_config(encoder, config.vocab_size, config.pad_token_id, config.max_position_embeddings)
+        config.update(_label_kwargs(labels))
     return AutoModelForSequenceClassification.from_config(config)
+
+
+def tied_mlm_head(model_dir: Path, classifier: PreTrainedModel) -> nn.Module:
+    """The checkpoint's masked-LM head (a new one if it has none), its decoder tied to the
+    classifier's input embeddings, so masked-LM on the classifier's encoder trains both."""
+    mlm = load_mlm(model_dir)
+    _, head = mlm_head(mlm)
+    mlm.get_output_embeddings().weight = classifier.get_input_embeddings().weight
+    return head
+
+
+def has_mlm_head(model_dir: Path) -> bool:
+    """Whether the checkpoint carries trained masked-LM head weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return any(k.startswith(("cls.predictions.transform", "lm_head.dense")) for k in f.keys())  # noqa: SIM118
 
 
 def _label_kwargs(labels: tuple[str, ...]) -> dict[str, Any]:
@@ -166,8 +198,10 @@ __all__ = [
     "TOKENIZER_FILE",
     "bert_config",
     "fresh_dir",
+    "has_mlm_head",
     "load_classifier",
     "load_mlm",
+    "load_transfer_classifier",
     "mlm_head",
     "new_mlm",
     "read_meta",
@@ -175,5 +209,6 @@ __all__ = [
     "save_checkpoint",
     "scratch_classifier",
     "seed_everything",
+    "tied_mlm_head",
     "write_json",
 ]

@@ -102,6 +102,8 @@ class OptimParams(_Section):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    # After warmup the learning rate decays to zero linearly or along a half cosine.
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
     batch_size: int = Field(32, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
 
@@ -132,21 +134,101 @@ class PretrainParams(_Section):
         return self
 
 
+Strategy = Literal["full", "freeze_embeddings", "freeze_bottom", "head_only", "gradual_unfreeze"]
+
+
 class FinetuneParams(_Section):
+    """Fine-tuning on the target task: the budget, the transfer strategy and its objectives.
+
+    Training runs `max(epochs * steps_per_epoch, min_steps)` optimizer steps (capped by
+    `max_steps`), validating `evaluations` times along the way and keeping the best
+    validation macro-F1; it stops early after `patience` validations without a gain.
+    """
+
     seed: int = 13
     max_length: int = Field(128, ge=8)
     epochs: int = Field(10, ge=1)
+    # A floor for tiny training sets (50 rows are 4 steps an epoch) and a cap for large ones.
+    min_steps: int = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    evaluations: int = Field(8, ge=1)
     patience: int = Field(3, ge=1)
     optim: OptimParams = OptimParams(lr=5e-5)
     eval_batch_size: int = Field(128, ge=1)
+    # full | freeze_embeddings | freeze_bottom (embeddings and the first `freeze_bottom`
+    # encoder layers stay frozen) | head_only (feature extraction) | gradual_unfreeze
+    # (ULMFiT: the head first, then one more layer group from the top each epoch).
+    strategy: Strategy = "full"
+    freeze_bottom: int = Field(0, ge=0)
+    # Discriminative learning rates: layer l of L trains at lr * layer_decay**(L - l); the
+    # embeddings count as layer 0, the head trains at lr.
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    # L2-SP: lambda * ||theta - theta_source||^2 over the transferred weights (which then
+    # get no decay toward zero).
+    l2sp: float = Field(0.0, ge=0)
+    # Joint loss: alpha * masked-LM on source text + (1 - alpha) * the target loss.
+    joint_alpha: float = Field(0.0, ge=0, lt=1)
+    # Task-adaptive pretraining: masked-LM steps on the target's unlabelled text first.
+    tapt_steps: int = Field(0, ge=0)
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _strategy_args(self) -> FinetuneParams:
+        if self.strategy == "freeze_bottom" and self.freeze_bottom < 1:
+            raise ValueError("strategy freeze_bottom needs freeze_bottom >= 1 (layers to freeze)")
+        if self.strategy != "freeze_bottom" and self.freeze_bottom:
+            raise ValueError(f"freeze_bottom is set but strategy is {self.strategy!r}, not 'freeze_bottom'")
+        if self.max_steps is not None and self.max_steps < self.min_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is below min_steps ({self.min_steps})")
+        return self
+
+
+Size = int | Literal["all"]
 
 
 class EvaluateParams(_Section):
-    # The stage fails unless transfer accuracy minus scratch accuracy reaches this.
+    """The data-efficiency curve: transfer vs a from-scratch control, several seeds a size.
+
+    Every (size, seed) draws `size` rows of the labelled target data (train + pool) with
+    that seed; transfer and scratch train on the same rows, so their gain is paired.
+    """
+
+    sizes: tuple[Size, ...] = (50, 100, 200, 500, 1000, "all")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # The negative-transfer gate: at this size the lower end of the gain's confidence
+    # interval (transfer minus scratch accuracy) must be above min_gain.
+    gate_size: Size = 500
     min_gain: float = Field(0.0, ge=-1.0, le=1.0)
-    # A randomly initialised encoder needs a larger step size than a pretrained one; the
-    # control otherwise gets the finetune budget (epochs, patience, batch size).
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    # The control: the transfer model's tokenizer and an encoder of this size (null: the
+    # transfer model's own architecture), randomly initialised, at its own learning rate;
+    # otherwise the finetune budget.
+    scratch_model: EncoderConfig | None = None
     scratch_lr: float = Field(2e-4, gt=0)
+    # Source rows (half to fit, half to score) for the forgetting probe.
+    forgetting_rows: int = Field(2000, ge=20)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: tuple[Size, ...]) -> tuple[Size, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("needs at least one size and no repeats")
+        if any(s != "all" and s < 2 for s in v):
+            raise ValueError("every size must be at least 2 rows (or 'all')")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError("needs at least two distinct seeds (an interval needs repeats)")
+        return v
+
+    @model_validator(mode="after")
+    def _gate_in_sizes(self) -> EvaluateParams:
+        if self.gate_size not in self.sizes:
+            raise ValueError(f"gate_size {self.gate_size!r} is not one of sizes {list(self.sizes)}")
+        return self
 
 
 class ExportParams(_Section):

@@ -48,6 +48,7 @@ def _evaluate(params: Params, out: Path) -> Any:
         params.evaluate,
         params.finetune,
         params.prepare.labels,
+        stage_dir("pretrain") / "model",
         stage_dir("finetune"),
         stage_dir("prepare"),
         out,

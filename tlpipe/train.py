@@ -27,6 +27,15 @@ from tlpipe.batching import length_batches, pad_arrays
 from tlpipe.model import mlm_head
 from tlpipe.params import FinetuneParams, OptimParams
 from tlpipe.text import SpecialIds
+from tlpipe.transfer import (
+    L2SP,
+    NO_DECAY,
+    apply_freezing,
+    num_layers,
+    param_groups,
+    schedule_factor,
+    trainable_from,
+)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,30 +89,20 @@ def mask_for_mlm(
     return corrupted.view_as(input_ids), positions, targets
 
 
-_NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-
-
 def make_optimizer(
     model: nn.Module, p: OptimParams, total_steps: int
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW (no decay on biases and norms) with linear warmup then linear decay to zero."""
+    """AdamW (no decay on biases and norms), warmup then the configured decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name.endswith(_NO_DECAY) else decay).append(param)
+            (no_decay if name.endswith(NO_DECAY) else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": p.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=p.lr, foreach=True)
-    warmup = int(total_steps * p.warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return optimizer, LambdaLR(optimizer, factor)
+    return optimizer, LambdaLR(optimizer, schedule_factor(p, total_steps))
 
 
 @dataclass
@@ -209,10 +208,39 @@ def mlm_eval_loss(
     return total / max(1, count)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+
+def plan_steps(n_train: int, p: FinetuneParams) -> StepPlan:
+    """Optimizer steps for `n_train` rows: epochs, raised to min_steps, capped at max_steps."""
+    per_epoch = math.ceil(n_train / p.optim.batch_size)
+    total = max(p.epochs * per_epoch, p.min_steps)
+    if p.max_steps is not None:
+        total = min(total, p.max_steps)
+    return StepPlan(per_epoch, total, math.ceil(total / p.evaluations))
+
+
+@dataclass
+class SourceMlm:
+    """The source side of the joint loss: masked-LM on source text through an LM head tied
+    to the classifier's input embeddings."""
+
+    head: nn.Module
+    ids: Sequence[np.ndarray]
+    special: SpecialIds
+    alpha: float
+    mask_prob: float
+
+
 @dataclass
 class ClassifierResult:
-    best_epoch: int
+    best_step: int
     best_val_macro_f1: float
+    steps: int
     seconds: float
     examples: int
     history: list[dict[str, float]] = field(default_factory=list)
@@ -227,70 +255,108 @@ def train_classifier(
     p: FinetuneParams,
     pad_id: int,
     *,
-    optim: OptimParams | None = None,
+    transferred: set[str] | None = None,
+    source_mlm: SourceMlm | None = None,
     checkpoint_dir: Path | None = None,
     desc: str = "finetune",
 ) -> ClassifierResult:
-    """Fine-tune with early stopping on validation macro-F1; the best epoch's weights win.
+    """Fine-tune under `p`'s strategy, keeping the weights of the best validation macro-F1.
 
-    After each epoch the full training state (weights, optimizer, scheduler, RNG) is written
-    to `checkpoint_dir/last.pt` when a directory is given.
+    `transferred` names the parameters that came from the source model (the L2-SP anchors);
+    `source_mlm` adds the joint loss. After each validation the full training state
+    (weights, optimizer, scheduler, RNG) is written to `checkpoint_dir/last.pt` when given.
     """
-    optim = optim or p.optim
-    n_labels = model.config.num_labels
+    plan = plan_steps(len(train_ids), p)
+    n_layers = num_layers(model)
+    lowest = trainable_from(p, n_layers, epoch=1)
+    apply_freezing(model, lowest)
+    anchored = (transferred or set()) if p.l2sp > 0 else set()
+    groups = param_groups(model, p, anchored)
+    if source_mlm is not None:
+        own = {id(q) for q in model.parameters()}
+        extra = [q for q in source_mlm.head.parameters() if id(q) not in own]
+        groups.append({"params": extra, "lr": p.optim.lr, "weight_decay": 0.0, "depth": n_layers + 1})
+        source_lengths = np.fromiter((len(s) for s in source_mlm.ids), dtype=np.int64)
+    trainable = [q for g in groups for q in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=p.optim.lr, foreach=True)
+    scheduler = LambdaLR(optimizer, schedule_factor(p.optim, plan.total_steps))
+    l2sp = L2SP.anchor(model, anchored, p.l2sp) if anchored else None
+
     lengths = np.fromiter((len(s) for s in train_ids), dtype=np.int64, count=len(train_ids))
     rng = np.random.default_rng(p.seed)
-    steps_per_epoch = math.ceil(len(train_ids) / optim.batch_size)
-    optimizer, scheduler = make_optimizer(model, optim, steps_per_epoch * p.epochs)
+    gen = torch.Generator().manual_seed(p.seed)
     labels_t = torch.tensor(train_y, dtype=torch.long)
-    best_f1, best_epoch, best_state, stale = -1.0, 0, None, 0
-    result = ClassifierResult(best_epoch=0, best_val_macro_f1=0.0, seconds=0.0, examples=0)
+    n_labels = model.config.num_labels
+    best_f1, best_step, best_state, stale = -1.0, 0, None, 0
+    result = ClassifierResult(best_step=0, best_val_macro_f1=0.0, steps=0, seconds=0.0, examples=0)
+    batches: list[np.ndarray] = []
+    source_batches: list[np.ndarray] = []
+    running, seen, epoch = torch.zeros(()), 0, 0
     start = time.perf_counter()
-    for epoch in range(1, p.epochs + 1):
-        model.train()
-        running, seen = torch.zeros(()), 0
-        batches = length_batches(lengths, optim.batch_size, rng)
-        for idx, input_ids, mask in tqdm(
-            iterate_batches(train_ids, batches, pad_id),
-            total=len(batches),
-            desc=f"{desc} epoch {epoch}",
-            unit="batch",
-            leave=False,
-            disable=_quiet(),
-        ):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
-            loss = F.cross_entropy(logits, labels_t[idx])
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.detach() * len(idx)
-            seen += len(idx)
+    model.train()
+    bar = tqdm(total=plan.total_steps, desc=desc, unit="step", leave=False, disable=_quiet())
+    for step in range(1, plan.total_steps + 1):
+        if not batches:
+            batches, epoch = length_batches(lengths, p.optim.batch_size, rng), epoch + 1
+            if p.strategy == "gradual_unfreeze":
+                apply_freezing(model, trainable_from(p, n_layers, epoch))
+        idx = batches.pop()
+        input_ids, mask = pad_batch([train_ids[i] for i in idx], pad_id)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
+        loss = F.cross_entropy(logits, labels_t[idx])
+        if source_mlm is not None:
+            if not source_batches:
+                source_batches = length_batches(source_lengths, p.optim.batch_size, rng)
+            src_ids, src_mask = pad_batch([source_mlm.ids[i] for i in source_batches.pop()], pad_id)
+            corrupted, positions, targets = mask_for_mlm(
+                src_ids, src_mask, source_mlm.special, model.config.vocab_size, source_mlm.mask_prob, gen
+            )
+            source_loss = _mlm_loss(
+                model.base_model, source_mlm.head, corrupted, src_mask, positions, targets
+            )
+            loss = (1 - source_mlm.alpha) * loss + source_mlm.alpha * source_loss
+        loss.backward()
+        if l2sp is not None:
+            l2sp.add_to_grads()
+        nn.utils.clip_grad_norm_([q for q in trainable if q.grad is not None], p.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running += loss.detach() * len(idx)
+        seen += len(idx)
+        bar.update()
+        if step % plan.eval_every and step != plan.total_steps:
+            continue
         result.examples += seen
         pred = predict_logits(model, val_ids, pad_id, p.eval_batch_size).argmax(1)
         metrics = classification_metrics(val_y, pred, n_labels)
         result.history.append(
             {
+                "step": step,
                 "epoch": epoch,
                 "train_loss": float(running) / max(1, seen),
                 "val_accuracy": metrics["accuracy"],
                 "val_macro_f1": metrics["macro_f1"],
             }
         )
+        running.zero_()
+        seen = 0
         if metrics["macro_f1"] > best_f1:
-            best_f1, best_epoch, stale = metrics["macro_f1"], epoch, 0
+            best_f1, best_step, stale = metrics["macro_f1"], step, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
         if checkpoint_dir is not None:
-            _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, epoch)
+            _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, step)
         if stale >= p.patience:
             break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    for q in model.parameters():
+        q.requires_grad_(True)
     model.eval()
-    result.best_epoch, result.best_val_macro_f1 = best_epoch, best_f1
+    result.best_step, result.best_val_macro_f1, result.steps = best_step, best_f1, step
     result.seconds = time.perf_counter() - start
     return result
 
@@ -301,13 +367,13 @@ def _save_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
     rng: np.random.Generator,
-    epoch: int,
+    step: int,
 ) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / ".last.pt.tmp"
     torch.save(
         {
-            "epoch": epoch,
+            "step": step,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

@@ -1,0 +1,111 @@
+"""Transfer strategies side by side on the curve's own runs: which combination to default to.
+
+Each variant is a set of finetune (or evaluate) overrides on params.yaml; every variant
+trains at each size with each seed on the same rows, so differences are paired by seed.
+Writes bench/strategies.json (every run) and prints a Markdown table.
+
+    python -m bench.strategies --sizes 100 1000 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.evaluate import CurvePoint, interval, run_point
+from tlpipe.model import resolve_init
+from tlpipe.params import load_params, parse_params, stage_dir
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "full+llrd0.8+cosine@2e-4": {
+        "finetune.layer_decay": 0.8,
+        "finetune.optim.lr": 2e-4,
+        "finetune.optim.schedule": "cosine",
+    },
+    "gradual_unfreeze@2e-4": {"finetune.strategy": "gradual_unfreeze", "finetune.optim.lr": 2e-4},
+    "full+l2sp0.01": {"finetune.l2sp": 0.01},
+    "scratch:same@2e-4": {"arm": "scratch"},
+    "scratch:4x256@2e-4": {"arm": "scratch", "evaluate.scratch_model": "small"},
+    "scratch:4x256@1e-3": {"arm": "scratch", "evaluate.scratch_model": "small", "evaluate.scratch_lr": 1e-3},
+}
+SMALL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "dropout": 0.1}
+
+
+def _override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = SMALL if value == "small" else value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", type=int, default=[100, 1000])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--out", type=Path, default=Path("bench/strategies.json"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = load_params()
+    prepare_dir = stage_dir("prepare")
+    results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.is_file() else []
+    done = {(r["variant"], r["size"], r["seed"]) for r in results}
+    with tempfile.TemporaryDirectory() as tmp:
+        source_dir = stage_dir("pretrain") / "model"
+        if not source_dir.is_dir():
+            source_dir = resolve_init(base.pretrain.init_from, Path(tmp))
+        for name in args.variants:
+            raw = base.as_dict()
+            overrides = dict(VARIANTS[name])
+            arm = overrides.pop("arm", "transfer")
+            for dotted, value in overrides.items():
+                _override(raw, dotted, value)
+            params = parse_params(raw)
+            for size in args.sizes:
+                for seed in args.seeds:
+                    if (name, size, seed) in done:
+                        continue
+                    r = run_point(
+                        CurvePoint(arm, size, seed),
+                        params.evaluate,
+                        params.finetune,
+                        params.prepare.labels,
+                        source_dir,
+                        prepare_dir,
+                        Path(tmp) / "runs",
+                    )
+                    results.append({"variant": name, **r})
+                    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results, args.sizes))
+
+
+def table(results: list[dict[str, Any]], sizes: list[int]) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    head = "| variant | " + " | ".join(f"acc @ {s}" for s in sizes) + " | train s/run |"
+    lines = [head, "|---" * (len(sizes) + 2) + "|"]
+    for v in variants:
+        cells = []
+        for s in sizes:
+            acc = [r["accuracy"] for r in results if r["variant"] == v and r["size"] == s]
+            if acc:
+                ci = interval(acc, 0.95) if len(acc) > 1 else {"mean": acc[0], "std": 0.0}
+                cells.append(f"{ci['mean']:.4f} ± {ci['std']:.4f} (n={len(acc)})")
+            else:
+                cells.append("")
+        secs = np.mean([r["train_seconds"] for r in results if r["variant"] == v])
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Transfer strategies do what they say: frozen weights stay bit-identical, trained ones
+move, learning rates follow the layer-wise decay, and the objectives act on the model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.finetune import encode_split, finetune, transfer_setup
+from tests.conftest import tiny_params
+from tlpipe.params import FinetuneParams, OptimParams, ParamsError, parse_params
+from tlpipe.text import SpecialIds, load_tokenizer
+from tlpipe.train import plan_steps, train_classifier
+from tlpipe.transfer import L2SP, depth_of, param_groups, schedule_factor, trainable_from
+
+LABELS = ("negative", "neutral", "positive")
+
+
+def _train(pretrained: Path, prepared: Path, **overrides: object):
+    # No early stop: every planned step runs.
+    overrides = {"patience": 100, **overrides}
+    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in overrides.items()})).finetune
+    torch.manual_seed(0)
+    setup = transfer_setup(p, LABELS, pretrained, prepared)
+    before = {n: q.detach().clone() for n, q in setup.model.named_parameters()}
+    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
+    train = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
+    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
+    run = train_classifier(
+        setup.model, *train, *val, p, pad, transferred=setup.transferred, source_mlm=setup.source_mlm
+    )
+    after = dict(setup.model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    return setup, before, moved, run
+
+
+def _depths(names: set[str]) -> set[int]:
+    return {depth_of(n, 2) for n in names}
+
+
+def test_depths_of_a_bert_classifier() -> None:
+    assert depth_of("bert.embeddings.word_embeddings.weight", 2) == 0
+    assert depth_of("bert.encoder.layer.0.attention.self.query.weight", 2) == 1
+    assert depth_of("bert.encoder.layer.1.output.dense.bias", 2) == 2
+    assert depth_of("bert.pooler.dense.weight", 2) == 3
+    assert depth_of("classifier.weight", 2) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "frozen_depths"),
+    [
+        ({"strategy": "full"}, set()),
+        ({"strategy": "freeze_embeddings"}, {0}),
+        ({"strategy": "freeze_bottom", "freeze_bottom": 1}, {0, 1}),
+        ({"strategy": "head_only"}, {0, 1, 2}),
+    ],
+)
+def test_frozen_weights_are_bit_identical_and_the_rest_move(
+    pretrained: Path, prepared: Path, overrides: dict, frozen_depths: set[int]
+) -> None:
+    setup, before, moved, _ = _train(pretrained, prepared, **overrides)
+    names = set(before)
+    frozen = {n for n in names if depth_of(n, 2) in frozen_depths}
+    # token_type and position rows never looked up get no gradient; every other weight moves.
+    unused = {n for n in names - frozen if "token_type" in n}
+    assert not (moved & frozen), f"frozen weights changed: {sorted(moved & frozen)[:3]}"
+    assert (names - frozen - unused) <= moved, sorted(names - frozen - unused - moved)[:3]
+    assert all(q.requires_grad for q in setup.model.parameters())  # released after training
+
+
+def test_gradual_unfreeze_opens_one_group_per_epoch(pretrained: Path, prepared: Path) -> None:
+    p = FinetuneParams(strategy="gradual_unfreeze")
+    assert [trainable_from(p, 2, e) for e in (1, 2, 3, 4, 5)] == [3, 2, 1, 0, 0]
+    # Two epochs (validated once, at the end, so the last weights are kept): the head,
+    # then the top layer; layer 1 and the embeddings never train.
+    _, _, moved, _ = _train(pretrained, prepared, strategy="gradual_unfreeze", epochs=2, evaluations=1)
+    assert _depths(moved) == {2, 3}
+    assert not any(depth_of(n, 2) < 2 for n in moved)
+
+
+def test_layer_wise_learning_rates(pretrained: Path, prepared: Path) -> None:
+    p = parse_params(tiny_params(**{"finetune.layer_decay": 0.5})).finetune
+    setup = transfer_setup(p, LABELS, pretrained, prepared)
+    groups = param_groups(setup.model, p)
+    lr = p.optim.lr
+    by_depth = {g["depth"]: g["lr"] for g in groups}
+    assert by_depth == {0: lr * 0.25, 1: lr * 0.5, 2: lr, 3: lr}
+    covered = [id(q) for g in groups for q in g["params"]]
+    assert sorted(covered) == sorted(id(q) for q in setup.model.parameters())  # each once
+    for g in groups:
+        biases = [n for n, q in setup.model.named_parameters() if any(q is x for x in g["params"])]
+        if any(n.endswith("bias") for n in biases):
+            assert g["weight_decay"] == 0.0
+
+
+def test_layer_decay_reaches_the_optimizer(pretrained: Path, prepared: Path) -> None:
+    """The effective per-group lr during training follows lr * decay**(L - l) * schedule."""
+    seen: list[dict[int, float]] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append({g["depth"]: g["lr"] for g in self.param_groups})
+        return original(self, *a, **k)
+
+    torch.optim.AdamW.step = spy
+    try:
+        _train(pretrained, prepared, layer_decay=0.5, epochs=1)
+    finally:
+        torch.optim.AdamW.step = original
+    for lrs in seen:
+        assert lrs[1] == pytest.approx(lrs[2] * 0.5)
+        assert lrs[0] == pytest.approx(lrs[2] * 0.25)
+        assert lrs[3] == pytest.approx(lrs[2])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_warmup_then_schedule(schedule: str) -> None:
+    f = schedule_factor(OptimParams(warmup_ratio=0.1, schedule=schedule), 100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    mid = {"linear": 1 - 45 / 90, "cosine": 0.5 * (1 + math.cos(math.pi * 45 / 90)), "constant": 1.0}
+    assert f(55) == pytest.approx(mid[schedule])
+    assert f(100) == pytest.approx(1.0 if schedule == "constant" else 0.0)
+
+
+def test_step_budget() -> None:
+    p = FinetuneParams(epochs=3, min_steps=50, max_steps=200, evaluations=5, optim=OptimParams(batch_size=10))
+    assert plan_steps(40, p).total_steps == 50  # 3 epochs of 4 steps, raised to the floor
+    assert plan_steps(400, p).total_steps == 120
+    assert plan_steps(4000, p).total_steps == 200  # capped
+    assert plan_steps(400, p).eval_every == 24
+
+
+def test_strategy_params_are_checked() -> None:
+    for bad in ({"strategy": "freeze_bottom"}, {"freeze_bottom": 2}, {"strategy": "unfreeze_all"}):
+        with pytest.raises(ParamsError, match="finetune"):
+            parse_params(tiny_params(**{f"finetune.{k}": v for k, v in bad.items()}))
+
+
+def test_l2sp_gradient_is_the_penalty_gradient() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    reg = L2SP.anchor(layer, {"weight", "bias"}, strength=0.7)
+    with torch.no_grad():
+        for q in layer.parameters():
+            q.add_(torch.randn_like(q))
+    expected = torch.autograd.grad(
+        0.7 * sum((q - s).pow(2).sum() for q, s in zip(reg.params, reg.source, strict=True)), reg.params
+    )
+    for q in layer.parameters():
+        q.grad = torch.zeros_like(q)
+    reg.add_to_grads()
+    for q, g in zip(reg.params, expected, strict=True):
+        assert torch.allclose(q.grad, g)
+
+
+def test_l2sp_keeps_transferred_weights_near_the_source(pretrained: Path, prepared: Path) -> None:
+    def drift(l2sp: float) -> float:
+        setup, before, _, _ = _train(pretrained, prepared, l2sp=l2sp, epochs=3)
+        return sum(
+            float((q - before[n]).pow(2).sum())
+            for n, q in setup.model.named_parameters()
+            if n in setup.transferred
+        )
+
+    free, anchored = drift(0.0), drift(50.0)
+    assert anchored < 0.5 * free, (anchored, free)
+
+
+def test_joint_loss_trains_the_tied_source_head(pretrained: Path, prepared: Path) -> None:
+    setup, _, moved, _ = _train(pretrained, prepared, joint_alpha=0.5)
+    head = setup.source_mlm.head
+    assert head.predictions.decoder.weight is setup.model.get_input_embeddings().weight
+    source = load_file(pretrained / "model.safetensors")
+    dense = head.predictions.transform.dense.weight
+    assert not torch.equal(dense, source["cls.predictions.transform.dense.weight"])
+    assert "bert.embeddings.word_embeddings.weight" in moved
+
+
+def test_tapt_adapts_the_encoder_on_unlabelled_target_text(
+    pretrained: Path, prepared: Path, tmp_path: Path
+) -> None:
+    p = parse_params(tiny_params(**{"finetune.tapt_steps": 5, "finetune.epochs": 1})).finetune
+    plain = transfer_setup(p.model_copy(update={"tapt_steps": 0}), LABELS, pretrained, prepared)
+    adapted = transfer_setup(p, LABELS, pretrained, prepared)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(
+        dict(plain.model.named_parameters())[key], dict(adapted.model.named_parameters())[key]
+    )
+    assert adapted.tapt["steps"] == 5
+    result = finetune(p, LABELS, pretrained, prepared, tmp_path / "f")
+    assert result.best_step >= 1
+    assert (tmp_path / "f/metrics.json").read_text().count('"tapt"') == 1
+    assert np.isfinite(adapted.tapt["last_loss"])

@@ -1,0 +1,251 @@
+"""One page on a run: data, validation, the curve, the shipped model, the gate, lineage.
+
+The page is built once as a list of sections and rendered twice: self-contained HTML (the
+curve PNG inlined) for people, Markdown for the Prefect artifact.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tlpipe.params import Params, stage_dir
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    path: Path
+    alt: str
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[str | Table | Image] = field(default_factory=list)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2%}"
+
+
+def build(params: Params, root: Path = Path(".")) -> list[Section]:
+    """The report's sections from the outputs under `root`; missing stages say so."""
+    out = root / "outputs"
+    sections = [_data(params, root), _validation(out), *_evaluation(params, out), _lineage(params, root)]
+    return [s for s in sections if s.blocks]
+
+
+def _data(params: Params, root: Path) -> Section:
+    import pandas as pd
+
+    section = Section("Data")
+    section.blocks.append(
+        f"`{params.data.path}` (SHA-256 `{params.data.sha256 or 'not pinned'}`); target rows match "
+        f"`{params.prepare.target_pattern}`."
+    )
+    prepare = root / stage_dir("prepare")
+    if not prepare.is_dir():
+        section.blocks.append("prepare has not run.")
+        return section
+    rows = []
+    for split in ("source", "train", "val", "test", "pool"):
+        path = prepare / f"{split}.parquet"
+        if path.is_file():
+            counts = pd.read_parquet(path, columns=["label"])["label"].value_counts()
+            rows.append(
+                [split, str(int(counts.sum()))] + [str(int(counts.get(c, 0))) for c in params.prepare.labels]
+            )
+    section.blocks.append(Table(["split", "rows", *params.prepare.labels], rows))
+    return section
+
+
+def _validation(out: Path) -> Section:
+    section = Section("Validation")
+    report = _read(out / "validate" / "report.json")
+    if not report:
+        section.blocks.append("validate has not run.")
+        return section
+    failed = [
+        [f"{split}.{name}", c["expectation"], f"{c['unexpected_count']} of {c['element_count']}"]
+        for split, checks in report["checks"].items()
+        for name, c in checks.items()
+        if not c["success"]
+    ]
+    verdict = "passed" if report["success"] else "FAILED"
+    section.blocks.append(
+        f"Great Expectations: {verdict}, {report['expectations'] - report['failed']} of "
+        f"{report['expectations']} expectations met."
+    )
+    if failed:
+        section.blocks.append(Table(["check", "expectation", "bad rows"], failed))
+    return section
+
+
+def _evaluation(params: Params, out: Path) -> list[Section]:
+    m = _read(out / "evaluate" / "metrics.json")
+    if not m:
+        return [Section("Evaluation", ["evaluate has not run."])]
+    labels = params.prepare.labels
+    curve = Section("Data-efficiency curve")
+    g = m["gate"]
+    curve.blocks.append(
+        f"Test accuracy of transfer and of the from-scratch control, mean ± std over {g['seeds']} seeds "
+        f"at each training size; the gain is paired by seed, with its {g['confidence']:.0%} interval. "
+        f"Majority class: {_pct(m['majority_class_accuracy'])} of {m['test_rows']} test rows."
+    )
+    rows = []
+    for e in m["curve"]:
+        t, s, d = e["transfer"]["accuracy"], e["scratch"]["accuracy"], e["gain"]["accuracy"]
+        rows.append(
+            [
+                str(e["rows"]),
+                f"{t['mean']:.4f} ± {t['std']:.4f}",
+                f"{s['mean']:.4f} ± {s['std']:.4f}",
+                f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]",
+            ]
+        )
+    curve.blocks.append(Table(["rows", "transfer", "scratch", "gain [interval]"], rows))
+    png = out / "evaluate" / "curve.png"
+    if png.is_file():
+        curve.blocks.append(Image(png, "data-efficiency curve"))
+
+    gate = Section("Negative-transfer gate")
+    verdict = "passed" if g["passed"] else "FAILED: nothing is promoted"
+    gate.blocks.append(
+        f"At {g['rows']} training rows: transfer {g['transfer_accuracy']:.4f} vs scratch "
+        f"{g['scratch_accuracy']:.4f}, gain {g['gain']:+.4f}, interval [{g['ci_low']:+.4f}, "
+        f"{g['ci_high']:+.4f}]; the lower end must exceed {g['min_gain']:+.4f}: {verdict}."
+    )
+
+    shipped = Section("Shipped model")
+    sm = m["shipped"]
+    shipped.blocks.append(f"Test accuracy {sm['accuracy']:.4f}, macro-F1 {sm['macro_f1']:.4f}.")
+    shipped.blocks.append(
+        Table(
+            ["actual \\ predicted", *labels],
+            [[labels[i], *(str(v) for v in row)] for i, row in enumerate(sm["confusion"])],
+        )
+    )
+    shipped.blocks.append(
+        Table(
+            ["class", "precision", "recall", "F1", "support"],
+            [
+                [c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
+                for c, v in sm["per_class"].items()
+            ],
+        )
+    )
+
+    strategy = Section("Strategy")
+    strategy.blocks.append(Table(["setting", "value"], [[k, str(v)] for k, v in m["strategy"].items()]))
+    scratch = m.get("scratch", {})
+    strategy.blocks.append(
+        f"Scratch control: encoder {scratch.get('model')}, learning rate {scratch.get('lr')}."
+    )
+
+    forgetting = Section("Forgetting (source task)")
+    f = m["forgetting"]
+    rows = [
+        [
+            "linear-probe accuracy on source labels",
+            f"{f['probe_accuracy_before']:.4f}",
+            f"{f['probe_accuracy_after']:.4f}",
+        ]
+    ]
+    if f.get("mlm_loss_before") is not None:
+        rows.append(["held-out masked-LM loss", f"{f['mlm_loss_before']:.4f}", f"{f['mlm_loss_after']:.4f}"])
+    forgetting.blocks.append(Table(["measure", "source model", "after fine-tuning"], rows))
+    return [curve, gate, shipped, strategy, forgetting]
+
+
+def _lineage(params: Params, root: Path) -> Section:
+    section = Section("Lineage")
+    lock_path = root / "dvc.lock"
+    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.is_file() else {}
+    rows = [["data", params.data.path, params.data.sha256 or "not pinned"]]
+    for stage in ("prepare", "pretrain", "finetune", "export"):
+        for o in stages.get(stage, {}).get("outs", []):
+            rows.append([stage, o["path"], o.get("md5", "")])
+    release = _read(root / "outputs" / "publish" / "release.json")
+    if release:
+        rows.append(["publish", release.get("uri", ""), release.get("version", "")])
+    section.blocks.append(Table(["step", "artifact", "hash / version"], rows))
+    if not stages:
+        section.blocks.append("No dvc.lock yet: hashes appear once the stages are committed.")
+    return section
+
+
+def to_markdown(sections: list[Section], title: str) -> str:
+    lines = [f"# {title}", ""]
+    for s in sections:
+        lines += [f"## {s.title}", ""]
+        for b in s.blocks:
+            if isinstance(b, Table):
+                lines.append("| " + " | ".join(b.header) + " |")
+                lines.append("|" + "---|" * len(b.header))
+                lines += ["| " + " | ".join(r) + " |" for r in b.rows]
+            elif isinstance(b, Image):
+                lines.append(f"({b.alt}: `{b.path}`)")
+            else:
+                lines.append(b)
+            lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(sections: list[Section], title: str) -> str:
+    """One self-contained page: inline CSS, images as data URIs, nothing fetched."""
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{esc(s.title)}</h2>")
+        for b in s.blocks:
+            if isinstance(b, Table):
+                head = "".join(f"<th>{esc(h)}</th>" for h in b.header)
+                rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif isinstance(b, Image):
+                data = base64.b64encode(b.path.read_bytes()).decode()
+                body.append(f'<img alt="{esc(b.alt)}" src="data:image/png;base64,{data}">')
+            else:
+                body.append(f"<p>{_inline_code(esc(b))}</p>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;"
+        "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _inline_code(text: str) -> str:
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_report(params: Params, out_path: Path, root: Path = Path(".")) -> tuple[Path, str]:
+    """Write the HTML page to `out_path`; return it and the Markdown of the same content."""
+    title = f"tlpipe report: {params.publish.model_name}"
+    sections = build(params, root)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_text(to_html(sections, title))
+    tmp.replace(out_path)
+    return out_path, to_markdown(sections, title)
