@@ -137,6 +137,19 @@ def exported(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.fixture(scope="session")
+def evaluated(
+    pretrained: Path, finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """outputs/evaluate of the tiny models: the curve (3 sizes x 2 seeds x 2 arms) and gate."""
+    from tasks.evaluate import evaluate
+
+    p = parse_params(tiny_params())
+    out = tmp_path_factory.mktemp("evaluate") / "evaluate"
+    evaluate(p.evaluate, p.finetune, p.prepare.labels, pretrained, finetuned, prepared, out)
+    return out
+
+
 def make_project(root: Path, sample_csv: Path, raw_params: dict[str, Any]) -> Path:
     """A real tlpipe project (git + DVC) in `root`, holding this repo's code and dvc.yaml."""
     for name in ("tasks", "tlpipe", "flows"):

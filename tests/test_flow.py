@@ -54,6 +54,22 @@ def _task_states(flow_state) -> dict[str, str]:
     return asyncio.run(fetch())
 
 
+def _task_run_names(flow_state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+            )
+            return [r.name for r in runs]
+
+    import asyncio
+
+    return asyncio.run(fetch())
+
+
 def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     from flows.pipeline import pipeline
     from tlpipe.store import open_store
@@ -69,7 +85,13 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     parity = json.loads(Path("outputs/export/parity.json").read_text())
     assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
     metrics = json.loads(Path("outputs/evaluate/metrics.json").read_text())
-    assert {"transfer", "scratch", "gain"} <= set(metrics)
+    assert {"shipped", "curve", "gate", "gain", "forgetting"} <= set(metrics)
+    # The curve ran as separate task runs: 3 sizes x 2 seeds x 2 arms.
+    points = [name for name in _task_run_names(state) if name.startswith("curve-") and "seed" in name]
+    assert len(points) == 12 and "curve-transfer-20-seed0" in points
+    assert len(list(Path("outputs/evaluate/runs").glob("*.json"))) == 12
+    page = Path("outputs/report.html").read_text()
+    assert "Data-efficiency curve" in page and "data:image/png;base64," in page and "Lineage" in page
 
     release = json.loads(Path("outputs/publish/release.json").read_text())
     with open_store("tlpipe-test", root=project / ".tlpipe/store") as store:

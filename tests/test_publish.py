@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.publish import publish
 from tests.conftest import tiny_params
@@ -25,13 +24,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def staged(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def staged(
+    evaluated: Path, finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A git + DVC project folder holding evaluate and export outputs."""
     root = tmp_path_factory.mktemp("publish-project")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
     p = parse_params(tiny_params())
-    evaluate(p.evaluate, p.finetune, p.prepare.labels, finetuned, prepared, root / "outputs/evaluate")
+    shutil.copytree(evaluated, root / "outputs/evaluate")
     export(p.export, p.finetune.max_length, finetuned, prepared, root / "outputs/export")
     return root
 
@@ -85,7 +86,7 @@ def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_
 def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:
     root = _copy(staged, tmp_path)
     before = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)
-    with pytest.raises(GateFailed, match="below evaluate.min_gain"):
+    with pytest.raises(GateFailed, match="is not above evaluate.min_gain"):
         _publish(root, store, **{"evaluate.min_gain": 0.99})
     after = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)
     assert before == after

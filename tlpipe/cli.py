@@ -46,6 +46,8 @@ def run(
         load_params()
     except ParamsError as err:
         _fail(err)
+    # The ephemeral API server's 20 s start-up limit is too tight on a loaded 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.states import State
 
     from flows.pipeline import pipeline, single_stage
