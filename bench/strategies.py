@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from tasks.evaluate import CurvePoint, interval, run_point
+from tasks.evaluate import CurvePoint, curve_workers, interval, one_thread, run_point
 from tlpipe.model import resolve_init
 from tlpipe.params import load_params, parse_params, stage_dir
 
@@ -31,6 +31,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "gradual_unfreeze@2e-4": {"finetune.strategy": "gradual_unfreeze", "finetune.optim.lr": 2e-4},
     "full+l2sp0.01": {"finetune.l2sp": 0.01},
+    "full@2e-4": {"finetune.optim.lr": 2e-4},
+    "freeze_embeddings": {"finetune.strategy": "freeze_embeddings"},
     "scratch:same@2e-4": {"arm": "scratch"},
     "scratch:4x256@2e-4": {"arm": "scratch", "evaluate.scratch_model": "small"},
     "scratch:4x256@1e-3": {"arm": "scratch", "evaluate.scratch_model": "small", "evaluate.scratch_lr": 1e-3},
@@ -52,9 +54,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("bench/strategies.json"))
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     base = load_params()
     prepare_dir = stage_dir("prepare")
@@ -64,6 +64,7 @@ def main() -> None:
         source_dir = stage_dir("pretrain") / "model"
         if not source_dir.is_dir():
             source_dir = resolve_init(base.pretrain.init_from, Path(tmp))
+        jobs = []
         for name in args.variants:
             raw = base.as_dict()
             overrides = dict(VARIANTS[name])
@@ -71,35 +72,56 @@ def main() -> None:
             for dotted, value in overrides.items():
                 _override(raw, dotted, value)
             params = parse_params(raw)
-            for size in args.sizes:
-                for seed in args.seeds:
-                    if (name, size, seed) in done:
-                        continue
-                    r = run_point(
-                        CurvePoint(arm, size, seed),
-                        params.evaluate,
-                        params.finetune,
-                        params.prepare.labels,
-                        source_dir,
-                        prepare_dir,
-                        Path(tmp) / "runs",
-                    )
-                    results.append({"variant": name, **r})
-                    args.out.write_text(json.dumps(results, indent=1) + "\n")
+            jobs += [
+                (name, CurvePoint(arm, size, seed), params)
+                for size in args.sizes
+                for seed in args.seeds
+                if (name, size, seed) not in done
+            ]
+        # The curve's own layout: one process per core, one torch thread each.
+        with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
+            futures = {
+                pool.submit(
+                    run_point,
+                    point,
+                    params.evaluate,
+                    params.finetune,
+                    params.prepare.labels,
+                    source_dir,
+                    prepare_dir,
+                    Path(tmp) / "runs" / name,
+                ): name
+                for name, point, params in jobs
+            }
+            for future in as_completed(futures):
+                results.append({"variant": futures[future], **future.result()})
+                args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results, args.sizes))
 
 
-def table(results: list[dict[str, Any]], sizes: list[int]) -> str:
+def table(results: list[dict[str, Any]], sizes: list[int], baseline: str = "full") -> str:
+    """Mean ± std per variant and size, and the paired (same seed, same rows) difference from
+    `baseline` with its 95% interval."""
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    head = "| variant | " + " | ".join(f"acc @ {s}" for s in sizes) + " | train s/run |"
-    lines = [head, "|---" * (len(sizes) + 2) + "|"]
+    acc = {(r["variant"], r["size"], r["seed"]): r["accuracy"] for r in results}
+    head = "| variant | " + " | ".join(f"acc @ {s} | vs {baseline} @ {s}" for s in sizes) + " | train s/run |"
+    lines = [head, "|---" * (2 * len(sizes) + 2) + "|"]
     for v in variants:
         cells = []
         for s in sizes:
-            acc = [r["accuracy"] for r in results if r["variant"] == v and r["size"] == s]
-            if acc:
-                ci = interval(acc, 0.95) if len(acc) > 1 else {"mean": acc[0], "std": 0.0}
-                cells.append(f"{ci['mean']:.4f} ± {ci['std']:.4f} (n={len(acc)})")
+            seeds = sorted(seed for (vv, ss, seed) in acc if vv == v and ss == s)
+            if not seeds:
+                cells += ["", ""]
+                continue
+            x = [acc[(v, s, seed)] for seed in seeds]
+            ci = interval(x, 0.95) if len(x) > 1 else {"mean": x[0], "std": 0.0}
+            cells.append(f"{ci['mean']:.4f} ± {ci['std']:.4f} (n={len(x)})")
+            paired = [
+                acc[(v, s, seed)] - acc[(baseline, s, seed)] for seed in seeds if (baseline, s, seed) in acc
+            ]
+            if v != baseline and len(paired) > 1:
+                d = interval(paired, 0.95)
+                cells.append(f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
             else:
                 cells.append("")
         secs = np.mean([r["train_seconds"] for r in results if r["variant"] == v])

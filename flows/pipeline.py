@@ -1,9 +1,9 @@
 """The tlpipe flow: one Prefect task run per stage, in order, skipping what DVC finds fresh.
 
 evaluate's data-efficiency curve runs as one task run per (arm, size, seed), mapped over
-the flow's task runner. The default runner works through them one at a time (each run
-seeds the process-wide torch RNG); a runner with separate worker processes (Dask, Ray)
-spreads them out unchanged. It runs in the project root (where dvc.yaml and params.yaml are).
+the flow's process pool (one worker per core, one torch thread each); a distributed task
+runner (Dask, Ray) spreads them the same way. Every other task runs in the flow's own
+process. It runs in the project root (where dvc.yaml and params.yaml are).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.evaluate import CurvePoint
+from tasks.evaluate import CurvePoint, curve_workers, one_thread
 from tlpipe.bundled import materialize
 from tlpipe.model import fresh_dir
 from tlpipe.params import load_params, stage_dir
@@ -150,7 +150,7 @@ STAGE_TASKS = {
 }
 
 
-@flow(name="tlpipe", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="tlpipe", task_runner=ProcessPoolTaskRunner(max_workers=curve_workers(), initializer=one_thread))
 def pipeline() -> str:
     """validate → pretrain → finetune → evaluate → export → publish, each a task run."""
     data()
