@@ -21,7 +21,7 @@ from tlpipe.bundled import materialize
 from tlpipe.model import fresh_dir
 from tlpipe.params import load_params, stage_dir
 from tlpipe.report import write_report
-from tlpipe.stages import RUNNERS, commit, is_up_to_date
+from tlpipe.stages import RUNNERS, commit, evaluate_stage, is_up_to_date
 
 REPORT = Path("outputs/report.html")
 
@@ -104,19 +104,7 @@ def evaluate(points: list[dict[str, Any]] | None = None) -> Any:
     """
     if not points:
         return _run_stage("evaluate")
-    from tasks.evaluate import finish
-
-    params = load_params()
-    result = finish(
-        params.evaluate,
-        params.finetune,
-        params.prepare.labels,
-        stage_dir("pretrain") / "model",
-        stage_dir("finetune"),
-        stage_dir("prepare"),
-        stage_dir("evaluate"),
-        points,
-    )
+    result = evaluate_stage(load_params(), stage_dir("evaluate"), points)
     commit("evaluate")
     return result
 

@@ -483,17 +483,6 @@ def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: flo
 
 if __name__ == "__main__":
     from tlpipe.entry import main
-    from tlpipe.params import stage_dir
+    from tlpipe.stages import evaluate_stage
 
-    main(
-        "evaluate",
-        lambda params, out: evaluate(
-            params.evaluate,
-            params.finetune,
-            params.prepare.labels,
-            stage_dir("pretrain") / "model",
-            stage_dir("finetune"),
-            stage_dir("prepare"),
-            out,
-        ),
-    )
+    main("evaluate", evaluate_stage)

@@ -41,10 +41,11 @@ def _finetune(params: Params, out: Path) -> Any:
     )
 
 
-def _evaluate(params: Params, out: Path) -> Any:
-    from tasks.evaluate import evaluate
+def evaluate_stage(params: Params, out: Path, points: list[dict[str, Any]] | None = None) -> Any:
+    """The whole evaluate stage, or (given the curve's finished `points`) its summary alone."""
+    from tasks.evaluate import evaluate, finish
 
-    return evaluate(
+    args = (
         params.evaluate,
         params.finetune,
         params.prepare.labels,
@@ -53,6 +54,7 @@ def _evaluate(params: Params, out: Path) -> Any:
         stage_dir("prepare"),
         out,
     )
+    return evaluate(*args) if points is None else finish(*args, points)
 
 
 def _export(params: Params, out: Path) -> Any:
@@ -74,7 +76,7 @@ RUNNERS: dict[str, Callable[[Params, Path], Any]] = {
     "validate": _validate,
     "pretrain": _pretrain,
     "finetune": _finetune,
-    "evaluate": _evaluate,
+    "evaluate": evaluate_stage,
     "export": _export,
     "publish": _publish,
 }
