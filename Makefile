@@ -24,6 +24,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
+# bench/results.json and docs/benchmarks.md; runs the pipeline first if anything is stale.
+# About 45 min on 2 cores. TLPIPE_BENCH_THREADS pins the thread count (default: all cores).
+bench: $(STAMP)
+	$(VENV)/bin/tlpipe run
+	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.train
+	$(VENV)/bin/python -m bench.infer
+	$(VENV)/bin/python -m bench.predict
+	$(VENV)/bin/python -m bench.validate
+	$(VENV)/bin/python -m bench.pipeline
+	$(VENV)/bin/python -m bench.report
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

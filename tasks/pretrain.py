@@ -23,7 +23,7 @@ from tlpipe.model import (
 )
 from tlpipe.params import PretrainParams
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
-from tlpipe.train import mlm_eval_loss, train_mlm
+from tlpipe.train import Runtime, mlm_eval_loss, train_mlm
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
             mask_prob=p.mask_prob,
             seed=p.seed,
             log_every=p.log_every,
+            runtime=Runtime.pick(p.device, p.precision),
         )
         history, tps = run.history, run.tokens_per_second
         log.info("pretrain: %d steps, %d tokens, %.0f tokens/s", run.steps, run.tokens, tps)
@@ -128,7 +129,7 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
         },
     )
     with (out_dir / "history.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     result = PretrainResult(model_dir, p.steps, before, after, tps)

@@ -15,8 +15,10 @@ def bundle(exported: Path) -> Path:
     return exported / "bundle"
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", ".txt"])
-def test_predict_streams_every_row(bundle: Path, tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("suffix", "precision"), [(".csv", "fp32"), (".jsonl", "fp32"), (".parquet", "fp32"), (".txt", "int8")]
+)
+def test_predict_streams_every_row(bundle: Path, tmp_path: Path, suffix: str, precision: str) -> None:
     texts = [f"@united flight {i} was {'great' if i % 2 else 'late'}" for i in range(250)]
     path = tmp_path / f"in{suffix}"
     frame = pd.DataFrame({"text": texts})
@@ -41,6 +43,8 @@ def test_predict_streams_every_row(bundle: Path, tmp_path: Path, suffix: str) ->
             str(out),
             "--chunk-rows",
             "64",
+            "--precision",
+            precision,
         ],
     )
     assert result.exit_code == 0, result.output

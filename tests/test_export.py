@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tasks.export import export
 from tests.conftest import REPO, tiny_params
 from tlpipe.errors import GateFailed
@@ -48,3 +50,65 @@ def test_parity_gate_fails_loudly(finetuned: Path, prepared: Path, tmp_path: Pat
         assert "exceeds export.max_abs_diff" in str(err)
     else:  # onnxruntime matched PyTorch bit for bit: nothing to fail on
         assert json.loads((tmp_path / "x/parity.json").read_text())["max_abs_diff"] == 0.0
+
+
+def test_fused_graph_and_int8_model_ship(exported: Path) -> None:
+    from tlpipe.serve import BundleSpec
+
+    parity = json.loads((exported / "parity.json").read_text())
+    assert parity["graph"] == "fused"
+    assert parity["fused"]["max_abs_diff"] <= 1e-4
+    assert {"Attention", "SkipLayerNormalization"} <= set(parity["fused_operators"])
+    spec = BundleSpec.read(exported / "bundle/bundle.json")
+    assert spec.models == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    int8 = parity["int8"]
+    assert int8["accuracy_drop"] <= int8["max_drop_allowed"] == 0.01
+    assert int8["onnx_bytes"] < 0.5 * parity["onnx_bytes"]
+
+
+def test_int8_bundle_classifies_and_unknown_precision_is_named(exported: Path) -> None:
+    from tlpipe.serve import Bundle
+
+    texts = ["@united lost my bag again", "thanks @jetblue, great crew", "ok"] * 10
+    fp32 = Bundle(exported / "bundle").predict(texts)
+    int8 = Bundle(exported / "bundle", precision="int8").predict(texts)
+    assert len(int8) == len(fp32) == len(texts)
+    assert {p["label"] for p in int8} <= {"negative", "neutral", "positive"}
+    with pytest.raises(ValueError, match="no fp16 model in this bundle"):
+        Bundle(exported / "bundle", precision="fp16")
+
+
+def test_int8_accuracy_gate_fails_loudly(
+    finetuned: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantised model that predicts worse than fp32 (here: its logits negated) fails export."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import tasks.export as export_module
+    from tlpipe.text import SpecialIds, load_tokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(finetuned / "model").eval()
+    tok = load_tokenizer(finetuned / "model")
+
+    class Negated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(
+                logits=-self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+            )
+
+    def broken_quantize(src: Path, dst: Path) -> None:
+        export_module.export_onnx(Negated(), dst, SpecialIds.of(tok), tok.get_vocab_size(), 18)
+
+    monkeypatch.setattr(export_module, "quantize_int8", broken_quantize)
+    p = parse_params(tiny_params(**{"export.int8_max_drop": 0.0}))
+    with pytest.raises(GateFailed, match=r"int8 test accuracy .* below fp32's .* export.int8_max_drop 0.0"):
+        export(p.export, p.finetune.max_length, finetuned, prepared, tmp_path / "x")
+    parity = json.loads((tmp_path / "x/parity.json").read_text())
+    assert parity["int8"]["accuracy_drop"] > 0

@@ -51,10 +51,14 @@ def run(
     from prefect.states import State
 
     from flows.pipeline import pipeline, single_stage
+    from tlpipe.timing import RUN_ID, summarise
 
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    os.environ[RUN_ID] = run_id
     start = time.perf_counter()
     state: State = single_stage(only, return_state=True) if only else pipeline(return_state=True)
     seconds = time.perf_counter() - start
+    timing = summarise(run_id, seconds)
     if state.is_failed():
         try:
             state.result()
@@ -64,7 +68,10 @@ def run(
     result = state.result()
     if isinstance(result, str):
         typer.echo(result)
-    typer.echo(f"tlpipe: run finished in {seconds:.0f} s")
+    typer.echo(
+        f"tlpipe: run finished in {seconds:.0f} s: {timing['computed_seconds']:.0f} s in the stages, "
+        f"{timing['overhead_seconds']:.0f} s ({timing['overhead_fraction']:.1%}) orchestration"
+    )
 
 
 @app.command()
@@ -117,6 +124,10 @@ def predict(
     column: Annotated[str, typer.Option(help="text column of the input")] = "text",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     chunk_rows: Annotated[int, typer.Option(min=1, help="rows read and written at a time")] = 4096,
+    precision: Annotated[str, typer.Option(help="fp32, or int8 when the bundle has it")] = "fp32",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="onnxruntime threads (default: all cores)")
+    ] = None,
 ) -> None:
     """Classify every row of a file with onnxruntime + tokenizers, streaming."""
     from tlpipe.errors import TlpipeError
@@ -132,7 +143,7 @@ def predict(
                 folder = fetch_release(store, bundle, Path.home() / ".cache" / "tlpipe" / "releases")
         else:
             folder = Path(bundle)
-        model = Bundle(folder)
+        model = Bundle(folder, threads=threads, precision=precision)
         if not input.is_file():
             raise FileNotFoundError(f"{input}: no such file")
         out = output.open("w") if output else sys.stdout

@@ -108,6 +108,14 @@ class OptimParams(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
+# Where training runs: auto is the GPU when torch sees one, else the CPU.
+Device = Literal["auto", "cpu", "cuda"]
+# bf16 autocast for the forward and backward passes (fp32 weights and optimizer state):
+# auto uses it where the device computes bf16 natively (recent GPUs; CPUs with AVX512-BF16
+# or AMX), else fp32.
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 class PretrainParams(_Section):
     """Builds the source model.
 
@@ -126,6 +134,8 @@ class PretrainParams(_Section):
     tokenizer: TokenizerParams = TokenizerParams()
     model: EncoderConfig = EncoderConfig()
     log_every: int = Field(25, ge=1)
+    device: Device = "auto"
+    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _scratch_needs_steps(self) -> PretrainParams:
@@ -171,6 +181,8 @@ class FinetuneParams(_Section):
     # Task-adaptive pretraining: masked-LM steps on the target's unlabelled text first.
     tapt_steps: int = Field(0, ge=0)
     mask_prob: float = Field(0.15, gt=0, lt=1)
+    device: Device = "auto"
+    precision: Precision = "auto"
 
     @model_validator(mode="after")
     def _strategy_args(self) -> FinetuneParams:
@@ -235,6 +247,13 @@ class ExportParams(_Section):
     opset: int = Field(18, ge=14)
     max_abs_diff: float = Field(1e-4, gt=0)
     batch_size: int = Field(64, ge=1)
+    # Fuse attention, layer norms and GELU with onnxruntime's transformer optimizer when the
+    # fused graph still passes the parity gate (else the plain export ships).
+    optimize: bool = True
+    # Also ship a dynamically quantised int8 model; its test accuracy may fall at most
+    # int8_max_drop below the fp32 model's.
+    int8: bool = True
+    int8_max_drop: float = Field(0.01, ge=0, le=1)
 
 
 class PublishParams(_Section):

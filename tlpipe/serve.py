@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,18 @@ class BundleSpec:
     max_length: int
     pad_id: int
     input_names: tuple[str, ...]
+    # precision -> ONNX file: "fp32" always, "int8" (dynamically quantised) when exported.
+    models: dict[str, str] = field(default_factory=lambda: {"fp32": "model.onnx"})
 
     @classmethod
     def read(cls, path: Path) -> BundleSpec:
         raw = json.loads(path.read_text())
         return cls(
-            tuple(raw["labels"]), int(raw["max_length"]), int(raw["pad_id"]), tuple(raw["input_names"])
+            tuple(raw["labels"]),
+            int(raw["max_length"]),
+            int(raw["pad_id"]),
+            tuple(raw["input_names"]),
+            dict(raw.get("models", {"fp32": "model.onnx"})),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -42,24 +48,37 @@ class BundleSpec:
             "max_length": self.max_length,
             "pad_id": self.pad_id,
             "input_names": list(self.input_names),
+            "models": dict(self.models),
         }
 
 
-class Bundle:
-    """An exported model ready to classify text on onnxruntime's CPU provider."""
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+
+class Bundle:
+    """An exported model ready to classify text on onnxruntime's CPU provider, at the
+    bundle's fp32 or (when exported) int8 precision."""
+
+    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32") -> None:
         missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path}: not a tlpipe bundle, missing {missing}")
         self.path = path
         self.spec = BundleSpec.read(path / "bundle.json")
+        if precision not in self.spec.models:
+            raise ValueError(
+                f"{path}: no {precision} model in this bundle; it has {sorted(self.spec.models)}"
+            )
+        self.precision = precision
         self.tokenizer = load_tokenizer(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            str(path / self.spec.models[precision]),
+            session_options(threads),
+            providers=["CPUExecutionProvider"],
         )
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:

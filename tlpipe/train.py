@@ -1,11 +1,15 @@
 """The training loop shared by pretrain, finetune and the scratch control.
 
 One process, plain PyTorch: length-bucketed batches with dynamic padding, the masked-LM
-loss computed on masked positions only, no per-step host syncs beyond logging.
+loss computed on masked positions only, a fused AdamW, no per-step host syncs beyond
+logging. Batches are built and masked on the host and moved to the device; the
+forward and backward passes run under bf16 autocast where the device computes bf16
+natively (see `Runtime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -36,6 +40,56 @@ from tlpipe.transfer import (
     schedule_factor,
     trainable_from,
 )
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes bf16 matrix products natively (a CUDA GPU with bf16, or a
+    CPU with AVX512-BF16 / AMX); emulated bf16 is slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where training runs, and whether its forward and backward passes use bf16 autocast
+    (weights, gradients and optimizer state stay fp32)."""
+
+    device: torch.device
+    bf16: bool
+
+    @classmethod
+    def pick(cls, device: str = "auto", precision: str = "auto") -> Runtime:
+        """`device` auto is the GPU when torch sees one; `precision` auto is bf16 where the
+        device computes it natively, else fp32."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+        dev = torch.device(device)
+        if precision == "bf16" and not bf16_native(dev):
+            raise RuntimeError(f"precision: bf16 was asked for, but this {dev.type} has no native bf16")
+        return cls(dev, precision == "bf16" or (precision == "auto" and bf16_native(dev)))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def place(self, model: PreTrainedModel) -> None:
+        """Move `model` to the device. On a CPU, attention runs as plain matrix products:
+        for tweet-length sequences they train ~1.3x faster than the fused SDPA kernel."""
+        model.to(self.device)
+        if self.device.type == "cpu" and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+
+
+CPU_FP32 = Runtime(torch.device("cpu"), bf16=False)
+
+
+def adamw(groups: Iterable[Any], lr: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters a step."""
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +155,15 @@ def make_optimizer(
         {"params": decay, "weight_decay": p.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=p.lr, foreach=True)
+    optimizer = adamw(groups, p.lr)
     return optimizer, LambdaLR(optimizer, schedule_factor(p, total_steps))
 
 
 @dataclass
 class MlmResult:
+    """`history` logs, every `log_every` steps, the mean loss, the learning rate, and the
+    tokens (non-padding) and seconds since the start."""
+
     steps: int
     tokens: int
     seconds: float
@@ -141,9 +198,12 @@ def train_mlm(
     mask_prob: float,
     seed: int,
     log_every: int,
+    runtime: Runtime = CPU_FP32,
     desc: str = "pretrain",
 ) -> MlmResult:
     """Masked-LM training for `steps` optimizer steps over `ids`, epoch after epoch."""
+    device = runtime.device
+    runtime.place(model)
     encoder, head = mlm_head(model)
     vocab = model.config.vocab_size
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
@@ -152,7 +212,7 @@ def train_mlm(
     optimizer, scheduler = make_optimizer(model, optim, steps)
     model.train()
     result = MlmResult(steps=steps, tokens=0, seconds=0.0)
-    running = torch.zeros(())
+    running = torch.zeros((), device=device)
     start = time.perf_counter()
     batches: list[np.ndarray] = []
     bar = tqdm(total=steps, desc=desc, unit="step", disable=_quiet())
@@ -160,21 +220,31 @@ def train_mlm(
         if not batches:
             batches = length_batches(lengths, optim.batch_size, rng)
         input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
-        corrupted, positions, targets = mask_for_mlm(input_ids, mask, special, vocab, mask_prob, gen)
-        loss = _mlm_loss(encoder, head, corrupted, mask, positions, targets)
+        result.tokens += int(mask.sum())
+        batch = mask_for_mlm(input_ids, mask, special, vocab, mask_prob, gen)
+        corrupted, positions, targets = (t.to(device, non_blocking=True) for t in batch)
+        with runtime.autocast():
+            loss = _mlm_loss(encoder, head, corrupted, mask.to(device, non_blocking=True), positions, targets)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         running += loss.detach()
-        result.tokens += int(mask.sum())
         bar.update()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             n = (step % log_every) + 1
-            avg = float(running) / n
+            avg = float(running) / n  # the one host sync, every log_every steps
             running.zero_()
-            result.history.append({"step": step + 1, "loss": avg, "lr": scheduler.get_last_lr()[0]})
+            result.history.append(
+                {
+                    "step": step + 1,
+                    "loss": avg,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": result.tokens,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
             bar.set_postfix(loss=f"{avg:.3f}")
     bar.close()
     result.seconds = time.perf_counter() - start
@@ -194,15 +264,15 @@ def mlm_eval_loss(
 ) -> float:
     """Mean masked-LM loss over `ids` under a fixed, seeded corruption."""
     encoder, head = mlm_head(model)
+    device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     total, count = 0.0, 0
     for _, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), special.pad):
-        corrupted, positions, targets = mask_for_mlm(
-            input_ids, mask, special, model.config.vocab_size, mask_prob, gen
-        )
-        loss = _mlm_loss(encoder, head, corrupted, mask, positions, targets)
+        batch = mask_for_mlm(input_ids, mask, special, model.config.vocab_size, mask_prob, gen)
+        corrupted, positions, targets = (t.to(device) for t in batch)
+        loss = _mlm_loss(encoder, head, corrupted, mask.to(device), positions, targets)
         total += float(loss) * len(targets)
         count += len(targets)
     return total / max(1, count)
@@ -258,6 +328,7 @@ def train_classifier(
     transferred: set[str] | None = None,
     source_mlm: SourceMlm | None = None,
     checkpoint_dir: Path | None = None,
+    runtime: Runtime = CPU_FP32,
     desc: str = "finetune",
 ) -> ClassifierResult:
     """Fine-tune under `p`'s strategy, keeping the weights of the best validation macro-F1.
@@ -265,7 +336,13 @@ def train_classifier(
     `transferred` names the parameters that came from the source model (the L2-SP anchors);
     `source_mlm` adds the joint loss. After each validation the full training state
     (weights, optimizer, scheduler, RNG) is written to `checkpoint_dir/last.pt` when given.
+    Each validation appends to `history`, with the examples and the training seconds
+    (validation excluded) since the start.
     """
+    device = runtime.device
+    runtime.place(model)
+    if source_mlm is not None:
+        source_mlm.head.to(device)
     plan = plan_steps(len(train_ids), p)
     n_layers = num_layers(model)
     lowest = trainable_from(p, n_layers, epoch=1)
@@ -278,21 +355,21 @@ def train_classifier(
         groups.append({"params": extra, "lr": p.optim.lr, "weight_decay": 0.0, "depth": n_layers + 1})
         source_lengths = np.fromiter((len(s) for s in source_mlm.ids), dtype=np.int64)
     trainable = [q for g in groups for q in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=p.optim.lr, foreach=True)
+    optimizer = adamw(groups, p.optim.lr)
     scheduler = LambdaLR(optimizer, schedule_factor(p.optim, plan.total_steps))
     l2sp = L2SP.anchor(model, anchored, p.l2sp) if anchored else None
 
     lengths = np.fromiter((len(s) for s in train_ids), dtype=np.int64, count=len(train_ids))
     rng = np.random.default_rng(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
-    labels_t = torch.tensor(train_y, dtype=torch.long)
+    labels_t = torch.tensor(train_y, dtype=torch.long, device=device)
     n_labels = model.config.num_labels
     best_f1, best_step, best_state, stale = -1.0, 0, None, 0
     result = ClassifierResult(best_step=0, best_val_macro_f1=0.0, steps=0, seconds=0.0, examples=0)
     batches: list[np.ndarray] = []
     source_batches: list[np.ndarray] = []
-    running, seen, epoch = torch.zeros(()), 0, 0
-    start = time.perf_counter()
+    running, seen, epoch = torch.zeros((), device=device), 0, 0
+    start, validating = time.perf_counter(), 0.0
     model.train()
     bar = tqdm(total=plan.total_steps, desc=desc, unit="step", leave=False, disable=_quiet())
     for step in range(1, plan.total_steps + 1):
@@ -301,20 +378,22 @@ def train_classifier(
             if p.strategy == "gradual_unfreeze":
                 apply_freezing(model, trainable_from(p, n_layers, epoch))
         idx = batches.pop()
-        input_ids, mask = pad_batch([train_ids[i] for i in idx], pad_id)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
-        loss = F.cross_entropy(logits, labels_t[idx])
-        if source_mlm is not None:
-            if not source_batches:
-                source_batches = length_batches(source_lengths, p.optim.batch_size, rng)
-            src_ids, src_mask = pad_batch([source_mlm.ids[i] for i in source_batches.pop()], pad_id)
-            corrupted, positions, targets = mask_for_mlm(
-                src_ids, src_mask, source_mlm.special, model.config.vocab_size, source_mlm.mask_prob, gen
-            )
-            source_loss = _mlm_loss(
-                model.base_model, source_mlm.head, corrupted, src_mask, positions, targets
-            )
-            loss = (1 - source_mlm.alpha) * loss + source_mlm.alpha * source_loss
+        input_ids, mask = (t.to(device) for t in pad_batch([train_ids[i] for i in idx], pad_id))
+        with runtime.autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
+            loss = F.cross_entropy(logits.float(), labels_t[torch.from_numpy(idx).to(device)])
+            if source_mlm is not None:
+                if not source_batches:
+                    source_batches = length_batches(source_lengths, p.optim.batch_size, rng)
+                src_ids, src_mask = pad_batch([source_mlm.ids[i] for i in source_batches.pop()], pad_id)
+                batch = mask_for_mlm(
+                    src_ids, src_mask, source_mlm.special, model.config.vocab_size, source_mlm.mask_prob, gen
+                )
+                corrupted, positions, targets = (t.to(device) for t in batch)
+                source_loss = _mlm_loss(
+                    model.base_model, source_mlm.head, corrupted, src_mask.to(device), positions, targets
+                )
+                loss = (1 - source_mlm.alpha) * loss + source_mlm.alpha * source_loss
         loss.backward()
         if l2sp is not None:
             l2sp.add_to_grads()
@@ -328,15 +407,19 @@ def train_classifier(
         if step % plan.eval_every and step != plan.total_steps:
             continue
         result.examples += seen
-        pred = predict_logits(model, val_ids, pad_id, p.eval_batch_size).argmax(1)
+        train_loss = float(running) / max(1, seen)  # the host sync, once a validation
+        paused = time.perf_counter()
+        pred = predict_logits(model, val_ids, pad_id, p.eval_batch_size, runtime).argmax(1)
         metrics = classification_metrics(val_y, pred, n_labels)
         result.history.append(
             {
                 "step": step,
                 "epoch": epoch,
-                "train_loss": float(running) / max(1, seen),
+                "train_loss": train_loss,
                 "val_accuracy": metrics["accuracy"],
                 "val_macro_f1": metrics["macro_f1"],
+                "examples": result.examples,
+                "seconds": paused - start - validating,
             }
         )
         running.zero_()
@@ -348,6 +431,7 @@ def train_classifier(
             stale += 1
         if checkpoint_dir is not None:
             _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, step)
+        validating += time.perf_counter() - paused
         if stale >= p.patience:
             break
     bar.close()
@@ -387,15 +471,23 @@ def _save_training_state(
 
 @torch.no_grad()
 def predict_logits(
-    model: PreTrainedModel, ids: Sequence[np.ndarray], pad_id: int, batch_size: int
+    model: PreTrainedModel,
+    ids: Sequence[np.ndarray],
+    pad_id: int,
+    batch_size: int,
+    runtime: Runtime | None = None,
 ) -> np.ndarray:
-    """Logits (N, C) in the order of `ids`, batched by length to keep padding small."""
+    """Logits (N, C) in the order of `ids`, batched by length to keep padding small; in
+    fp32 on the model's device unless a `runtime` says otherwise."""
     was_training = model.training
     model.eval()
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    device = next(model.parameters()).device
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
     for idx, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), pad_id):
-        out[idx] = model(input_ids=input_ids, attention_mask=mask).logits.float().numpy()
+        with runtime.autocast() if runtime else contextlib.nullcontext():
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        out[idx] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
 

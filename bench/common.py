@@ -1,0 +1,113 @@
+"""What every benchmark shares: the machine, pinned threads, repeated timings, results.json.
+
+Each benchmark module writes its own section of bench/results.json (merged, never
+overwritten wholesale, so a GPU section survives a CPU re-run); bench/report.py turns the
+file into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path("bench/results.json")
+REPS = 5
+
+
+def threads_from_env() -> int:
+    """The thread count every benchmark pins (TLPIPE_BENCH_THREADS, default: all cores)."""
+    return int(os.environ.get("TLPIPE_BENCH_THREADS", len(os.sched_getaffinity(0))))
+
+
+def pin_threads(n: int) -> None:
+    """torch's intra-op threads (onnxruntime sessions take theirs from their options)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, memory, accelerator and library versions a figure was measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores_available": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
+    for name in ("transformers", "onnxruntime"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def stat(samples: Sequence[float], unit: str) -> dict[str, Any]:
+    """Median, min and max of repeated measurements."""
+    if len(samples) < 1:
+        raise ValueError("no samples")
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "reps": len(samples),
+        "unit": unit,
+    }
+
+
+def timed(
+    fn: Callable[[], Any], reps: int = REPS, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> list[float]:
+    """Wall seconds of `reps` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The ratio of two stats' medians."""
+    return a["median"] / b["median"]
+
+
+def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
+    """Write `section` of results.json (with the machine and the date), keeping the others."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[section] = {
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        **payload,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,246 @@
+"""docs/benchmarks.md from bench/results.json: every figure with its median, min and max,
+the repetitions, the threads and the machine it was measured on.
+
+    python -m bench.report [--results bench/results.json] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HEADER = """# Benchmarks
+
+Written by `make bench` (`python -m bench.report` renders this page from
+`bench/results.json`). Each figure is the median of its repetitions, with [min – max].
+A ratio is always between two figures measured in the same run on the same machine, with
+the same thread count. Absolute times are machine-specific: compare ratios across
+machines, not times.
+"""
+
+
+def fmt(s: dict[str, Any] | None, digits: int = 0) -> str:
+    if s is None:
+        return "–"
+    return f"{s['median']:,.{digits}f} [{s['min']:,.{digits}f} – {s['max']:,.{digits}f}]"
+
+
+def machine_line(section: dict[str, Any]) -> str:
+    m = section["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    threads = section.get("threads")
+    pinned = f"; {threads} threads pinned" if threads else ""
+    return (
+        f"*Measured {section['measured']} on {m['cpu']} ({m['cores_available']} cores available, "
+        f"{m['memory_gib']} GiB){gpu}{pinned}; torch {m['torch']}, transformers {m['transformers']}, "
+        f"onnxruntime {m['onnxruntime']}.*"
+    )
+
+
+SIDE_NAMES = {
+    "trainer": "HF Trainer, fp32 (its default)",
+    "trainer_bf16": "HF Trainer, bf16=True",
+    "tlpipe_fp32": "tlpipe, fp32",
+    "tlpipe": "tlpipe, bf16 autocast (its default on this machine)",
+}
+
+
+def training(key: str, section: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Training ({section['device']}{key.split(section['device'])[-1]})",
+        "",
+        machine_line(section),
+        "",
+    ]
+    for kind, unit, quality, label in (
+        ("mlm", "tokens_per_s", "eval_mlm_loss", "held-out MLM loss"),
+        ("finetune", "examples_per_s", "test_accuracy", "test accuracy"),
+    ):
+        r = section.get(kind)
+        if not r:
+            continue
+        title = "Masked-LM pretraining" if kind == "mlm" else "Fine-tuning"
+        lines += [
+            f"### {title}: {r['model']}, batch {r['batch_size']}, max length {r['max_length']}, "
+            f"{r['steps']} steps (windows of {r['window_steps']}, the first dropped)",
+            "",
+            f"| configuration | {unit.replace('_per_s', '/s')} | {label} | vs the Trainer's default |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, side in r["sides"].items():
+            lines.append(
+                f"| {SIDE_NAMES.get(name, name)} | {fmt(side[unit])} | {side[quality]:.4f} | "
+                f"{r['speedup_vs_trainer'][name]:.2f}x |"
+            )
+        lines.append("")
+        if kind == "mlm":
+            f = r["flops_per_token"]
+            lines += [
+                f"Useful training FLOPs per token: {f['total'] / 1e6:.2f} M "
+                f"(dense 6N {f['dense'] / 1e6:.2f} M, attention {f['attention'] / 1e6:.2f} M, "
+                f"LM head on masked positions {f['head'] / 1e6:.2f} M).",
+                "",
+                "| configuration | useful FLOP/s | "
+                + " | ".join(
+                    f"share of {p['name']} ({p['flops']['median'] / 1e9:,.0f} GFLOP/s)"
+                    for p in r["peaks"].values()
+                )
+                + " |",
+                "|---|---:|" + "---:|" * len(r["peaks"]),
+            ]
+            for name, h in r["hardware"].items():
+                shares = " | ".join(f"{h[f'fraction_of_{k}_peak']:.1%}" for k in r["peaks"])
+                lines.append(
+                    f"| {SIDE_NAMES.get(name, name)} | {h['useful_flops'] / 1e9:,.1f} G | {shares} |"
+                )
+            lines.append("")
+    return lines
+
+
+ENGINES = {
+    "pytorch_fp32": "PyTorch eager, fp32",
+    "ort_fp32_plain": "onnxruntime fp32, plain export",
+    "ort_fp32_fused": "onnxruntime fp32, fused graph (shipped)",
+    "ort_int8": "onnxruntime int8, dynamic quantisation (shipped)",
+}
+
+
+def inference(section: dict[str, Any]) -> list[str]:
+    rows = section["rows"]
+    lines = [
+        "## Inference",
+        "",
+        machine_line(section),
+        "",
+        f"{section['model']}. Batch 1: the first {rows['latency']} test tweets one at a time; batch 32: "
+        f"all {rows['throughput']} test tweets in arrival order (mean {rows['mean_tokens']:.1f} tokens). "
+        f"Fused operators: {', '.join(f'{k} {v}' for k, v in section['fused_operators'].items())}.",
+        "",
+        "| engine | batch 1 p50 ms | batch 1 p95 ms | batch 32 rows/s | test accuracy | size MB |"
+        " p50 speed-up | batch 32 speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in section["engines"].items():
+        vs = section["vs_pytorch"].get(name, {"batch1_p50": 1.0, "batch32_throughput": 1.0})
+        lines.append(
+            f"| {ENGINES.get(name, name)} | {fmt(e['batch1_p50_ms'], 2)} | {fmt(e['batch1_p95_ms'], 2)} | "
+            f"{fmt(e['batch32_rows_per_s'])} | {e['test_accuracy']:.4f} | {e['bytes'] / 1e6:.1f} | "
+            f"{vs['batch1_p50']:.2f}x | {vs['batch32_throughput']:.2f}x |"
+        )
+    int8 = section["vs_pytorch"].get("ort_int8")
+    if int8:
+        lines += [
+            "",
+            f"int8: {int8['batch32_throughput']:.2f}x PyTorch fp32's batch-32 throughput, accuracy "
+            f"{int8['accuracy_change'] * 100:+.2f} points, "
+            f"{int8['size_fraction']:.0%} of the fp32 ONNX file.",
+        ]
+    return [*lines, ""]
+
+
+def predict(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "## `tlpipe predict`",
+        "",
+        machine_line(section),
+        "",
+        f"{section['rows']:,} rows of CSV in, JSON lines out; each run a fresh process (start-up included).",
+        "",
+        f"| precision | rows/s | peak RSS MiB at {section['rows']:,} rows "
+        f"| at {section['small_rows']:,} rows | growth |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for precision in ("fp32", "int8"):
+        r = section.get(precision)
+        if r:
+            lines.append(
+                f"| {precision} | {fmt(r['rows_per_s'])} | {fmt(r['peak_rss'])} | "
+                f"{fmt(r['peak_rss_small'])} | {r['memory_growth']:.2f}x |"
+            )
+    return [*lines, ""]
+
+
+def validate(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Data validation",
+        "",
+        machine_line(section),
+        "",
+        "The prepare stage (read, de-duplicate, split) then the validate stage (Great Expectations on "
+        "every split), each repetition a fresh process.",
+        "",
+        "| raw file | MiB | rows validated | validate rows/s | prepare rows/s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key in ("quarter", "full"):
+        r = section[key]
+        lines.append(
+            f"| {r['file_rows']:,} rows | {r['file_mib']:.0f} | {r['validated_rows']:,} | "
+            f"{fmt(r['validate_rows_per_s'])} | {fmt(r['prepare_rows_per_s'])} | {fmt(r['peak_rss'])} |"
+        )
+    lines += ["", f"Peak memory grows {section['memory_growth']:.2f}x for a 4x larger file.", ""]
+    return lines
+
+
+def pipeline(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Pipeline",
+        "",
+        machine_line(section),
+        "",
+        f"No-op `tlpipe run` (every stage up to date, each checked with DVC and skipped; Prefect's "
+        f"ephemeral server start included): {fmt(section['noop_run_seconds'], 1)} s.",
+        "",
+    ]
+    full = section.get("full_run")
+    if full:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in full["stage_seconds"].items())
+        lines += [
+            f"Full run {full['run_id']}: {full['wall_seconds']:.0f} s wall, "
+            f"{full['computed_seconds']:.0f} s in the stages ({stages}); "
+            f"orchestration overhead {full['overhead_seconds']:.0f} s "
+            f"({full['overhead_fraction']:.1%}). The curve counts by its span on the worker pool.",
+            "",
+        ]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [HEADER]
+    for key in sorted(k for k in results if k.startswith("train-")):
+        lines += training(key, results[key])
+    for key, fn in (
+        ("inference", inference),
+        ("predict", predict),
+        ("validate", validate),
+        ("pipeline", pipeline),
+    ):
+        if key in results:
+            lines += fn(results[key])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="results.json files to merge in first"
+    )
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = parser.parse_args()
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    for extra in args.merge:
+        results |= json.loads(extra.read_text())
+    if args.merge:
+        args.results.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(results))
+    print(f"bench.report: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

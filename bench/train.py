@@ -1,0 +1,344 @@
+"""Training throughput: tlpipe's loop against the Hugging Face Trainer, side by side.
+
+Masked-LM pretraining (a BERT of the pretrain stage's from-scratch config on the source
+tweets) and fine-tuning (the shipped MiniLM on the labelled target tweets). Both sides get
+the same model config and initial weights, the same token ids (truncated at max_length),
+batch size, learning rate, warmup and decay, weight decay, clipping, optimizer (fused
+AdamW) and thread count. Throughput is timed over windows of steps after a warm-up window;
+each figure is the median over the windows, with min and max. Quality: each side's final
+model, scored by the same function (held-out masked-LM loss; test accuracy).
+
+    python -m bench.train [--device cpu|cuda] [--steps 300] [--window 50] [--only mlm|finetune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import machine, pin_threads, ratio, record, stat, threads_from_env, timed
+from tlpipe.data import label_ids, read_split, texts
+from tlpipe.model import bert_config, load_transfer_classifier, new_mlm, resolve_init
+from tlpipe.params import FinetuneParams, OptimParams, load_params
+from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
+from tlpipe.train import (
+    Runtime,
+    bf16_native,
+    classification_metrics,
+    mlm_eval_loss,
+    predict_logits,
+    train_classifier,
+    train_mlm,
+)
+
+PREPARE = Path("outputs/prepare")
+EVAL_ROWS = 512
+
+
+@dataclass
+class Side:
+    """One side's windows (work units, seconds) and its final quality."""
+
+    windows: list[tuple[float, float]]
+    quality: float
+
+    def throughput(self, unit: str) -> dict[str, Any]:
+        return stat([work / seconds for work, seconds in self.windows], unit)
+
+
+def windows_of(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(work, seconds) between consecutive (cumulative work, elapsed) marks, the first
+    window (warm-up: allocator, kernel selection) dropped."""
+    deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(marks)]
+    return deltas[1:]
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, Any]:
+    """FLOP/s of an n x n x n matrix product (the machine's practical peak)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    inner = 20 if device.type == "cuda" else 1
+    seconds = timed(lambda: [a @ b for _ in range(inner)], reps=5, warmup=2, sync=sync)
+    return stat([2 * n**3 * inner / s for s in seconds], "FLOP/s")
+
+
+# ---- masked-LM pretraining -------------------------------------------------------------
+
+
+def trainer_run(
+    model: torch.nn.Module,
+    features: list[dict[str, Any]],
+    collator: Any,
+    optim: OptimParams,
+    steps: int,
+    window: int,
+    device: torch.device,
+    bf16: bool,
+    count_key: str,
+) -> list[tuple[float, float]]:
+    """Train with transformers.Trainer; (cumulative work, elapsed) every `window` steps,
+    work being the non-padding tokens (count_key attention_mask) or the examples."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Counting:
+        def __init__(self) -> None:
+            self.work = 0
+
+        def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+            out = collator(batch)
+            self.work += int(out["attention_mask"].sum()) if count_key == "tokens" else len(batch)
+            return out
+
+    counting = Counting()
+    marks: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.start = time.perf_counter()
+            marks.append((0, 0.0))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step % window == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                marks.append((counting.work, time.perf_counter() - self.start))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=optim.batch_size,
+            max_steps=steps,
+            learning_rate=optim.lr,
+            weight_decay=optim.weight_decay,
+            warmup_steps=int(optim.warmup_ratio * steps),
+            lr_scheduler_type="linear",
+            max_grad_norm=optim.max_grad_norm,
+            optim="adamw_torch_fused",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+            bf16=bf16,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            seed=13,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=features, data_collator=counting, callbacks=[Clock()]
+        )
+        trainer.train()
+    model.eval()
+    return marks
+
+
+def per_token_flops(config: Any, ids: list[np.ndarray], mask_prob: float) -> dict[str, float]:
+    """Training FLOPs per non-padding token, as tlpipe computes them: 6 x non-embedding
+    parameters, attention scores and mixing (12 L d T over a sequence of T tokens), and the
+    LM head (transform and decoder) on the masked positions only."""
+    d, layers, inter, vocab = (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.intermediate_size,
+        config.vocab_size,
+    )
+    per_layer = 4 * d * d + 2 * d * inter  # Q, K, V, O and the two FFN matrices
+    lengths = np.array([len(s) for s in ids], dtype=np.float64)
+    mean_t = float((lengths**2).sum() / lengths.sum())  # token-weighted sequence length
+    maskable = float(((lengths - 2).clip(min=0)).sum() / lengths.sum())
+    terms = {
+        "dense": 6.0 * layers * per_layer,
+        "attention": 12.0 * layers * d * mean_t,
+        "head": 6.0 * (d * d + d * vocab) * mask_prob * maskable,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def sides_for(runtime: Runtime) -> dict[str, tuple[str, bool]]:
+    """The configurations timed: name -> (trainer or tlpipe, bf16). On a CPU both loops run
+    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is bf16 where native); on
+    a GPU, bf16 alone."""
+    if runtime.device.type == "cuda":
+        return {"trainer_bf16": ("trainer", True), "tlpipe": ("tlpipe", True)}
+    sides = {"trainer": ("trainer", False), "tlpipe_fp32": ("tlpipe", False)}
+    if bf16_native(runtime.device):
+        sides |= {"trainer_bf16": ("trainer", True), "tlpipe": ("tlpipe", True)}
+    return sides
+
+
+def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
+    """Each side's throughput and quality, and every side's speed-up over the Trainer's
+    default (fp32 on a CPU, bf16 on a GPU)."""
+    out = {name: {unit: side.throughput(unit), quality: side.quality} for name, side in sides.items()}
+    base = out["trainer"][unit] if "trainer" in out else out["trainer_bf16"][unit]
+    speedups = {name: ratio(r[unit], base) for name, r in out.items()}
+    best = "tlpipe" if "tlpipe" in out else "tlpipe_fp32"
+    return {"sides": out, "speedup_vs_trainer": speedups, "speedup": speedups[best], "tlpipe_default": best}
+
+
+def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None) -> dict[str, Any]:
+    params = load_params()
+    p = params.pretrain
+    optim = p.optim if batch_size is None else p.optim.model_copy(update={"batch_size": batch_size})
+    corpus = [t for t in texts(read_split(PREPARE, "source")) if t.strip()]
+    eval_texts, train_texts = corpus[:EVAL_ROWS], corpus[EVAL_ROWS:]
+    tok = train_wordpiece(train_texts, p.tokenizer)
+    special = SpecialIds.of(tok)
+    train_ids, eval_ids = encode(tok, train_texts, p.max_length), encode(tok, eval_texts, p.max_length)
+    torch.manual_seed(p.seed)
+    initial = new_mlm(bert_config(p.model, tok.get_vocab_size(), special.pad, p.max_length))
+    eval_kw = {"mask_prob": p.mask_prob, "seed": p.seed}
+
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+    collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=p.mask_prob)
+    features = [{"input_ids": s.tolist()} for s in train_ids]
+    sides: dict[str, Side] = {}
+    for name, (loop, bf16) in sides_for(runtime).items():
+        model = copy.deepcopy(initial)
+        if loop == "tlpipe":
+            run = train_mlm(
+                model, train_ids, special, steps=steps, optim=optim, mask_prob=p.mask_prob, seed=p.seed,
+                log_every=window, runtime=Runtime(runtime.device, bf16), desc=name,
+            )  # fmt: skip
+            marks = [(0, 0.0)] + [(h["tokens"], h["seconds"]) for h in run.history]
+        else:
+            marks = trainer_run(
+                model, features, collator, optim, steps, window, runtime.device, bf16, "tokens"
+            )
+        sides[name] = Side(windows_of(marks), mlm_eval_loss(model, eval_ids, special, **eval_kw))
+        print(f"mlm {name}: {sides[name].throughput('tokens/s')['median']:.0f} tokens/s", flush=True)
+
+    out = summary(sides, "tokens_per_s", "eval_mlm_loss")
+    flops = per_token_flops(initial.config, train_ids, p.mask_prob)
+    if runtime.device.type == "cuda":
+        peaks = {"bf16": ("bf16 matmul 8192^3", matmul_flops(runtime.device, torch.bfloat16, 8192))}
+    else:
+        peaks = {"fp32": ("fp32 matmul 2048^3", matmul_flops(runtime.device, torch.float32, 2048))}
+        if bf16_native(runtime.device):
+            peaks["bf16"] = ("bf16 matmul 2048^3", matmul_flops(runtime.device, torch.bfloat16, 2048))
+    hardware = {}
+    for name, r in out["sides"].items():
+        useful = flops["total"] * r["tokens_per_s"]["median"]
+        hardware[name] = {"useful_flops": useful} | {
+            f"fraction_of_{k}_peak": useful / peak["median"] for k, (_, peak) in peaks.items()
+        }
+    return {
+        "model": f"BERT {p.model.num_layers}x{p.model.hidden_size}, vocab {tok.get_vocab_size()}",
+        "batch_size": optim.batch_size,
+        "max_length": p.max_length,
+        "steps": steps,
+        "window_steps": window,
+        **out,
+        "flops_per_token": flops,
+        "peaks": {k: {"name": n, "flops": v} for k, (n, v) in peaks.items()},
+        "hardware": hardware,
+    }
+
+
+# ---- fine-tuning -----------------------------------------------------------------------
+
+
+def bench_finetune(runtime: Runtime, steps: int, window: int) -> dict[str, Any]:
+    from tasks.evaluate import labelled_target
+
+    params = load_params()
+    labels = params.prepare.labels
+    ft: FinetuneParams = params.finetune.model_copy(
+        update={"epochs": 1, "min_steps": steps, "max_steps": steps, "evaluations": steps // window,
+                "patience": steps}
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        source_dir = resolve_init(params.pretrain.init_from or "", Path(tmp))
+        tok = load_tokenizer(source_dir)
+        pad = SpecialIds.of(tok).pad
+        rows = labelled_target(PREPARE)
+        train_ids, train_y = encode(tok, texts(rows), ft.max_length), label_ids(rows, labels)
+        val, test = read_split(PREPARE, "val"), read_split(PREPARE, "test")
+        val_ids, val_y = encode(tok, texts(val), ft.max_length), label_ids(val, labels)
+        test_ids, test_y = encode(tok, texts(test), ft.max_length), label_ids(test, labels)
+        torch.manual_seed(ft.seed)
+        initial, _ = load_transfer_classifier(source_dir, labels)
+        from transformers import AutoTokenizer, DataCollatorWithPadding
+
+        hf_tok = AutoTokenizer.from_pretrained(source_dir)
+
+    def accuracy(model: torch.nn.Module) -> float:
+        pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
+        return classification_metrics(test_y, pred, len(labels))["accuracy"]
+
+    features = [{"input_ids": s.tolist(), "labels": int(y)} for s, y in zip(train_ids, train_y, strict=True)]
+    collator = DataCollatorWithPadding(hf_tok)
+    sides: dict[str, Side] = {}
+    for name, (loop, bf16) in sides_for(runtime).items():
+        model = copy.deepcopy(initial)
+        if loop == "tlpipe":
+            run = train_classifier(
+                model, train_ids, train_y, val_ids, val_y, ft, pad, runtime=Runtime(runtime.device, bf16),
+                desc=name,
+            )  # fmt: skip
+            marks = [(0, 0.0)] + [(h["examples"], h["seconds"]) for h in run.history]
+        else:
+            marks = trainer_run(
+                model, features, collator, ft.optim, steps, window, runtime.device, bf16, "examples"
+            )
+        sides[name] = Side(windows_of(marks), accuracy(model))
+        print(f"finetune {name}: {sides[name].throughput('examples/s')['median']:.1f} examples/s", flush=True)
+    return {
+        "model": f"{params.pretrain.init_from} "
+        f"({initial.config.num_hidden_layers}x{initial.config.hidden_size})",
+        "train_rows": len(train_ids),
+        "batch_size": ft.optim.batch_size,
+        "max_length": ft.max_length,
+        "steps": steps,
+        "window_steps": window,
+        **summary(sides, "examples_per_s", "test_accuracy"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--window", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=None, help="masked-LM batch (default: params)")
+    parser.add_argument("--only", choices=["mlm", "finetune"], default=None)
+    parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    if args.steps // args.window < 6:
+        parser.error("--steps must be at least 6 windows: one warm-up and five timed")
+    runtime = Runtime.pick(args.device)
+    threads = threads_from_env()
+    pin_threads(threads)
+    section = f"train-{runtime.device.type}" + (f"-b{args.batch_size}" if args.batch_size else "")
+    out: dict[str, Any] = {"threads": threads, "device": runtime.device.type}
+    if args.only in (None, "mlm"):
+        out["mlm"] = bench_mlm(runtime, args.steps, args.window, args.batch_size)
+        print(f"mlm: {out['mlm']['speedup']:.2f}x the Trainer", flush=True)
+    if args.only in (None, "finetune"):
+        out["finetune"] = bench_finetune(runtime, args.steps, args.window)
+        print(f"finetune: {out['finetune']['speedup']:.2f}x the Trainer", flush=True)
+    record(section, out, args.results)
+    print(machine())
+
+
+if __name__ == "__main__":
+    main()

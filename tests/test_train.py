@@ -1,0 +1,92 @@
+"""The training runtime: device and precision choice, bf16 autocast with fp32 weights, and
+the throughput marks the loops log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.finetune import encode_split, transfer_setup
+from tests.conftest import tiny_params
+from tlpipe import train
+from tlpipe.model import bert_config, new_mlm
+from tlpipe.params import EncoderConfig, OptimParams, parse_params
+from tlpipe.text import SpecialIds, load_tokenizer
+from tlpipe.train import Runtime, bf16_native, train_classifier, train_mlm
+
+LABELS = ("negative", "neutral", "positive")
+CPU = torch.device("cpu")
+needs_bf16 = pytest.mark.skipif(not bf16_native(CPU), reason="this CPU has no native bf16")
+
+
+def test_pick_follows_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Runtime.pick("cpu", "fp32") == Runtime(CPU, bf16=False)
+    assert Runtime.pick("cpu", "auto").bf16 is bf16_native(CPU)
+    monkeypatch.setattr(train, "bf16_native", lambda device: False)
+    assert Runtime.pick("cpu", "auto").bf16 is False
+    with pytest.raises(RuntimeError, match="precision: bf16 was asked for"):
+        Runtime.pick("cpu", "bf16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_named() -> None:
+    assert Runtime.pick("auto", "fp32").device == CPU
+    with pytest.raises(RuntimeError, match="device: cuda was asked for"):
+        Runtime.pick("cuda")
+
+
+def _mlm(seed: int = 0) -> tuple[torch.nn.Module, list[np.ndarray], SpecialIds]:
+    special = SpecialIds(pad=0, cls=2, sep=3, mask=4, unk=1)
+    torch.manual_seed(seed)
+    encoder = EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model = new_mlm(bert_config(encoder, 200, special.pad, 64))
+    rng = np.random.default_rng(seed)
+    ids = [np.array([2, *rng.integers(5, 200, rng.integers(4, 30)), 3]) for _ in range(200)]
+    return model, ids, special
+
+
+@needs_bf16
+def test_bf16_autocast_trains_fp32_weights() -> None:
+    model, ids, special = _mlm()
+    optim = OptimParams(lr=3e-3, batch_size=16, warmup_ratio=0.0)
+    run = train_mlm(model, ids, special, steps=40, optim=optim, mask_prob=0.15, seed=0, log_every=10,
+                    runtime=Runtime(CPU, bf16=True))  # fmt: skip
+    assert all(q.dtype == torch.float32 for q in model.parameters())
+    losses = [h["loss"] for h in run.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_cpu_runs_plain_matrix_attention() -> None:
+    model = _mlm()[0]
+    Runtime(CPU, bf16=False).place(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_mlm_history_marks_tokens_and_seconds() -> None:
+    model, ids, special = _mlm()
+    optim = OptimParams(lr=1e-3, batch_size=16)
+    run = train_mlm(model, ids, special, steps=30, optim=optim, mask_prob=0.15, seed=0, log_every=10)
+    assert [h["step"] for h in run.history] == [10, 20, 30]
+    tokens = [h["tokens"] for h in run.history]
+    seconds = [h["seconds"] for h in run.history]
+    assert tokens == sorted(tokens) and tokens[-1] == run.tokens
+    assert seconds == sorted(seconds) and seconds[-1] <= run.seconds
+    # Every token of every sequence, padding excluded: 30 steps of 16 over 200 sequences.
+    per_epoch = sum(len(s) for s in ids)
+    assert per_epoch * 2 <= run.tokens <= per_epoch * 3
+
+
+def test_classifier_history_counts_examples(pretrained: Path, prepared: Path) -> None:
+    p = parse_params(tiny_params(**{"finetune.patience": 100, "finetune.evaluations": 3})).finetune
+    setup = transfer_setup(p, LABELS, pretrained, prepared)
+    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
+    train_ids, train_y = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
+    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
+    run = train_classifier(setup.model, train_ids, train_y, *val, p, pad, runtime=Runtime.pick("cpu"))
+    assert len(run.history) == 3
+    assert run.history[-1]["examples"] == run.examples == len(train_ids) * p.epochs
+    seconds = [h["seconds"] for h in run.history]
+    assert seconds == sorted(seconds) and seconds[-1] < run.seconds
