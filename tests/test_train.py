@@ -90,3 +90,24 @@ def test_classifier_history_counts_examples(pretrained: Path, prepared: Path) ->
     assert run.history[-1]["examples"] == run.examples == len(train_ids) * p.epochs
     seconds = [h["seconds"] for h in run.history]
     assert seconds == sorted(seconds) and seconds[-1] < run.seconds
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_objective_trains_on_the_gpu(pretrained: Path, prepared: Path) -> None:
+    """L2-SP anchors, the joint source loss and task-adaptive pretraining, all on the GPU
+    under bf16 autocast; validation and the returned weights stay usable on the GPU."""
+    overrides = {"l2sp": 0.01, "joint_alpha": 0.3, "tapt_steps": 4, "layer_decay": 0.8, "patience": 100}
+    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in overrides.items()})).finetune
+    runtime = Runtime.pick("cuda")
+    setup = transfer_setup(p, LABELS, pretrained, prepared)
+    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
+    train_ids, train_y = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
+    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
+    run = train_classifier(
+        setup.model, train_ids, train_y, *val, p, pad, transferred=setup.transferred,
+        source_mlm=setup.source_mlm, runtime=runtime,
+    )  # fmt: skip
+    assert all(q.device.type == "cuda" and q.dtype == torch.float32 for q in setup.model.parameters())
+    assert all(np.isfinite(h["train_loss"]) for h in run.history)
+    logits = train.predict_logits(setup.model, val[0], pad, 32)
+    assert logits.shape == (len(val[0]), 3) and np.isfinite(logits).all()
