@@ -48,12 +48,8 @@ SIDE_NAMES = {
 
 
 def training(key: str, section: dict[str, Any]) -> list[str]:
-    lines = [
-        f"## Training ({section['device']}{key.split(section['device'])[-1]})",
-        "",
-        machine_line(section),
-        "",
-    ]
+    where = "GPU" if section["device"] == "cuda" else "CPU"
+    lines = [f"## Training on the {where} (`{key}`)", "", machine_line(section), ""]
     for kind, unit, quality, label in (
         ("mlm", "tokens_per_s", "eval_mlm_loss", "held-out MLM loss"),
         ("finetune", "examples_per_s", "test_accuracy", "test accuracy"),
@@ -190,8 +186,11 @@ def pipeline(section: dict[str, Any]) -> list[str]:
         "",
         machine_line(section),
         "",
-        f"No-op `tlpipe run` (every stage up to date, each checked with DVC and skipped; Prefect's "
-        f"ephemeral server start included): {fmt(section['noop_run_seconds'], 1)} s.",
+        f"No-op `tlpipe run` (nothing stale, so no flow starts; process start included): "
+        f"{fmt(section['noop_run_seconds'], 1)} s. The flow started anyway (`tlpipe run --always`: "
+        f"Prefect's ephemeral API server, then every stage checked with DVC and skipped): "
+        f"{fmt(section['noop_flow_command_seconds'], 1)} s for the command, "
+        f"{fmt(section['noop_flow_seconds'], 1)} s from the flow's call to its return.",
         "",
     ]
     full = section.get("full_run")
@@ -209,7 +208,9 @@ def pipeline(section: dict[str, Any]) -> list[str]:
 
 def render(results: dict[str, Any]) -> str:
     lines = [HEADER]
-    for key in sorted(k for k in results if k.startswith("train-")):
+    train = [k for k in results if k.startswith("train-")]
+    # CPU first, then the GPU sections by batch size.
+    for key in sorted(train, key=lambda k: (k.startswith("train-cuda"), len(k), k)):
         lines += training(key, results[key])
     for key, fn in (
         ("inference", inference),

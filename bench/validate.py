@@ -12,6 +12,7 @@ peak resident memory is the process's own (wait4), compared with a file a quarte
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -30,11 +31,18 @@ from tlpipe.params import load_params
 
 def make_raw(path: Path, rows: int, seed: int = 0) -> None:
     data = load_params().data
-    corpus = pd.read_csv(data.path, dtype=str, keep_default_na=False)
+    corpus = pd.read_csv(
+        data.path,
+        dtype=str,
+        keep_default_na=False,
+        encoding=data.encoding,
+        encoding_errors=data.encoding_errors,
+    )
     pick = np.random.default_rng(seed).integers(0, len(corpus), rows)
     frame = corpus.iloc[pick].reset_index(drop=True)
     frame[data.text_column] = frame[data.text_column] + " r" + pd.Series(np.arange(rows)).astype(str)
-    frame.to_csv(path, index=False)
+    # Quote every field: pandas leaves a lone "\r" unquoted, and readers take it for a line end.
+    frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
 
 
 def child(raw: Path, work: Path) -> None:

@@ -16,15 +16,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.evaluate import CurvePoint, curve_workers, one_thread
 from tlpipe.bundled import materialize
-from tlpipe.model import fresh_dir
+from tlpipe.curve import CurvePoint, curve_workers, one_thread
+from tlpipe.files import fresh_dir
 from tlpipe.params import load_params, stage_dir
-from tlpipe.report import write_report
+from tlpipe.report import REPORT, write_report
 from tlpipe.stages import RUNNERS, commit, evaluate_stage, is_up_to_date
 from tlpipe.timing import clocked
-
-REPORT = Path("outputs/report.html")
 
 
 @task(name="data", retries=2, retry_delay_seconds=[2, 10])
@@ -74,7 +72,7 @@ def finetune() -> Any:
 @task(name="curve-plan")
 def curve_plan() -> list[CurvePoint]:
     """The curve's runs, or none when evaluate is up to date (its outputs start empty)."""
-    from tasks.evaluate import curve_plan as plan
+    from tlpipe.curve import curve_plan as plan
 
     if is_up_to_date("evaluate"):
         return []

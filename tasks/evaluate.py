@@ -13,11 +13,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +25,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 
 from tasks.finetune import encode_split, transfer_setup
 from tlpipe.batching import length_batches
+from tlpipe.curve import ARMS, CurvePoint, curve_plan, curve_workers, one_thread
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
@@ -42,23 +42,8 @@ from tlpipe.train import (
 
 log = logging.getLogger(__name__)
 
-Arm = Literal["transfer", "scratch"]
-ARMS: tuple[Arm, ...] = ("transfer", "scratch")
 # Held-out source rows for the masked-LM forgetting measure: the rows pretrain held out.
 MLM_EVAL_ROWS = 512
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """One training run of the curve: an arm, a training-set size and a seed."""
-
-    arm: Arm
-    size: Size
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.arm}-{self.size}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -66,25 +51,6 @@ class EvaluateResult:
     shipped: dict[str, Any]
     gate: dict[str, Any]
     forgetting: dict[str, Any]
-
-
-def curve_workers() -> int:
-    """Curve runs go to one process per core (TLPIPE_CURVE_WORKERS overrides), each with one
-    torch thread: on small models two 1-thread runs train ~1.4x faster than one 2-thread
-    run, and one thread per run keeps every run's numbers the same whatever the core count.
-    With a GPU, runs take turns on it in one worker."""
-    default = 1 if torch.cuda.is_available() else os.cpu_count() or 1
-    return max(1, int(os.environ.get("TLPIPE_CURVE_WORKERS", default)))
-
-
-def one_thread() -> None:
-    """Process-pool initializer for curve workers."""
-    torch.set_num_threads(1)
-
-
-def curve_plan(p: EvaluateParams) -> list[CurvePoint]:
-    """Every run of the curve, each independent of the others (any order, any worker)."""
-    return [CurvePoint(arm, size, seed) for size in p.sizes for seed in p.seeds for arm in ARMS]
 
 
 def labelled_target(prepare_dir: Path) -> pd.DataFrame:

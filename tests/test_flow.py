@@ -124,6 +124,11 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     assert status.exit_code == 0, status.output
     assert status.output.count("up to date") == len(STAGES)
     assert f"last published: {release['uri']}" in status.output
+    # From the command line, a run with nothing stale starts no flow at all.
+    noop = runner.invoke(app, ["run"])
+    assert noop.exit_code == 0, noop.output
+    assert "every stage is up to date; nothing to run" in noop.output
+    assert Path("dvc.lock").read_text() == first_lock
 
     # One changed param: `--only` re-runs that stage alone and leaves the next one stale.
     params = yaml.safe_load(Path("params.yaml").read_text())

@@ -34,8 +34,12 @@ def _fail(err: Exception) -> None:
 @app.command()
 def run(
     only: Annotated[str | None, typer.Option(help=f"run one stage alone: {', '.join(STAGES)}")] = None,
+    always: Annotated[
+        bool, typer.Option("--always", help="start the flow even when DVC finds every stage up to date")
+    ] = False,
 ) -> None:
-    """Run the whole flow (or one stage); stages DVC finds up to date are skipped."""
+    """Run the whole flow (or one stage); stages DVC finds up to date are skipped. When every
+    stage is up to date and the report exists, the flow is not started at all."""
     _project_root()
     if only is not None and only not in STAGES:
         typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
@@ -46,6 +50,18 @@ def run(
         load_params()
     except ParamsError as err:
         _fail(err)
+    from tlpipe.report import REPORT
+
+    if only is None and not always and REPORT.is_file():
+        from tlpipe.stages import stale_stages
+
+        start = time.perf_counter()
+        if not stale_stages():
+            typer.echo(
+                f"tlpipe: every stage is up to date; nothing to run ({time.perf_counter() - start:.1f} s). "
+                f"Report: {REPORT}"
+            )
+            return
     # The ephemeral API server's 20 s start-up limit is too tight on a loaded 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.states import State

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import EncoderConfig
 from tlpipe.text import TOKENIZER_FILE
 
@@ -165,21 +164,6 @@ def save_checkpoint(model: PreTrainedModel, tok: Tokenizer, out_dir: Path, meta:
 def read_meta(model_dir: Path) -> dict[str, Any]:
     path = model_dir / META_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def fresh_dir(path: Path) -> Path:
-    """An empty directory at `path` (stage outputs are rebuilt from nothing)."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def seed_everything(seed: int) -> None:

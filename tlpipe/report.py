@@ -17,6 +17,9 @@ import yaml
 
 from tlpipe.params import Params, stage_dir
 
+# Where `tlpipe report` and the flow write the page.
+REPORT = Path("outputs/report.html")
+
 
 @dataclass
 class Table:
