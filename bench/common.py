@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,3 +113,20 @@ def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Run `cmd` in its own process: (wall seconds, that process's peak RSS in MiB, its
+    stdout). Output goes through files, not pipes, so a chatty child never blocks; raises
+    RuntimeError with the end of its stderr when it fails."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd[2:4])} failed: {err.read()[-2000:]}")
+        return seconds, usage.ru_maxrss / 1024, out.read()

@@ -15,30 +15,23 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from bench.common import pin_threads, ratio, record, stat, threads_from_env
+from bench.common import pin_threads, ratio, record, run_measured, stat, threads_from_env
+from tlpipe.data import read_raw
 from tlpipe.params import load_params
 
 BUNDLE = Path("outputs/export/bundle")
 
 
 def make_input(path: Path, rows: int, seed: int = 0) -> None:
-    data = load_params().data
-    corpus = pd.read_csv(
-        data.path, usecols=[data.text_column], dtype=str, encoding=data.encoding,
-        encoding_errors=data.encoding_errors,
-    )  # fmt: skip
-    texts = corpus.iloc[:, 0].dropna().to_numpy()
+    texts = read_raw(load_params().data)["text"].dropna().to_numpy()
     pick = np.random.default_rng(seed).integers(0, len(texts), rows)
     # Quote every field: pandas leaves a lone "\r" unquoted, and readers take it for a line end.
     pd.DataFrame({"text": texts[pick]}).to_csv(path, index=False, quoting=csv.QUOTE_ALL)
@@ -50,14 +43,8 @@ def run_predict(input_path: Path, output: Path, precision: str, threads: int) ->
         sys.executable, "-m", "tlpipe.cli", "predict", "--bundle", str(BUNDLE), "--input", str(input_path),
         "--output", str(output), "--precision", precision, "--threads", str(threads),
     ]  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"tlpipe predict failed: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-    return seconds, usage.ru_maxrss / 1024
+    seconds, peak, _ = run_measured(cmd)
+    return seconds, peak
 
 
 def main() -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,22 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.common import ratio, record, stat, threads_from_env
+from bench.common import ratio, record, run_measured, stat, threads_from_env
+from tlpipe.data import read_raw
 from tlpipe.params import load_params
 
 
 def make_raw(path: Path, rows: int, seed: int = 0) -> None:
     data = load_params().data
-    corpus = pd.read_csv(
-        data.path,
-        dtype=str,
-        keep_default_na=False,
-        encoding=data.encoding,
-        encoding_errors=data.encoding_errors,
-    )
+    corpus = read_raw(data)
     pick = np.random.default_rng(seed).integers(0, len(corpus), rows)
     frame = corpus.iloc[pick].reset_index(drop=True)
-    frame[data.text_column] = frame[data.text_column] + " r" + pd.Series(np.arange(rows)).astype(str)
+    frame["text"] = frame["text"] + " r" + pd.Series(np.arange(rows)).astype(str)
+    frame = frame.rename(columns={"text": data.text_column, "label": data.label_column})
     # Quote every field: pandas leaves a lone "\r" unquoted, and readers take it for a line end.
     frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
 
@@ -62,13 +56,8 @@ def child(raw: Path, work: Path) -> None:
 
 
 def run_child(raw: Path, work: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.validate", "--child", str(raw), str(work)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"validation run failed: {err[-2000:]}")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": usage.ru_maxrss / 1024}
+    _, peak, out = run_measured([sys.executable, "-m", "bench.validate", "--child", str(raw), str(work)])
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": peak}
 
 
 def main() -> None:
