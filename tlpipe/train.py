@@ -179,13 +179,20 @@ def _mlm_loss(
     head: nn.Module,
     input_ids: torch.Tensor,
     mask: torch.Tensor,
-    positions: torch.Tensor,
-    targets: torch.Tensor,
-) -> torch.Tensor:
-    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
+    special: SpecialIds,
+    vocab_size: int,
+    mask_prob: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, int]:
+    """Corrupt a host batch (B, T), move it to the encoder's device, and return the loss over
+    the masked positions and their number."""
+    device = next(encoder.parameters()).device
+    batch = mask_for_mlm(input_ids, mask, special, vocab_size, mask_prob, gen)
+    corrupted, positions, targets = (t.to(device, non_blocking=True) for t in batch)
+    hidden = encoder(input_ids=corrupted, attention_mask=mask.to(device, non_blocking=True)).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H) of (B, T, H)
     logits = head(picked)  # (N, V)
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float(), targets), len(targets)
 
 
 def train_mlm(
@@ -221,10 +228,8 @@ def train_mlm(
             batches = length_batches(lengths, optim.batch_size, rng)
         input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
         result.tokens += int(mask.sum())
-        batch = mask_for_mlm(input_ids, mask, special, vocab, mask_prob, gen)
-        corrupted, positions, targets = (t.to(device, non_blocking=True) for t in batch)
         with runtime.autocast():
-            loss = _mlm_loss(encoder, head, corrupted, mask.to(device, non_blocking=True), positions, targets)
+            loss, _ = _mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         optimizer.step()
@@ -264,17 +269,14 @@ def mlm_eval_loss(
 ) -> float:
     """Mean masked-LM loss over `ids` under a fixed, seeded corruption."""
     encoder, head = mlm_head(model)
-    device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     total, count = 0.0, 0
     for _, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), special.pad):
-        batch = mask_for_mlm(input_ids, mask, special, model.config.vocab_size, mask_prob, gen)
-        corrupted, positions, targets = (t.to(device) for t in batch)
-        loss = _mlm_loss(encoder, head, corrupted, mask.to(device), positions, targets)
-        total += float(loss) * len(targets)
-        count += len(targets)
+        loss, n = _mlm_loss(encoder, head, input_ids, mask, special, model.config.vocab_size, mask_prob, gen)
+        total += float(loss) * n
+        count += n
     return total / max(1, count)
 
 
@@ -386,13 +388,10 @@ def train_classifier(
                 if not source_batches:
                     source_batches = length_batches(source_lengths, p.optim.batch_size, rng)
                 src_ids, src_mask = pad_batch([source_mlm.ids[i] for i in source_batches.pop()], pad_id)
-                batch = mask_for_mlm(
-                    src_ids, src_mask, source_mlm.special, model.config.vocab_size, source_mlm.mask_prob, gen
-                )
-                corrupted, positions, targets = (t.to(device) for t in batch)
-                source_loss = _mlm_loss(
-                    model.base_model, source_mlm.head, corrupted, src_mask.to(device), positions, targets
-                )
+                source_loss, _ = _mlm_loss(
+                    model.base_model, source_mlm.head, src_ids, src_mask, source_mlm.special,
+                    model.config.vocab_size, source_mlm.mask_prob, gen,
+                )  # fmt: skip
                 loss = (1 - source_mlm.alpha) * loss + source_mlm.alpha * source_loss
         loss.backward()
         if l2sp is not None:
