@@ -54,6 +54,13 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("bench/strategies.json"))
+    ap.add_argument(
+        "--source",
+        type=Path,
+        help="the transfer arm's source checkpoint (default: the pretrain stage's model, else "
+        "pretrain.init_from as it is)",
+    )
+    ap.add_argument("--suffix", default="", help="appended to each variant's name, e.g. ' [my source]'")
     args = ap.parse_args()
 
     base = load_params()
@@ -61,7 +68,7 @@ def main() -> None:
     results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.is_file() else []
     done = {(r["variant"], r["size"], r["seed"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
-        source_dir = stage_dir("pretrain") / "model"
+        source_dir = args.source or stage_dir("pretrain") / "model"
         if not source_dir.is_dir():
             source_dir = resolve_init(base.pretrain.init_from, Path(tmp))
         jobs = []
@@ -73,10 +80,10 @@ def main() -> None:
                 _override(raw, dotted, value)
             params = parse_params(raw)
             jobs += [
-                (name, CurvePoint(arm, size, seed), params)
+                (name + args.suffix, CurvePoint(arm, size, seed), params)
                 for size in args.sizes
                 for seed in args.seeds
-                if (name, size, seed) not in done
+                if (name + args.suffix, size, seed) not in done
             ]
         # The curve's own layout: one process per core, one torch thread each.
         with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:

@@ -26,12 +26,13 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 from tasks.finetune import encode_split, transfer_setup
 from tlpipe.batching import length_batches
 from tlpipe.curve import ARMS, CurvePoint, curve_plan, curve_workers, one_thread
-from tlpipe.data import label_ids, read_split, texts
+from tlpipe.data import label_ids, read_split, source_split, texts
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
 from tlpipe.params import EvaluateParams, FinetuneParams, Size
 from tlpipe.text import SpecialIds, encode, load_tokenizer
 from tlpipe.train import (
+    MLM_EVAL_ROWS,
     Runtime,
     classification_metrics,
     iterate_batches,
@@ -41,9 +42,6 @@ from tlpipe.train import (
 )
 
 log = logging.getLogger(__name__)
-
-# Held-out source rows for the masked-LM forgetting measure: the rows pretrain held out.
-MLM_EVAL_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -225,7 +223,7 @@ def probe_accuracy(features: torch.Tensor, y: np.ndarray, n_labels: int, seed: i
     fit, score = order[: len(y) // 2], order[len(y) // 2 :]
     mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
     x = (features - mean) / std
-    target = torch.as_tensor(y, dtype=torch.long)
+    target = torch.tensor(y, dtype=torch.long)
     linear = torch.nn.Linear(x.shape[1], n_labels)
     opt = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
@@ -254,8 +252,8 @@ def forgetting(
     carries a trained LM head."""
     tok = load_tokenizer(source_dir)
     pad = SpecialIds.of(tok).pad
-    source = read_split(prepare_dir, "source")
-    picked = source.iloc[np.random.default_rng(ft.seed).permutation(len(source))[: p.forgetting_rows]]
+    held_out, _ = source_split(read_split(prepare_dir, "source"))
+    picked = held_out.iloc[: p.forgetting_rows]
     ids = encode(tok, texts(picked), ft.max_length)
     y = label_ids(picked, labels)
     before_encoder = AutoModel.from_pretrained(source_dir)
@@ -271,14 +269,13 @@ def forgetting(
         "mlm_loss_after": None,
     }
     if has_mlm_head(source_dir):
-        corpus = [t for t in texts(source) if t.strip()]
-        held_out = encode(tok, corpus[: min(MLM_EVAL_ROWS, len(corpus) // 10)], ft.max_length)
+        held_out_ids = encode(tok, [t for t in texts(held_out) if t.strip()][:MLM_EVAL_ROWS], ft.max_length)
         special = SpecialIds.of(tok)
         mlm = load_mlm(source_dir)
         kw = {"mask_prob": ft.mask_prob, "seed": ft.seed}
-        report["mlm_loss_before"] = mlm_eval_loss(mlm, held_out, special, **kw)
+        report["mlm_loss_before"] = mlm_eval_loss(mlm, held_out_ids, special, **kw)
         mlm.base_model.load_state_dict(model.base_model.state_dict(), strict=False)
-        report["mlm_loss_after"] = mlm_eval_loss(mlm, held_out, special, **kw)
+        report["mlm_loss_after"] = mlm_eval_loss(mlm, held_out_ids, special, **kw)
     return report
 
 

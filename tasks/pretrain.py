@@ -1,4 +1,4 @@
-"""pretrain: build the source model with masked-LM on the source corpus."""
+"""pretrain: build the source model on the source corpus (masked-LM or its labels)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,33 @@ import csv
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tlpipe.data import read_split, sha256_file, texts
+import numpy as np
+import pandas as pd
+from tokenizers import Tokenizer
+from transformers import PreTrainedModel
+
+from tlpipe.data import label_ids, read_split, sha256_file, source_split, texts
+from tlpipe.errors import DataError
 from tlpipe.model import (
     META_FILE,
     bert_config,
     fresh_dir,
     load_mlm,
+    load_transfer_classifier,
+    new_classifier,
     new_mlm,
     resolve_init,
     save_checkpoint,
     seed_everything,
     write_json,
 )
-from tlpipe.params import PretrainParams
+from tlpipe.params import FinetuneParams, PretrainParams
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
-from tlpipe.train import Runtime, mlm_eval_loss, train_mlm
+from tlpipe.train import MLM_EVAL_ROWS, Runtime, mlm_eval_loss, train_classifier, train_mlm
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +45,33 @@ CHECKPOINT_FILES = (
     "vocab.txt",
 )
 
-# Source rows held out to measure masked-LM loss (before/after, and forgetting later on).
-EVAL_ROWS = 512
-
 
 @dataclass(frozen=True)
 class PretrainResult:
     model_dir: Path
+    objective: str
     steps: int
-    mlm_loss_before: float | None
-    mlm_loss_after: float
-    tokens_per_second: float
+    # Held-out source metrics: masked-LM loss before/after (mlm), accuracy and macro-F1
+    # (supervised).
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainResult:
-    """Train or continue a masked-LM encoder on `prepare_dir/source.parquet`.
+@dataclass
+class _Trained:
+    model: PreTrainedModel
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    timing: dict[str, float]
 
-    Writes `out_dir/model` (a self-contained HF checkpoint), `metrics.json` (held-out
-    masked-LM loss before and after), `history.csv` (loss per logged step) and
-    `timing.json`. Raises FileNotFoundError when `init_from` names no checkpoint.
+
+def pretrain(p: PretrainParams, labels: tuple[str, ...], prepare_dir: Path, out_dir: Path) -> PretrainResult:
+    """Train or continue a source model on `prepare_dir/source.parquet` with `p.objective`.
+
+    Writes `out_dir/model` (a self-contained HF checkpoint: a masked-LM model, or a
+    classifier for `labels` under `objective: supervised`), `metrics.json` (held-out source
+    metrics), `history.csv` (per logged step or validation) and `timing.json`. Raises
+    FileNotFoundError when `init_from` names no checkpoint, DataError when a supervised
+    source row has no label from `labels`.
     """
     seed_everything(p.seed)
     source_file = prepare_dir / "source.parquet"
@@ -69,73 +86,137 @@ def pretrain(p: PretrainParams, prepare_dir: Path, out_dir: Path) -> PretrainRes
     if p.init_from is not None and p.steps == 0:
         return _use_as_is(p, model_dir, meta, out_dir)
 
-    corpus = [t for t in texts(read_split(prepare_dir, "source")) if t.strip()]
-    n_eval = min(EVAL_ROWS, len(corpus) // 10)
-    eval_texts, train_texts = corpus[:n_eval], corpus[n_eval:]
-
+    held_out, train = source_split(read_split(prepare_dir, "source"))
     with tempfile.TemporaryDirectory() as download:
-        if p.init_from is not None:
-            init_dir = resolve_init(p.init_from, Path(download))
+        init_dir = resolve_init(p.init_from, Path(download)) if p.init_from is not None else None
+        if init_dir is not None:
             tok = load_tokenizer(init_dir)
-            model = load_mlm(init_dir)
-            log.info("continuing %s (%s) for %d steps", p.init_from, type(model).__name__, p.steps)
+            log.info("continuing %s with %s for %d steps", p.init_from, p.objective, p.steps)
         else:
-            tok = train_wordpiece(train_texts, p.tokenizer)
-            special = SpecialIds.of(tok)
-            model = new_mlm(bert_config(p.model, tok.get_vocab_size(), special.pad, p.max_length))
-            log.info("new encoder: %d parameters, vocab %d", model.num_parameters(), tok.get_vocab_size())
-    special = SpecialIds.of(tok)
-    train_ids = encode(tok, train_texts, p.max_length)
-    eval_ids = encode(tok, eval_texts, p.max_length)
-    eval_kw = {"mask_prob": p.mask_prob, "seed": p.seed}
+            tok = train_wordpiece([t for t in texts(train) if t.strip()], p.tokenizer)
+        if p.objective == "supervised":
+            trained = _supervised(p, labels, tok, init_dir, train, held_out)
+        else:
+            trained = _mlm(p, tok, init_dir, train, held_out)
 
-    before = mlm_eval_loss(model, eval_ids, special, **eval_kw) if p.init_from and eval_ids else None
-    history, tps = [], 0.0
-    if p.steps:
-        run = train_mlm(
-            model,
-            train_ids,
-            special,
-            steps=p.steps,
-            optim=p.optim,
-            mask_prob=p.mask_prob,
-            seed=p.seed,
-            log_every=p.log_every,
-            runtime=Runtime.pick(p.device, p.precision),
-        )
-        history, tps = run.history, run.tokens_per_second
-        log.info("pretrain: %d steps, %d tokens, %.0f tokens/s", run.steps, run.tokens, tps)
-    after = mlm_eval_loss(model, eval_ids, special, **eval_kw) if eval_ids else float("nan")
-
-    model_dir = out_dir / "model"
-    save_checkpoint(
-        model,
-        tok,
-        model_dir,
-        {
-            "stage": "pretrain",
-            "params": p.model_dump(mode="json"),
-            "inputs": {"source.parquet": sha256_file(source_file)},
-            "max_length": p.max_length,
-        },
-    )
-    write_json(
-        out_dir / "metrics.json",
-        {
-            "steps": p.steps,
-            "source_rows": len(train_texts),
-            "mlm_eval_loss_before": before,
-            "mlm_eval_loss_after": after,
-        },
-    )
+    if p.objective == "supervised":
+        meta["labels"] = list(labels)
+    save_checkpoint(trained.model, tok, model_dir, meta)
+    metrics = {"objective": p.objective, "steps": p.steps, "source_rows": len(train)} | trained.metrics
+    write_json(out_dir / "metrics.json", metrics)
     with (out_dir / "history.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"], extrasaction="ignore")
+        fields = ["step", "loss", "lr"] if p.objective == "mlm" else ["step", "loss", "val_accuracy"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(history)
-    result = PretrainResult(model_dir, p.steps, before, after, tps)
-    write_json(out_dir / "timing.json", {"tokens_per_second": tps})
+        writer.writerows(trained.history)
+    write_json(out_dir / "timing.json", trained.timing)
+    result = PretrainResult(model_dir, p.objective, p.steps, trained.metrics)
     log.info("pretrain: %s", asdict(result))
     return result
+
+
+def _mlm(
+    p: PretrainParams, tok: Tokenizer, init_dir: Path | None, train: pd.DataFrame, held_out: pd.DataFrame
+) -> _Trained:
+    """Masked-LM on the source text; held-out loss before (a loaded checkpoint) and after."""
+    special = SpecialIds.of(tok)
+    if init_dir is not None:
+        model = load_mlm(init_dir)
+    else:
+        model = new_mlm(bert_config(p.model, tok.get_vocab_size(), special.pad, p.max_length))
+        log.info("new encoder: %d parameters, vocab %d", model.num_parameters(), tok.get_vocab_size())
+    train_ids = encode(tok, [t for t in texts(train) if t.strip()], p.max_length)
+    eval_ids = encode(tok, [t for t in texts(held_out) if t.strip()][:MLM_EVAL_ROWS], p.max_length)
+    eval_kw = {"mask_prob": p.mask_prob, "seed": p.seed}
+    before = mlm_eval_loss(model, eval_ids, special, **eval_kw) if init_dir and eval_ids else None
+    run = train_mlm(
+        model,
+        train_ids,
+        special,
+        steps=p.steps,
+        optim=p.optim,
+        mask_prob=p.mask_prob,
+        seed=p.seed,
+        log_every=p.log_every,
+        runtime=Runtime.pick(p.device, p.precision),
+    )
+    log.info("pretrain: %d steps, %d tokens, %.0f tokens/s", run.steps, run.tokens, run.tokens_per_second)
+    after = mlm_eval_loss(model, eval_ids, special, **eval_kw) if eval_ids else float("nan")
+    return _Trained(
+        model,
+        {"mlm_eval_loss_before": before, "mlm_eval_loss_after": after},
+        run.history,
+        {"tokens_per_second": run.tokens_per_second},
+    )
+
+
+def _supervised(
+    p: PretrainParams,
+    labels: tuple[str, ...],
+    tok: Tokenizer,
+    init_dir: Path | None,
+    train: pd.DataFrame,
+    held_out: pd.DataFrame,
+) -> _Trained:
+    """A classifier on the source labels, validated on held-out source rows (best kept)."""
+    y_train, y_held = _source_labels(train, labels), _source_labels(held_out, labels)
+    if init_dir is not None:
+        model, _ = load_transfer_classifier(init_dir, labels)
+    else:
+        special = SpecialIds.of(tok)
+        model = new_classifier(bert_config(p.model, tok.get_vocab_size(), special.pad, p.max_length), labels)
+    # The fine-tuning loop over the source rows: exactly `steps` steps, no early stop.
+    plan = FinetuneParams(
+        seed=p.seed,
+        max_length=p.max_length,
+        epochs=1,
+        min_steps=p.steps,
+        max_steps=p.steps,
+        evaluations=p.evaluations,
+        patience=p.evaluations,
+        optim=p.optim,
+        device=p.device,
+        precision=p.precision,
+    )
+    run = train_classifier(
+        model,
+        encode(tok, texts(train), p.max_length),
+        y_train,
+        encode(tok, texts(held_out), p.max_length),
+        y_held,
+        plan,
+        SpecialIds.of(tok).pad,
+        runtime=Runtime.pick(p.device, p.precision),
+        desc="pretrain (supervised)",
+    )
+    best = next(row for row in run.history if row["step"] == run.best_step)
+    log.info(
+        "pretrain: %d supervised steps, held-out source accuracy %.4f (step %d)",
+        run.steps,
+        best["val_accuracy"],
+        run.best_step,
+    )
+    history = [
+        {"step": r["step"], "loss": r["train_loss"], "val_accuracy": r["val_accuracy"]} for r in run.history
+    ]
+    return _Trained(
+        model,
+        {
+            "held_out_rows": len(held_out),
+            "best_step": run.best_step,
+            "source_accuracy": best["val_accuracy"],
+            "source_macro_f1": best["val_macro_f1"],
+        },
+        history,
+        {"examples_per_second": run.examples / max(run.seconds, 1e-9)},
+    )
+
+
+def _source_labels(frame: pd.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
+    try:
+        return label_ids(frame, labels)
+    except DataError as err:
+        raise DataError(f"pretrain.objective supervised needs a label on every source row: {err}") from None
 
 
 def _use_as_is(p: PretrainParams, model_dir: Path, meta: dict, out_dir: Path) -> PretrainResult:
@@ -149,17 +230,18 @@ def _use_as_is(p: PretrainParams, model_dir: Path, meta: dict, out_dir: Path) ->
             if (init_dir / name).is_file():
                 shutil.copyfile(init_dir / name, model_dir / name)
     write_json(model_dir / META_FILE, meta)
-    write_json(
-        out_dir / "metrics.json", {"steps": 0, "mlm_eval_loss_before": None, "mlm_eval_loss_after": None}
-    )
+    write_json(out_dir / "metrics.json", {"objective": p.objective, "steps": 0})
     (out_dir / "history.csv").write_text("step,loss,lr\n")
-    write_json(out_dir / "timing.json", {"tokens_per_second": 0.0})
+    write_json(out_dir / "timing.json", {})
     log.info("pretrain: using %s as it is", p.init_from)
-    return PretrainResult(model_dir, 0, None, float("nan"), 0.0)
+    return PretrainResult(model_dir, p.objective, 0)
 
 
 if __name__ == "__main__":
     from tlpipe.entry import main
     from tlpipe.params import stage_dir
 
-    main("pretrain", lambda params, out: pretrain(params.pretrain, stage_dir("prepare"), out))
+    main(
+        "pretrain",
+        lambda params, out: pretrain(params.pretrain, params.prepare.labels, stage_dir("prepare"), out),
+    )

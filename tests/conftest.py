@@ -16,6 +16,7 @@ from tlpipe.bundled import materialize
 from tlpipe.params import Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
+LABELS = ("negative", "neutral", "positive")
 AIRLINES = r"@(?:united|americanair|usairways|southwestair|jetblue|virginamerica)\b"
 
 os.environ.setdefault("TLPIPE_PROGRESS", "0")
@@ -112,7 +113,7 @@ def pretrained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from tasks.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pretrain") / "pretrain"
-    pretrain(parse_params(tiny_params()).pretrain, prepared, out)
+    pretrain(parse_params(tiny_params()).pretrain, LABELS, prepared, out)
     return out / "model"
 
 

@@ -14,6 +14,9 @@ from tlpipe.params import DataParams
 
 SPLITS = ("source", "train", "val", "test")
 TARGET_SPLITS = ("train", "val", "test")
+# Source rows pretraining never trains on: its validation (held-out accuracy or masked-LM
+# loss) and, after fine-tuning, the forgetting measure.
+SOURCE_HELD_OUT = 2000
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -95,6 +98,15 @@ def read_split(prepare_dir: Path, split: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: missing; run the prepare stage first")
     return pd.read_parquet(path)
+
+
+def source_split(source: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(held_out, train): the first min(SOURCE_HELD_OUT, 10%) source rows and the rest.
+
+    prepare shuffles the source with its seed, so the first rows are a random sample.
+    """
+    n = min(SOURCE_HELD_OUT, len(source) // 10)
+    return source.iloc[:n], source.iloc[n:]
 
 
 def label_ids(frame: pd.DataFrame, labels: tuple[str, ...]) -> np.ndarray:

@@ -99,12 +99,53 @@ def load_classifier(model_dir: Path, labels: tuple[str, ...]) -> PreTrainedModel
 
 
 def load_transfer_classifier(model_dir: Path, labels: tuple[str, ...]) -> tuple[PreTrainedModel, set[str]]:
-    """`load_classifier`, and the names of the parameters whose values came from the checkpoint."""
+    """`load_classifier`, and the names of the parameters whose values came from the checkpoint.
+
+    A classifier checkpoint for the same labels in the same order (a supervised source
+    model) keeps its head; every other checkpoint gets a new one, even when its head has
+    the right shape.
+    """
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, output_loading_info=True, **_label_kwargs(labels)
+        model_dir, output_loading_info=True, ignore_mismatched_sizes=True, **_label_kwargs(labels)
     )
-    new = set(info["missing_keys"]) | set(info["mismatched_keys"])
+    new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    if classifier_labels(model_dir) not in (None, labels):
+        new |= _reset_head(model)
     return model, {name for name, _ in model.named_parameters() if name not in new}
+
+
+@torch.no_grad()
+def _reset_head(model: PreTrainedModel) -> set[str]:
+    """Every parameter outside the encoder back to BERT's initialisation; returns their names."""
+    std = getattr(model.config, "initializer_range", 0.02)
+    prefix = f"{model.base_model_prefix}."
+    reset = set()
+    for name, module in model.named_modules():
+        if not name or name == model.base_model_prefix or name.startswith(prefix):
+            continue
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        reset |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return reset
+
+
+def classifier_labels(model_dir: Path) -> tuple[str, ...] | None:
+    """The labels a sequence-classifier checkpoint was trained on, in head order (None for
+    any other checkpoint)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or ()):
+        return None
+    return tuple(str(config.id2label[i]) for i in range(config.num_labels))
+
+
+def new_classifier(config: BertConfig, labels: tuple[str, ...]) -> PreTrainedModel:
+    """A randomly initialised classifier for `labels` on an encoder of `config`."""
+    config.update(_label_kwargs(labels))
+    return AutoModelForSequenceClassification.from_config(config)
 
 
 def scratch_classifier(
@@ -112,11 +153,10 @@ def scratch_classifier(
 ) -> PreTrainedModel:
     """A randomly initialised classifier on the checkpoint's vocabulary (the scratch control):
     the checkpoint's own architecture, or an encoder of the size `encoder` gives."""
-    config = AutoConfig.from_pretrained(model_dir, **_label_kwargs(labels))
+    config = AutoConfig.from_pretrained(model_dir)
     if encoder is not None:
         config = bert_config(encoder, config.vocab_size, config.pad_token_id, config.max_position_embeddings)
-        config.update(_label_kwargs(labels))
-    return AutoModelForSequenceClassification.from_config(config)
+    return new_classifier(config, labels)
 
 
 def tied_mlm_head(model_dir: Path, classifier: PreTrainedModel) -> nn.Module:
@@ -181,12 +221,14 @@ __all__ = [
     "META_FILE",
     "TOKENIZER_FILE",
     "bert_config",
+    "classifier_labels",
     "fresh_dir",
     "has_mlm_head",
     "load_classifier",
     "load_mlm",
     "load_transfer_classifier",
     "mlm_head",
+    "new_classifier",
     "new_mlm",
     "read_meta",
     "resolve_init",

@@ -121,13 +121,21 @@ class PretrainParams(_Section):
 
     `init_from` is null (a new tokenizer and encoder, trained from random init), the name of
     a checkpoint shipped in a package (`package:<module>`), a local HF checkpoint directory
-    or an `s3://` URI of one. `steps` masked-LM steps on the source corpus follow; 0 uses the
-    checkpoint as it is.
+    or an `s3://` URI of one. `steps` optimizer steps of `objective` on the source corpus
+    follow; 0 uses the checkpoint as it is.
+
+    `objective: mlm` is masked-LM on the source text (domain-adaptive pretraining).
+    `objective: supervised` trains a classifier on the source rows' labels (every source row
+    needs one of prepare.labels): an intermediate task with the target's label set, whose
+    head then transfers too. It validates `evaluations` times on held-out source rows and
+    keeps the best.
     """
 
     seed: int = 13
     init_from: str | None = None
+    objective: Literal["mlm", "supervised"] = "mlm"
     steps: int = Field(300, ge=0)
+    evaluations: int = Field(4, ge=1)
     max_length: int = Field(128, ge=8)
     mask_prob: float = Field(0.15, gt=0, lt=1)
     optim: OptimParams = OptimParams(lr=5e-4)
@@ -217,7 +225,8 @@ class EvaluateParams(_Section):
     # otherwise the finetune budget.
     scratch_model: EncoderConfig | None = None
     scratch_lr: float = Field(2e-4, gt=0)
-    # Source rows (half to fit, half to score) for the forgetting probe.
+    # Source rows for the forgetting probe (half to fit, half to score), at most the rows
+    # pretraining held out (tlpipe.data.SOURCE_HELD_OUT).
     forgetting_rows: int = Field(2000, ge=20)
 
     @field_validator("sizes")

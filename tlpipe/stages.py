@@ -30,7 +30,7 @@ def _validate(params: Params, out: Path) -> Any:
 def _pretrain(params: Params, out: Path) -> Any:
     from tasks.pretrain import pretrain
 
-    return pretrain(params.pretrain, stage_dir("prepare"), out)
+    return pretrain(params.pretrain, params.prepare.labels, stage_dir("prepare"), out)
 
 
 def _finetune(params: Params, out: Path) -> Any:

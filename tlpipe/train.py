@@ -257,6 +257,10 @@ def train_mlm(
     return result
 
 
+# Held-out source rows that measure masked-LM loss: after pretraining and for forgetting.
+MLM_EVAL_ROWS = 512
+
+
 @torch.no_grad()
 def mlm_eval_loss(
     model: PreTrainedModel,
