@@ -52,3 +52,13 @@ def test_gate_and_gain_figures_come_from_metrics(tmp_path: Path, prepared: Path,
     g = metrics["gate"]
     assert f"gain {g['gain']:+.4f}, interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]" in markdown
     assert f"Test accuracy {metrics['shipped']['accuracy']:.4f}" in markdown
+
+
+def test_source_model_is_described(tmp_path: Path, prepared: Path, evaluated: Path, pretrained: Path) -> None:
+    root = _root(tmp_path, prepared, evaluated)
+    params = parse_params(tiny_params())
+    _, markdown = write_report(params, root / "r.html", root)
+    assert "Source model: pretrain has not run." in markdown
+    shutil.copytree(pretrained.parent, root / "outputs/pretrain")
+    _, markdown = write_report(params, root / "r.html", root)
+    assert "Source model: a new encoder, then 12 steps of mlm pretraining on the source rows" in markdown

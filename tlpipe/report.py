@@ -156,6 +156,7 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     )
 
     strategy = Section("Strategy")
+    strategy.blocks.append(_source_model(params, out))
     strategy.blocks.append(Table(["setting", "value"], [[k, str(v)] for k, v in m["strategy"].items()]))
     scratch = m.get("scratch", {})
     strategy.blocks.append(
@@ -175,6 +176,21 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
         rows.append(["held-out masked-LM loss", f"{f['mlm_loss_before']:.4f}", f"{f['mlm_loss_after']:.4f}"])
     forgetting.blocks.append(Table(["measure", "source model", "after fine-tuning"], rows))
     return [curve, gate, shipped, strategy, forgetting]
+
+
+def _source_model(params: Params, out: Path) -> str:
+    pre, m = params.pretrain, _read(out / "pretrain" / "metrics.json")
+    start = f"`{pre.init_from}`" if pre.init_from else "a new encoder"
+    if not m:
+        return "Source model: pretrain has not run."
+    if not m.get("steps"):
+        return f"Source model: {start}, as it is (no pretraining steps)."
+    text = f"Source model: {start}, then {m['steps']} steps of {pre.objective} pretraining on the source rows"
+    if m.get("source_accuracy") is not None:
+        return text + f"; held-out source accuracy {m['source_accuracy']:.4f}."
+    before = m.get("mlm_eval_loss_before")
+    loss = f"{before:.4f} → " if before is not None else ""
+    return text + f"; held-out masked-LM loss {loss}{m['mlm_eval_loss_after']:.4f}."
 
 
 def _lineage(params: Params, root: Path) -> Section:
