@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,9 +97,11 @@ def run_point(
     Writes and returns `runs_dir/<key>.json`: rows, test accuracy and macro-F1, steps, time.
     """
     seed_everything(point.seed)
+    rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
+    if point.arm == "reference":
+        return _write_run(runs_dir, point, len(rows), *reference_run(rows, labels, prepare_dir))
     tok = load_tokenizer(source_dir)
     pad = SpecialIds.of(tok).pad
-    rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
     train_ids = encode(tok, texts(rows), ft.max_length)
     train_y = label_ids(rows, labels)
     val_ids, val_y = encode_split(prepare_dir, "val", source_dir, labels, ft.max_length)
@@ -125,19 +128,61 @@ def run_point(
     )
     pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
     metrics = classification_metrics(test_y, pred, len(labels))
+    training = {"best_step": run.best_step, "steps": run.steps, "train_seconds": run.seconds}
+    return _write_run(runs_dir, point, len(rows), metrics, training)
+
+
+def _write_run(
+    runs_dir: Path, point: CurvePoint, rows: int, metrics: dict[str, Any], training: dict[str, Any]
+) -> dict[str, Any]:
     result = {
         **asdict(point),
-        "rows": len(rows),
+        "rows": rows,
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
-        "best_step": run.best_step,
-        "steps": run.steps,
-        "train_seconds": run.seconds,
+        **training,
     }
     runs_dir.mkdir(parents=True, exist_ok=True)
     write_json(runs_dir / f"{point.key}.json", result)
-    log.info("%s: %d rows, test accuracy %.4f", point.key, len(rows), metrics["accuracy"])
+    log.info("%s: %d rows, test accuracy %.4f", point.key, rows, metrics["accuracy"])
     return result
+
+
+# The reference's inverse regularisation strengths, the best on val macro-F1 kept.
+REFERENCE_C = (0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+def reference_run(
+    rows: pd.DataFrame, labels: tuple[str, ...], prepare_dir: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The classical reference on `rows`: TF-IDF word (1-2) and character (2-5, in-word)
+    n-grams, multinomial logistic regression at the C with the best val macro-F1.
+    Returns (test metrics, training facts)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion
+
+    start = time.perf_counter()
+    features = FeatureUnion(
+        [
+            ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
+            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)),
+        ]
+    )
+    x = features.fit_transform(texts(rows))
+    y = label_ids(rows, labels)
+    val, test = read_split(prepare_dir, "val"), read_split(prepare_dir, "test")
+    x_val, y_val = features.transform(texts(val)), label_ids(val, labels)
+    best: tuple[float, float, LogisticRegression] | None = None
+    for c in REFERENCE_C:
+        fit = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+        f1 = classification_metrics(y_val, fit.predict(x_val), len(labels))["macro_f1"]
+        if best is None or f1 > best[0]:
+            best = (f1, c, fit)
+    assert best is not None
+    pred = best[2].predict(features.transform(texts(test)))
+    metrics = classification_metrics(label_ids(test, labels), pred, len(labels))
+    return metrics, {"c": best[1], "train_seconds": time.perf_counter() - start}
 
 
 def interval(values: list[float], confidence: float) -> dict[str, float]:
@@ -154,12 +199,14 @@ def interval(values: list[float], confidence: float) -> dict[str, float]:
 
 
 def summarise(results: list[dict[str, Any]], p: EvaluateParams) -> list[dict[str, Any]]:
-    """Per size: each arm's accuracy and macro-F1 (mean, std, interval) and the paired gain."""
+    """Per size: each arm's (and the reference's) accuracy and macro-F1 (mean, std, interval)
+    and the paired gain of transfer over scratch."""
     by = {(r["arm"], r["size"], r["seed"]): r for r in results}
+    arms = (*ARMS, "reference") if any(r["arm"] == "reference" for r in results) else ARMS
     curve = []
     for size in p.sizes:
         entry: dict[str, Any] = {"size": size, "rows": by[("transfer", size, p.seeds[0])]["rows"]}
-        for arm in ARMS:
+        for arm in arms:
             entry[arm] = {
                 metric: interval([by[(arm, size, s)][metric] for s in p.seeds], p.confidence)
                 for metric in ("accuracy", "macro_f1")
@@ -377,6 +424,7 @@ CURVE_FIELDS = [
     "gain_ci_high",
     "transfer_macro_f1",
     "scratch_macro_f1",
+    "reference_accuracy",
 ]
 
 
@@ -395,6 +443,7 @@ def _write_curve_csv(path: Path, curve: list[dict[str, Any]]) -> None:
                     "gain_ci_high": e["gain"]["accuracy"]["ci_high"],
                     "transfer_macro_f1": e["transfer"]["macro_f1"]["mean"],
                     "scratch_macro_f1": e["scratch"]["macro_f1"]["mean"],
+                    "reference_accuracy": e["reference"]["accuracy"]["mean"] if "reference" in e else "",
                 }
             )
 
@@ -408,9 +457,13 @@ def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confide
 
     rows = [e["rows"] for e in curve]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for arm, colour in zip(ARMS, ("tab:blue", "tab:orange"), strict=True):
+    styles = {"transfer": ("tab:blue", "-"), "scratch": ("tab:orange", "-"), "reference": ("tab:green", ":")}
+    for arm, (colour, line) in styles.items():
+        if arm not in curve[0]:
+            continue
         acc = [e[arm]["accuracy"] for e in curve]
-        ax.plot(rows, [a["mean"] for a in acc], marker="o", color=colour, label=arm)
+        label = "reference (TF-IDF + logistic regression)" if arm == "reference" else arm
+        ax.plot(rows, [a["mean"] for a in acc], marker="o", linestyle=line, color=colour, label=label)
         ax.fill_between(
             rows, [a["ci_low"] for a in acc], [a["ci_high"] for a in acc], color=colour, alpha=0.2
         )
@@ -427,16 +480,22 @@ def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confide
 
 
 def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: float) -> str:
+    reference = "reference" in curve[0]
     lines = [
-        "| rows | transfer accuracy | scratch accuracy | gain (interval) |",
-        "|---:|---|---|---|",
+        "| rows | transfer accuracy | scratch accuracy | gain (interval) |"
+        + (" reference accuracy |" if reference else ""),
+        "|---:|---|---|---|" + ("---|" if reference else ""),
     ]
     for e in curve:
         t, s, d = e["transfer"]["accuracy"], e["scratch"]["accuracy"], e["gain"]["accuracy"]
-        lines.append(
+        line = (
             f"| {e['rows']} | {t['mean']:.4f} ± {t['std']:.4f} | {s['mean']:.4f} ± {s['std']:.4f} | "
             f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |"
         )
+        if reference:
+            r = e["reference"]["accuracy"]
+            line += f" {r['mean']:.4f} ± {r['std']:.4f} |"
+        lines.append(line)
     verdict = "passed" if g["passed"] else "FAILED"
     lines += [
         "",

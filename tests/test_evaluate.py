@@ -36,10 +36,33 @@ def test_interval_by_hand() -> None:
 def test_plan_covers_every_size_seed_and_arm() -> None:
     p = EvaluateParams(sizes=(50, "all"), seeds=(0, 1, 2), gate_size=50)
     plan = curve_plan(p)
-    assert len(plan) == 12 and len({pt.key for pt in plan}) == 12
+    assert len(plan) == 18 and len({pt.key for pt in plan}) == 18
     assert {(pt.arm, pt.size) for pt in plan} == {
-        (a, s) for a in ("transfer", "scratch") for s in (50, "all")
+        (a, s) for a in ("transfer", "scratch", "reference") for s in (50, "all")
     }
+    without = curve_plan(p.model_copy(update={"reference": False}))
+    assert len(without) == 12 and {pt.arm for pt in without} == {"transfer", "scratch"}
+
+
+def test_reference_is_fit_and_scored_on_the_given_rows(tmp_path: Path) -> None:
+    from tasks.evaluate import REFERENCE_C, reference_run
+
+    words = {"negative": "awful rude", "neutral": "gate schedule", "positive": "great thanks"}
+
+    def frame(n: int, seed: int) -> pd.DataFrame:
+        rng = np.random.default_rng(seed)
+        labels = [LABELS[i % 3] for i in range(n)]
+        return pd.DataFrame(
+            {"text": [f"flight {rng.integers(1000)} {words[y]}" for y in labels], "label": labels}
+        )
+
+    frame(30, 1).to_parquet(tmp_path / "val.parquet")
+    frame(90, 2).to_parquet(tmp_path / "test.parquet")
+    metrics, facts = reference_run(frame(30, 0), LABELS, tmp_path)
+    assert metrics["accuracy"] == 1.0 and facts["c"] in REFERENCE_C
+    # Labels shuffled away from the words: nothing left to learn.
+    noise = frame(60, 0).assign(label=lambda f: f["label"].sample(frac=1, random_state=0).to_numpy())
+    assert reference_run(noise, LABELS, tmp_path)[0]["accuracy"] < 0.7
 
 
 def test_sizes_nest_per_seed_and_differ_across_seeds() -> None:
@@ -92,7 +115,7 @@ def test_linear_probe_reads_separable_features() -> None:
 def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     out = evaluated
     runs = {f.stem: json.loads(f.read_text()) for f in (out / "runs").glob("*.json")}
-    assert len(runs) == 3 * 2 * 2  # sizes x seeds x arms
+    assert len(runs) == 3 * 2 * 3  # sizes x seeds x (transfer, scratch, reference)
     assert {r["rows"] for r in runs.values()} == {20, 40, 100}  # "all": train 60 + pool 40
     metrics = json.loads((out / "metrics.json").read_text())
     entry = next(e for e in metrics["curve"] if e["size"] == 40)
@@ -103,6 +126,9 @@ def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     assert metrics["gate"]["size"] == 40 and metrics["gate"]["gain"] == pytest.approx(np.mean(gains))
     csv_rows = (out / "curve.csv").read_text().splitlines()
     assert csv_rows[0].startswith("rows,transfer_accuracy,scratch_accuracy,gain") and len(csv_rows) == 4
+    assert csv_rows[0].endswith(",reference_accuracy") and all(e["reference"] for e in metrics["curve"])
+    references = [runs[f"reference-40-seed{s}"]["accuracy"] for s in (0, 1)]
+    assert entry["reference"]["accuracy"]["mean"] == pytest.approx(np.mean(references))
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

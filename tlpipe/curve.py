@@ -12,7 +12,8 @@ from typing import Literal
 
 from tlpipe.params import EvaluateParams, Size
 
-Arm = Literal["transfer", "scratch"]
+Arm = Literal["transfer", "scratch", "reference"]
+# The arms the gain and the gate compare; the reference (evaluate.reference) is reported beside them.
 ARMS: tuple[Arm, ...] = ("transfer", "scratch")
 
 
@@ -53,4 +54,5 @@ def one_thread() -> None:
 
 def curve_plan(p: EvaluateParams) -> list[CurvePoint]:
     """Every run of the curve, each independent of the others (any order, any worker)."""
-    return [CurvePoint(arm, size, seed) for size in p.sizes for seed in p.seeds for arm in ARMS]
+    arms: tuple[Arm, ...] = (*ARMS, "reference") if p.reference else ARMS
+    return [CurvePoint(arm, size, seed) for size in p.sizes for seed in p.seeds for arm in arms]

@@ -225,6 +225,9 @@ class EvaluateParams(_Section):
     # otherwise the finetune budget.
     scratch_model: EncoderConfig | None = None
     scratch_lr: float = Field(2e-4, gt=0)
+    # A classical reference on the same rows, reported beside the arms (not gated): TF-IDF
+    # word and character n-grams with logistic regression, its C chosen on val.
+    reference: bool = True
     # Source rows for the forgetting probe (half to fit, half to score), at most the rows
     # pretraining held out (tlpipe.data.SOURCE_HELD_OUT).
     forgetting_rows: int = Field(2000, ge=20)

@@ -112,6 +112,7 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
         f"at each training size; the gain is paired by seed, with its {g['confidence']:.0%} interval. "
         f"Majority class: {_pct(m['majority_class_accuracy'])} of {m['test_rows']} test rows."
     )
+    reference = "reference" in m["curve"][0]
     rows = []
     for e in m["curve"]:
         t, s, d = e["transfer"]["accuracy"], e["scratch"]["accuracy"], e["gain"]["accuracy"]
@@ -123,7 +124,16 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
                 f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]",
             ]
         )
-    curve.blocks.append(Table(["rows", "transfer", "scratch", "gain [interval]"], rows))
+        if reference:
+            r = e["reference"]["accuracy"]
+            rows[-1].append(f"{r['mean']:.4f} ± {r['std']:.4f}")
+    header = ["rows", "transfer", "scratch", "gain [interval]"]
+    curve.blocks.append(Table(header + ["reference (TF-IDF + LR)"] * reference, rows))
+    if reference:
+        curve.blocks.append(
+            "The reference is a classical model on the same rows (TF-IDF word and character n-grams, "
+            "logistic regression); the gate compares transfer with scratch only."
+        )
     png = out / "evaluate" / "curve.png"
     if png.is_file():
         curve.blocks.append(Image(png, "data-efficiency curve"))
