@@ -24,6 +24,10 @@ from tlpipe.params import load_params, parse_params, stage_dir
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
+    # Plain full fine-tuning: pretrain.init_from as it is (no pretraining), every layer at
+    # lr 2e-4 (the best of 1e-4 and 2e-4 on that checkpoint, docs/transfer.md).
+    "plain": {"source": "shipped", "finetune.optim.lr": 2e-4},
+    "reference": {"arm": "reference"},
     "full+llrd0.8+cosine@2e-4": {
         "finetune.layer_decay": 0.8,
         "finetune.optim.lr": 2e-4,
@@ -32,6 +36,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gradual_unfreeze@2e-4": {"finetune.strategy": "gradual_unfreeze", "finetune.optim.lr": 2e-4},
     "full+l2sp0.01": {"finetune.l2sp": 0.01},
     "full@2e-4": {"finetune.optim.lr": 2e-4},
+    "full@1e-4": {"finetune.optim.lr": 1e-4},
+    "full@5e-5": {"finetune.optim.lr": 5e-5},
     "freeze_embeddings": {"finetune.strategy": "freeze_embeddings"},
     "scratch:same@2e-4": {"arm": "scratch"},
     "scratch:4x256@2e-4": {"arm": "scratch", "evaluate.scratch_model": "small"},
@@ -61,6 +67,7 @@ def main() -> None:
         "pretrain.init_from as it is)",
     )
     ap.add_argument("--suffix", default="", help="appended to each variant's name, e.g. ' [my source]'")
+    ap.add_argument("--baseline", default="full", help="the variant the paired differences are taken from")
     args = ap.parse_args()
 
     base = load_params()
@@ -68,19 +75,22 @@ def main() -> None:
     results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.is_file() else []
     done = {(r["variant"], r["size"], r["seed"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
-        source_dir = args.source or stage_dir("pretrain") / "model"
-        if not source_dir.is_dir():
-            source_dir = resolve_init(base.pretrain.init_from, Path(tmp))
+        init_from = base.pretrain.init_from
+        shipped = resolve_init(init_from, Path(tmp) / "shipped") if init_from else None
+        staged = args.source or stage_dir("pretrain") / "model"
         jobs = []
         for name in args.variants:
             raw = base.as_dict()
             overrides = dict(VARIANTS[name])
             arm = overrides.pop("arm", "transfer")
+            source_dir = shipped if overrides.pop("source", None) == "shipped" else staged
+            if source_dir is None or not source_dir.is_dir():
+                raise SystemExit(f"variant {name}: no source checkpoint at {source_dir} (run the pipeline)")
             for dotted, value in overrides.items():
                 _override(raw, dotted, value)
             params = parse_params(raw)
             jobs += [
-                (name + args.suffix, CurvePoint(arm, size, seed), params)
+                (name + args.suffix, CurvePoint(arm, size, seed), params, source_dir)
                 for size in args.sizes
                 for seed in args.seeds
                 if (name + args.suffix, size, seed) not in done
@@ -98,12 +108,12 @@ def main() -> None:
                     prepare_dir,
                     Path(tmp) / "runs" / name,
                 ): name
-                for name, point, params in jobs
+                for name, point, params, source_dir in jobs
             }
             for future in as_completed(futures):
                 results.append({"variant": futures[future], **future.result()})
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results, args.sizes))
+    print(table(results, args.sizes, args.baseline))
 
 
 def table(results: list[dict[str, Any]], sizes: list[int], baseline: str = "full") -> str:
