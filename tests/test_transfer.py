@@ -162,7 +162,7 @@ def test_l2sp_keeps_transferred_weights_near_the_source(pretrained: Path, prepar
     def drift(l2sp: float) -> float:
         setup, before, _, _ = _train(pretrained, prepared, l2sp=l2sp, epochs=3)
         return sum(
-            float((q - before[n]).pow(2).sum())
+            float((q.detach() - before[n]).pow(2).sum())
             for n, q in setup.model.named_parameters()
             if n in setup.transferred
         )
