@@ -10,6 +10,7 @@ Writes bench/strategies.json (every run) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from tasks.evaluate import CurvePoint, curve_workers, interval, one_thread, run_point
+from tlpipe.data import sha256_file
 from tlpipe.model import resolve_init
-from tlpipe.params import load_params, parse_params, stage_dir
+from tlpipe.params import Params, load_params, parse_params, stage_dir
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -73,7 +75,6 @@ def main() -> None:
     base = load_params()
     prepare_dir = stage_dir("prepare")
     results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.is_file() else []
-    done = {(r["variant"], r["size"], r["seed"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
         init_from = base.pretrain.init_from
         shipped = resolve_init(init_from, Path(tmp) / "shipped") if init_from else None
@@ -89,11 +90,18 @@ def main() -> None:
             for dotted, value in overrides.items():
                 _override(raw, dotted, value)
             params = parse_params(raw)
+            variant, key = name + args.suffix, _fingerprint(params, source_dir)
+            # Runs in --out are reused only when made with the same params and source weights.
+            stale = [r for r in results if r["variant"] == variant and r.get("fingerprint") != key]
+            if stale:
+                print(f"{variant}: dropping {len(stale)} runs made with other params or source weights")
+                results = [r for r in results if r not in stale]
+            done = {(r["size"], r["seed"]) for r in results if r["variant"] == variant}
             jobs += [
-                (name + args.suffix, CurvePoint(arm, size, seed), params, source_dir)
+                (variant, CurvePoint(arm, size, seed), params, source_dir, key)
                 for size in args.sizes
                 for seed in args.seeds
-                if (name + args.suffix, size, seed) not in done
+                if (size, seed) not in done
             ]
         # The curve's own layout: one process per core, one torch thread each.
         with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
@@ -107,13 +115,31 @@ def main() -> None:
                     source_dir,
                     prepare_dir,
                     Path(tmp) / "runs" / name,
-                ): name
-                for name, point, params, source_dir in jobs
+                ): (name, key)
+                for name, point, params, source_dir, key in jobs
             }
             for future in as_completed(futures):
-                results.append({"variant": futures[future], **future.result()})
+                name, key = futures[future]
+                results.append({"variant": name, "fingerprint": key, **future.result()})
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results, args.sizes, args.baseline))
+
+
+def _fingerprint(params: Params, source_dir: Path) -> str:
+    """What a run's result depends on besides its size and seed: the finetune, evaluate and
+    label params, the prepared data and the source model's weights."""
+    h = hashlib.sha256(
+        json.dumps(
+            [
+                params.finetune.model_dump(mode="json"),
+                params.evaluate.model_dump(mode="json"),
+                params.prepare.labels,
+            ]
+        ).encode()
+    )
+    for path in (source_dir / "model.safetensors", stage_dir("prepare") / "summary.json"):
+        h.update(sha256_file(path).encode() if path.is_file() else b"-")
+    return h.hexdigest()[:16]
 
 
 def table(results: list[dict[str, Any]], sizes: list[int], baseline: str = "full") -> str:
