@@ -64,6 +64,9 @@ def run(
             return
     # The ephemeral API server's 20 s start-up limit is too tight on a loaded 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The embedded server's usage telemetry stays off unless asked for: on a machine without
+    # internet access every attempt logs an ERROR into an otherwise clean run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.states import State
 
     from flows.pipeline import pipeline, single_stage
