@@ -10,6 +10,7 @@ Writes bench/strategies.json (every run) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import tempfile
@@ -138,8 +139,14 @@ def _fingerprint(params: Params, source_dir: Path) -> str:
         ).encode()
     )
     for path in (source_dir / "model.safetensors", stage_dir("prepare") / "summary.json"):
-        h.update(sha256_file(path).encode() if path.is_file() else b"-")
+        h.update(_file_hash(path).encode())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def _file_hash(path: Path) -> str:
+    """A file's SHA-256, once per process: every variant on a source hashes the same weights."""
+    return sha256_file(path) if path.is_file() else "-"
 
 
 def table(results: list[dict[str, Any]], sizes: list[int], baseline: str = "full") -> str:
