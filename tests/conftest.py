@@ -180,6 +180,27 @@ def make_project(root: Path, sample_csv: Path, raw_params: dict[str, Any]) -> Pa
     return root
 
 
+def train_tiny(
+    pretrained: Path, prepared: Path, runtime: Any, **finetune: Any
+) -> tuple[Any, Any, tuple[list[Any], Any], int]:
+    """Fine-tune the tiny source model under `finetune` overrides, with every strategy input
+    (L2-SP anchors, joint source loss): (setup, result, (val ids, val labels), pad id)."""
+    from tasks.finetune import encode_split, transfer_setup
+    from tlpipe.text import SpecialIds, load_tokenizer
+    from tlpipe.train import train_classifier
+
+    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in finetune.items()})).finetune
+    setup = transfer_setup(p, LABELS, pretrained, prepared)
+    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
+    train_ids, train_y = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
+    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
+    run = train_classifier(
+        setup.model, train_ids, train_y, *val, p, pad, transferred=setup.transferred,
+        source_mlm=setup.source_mlm, runtime=runtime,
+    )  # fmt: skip
+    return setup, run, val, pad
+
+
 def _venv_bin(cmd: list[str]) -> list[str]:
     if cmd[0] == "dvc":
         return [str(Path(os.sys.executable).parent / "dvc"), *cmd[1:]]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tasks.finetune import encode_split, transfer_setup
-from tests.conftest import tiny_params
+from tests.conftest import tiny_params, train_tiny
 from tlpipe import train
+from tlpipe.fastpath import ATTENTION
 from tlpipe.model import bert_config, new_mlm
 from tlpipe.params import EncoderConfig, OptimParams, parse_params
 from tlpipe.text import SpecialIds, load_tokenizer
@@ -62,7 +63,7 @@ def test_bf16_autocast_trains_fp32_weights() -> None:
 def test_cpu_runs_plain_matrix_attention() -> None:
     model = _mlm()[0]
     Runtime(CPU, bf16=False).place(model)
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == ATTENTION
 
 
 def test_mlm_history_marks_tokens_and_seconds() -> None:
@@ -97,16 +98,7 @@ def test_every_objective_trains_on_the_gpu(pretrained: Path, prepared: Path) -> 
     """L2-SP anchors, the joint source loss and task-adaptive pretraining, all on the GPU
     under bf16 autocast; validation and the returned weights stay usable on the GPU."""
     overrides = {"l2sp": 0.01, "joint_alpha": 0.3, "tapt_steps": 4, "layer_decay": 0.8, "patience": 100}
-    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in overrides.items()})).finetune
-    runtime = Runtime.pick("cuda")
-    setup = transfer_setup(p, LABELS, pretrained, prepared)
-    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
-    train_ids, train_y = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
-    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
-    run = train_classifier(
-        setup.model, train_ids, train_y, *val, p, pad, transferred=setup.transferred,
-        source_mlm=setup.source_mlm, runtime=runtime,
-    )  # fmt: skip
+    setup, run, val, pad = train_tiny(pretrained, prepared, Runtime.pick("cuda"), **overrides)
     assert all(q.device.type == "cuda" and q.dtype == torch.float32 for q in setup.model.parameters())
     assert all(np.isfinite(h["train_loss"]) for h in run.history)
     logits = train.predict_logits(setup.model, val[0], pad, 32)

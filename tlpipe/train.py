@@ -4,7 +4,9 @@ One process, plain PyTorch: length-bucketed batches with dynamic padding, the ma
 loss computed on masked positions only, a fused AdamW, no per-step host syncs beyond
 logging. Batches are built and masked on the host and moved to the device; the
 forward and backward passes run under bf16 autocast where the device computes bf16
-natively (see `Runtime`).
+natively (see `Runtime`). The fast paths in `tlpipe.fastpath` cut the rest: a classifier's
+last layer runs for [CLS] alone, and on a CPU dropout masks come from a faster generator
+and the word embedding trains row-sparse.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches, pad_arrays
+from tlpipe.fastpath import (
+    ATTENTION,
+    RowSparseAdamW,
+    clip_gradients,
+    first_token_only,
+    host_dropout,
+    sparse_embedding,
+)
 from tlpipe.model import mlm_head
 from tlpipe.params import FinetuneParams, OptimParams
 from tlpipe.text import SpecialIds
@@ -50,13 +60,30 @@ def bf16_native(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# The fast paths a Runtime can turn off (benchmarks measure each one's share).
+FAST_PATHS = ("first_token_only", "host_dropout", "sparse_embeddings")
+# On a GPU torch's dropout is a fast on-device kernel, where host masks would cross the bus
+# every step; and coalescing a sparse gradient waits on the device.
+_CPU_ONLY = ("host_dropout", "sparse_embeddings")
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """Where training runs, and whether its forward and backward passes use bf16 autocast
-    (weights, gradients and optimizer state stay fp32)."""
+    """Where training runs, whether its forward and backward passes use bf16 autocast
+    (weights, gradients and optimizer state stay fp32), and which fast paths are off."""
 
     device: torch.device
     bf16: bool
+    off: frozenset[str] = frozenset()
+
+    def uses(self, fast_path: str) -> bool:
+        """Whether `fast_path` (one of FAST_PATHS) applies on this runtime."""
+        if fast_path not in FAST_PATHS:
+            raise ValueError(f"unknown fast path {fast_path!r}; known: {', '.join(FAST_PATHS)}")
+        return fast_path not in self.off and (fast_path not in _CPU_ONLY or self.device.type == "cpu")
+
+    def without(self, *fast_paths: str) -> Runtime:
+        return replace(self, off=self.off | frozenset(fast_paths))
 
     @classmethod
     def pick(cls, device: str = "auto", precision: str = "auto") -> Runtime:
@@ -81,15 +108,32 @@ class Runtime:
         for tweet-length sequences they train ~1.3x faster than the fused SDPA kernel."""
         model.to(self.device)
         if self.device.type == "cpu" and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
+            model.set_attn_implementation(ATTENTION)
+
+    def fast_paths(
+        self, model: PreTrainedModel, seed: int, *, sparse_ok: bool = False, classifier: bool = False
+    ) -> contextlib.ExitStack:
+        """The fast paths for training `model`, active until the returned stack closes:
+        host dropout seeded by `seed`; row-sparse word embeddings if `sparse_ok` (nothing
+        else reads them densely: no tied output layer in the loss, no L2-SP anchor); the
+        [CLS]-only last layer if `classifier` (the loss reads the logits alone)."""
+        stack = contextlib.ExitStack()
+        if self.uses("host_dropout"):
+            stack.enter_context(host_dropout(model, seed))
+        if sparse_ok and self.uses("sparse_embeddings"):
+            stack.enter_context(sparse_embedding(model.get_input_embeddings()))
+        if classifier and self.uses("first_token_only"):
+            stack.enter_context(first_token_only(model))
+        return stack
 
 
 CPU_FP32 = Runtime(torch.device("cpu"), bf16=False)
 
 
 def adamw(groups: Iterable[Any], lr: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters a step."""
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    """AdamW with the fused kernel (CPU and CUDA): one pass over all dense parameters a step;
+    row-sparse gradients update their rows alone."""
+    return RowSparseAdamW(groups, lr=lr, fused=True)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,34 +267,35 @@ def train_mlm(
     start = time.perf_counter()
     batches: list[np.ndarray] = []
     bar = tqdm(total=steps, desc=desc, unit="step", disable=_quiet())
-    for step in range(steps):
-        if not batches:
-            batches = length_batches(lengths, optim.batch_size, rng)
-        input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
-        result.tokens += int(mask.sum())
-        with runtime.autocast():
-            loss, _ = _mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.detach()
-        bar.update()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            n = (step % log_every) + 1
-            avg = float(running) / n  # the one host sync, every log_every steps
-            running.zero_()
-            result.history.append(
-                {
-                    "step": step + 1,
-                    "loss": avg,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": result.tokens,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-            bar.set_postfix(loss=f"{avg:.3f}")
+    with runtime.fast_paths(model, seed):
+        for step in range(steps):
+            if not batches:
+                batches = length_batches(lengths, optim.batch_size, rng)
+            input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
+            result.tokens += int(mask.sum())
+            with runtime.autocast():
+                loss, _ = _mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
+            loss.backward()
+            clip_gradients(model.parameters(), optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.detach()
+            bar.update()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                n = (step % log_every) + 1
+                avg = float(running) / n  # the one host sync, every log_every steps
+                running.zero_()
+                result.history.append(
+                    {
+                        "step": step + 1,
+                        "loss": avg,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": result.tokens,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                bar.set_postfix(loss=f"{avg:.3f}")
     bar.close()
     result.seconds = time.perf_counter() - start
     model.eval()
@@ -378,65 +423,71 @@ def train_classifier(
     start, validating = time.perf_counter(), 0.0
     model.train()
     bar = tqdm(total=plan.total_steps, desc=desc, unit="step", leave=False, disable=_quiet())
-    for step in range(1, plan.total_steps + 1):
-        if not batches:
-            batches, epoch = length_batches(lengths, p.optim.batch_size, rng), epoch + 1
-            if p.strategy == "gradual_unfreeze":
-                apply_freezing(model, trainable_from(p, n_layers, epoch))
-        idx = batches.pop()
-        input_ids, mask = (t.to(device) for t in pad_batch([train_ids[i] for i in idx], pad_id))
-        with runtime.autocast():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
-            loss = F.cross_entropy(logits.float(), labels_t[torch.from_numpy(idx).to(device)])
-            if source_mlm is not None:
-                if not source_batches:
-                    source_batches = length_batches(source_lengths, p.optim.batch_size, rng)
-                src_ids, src_mask = pad_batch([source_mlm.ids[i] for i in source_batches.pop()], pad_id)
-                source_loss, _ = _mlm_loss(
-                    model.base_model, source_mlm.head, src_ids, src_mask, source_mlm.special,
-                    model.config.vocab_size, source_mlm.mask_prob, gen,
-                )  # fmt: skip
-                loss = (1 - source_mlm.alpha) * loss + source_mlm.alpha * source_loss
-        loss.backward()
-        if l2sp is not None:
-            l2sp.add_to_grads()
-        nn.utils.clip_grad_norm_([q for q in trainable if q.grad is not None], p.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += loss.detach() * len(idx)
-        seen += len(idx)
-        bar.update()
-        if step % plan.eval_every and step != plan.total_steps:
-            continue
-        result.examples += seen
-        train_loss = float(running) / max(1, seen)  # the host sync, once a validation
-        paused = time.perf_counter()
-        pred = predict_logits(model, val_ids, pad_id, p.eval_batch_size, runtime).argmax(1)
-        metrics = classification_metrics(val_y, pred, n_labels)
-        result.history.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_accuracy": metrics["accuracy"],
-                "val_macro_f1": metrics["macro_f1"],
-                "examples": result.examples,
-                "seconds": paused - start - validating,
-            }
-        )
-        running.zero_()
-        seen = 0
-        if metrics["macro_f1"] > best_f1:
-            best_f1, best_step, stale = metrics["macro_f1"], step, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        if checkpoint_dir is not None:
-            _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, step)
-        validating += time.perf_counter() - paused
-        if stale >= p.patience:
-            break
+    # The joint loss reads every position and the tied embeddings densely; an L2-SP anchor
+    # pulls every embedding row.
+    embedding = model.get_input_embeddings().weight
+    anchors_embedding = any(q is embedding for n, q in model.named_parameters() if n in anchored)
+    alone = source_mlm is None
+    with runtime.fast_paths(model, p.seed, sparse_ok=alone and not anchors_embedding, classifier=alone):
+        for step in range(1, plan.total_steps + 1):
+            if not batches:
+                batches, epoch = length_batches(lengths, p.optim.batch_size, rng), epoch + 1
+                if p.strategy == "gradual_unfreeze":
+                    apply_freezing(model, trainable_from(p, n_layers, epoch))
+            idx = batches.pop()
+            input_ids, mask = (t.to(device) for t in pad_batch([train_ids[i] for i in idx], pad_id))
+            with runtime.autocast():
+                logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
+                loss = F.cross_entropy(logits.float(), labels_t[torch.from_numpy(idx).to(device)])
+                if source_mlm is not None:
+                    if not source_batches:
+                        source_batches = length_batches(source_lengths, p.optim.batch_size, rng)
+                    src_ids, src_mask = pad_batch([source_mlm.ids[i] for i in source_batches.pop()], pad_id)
+                    source_loss, _ = _mlm_loss(
+                        model.base_model, source_mlm.head, src_ids, src_mask, source_mlm.special,
+                        model.config.vocab_size, source_mlm.mask_prob, gen,
+                    )  # fmt: skip
+                    loss = (1 - source_mlm.alpha) * loss + source_mlm.alpha * source_loss
+            loss.backward()
+            if l2sp is not None:
+                l2sp.add_to_grads()
+            clip_gradients(trainable, p.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.detach() * len(idx)
+            seen += len(idx)
+            bar.update()
+            if step % plan.eval_every and step != plan.total_steps:
+                continue
+            result.examples += seen
+            train_loss = float(running) / max(1, seen)  # the host sync, once a validation
+            paused = time.perf_counter()
+            pred = predict_logits(model, val_ids, pad_id, p.eval_batch_size, runtime).argmax(1)
+            metrics = classification_metrics(val_y, pred, n_labels)
+            result.history.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_accuracy": metrics["accuracy"],
+                    "val_macro_f1": metrics["macro_f1"],
+                    "examples": result.examples,
+                    "seconds": paused - start - validating,
+                }
+            )
+            running.zero_()
+            seen = 0
+            if metrics["macro_f1"] > best_f1:
+                best_f1, best_step, stale = metrics["macro_f1"], step, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            if checkpoint_dir is not None:
+                _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, step)
+            validating += time.perf_counter() - paused
+            if stale >= p.patience:
+                break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -480,17 +531,20 @@ def predict_logits(
     batch_size: int,
     runtime: Runtime | None = None,
 ) -> np.ndarray:
-    """Logits (N, C) in the order of `ids`, batched by length to keep padding small; in
-    fp32 on the model's device unless a `runtime` says otherwise."""
+    """Logits (N, C) in the order of `ids`, batched by length to keep padding small, the
+    last layer run for [CLS] alone; in fp32 on the model's device unless a `runtime` says
+    otherwise."""
     was_training = model.training
     model.eval()
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     device = next(model.parameters()).device
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    for idx, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), pad_id):
-        with runtime.autocast() if runtime else contextlib.nullcontext():
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        out[idx] = logits.float().cpu().numpy()
+    batches = iterate_batches(ids, length_batches(lengths, batch_size, None), pad_id)
+    with first_token_only(model):
+        for idx, input_ids, mask in batches:
+            with runtime.autocast() if runtime else contextlib.nullcontext():
+                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            out[idx] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
 

@@ -1,0 +1,220 @@
+"""Training fast paths: the plain loop's computation, with less work.
+
+- `HostDropout`: dropout whose keep-masks come from numpy's PCG64 on the host. On a CPU,
+  torch's Bernoulli kernel took about a fifth of a fine-tuning step; this draws the same
+  masks (keep probability 1 - p, to 1/65536) about 5x faster.
+- `RowSparseAdamW`: with `nn.Embedding(sparse=True)` the word embedding's gradient holds
+  only the rows the batch used, and those rows alone are updated (a lazy AdamW, as
+  TensorFlow's LazyAdam and torch's SparseAdam do): no V x H gradient to fill, clip and
+  stream through the optimizer every step. Rows a batch does not use keep their value and
+  their moments, where dense AdamW would still move them by the decaying momentum and the
+  weight decay.
+- `first_token_only`: a BERT sequence classifier reads only position 0 of the last layer,
+  so that layer computes queries, the attention output and the feed-forward for [CLS]
+  alone (keys and values still for every position). The logits are the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTENTION = "tlpipe_eager"
+
+
+class HostDropout(nn.Dropout):
+    """Inverted dropout with keep-masks drawn from `rng` (int16 draws against a threshold)."""
+
+    def __init__(self, p: float, rng: np.random.Generator) -> None:
+        super().__init__(p)
+        self.rng = rng
+        self.threshold = -32768 + round(p * 65536)  # P(draw < threshold) = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        draws = torch.from_numpy(self.rng.integers(-32768, 32768, size=tuple(x.shape), dtype=np.int16))
+        keep = (draws >= self.threshold).to(x.device, x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention (q, k, v: (B, heads, T, d)) whose probability dropout is the module's
+    own dropout layer, so a `HostDropout` put there applies; otherwise transformers' eager."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling or query.size(-1) ** -0.5)  # (B, h, Tq, Tk)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1)
+    if dropout > 0.0:
+        layer = getattr(module, "dropout", None)
+        probs = layer(probs) if isinstance(layer, HostDropout) else F.dropout(probs, dropout, training=True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ATTENTION, eager_attention)
+AttentionMaskInterface.register(ATTENTION, eager_mask)  # the additive float mask eager expects
+
+
+@contextlib.contextmanager
+def host_dropout(model: nn.Module, seed: int) -> Iterator[None]:
+    """Swap every `nn.Dropout` in `model` for a `HostDropout` drawing from one seeded
+    generator, and back on exit."""
+    rng = np.random.default_rng(seed)
+    swapped = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, HostDropout(child.p, rng))
+                swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+@contextlib.contextmanager
+def sparse_embedding(embedding: nn.Module) -> Iterator[bool]:
+    """Row-sparse gradients for an `nn.Embedding` while inside; yields whether it applies."""
+    if not isinstance(embedding, nn.Embedding) or embedding.sparse:
+        yield False
+        return
+    embedding.sparse = True
+    try:
+        yield True
+    finally:
+        embedding.sparse = False
+
+
+class RowSparseAdamW(torch.optim.AdamW):
+    """AdamW (fused) for dense gradients, and the lazy AdamW for row-sparse ones: only the
+    rows present in the gradient update their weights and moments. Both keep their state
+    under AdamW's keys, so `state_dict` round-trips."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        groups = self.param_groups
+        sparse = [(g, q) for g in groups for q in g["params"] if q.grad is not None and q.grad.is_sparse]
+        held = [(q, q.grad) for _, q in sparse]
+        for q, _ in held:
+            q.grad = None  # the dense step skips parameters without a gradient
+        try:
+            loss = super().step(closure)
+        finally:
+            for q, grad in held:
+                q.grad = grad
+        for group, q in sparse:
+            self._rows_step(group, q)
+        return loss
+
+    def _rows_step(self, group: dict[str, Any], q: torch.Tensor) -> None:
+        if group["amsgrad"] or group["maximize"]:
+            raise ValueError("RowSparseAdamW: amsgrad and maximize are not supported for sparse gradients")
+        grad = q.grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()  # (N,), (N, H)
+        state = self.state[q]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(q)
+            state["exp_avg_sq"] = torch.zeros_like(q)
+        state["step"] += 1
+        step = int(state["step"])
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(values, alpha=1 - beta1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        weights = q.index_select(0, rows).mul_(1 - lr * decay)
+        denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+        weights.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+        q.index_copy_(0, rows, weights)
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their joint L2 norm is at most `max_norm`; returns the norm
+    before clipping. Sparse gradients are coalesced first (a row used twice in a batch
+    holds two entries until summed)."""
+    grads = []
+    for q in params:
+        if q.grad is None:
+            continue
+        if q.grad.is_sparse:
+            q.grad = q.grad.coalesce()
+            grads.append(q.grad._values())
+        else:
+            grads.append(q.grad)
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+def _last_bert_layer(model: nn.Module) -> nn.Module | None:
+    from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertLayer
+
+    if not isinstance(model, BertForSequenceClassification) or model.bert.pooler is None:
+        return None
+    layer = model.bert.encoder.layer[-1]
+    plain = isinstance(layer, BertLayer) and not layer.is_decoder and not layer.chunk_size_feed_forward
+    return layer if plain else None
+
+
+def _first_token_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """BertLayer.forward for position 0 only: (B, T, H) in, (B, 1, H) out."""
+    att = self.attention.self
+    b, t, _ = hidden_states.shape
+    first = hidden_states[:, :1]  # (B, 1, H)
+    q = att.query(first).view(b, 1, -1, att.attention_head_size).transpose(1, 2)  # (B, h, 1, d)
+    k = att.key(hidden_states).view(b, t, -1, att.attention_head_size).transpose(1, 2)  # (B, h, T, d)
+    v = att.value(hidden_states).view(b, t, -1, att.attention_head_size).transpose(1, 2)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(att.config._attn_implementation, eager_attention)
+    mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (B, 1, 1, T)
+    dropout = att.dropout.p if self.training else 0.0
+    context, _ = attend(att, q, k, v, mask, dropout=dropout, scaling=att.scaling)
+    attended = self.attention.output(context.reshape(b, 1, -1), first)
+    return self.output(self.intermediate(attended), attended)
+
+
+@contextlib.contextmanager
+def first_token_only(model: PreTrainedModel) -> Iterator[bool]:
+    """Run a BERT classifier's last layer for [CLS] alone while inside (a no-op for other
+    architectures, or when already active); yields whether it applies."""
+    layer = _last_bert_layer(model)
+    if layer is None or "forward" in vars(layer):
+        yield False
+        return
+    layer.forward = types.MethodType(_first_token_forward, layer)
+    try:
+        yield True
+    finally:
+        del layer.forward
