@@ -47,6 +47,37 @@ SIDE_NAMES = {
 }
 
 
+FAST_PATH_NAMES = {
+    "first_token_only": "the [CLS]-only last layer",
+    "host_dropout": "host dropout masks",
+    "sparse_embeddings": "row-sparse word embeddings",
+}
+
+
+def fast_path_lines(r: dict[str, Any]) -> list[str]:
+    """The same-precision ratio and the fast-path ablation (absent from older runs)."""
+    lines = []
+    if "speedup_same_precision" in r:
+        default = SIDE_NAMES[r["tlpipe_default"]]
+        lines += [f"{default}: {r['speedup_same_precision']:.2f}x the Trainer at the same precision.", ""]
+    a = r.get("fast_paths")
+    if a:
+        lines += [
+            f"What each fast path gives: one model per configuration, trained in turn for "
+            f"{a['block_steps']} steps on the same batches, {a['rounds']} rounds (each in the reverse "
+            "order of the last).",
+            "",
+            "| configuration | examples/s | all on is |",
+            "|---|---:|---:|",
+        ]
+        for name, rate in a["configs"].items():
+            path = name.removesuffix(" off")
+            label = f"{FAST_PATH_NAMES[path]} off" if path in FAST_PATH_NAMES else name
+            lines.append(f"| {label} | {fmt(rate)} | {a['gain'].get(name, 1.0):.2f}x |")
+        lines.append("")
+    return lines
+
+
 def training(key: str, section: dict[str, Any]) -> list[str]:
     where = "GPU" if section["device"] == "cuda" else "CPU"
     lines = [f"## Training on the {where} (`{key}`)", "", machine_line(section), ""]
@@ -70,7 +101,7 @@ def training(key: str, section: dict[str, Any]) -> list[str]:
                 f"| {SIDE_NAMES.get(name, name)} | {fmt(side[unit])} | {side[quality]:.4f} | "
                 f"{r['speedup_vs_trainer'][name]:.2f}x |"
             )
-        lines.append("")
+        lines += ["", *fast_path_lines(r)]
         if kind == "mlm":
             f = r["flops_per_token"]
             lines += [

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from tasks.evaluate import CurvePoint, curve_workers, interval, one_thread, run_point
 from tlpipe.data import sha256_file
@@ -128,7 +129,8 @@ def main() -> None:
 
 def _fingerprint(params: Params, source_dir: Path) -> str:
     """What a run's result depends on besides its size and seed: the finetune, evaluate and
-    label params, the prepared data and the source model's weights."""
+    label params, the prepared data, the source model's weights and the code the evaluate
+    stage runs (its Python deps in dvc.yaml)."""
     h = hashlib.sha256(
         json.dumps(
             [
@@ -138,7 +140,9 @@ def _fingerprint(params: Params, source_dir: Path) -> str:
             ]
         ).encode()
     )
-    for path in (source_dir / "model.safetensors", stage_dir("prepare") / "summary.json"):
+    deps = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["evaluate"]["deps"]
+    code = [Path(d) for d in deps if d.endswith(".py")]
+    for path in (source_dir / "model.safetensors", stage_dir("prepare") / "summary.json", *code):
         h.update(_file_hash(path).encode())
     return h.hexdigest()[:16]
 

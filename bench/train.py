@@ -8,17 +8,21 @@ AdamW) and thread count. Throughput is timed over windows of steps after a warm-
 each figure is the median over the windows, with min and max. Quality: each side's final
 model, scored by the same function (held-out masked-LM loss; test accuracy).
 
+Fine-tuning also measures what each of tlpipe's fast paths gives, interleaved (see
+`ablate_fast_paths`).
+
     python -m bench.train [--device cpu|cuda] [--steps 300] [--window 50] [--only mlm|finetune]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +30,20 @@ import numpy as np
 import torch
 
 from bench.common import machine, pin_threads, ratio, record, stat, threads_from_env, timed
+from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, read_split, texts
+from tlpipe.fastpath import clip_gradients
 from tlpipe.model import bert_config, load_transfer_classifier, new_mlm, resolve_init
 from tlpipe.params import FinetuneParams, OptimParams, load_params
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
 from tlpipe.train import (
+    FAST_PATHS,
     Runtime,
+    adamw,
     bf16_native,
     classification_metrics,
     mlm_eval_loss,
+    pad_batch,
     predict_logits,
     train_classifier,
     train_mlm,
@@ -179,13 +188,20 @@ def sides_for(runtime: Runtime) -> dict[str, tuple[str, bool]]:
 
 
 def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
-    """Each side's throughput and quality, and every side's speed-up over the Trainer's
-    default (fp32 on a CPU, bf16 on a GPU)."""
+    """Each side's throughput and quality, every side's speed-up over the Trainer's default
+    (fp32 on a CPU, bf16 on a GPU), and tlpipe's default over the Trainer at its precision."""
     out = {name: {unit: side.throughput(unit), quality: side.quality} for name, side in sides.items()}
     base = out["trainer"][unit] if "trainer" in out else out["trainer_bf16"][unit]
     speedups = {name: ratio(r[unit], base) for name, r in out.items()}
     best = "tlpipe" if "tlpipe" in out else "tlpipe_fp32"
-    return {"sides": out, "speedup_vs_trainer": speedups, "speedup": speedups[best], "tlpipe_default": best}
+    same = "trainer_bf16" if best == "tlpipe" else "trainer"
+    return {
+        "sides": out,
+        "speedup_vs_trainer": speedups,
+        "speedup": speedups[best],
+        "speedup_same_precision": ratio(out[best][unit], out[same][unit]),
+        "tlpipe_default": best,
+    }
 
 
 def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None) -> dict[str, Any]:
@@ -255,7 +271,7 @@ def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None)
 # ---- fine-tuning -----------------------------------------------------------------------
 
 
-def bench_finetune(runtime: Runtime, steps: int, window: int) -> dict[str, Any]:
+def bench_finetune(runtime: Runtime, steps: int, window: int, ablate_rounds: int) -> dict[str, Any]:
     from tasks.evaluate import labelled_target
 
     params = load_params()
@@ -300,6 +316,10 @@ def bench_finetune(runtime: Runtime, steps: int, window: int) -> dict[str, Any]:
             )
         sides[name] = Side(windows_of(marks), accuracy(model))
         print(f"finetune {name}: {sides[name].throughput('examples/s')['median']:.1f} examples/s", flush=True)
+    ablation = ablate_fast_paths(
+        runtime, initial, train_ids, train_y, ft, pad, rounds=ablate_rounds, block=window // 2
+    )
+    print(f"finetune fast paths: {ablation['gain']}", flush=True)
     return {
         "model": f"{params.pretrain.init_from} "
         f"({initial.config.num_hidden_layers}x{initial.config.hidden_size})",
@@ -309,6 +329,68 @@ def bench_finetune(runtime: Runtime, steps: int, window: int) -> dict[str, Any]:
         "steps": steps,
         "window_steps": window,
         **summary(sides, "examples_per_s", "test_accuracy"),
+        "fast_paths": ablation,
+    }
+
+
+def ablate_fast_paths(
+    runtime: Runtime,
+    initial: torch.nn.Module,
+    train_ids: list[np.ndarray],
+    train_y: np.ndarray,
+    ft: FinetuneParams,
+    pad: int,
+    rounds: int,
+    block: int,
+) -> dict[str, Any]:
+    """What each fast path gives to a fine-tuning step, with the others on: one model per
+    configuration (all on, each one off, all off), trained in turn for `block` steps on the
+    same batches, for `rounds` rounds, each round in the reverse order of the last, so the
+    drift of a shared machine falls on every configuration alike."""
+    paths = tuple(f for f in FAST_PATHS if runtime.uses(f))
+    configs = {"all on": (), **{f"{f} off": (f,) for f in paths}, "all off": paths}
+    models, optimizers, rates = {}, {}, {name: [] for name in configs}
+    with contextlib.ExitStack() as active:
+        for name, off in configs.items():
+            rt = replace(runtime, off=frozenset(off))
+            models[name] = model = copy.deepcopy(initial)
+            rt.place(model)
+            model.train()
+            active.enter_context(rt.fast_paths(model, ft.seed, sparse_ok=True, classifier=True))
+            optimizers[name] = adamw(model.parameters(), ft.optim.lr)
+        lengths = np.array([len(s) for s in train_ids])
+        batches = length_batches(lengths, ft.optim.batch_size, np.random.default_rng(ft.seed))
+        labels = torch.as_tensor(train_y, device=runtime.device)
+
+        def step(name: str, idx: np.ndarray) -> None:
+            batch = pad_batch([train_ids[i] for i in idx], pad)
+            input_ids, mask = (t.to(runtime.device) for t in batch)
+            with runtime.autocast():
+                logits = models[name](input_ids=input_ids, attention_mask=mask).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels[idx])
+            loss.backward()
+            clip_gradients(models[name].parameters(), ft.optim.max_grad_norm)
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        order = list(configs)
+        for r in range(rounds + 1):  # round 0 warms every configuration up, untimed
+            steps = [batches[(r * block + i) % len(batches)] for i in range(block)]
+            for name in order:
+                start = time.perf_counter()
+                for idx in steps:
+                    step(name, idx)
+                if runtime.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:
+                    rates[name].append(sum(len(b) for b in steps) / (time.perf_counter() - start))
+            order.reverse()
+    out = {name: stat(r, "examples/s") for name, r in rates.items()}
+    return {
+        "rounds": rounds,
+        "block_steps": block,
+        "configs": out,
+        "gain": {name: ratio(out["all on"], r) for name, r in out.items() if name != "all on"},
     }
 
 
@@ -321,6 +403,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=None, help="masked-LM batch (default: params)")
     parser.add_argument("--only", choices=["mlm", "finetune"], default=None)
+    parser.add_argument("--ablate-rounds", type=int, default=6, help="fast-path ablation rounds")
     parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
     if args.steps // args.window < 6:
@@ -332,10 +415,10 @@ def main() -> None:
     out: dict[str, Any] = {"threads": threads, "device": runtime.device.type}
     if args.only in (None, "mlm"):
         out["mlm"] = bench_mlm(runtime, args.steps, args.window, args.batch_size)
-        print(f"mlm: {out['mlm']['speedup']:.2f}x the Trainer", flush=True)
+        print(f"mlm: {out['mlm']['speedup_same_precision']:.2f}x the Trainer", flush=True)
     if args.only in (None, "finetune"):
-        out["finetune"] = bench_finetune(runtime, args.steps, args.window)
-        print(f"finetune: {out['finetune']['speedup']:.2f}x the Trainer", flush=True)
+        out["finetune"] = bench_finetune(runtime, args.steps, args.window, args.ablate_rounds)
+        print(f"finetune: {out['finetune']['speedup_same_precision']:.2f}x the Trainer", flush=True)
     record(section, out, args.results)
     print(machine())
 
