@@ -50,7 +50,6 @@ SIDE_NAMES = {
 FAST_PATH_NAMES = {
     "first_token_only": "the [CLS]-only last layer",
     "host_dropout": "host dropout masks",
-    "sparse_embeddings": "row-sparse word embeddings",
 }
 
 

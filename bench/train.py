@@ -32,7 +32,6 @@ import torch
 from bench.common import machine, pin_threads, ratio, record, stat, threads_from_env, timed
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, read_split, texts
-from tlpipe.fastpath import clip_gradients
 from tlpipe.model import bert_config, load_transfer_classifier, new_mlm, resolve_init
 from tlpipe.params import FinetuneParams, OptimParams, load_params
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
@@ -356,7 +355,7 @@ def ablate_fast_paths(
             models[name] = model = copy.deepcopy(initial)
             rt.place(model)
             model.train()
-            active.enter_context(rt.fast_paths(model, ft.seed, sparse_ok=True, classifier=True))
+            active.enter_context(rt.fast_paths(model, ft.seed, classifier=True))
             optimizers[name] = adamw(model.parameters(), ft.optim.lr)
         lengths = np.array([len(s) for s in train_ids])
         batches = length_batches(lengths, ft.optim.batch_size, np.random.default_rng(ft.seed))
@@ -369,7 +368,7 @@ def ablate_fast_paths(
                 logits = models[name](input_ids=input_ids, attention_mask=mask).logits
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels[idx])
             loss.backward()
-            clip_gradients(models[name].parameters(), ft.optim.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(models[name].parameters(), ft.optim.max_grad_norm)
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
 

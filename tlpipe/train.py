@@ -5,8 +5,7 @@ loss computed on masked positions only, a fused AdamW, no per-step host syncs be
 logging. Batches are built and masked on the host and moved to the device; the
 forward and backward passes run under bf16 autocast where the device computes bf16
 natively (see `Runtime`). The fast paths in `tlpipe.fastpath` cut the rest: a classifier's
-last layer runs for [CLS] alone, and on a CPU dropout masks come from a faster generator
-and the word embedding trains row-sparse.
+last layer runs for [CLS] alone, and on a CPU dropout masks come from a faster generator.
 """
 
 from __future__ import annotations
@@ -30,14 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.fastpath import (
-    ATTENTION,
-    RowSparseAdamW,
-    clip_gradients,
-    first_token_only,
-    host_dropout,
-    sparse_embedding,
-)
+from tlpipe.fastpath import ATTENTION, first_token_only, host_dropout
 from tlpipe.model import mlm_head
 from tlpipe.params import FinetuneParams, OptimParams
 from tlpipe.text import SpecialIds
@@ -61,10 +53,10 @@ def bf16_native(device: torch.device) -> bool:
 
 
 # The fast paths a Runtime can turn off (benchmarks measure each one's share).
-FAST_PATHS = ("first_token_only", "host_dropout", "sparse_embeddings")
+FAST_PATHS = ("first_token_only", "host_dropout")
 # On a GPU torch's dropout is a fast on-device kernel, where host masks would cross the bus
-# every step; and coalescing a sparse gradient waits on the device.
-_CPU_ONLY = ("host_dropout", "sparse_embeddings")
+# every step.
+_CPU_ONLY = ("host_dropout",)
 
 
 @dataclass(frozen=True)
@@ -111,17 +103,14 @@ class Runtime:
             model.set_attn_implementation(ATTENTION)
 
     def fast_paths(
-        self, model: PreTrainedModel, seed: int, *, sparse_ok: bool = False, classifier: bool = False
+        self, model: PreTrainedModel, seed: int, *, classifier: bool = False
     ) -> contextlib.ExitStack:
         """The fast paths for training `model`, active until the returned stack closes:
-        host dropout seeded by `seed`; row-sparse word embeddings if `sparse_ok` (nothing
-        else reads them densely: no tied output layer in the loss, no L2-SP anchor); the
-        [CLS]-only last layer if `classifier` (the loss reads the logits alone)."""
+        host dropout seeded by `seed`; the [CLS]-only last layer if `classifier` (the loss
+        reads the logits alone)."""
         stack = contextlib.ExitStack()
         if self.uses("host_dropout"):
             stack.enter_context(host_dropout(model, seed))
-        if sparse_ok and self.uses("sparse_embeddings"):
-            stack.enter_context(sparse_embedding(model.get_input_embeddings()))
         if classifier and self.uses("first_token_only"):
             stack.enter_context(first_token_only(model))
         return stack
@@ -131,9 +120,8 @@ CPU_FP32 = Runtime(torch.device("cpu"), bf16=False)
 
 
 def adamw(groups: Iterable[Any], lr: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (CPU and CUDA): one pass over all dense parameters a step;
-    row-sparse gradients update their rows alone."""
-    return RowSparseAdamW(groups, lr=lr, fused=True)
+    """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters a step."""
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +264,7 @@ def train_mlm(
             with runtime.autocast():
                 loss, _ = _mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
             loss.backward()
-            clip_gradients(model.parameters(), optim.max_grad_norm)
+            nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -423,12 +411,8 @@ def train_classifier(
     start, validating = time.perf_counter(), 0.0
     model.train()
     bar = tqdm(total=plan.total_steps, desc=desc, unit="step", leave=False, disable=_quiet())
-    # The joint loss reads every position and the tied embeddings densely; an L2-SP anchor
-    # pulls every embedding row.
-    embedding = model.get_input_embeddings().weight
-    anchors_embedding = any(q is embedding for n, q in model.named_parameters() if n in anchored)
-    alone = source_mlm is None
-    with runtime.fast_paths(model, p.seed, sparse_ok=alone and not anchors_embedding, classifier=alone):
+    # The joint loss reads every position of the last layer.
+    with runtime.fast_paths(model, p.seed, classifier=source_mlm is None):
         for step in range(1, plan.total_steps + 1):
             if not batches:
                 batches, epoch = length_batches(lengths, p.optim.batch_size, rng), epoch + 1
@@ -451,7 +435,7 @@ def train_classifier(
             loss.backward()
             if l2sp is not None:
                 l2sp.add_to_grads()
-            clip_gradients(trainable, p.optim.max_grad_norm)
+            nn.utils.clip_grad_norm_([q for q in trainable if q.grad is not None], p.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
