@@ -22,7 +22,7 @@ import copy
 import itertools
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +351,7 @@ def ablate_fast_paths(
     models, optimizers, rates = {}, {}, {name: [] for name in configs}
     with contextlib.ExitStack() as active:
         for name, off in configs.items():
-            rt = replace(runtime, off=frozenset(off))
+            rt = runtime.without(*off)
             models[name] = model = copy.deepcopy(initial)
             rt.place(model)
             model.train()
