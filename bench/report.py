@@ -50,6 +50,8 @@ SIDE_NAMES = {
 FAST_PATH_NAMES = {
     "first_token_only": "the [CLS]-only last layer",
     "host_dropout": "host dropout masks",
+    "embedding_row_grads": "the row-sparse embedding gradient",
+    "clip_in_step": "clipping inside the optimizer's pass",
 }
 
 
@@ -62,9 +64,8 @@ def fast_path_lines(r: dict[str, Any]) -> list[str]:
     a = r.get("fast_paths")
     if a:
         lines += [
-            f"What each fast path gives: one model per configuration, trained in turn for "
-            f"{a['block_steps']} steps on the same batches, {a['rounds']} rounds (each in the reverse "
-            "order of the last).",
+            f"What each fast path gives: one model trains on, {a['block_steps']} steps per "
+            f"configuration in turn, {a['rounds']} rounds (each in the reverse order of the last).",
             "",
             "| configuration | examples/s | all on is |",
             "|---|---:|---:|",

@@ -17,7 +17,6 @@ Fine-tuning also measures what each of tlpipe's fast paths gives, interleaved (s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import itertools
 import tempfile
@@ -41,6 +40,7 @@ from tlpipe.train import (
     adamw,
     bf16_native,
     classification_metrics,
+    clip_and_step,
     mlm_eval_loss,
     pad_batch,
     predict_logits,
@@ -342,48 +342,46 @@ def ablate_fast_paths(
     rounds: int,
     block: int,
 ) -> dict[str, Any]:
-    """What each fast path gives to a fine-tuning step, with the others on: one model per
-    configuration (all on, each one off, all off), trained in turn for `block` steps on the
-    same batches, for `rounds` rounds, each round in the reverse order of the last, so the
-    drift of a shared machine falls on every configuration alike."""
+    """What each fast path gives to a fine-tuning step, with the others on. One model and
+    one optimizer train on, a block of `block` steps per configuration (all on, each one off,
+    all off), the configuration's fast paths entered around its block; `rounds` rounds, each
+    in the reverse order of the last, so the drift of a shared machine falls on every
+    configuration alike."""
     paths = tuple(f for f in FAST_PATHS if runtime.uses(f))
     configs = {"all on": (), **{f"{f} off": (f,) for f in paths}, "all off": paths}
-    models, optimizers, rates = {}, {}, {name: [] for name in configs}
-    with contextlib.ExitStack() as active:
-        for name, off in configs.items():
-            rt = runtime.without(*off)
-            models[name] = model = copy.deepcopy(initial)
-            rt.place(model)
-            model.train()
-            active.enter_context(rt.fast_paths(model, ft.seed, classifier=True))
-            optimizers[name] = adamw(model.parameters(), ft.optim.lr)
-        lengths = np.array([len(s) for s in train_ids])
-        batches = length_batches(lengths, ft.optim.batch_size, np.random.default_rng(ft.seed))
-        labels = torch.as_tensor(train_y, device=runtime.device)
+    rates: dict[str, list[float]] = {name: [] for name in configs}
+    model = copy.deepcopy(initial)
+    runtime.place(model)
+    model.train()
+    optimizer = adamw(model.parameters(), ft.optim.lr)
+    lengths = np.array([len(s) for s in train_ids])
+    batches = length_batches(lengths, ft.optim.batch_size, np.random.default_rng(ft.seed))
+    labels = torch.as_tensor(train_y, device=runtime.device)
 
-        def step(name: str, idx: np.ndarray) -> None:
-            batch = pad_batch([train_ids[i] for i in idx], pad)
-            input_ids, mask = (t.to(runtime.device) for t in batch)
-            with runtime.autocast():
-                logits = models[name](input_ids=input_ids, attention_mask=mask).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels[idx])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(models[name].parameters(), ft.optim.max_grad_norm)
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+    def step(rt: Runtime, idx: np.ndarray) -> None:
+        input_ids, mask = (t.to(rt.device) for t in pad_batch([train_ids[i] for i in idx], pad))
+        with rt.autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels[idx])
+        loss.backward()
+        clip_and_step(optimizer, model.parameters(), ft.optim.max_grad_norm, rt.uses("clip_in_step"))
+        optimizer.zero_grad(set_to_none=True)
 
-        order = list(configs)
-        for r in range(rounds + 1):  # round 0 warms every configuration up, untimed
-            steps = [batches[(r * block + i) % len(batches)] for i in range(block)]
-            for name in order:
+    order = list(configs)
+    for r in range(rounds + 1):  # round 0 warms every configuration up, untimed
+        steps = [batches[(r * block + i) % len(batches)] for i in range(block)]
+        for name in order:
+            rt = runtime.without(*configs[name])
+            with rt.fast_paths(model, ft.seed + r, classifier=True):
                 start = time.perf_counter()
                 for idx in steps:
-                    step(name, idx)
-                if runtime.device.type == "cuda":
+                    step(rt, idx)
+                if rt.device.type == "cuda":
                     torch.cuda.synchronize()
-                if r:
-                    rates[name].append(sum(len(b) for b in steps) / (time.perf_counter() - start))
-            order.reverse()
+                seconds = time.perf_counter() - start
+            if r:
+                rates[name].append(sum(len(b) for b in steps) / seconds)
+        order.reverse()
     out = {name: stat(r, "examples/s") for name, r in rates.items()}
     return {
         "rounds": rounds,

@@ -1,6 +1,6 @@
 """The training fast paths compute what the plain loop computes: the [CLS]-only last layer
-gives the same logits and gradients, host dropout the same distribution; and training
-leaves the model as it was."""
+gives the same logits and gradients, host dropout the same distribution, the row-sparse
+embedding gradient the same gradient; and training leaves the model as it was."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tlpipe import train
 from tlpipe.fastpath import (
     ATTENTION,
     HostDropout,
+    embedding_row_grads,
     first_token_only,
     host_dropout,
 )
@@ -82,6 +83,39 @@ def test_first_token_only_leaves_other_models_alone() -> None:
         assert not applied
 
 
+def test_embedding_row_grads_give_the_same_gradients_step_after_step() -> None:
+    """Three steps with the optimizer between them: each step's embedding gradient is the
+    dense one, so the rows the last step wrote are cleared; the weights stay equal."""
+    plain, fast = _classifier(dropout=0.0).train(), _classifier(dropout=0.0).train()
+    gen = torch.Generator().manual_seed(2)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, fast)]
+    with embedding_row_grads(fast) as applied:
+        assert applied
+        for _ in range(3):
+            ids = torch.randint(5, 120, (4, 9), generator=gen)  # different rows each step
+            ids[0, 6:] = 0  # padding: no gradient for the pad row
+            y = torch.randint(0, 3, (4,), generator=gen)
+            for model in (plain, fast):
+                F.cross_entropy(model(input_ids=ids, attention_mask=(ids != 0).long()).logits, y).backward()
+            grads = [m.bert.embeddings.word_embeddings.weight.grad for m in (plain, fast)]
+            assert not grads[1].is_sparse
+            torch.testing.assert_close(grads[1], grads[0], atol=1e-7, rtol=1e-5)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    assert not fast.bert.embeddings.word_embeddings.sparse  # restored on exit
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_embedding_row_grads_leave_tied_embeddings_alone() -> None:
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    model = BertForMaskedLM(config)  # the decoder shares the embedding: its gradient is dense
+    with embedding_row_grads(model) as applied:
+        assert not applied
+        assert not model.get_input_embeddings().sparse
+
+
 def test_attention_matches_transformers_eager_with_padding() -> None:
     model = _classifier().eval()
     ids, mask = _batch()
@@ -114,7 +148,8 @@ def test_host_dropout_swaps_and_restores_every_dropout() -> None:
 def test_runtime_fast_paths_by_device() -> None:
     cpu, cuda = Runtime(CPU, bf16=False), Runtime(torch.device("cuda"), bf16=True)
     assert all(cpu.uses(f) for f in FAST_PATHS)
-    assert cuda.uses("first_token_only") and not cuda.uses("host_dropout")
+    assert cuda.uses("first_token_only") and cuda.uses("embedding_row_grads")
+    assert not cuda.uses("host_dropout")
     assert not cpu.without("host_dropout").uses("host_dropout")
     with pytest.raises(ValueError, match="unknown fast path 'fused'"):
         cpu.uses("fused")
@@ -147,3 +182,4 @@ def test_finetune_runs_the_first_token_path_unless_the_joint_loss_reads_every_po
     model = setup.model
     assert not any(isinstance(m, HostDropout) for m in model.modules())
     assert all("forward" not in vars(m) for m in model.modules())
+    assert not model.get_input_embeddings().sparse

@@ -60,6 +60,30 @@ def test_bf16_autocast_trains_fp32_weights() -> None:
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left alone
+def test_clip_and_step_is_clip_grad_norm_then_step(max_norm: float) -> None:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300, 7)]
+    grads = [torch.randn(q.shape) * 3 for q in params]
+    twins = [torch.nn.Parameter(q.detach().clone()) for q in params]
+    optimizers = []
+    for group, fused in ((params, False), (twins, True)):
+        optimizers.append(optimizer := torch.optim.AdamW(group, lr=0.1, fused=fused))
+        for _ in range(2):
+            for q, g in zip(group, grads, strict=True):
+                q.grad = g.clone()
+            if fused:
+                train.clip_and_step(optimizer, group, max_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
+                optimizer.step()
+    for q, twin in zip(params, twins, strict=True):  # Adam's step barely sees a scale: check m too
+        torch.testing.assert_close(twin, q, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(twin.grad, q.grad)
+        moments = [o.state[t]["exp_avg"] for o, t in zip(optimizers, (q, twin), strict=True)]
+        torch.testing.assert_close(moments[1], moments[0])
+
+
 def test_cpu_runs_plain_matrix_attention() -> None:
     model = _mlm()[0]
     Runtime(CPU, bf16=False).place(model)

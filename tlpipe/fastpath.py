@@ -7,6 +7,10 @@
 - `first_token_only`: a BERT sequence classifier reads only position 0 of the last layer,
   so that layer computes queries, the attention output and the feed-forward for [CLS]
   alone (keys and values still for every position). The logits are the same.
+- `embedding_row_grads`: a classifier's word-embedding gradient touches only the rows of
+  the batch's tokens. The backward pass writes just those rows, into one persistent
+  buffer; before, every step allocated, zero-filled and freed a full (vocab x hidden)
+  gradient (47 MB for MiniLM, a fresh memory mapping each step). The gradient is the same.
 """
 
 from __future__ import annotations
@@ -87,6 +91,50 @@ def host_dropout(model: nn.Module, seed: int) -> Iterator[None]:
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
+
+
+def _tied(model: nn.Module, weight: nn.Parameter) -> bool:
+    return sum(q is weight for _, q in model.named_parameters(remove_duplicate=False)) > 1
+
+
+@contextlib.contextmanager
+def embedding_row_grads(model: PreTrainedModel) -> Iterator[bool]:
+    """While inside, the input embedding's backward pass is sparse (the rows of the batch's
+    tokens) and accumulates into one persistent dense buffer that becomes `weight.grad`, so
+    the optimizer and clipping see a dense gradient as before; a step after
+    `zero_grad(set_to_none=True)` clears only the rows the last step wrote.
+
+    A no-op for an embedding tied to a decoder: autograd would add the lookup's sparse
+    gradient to the decoder's dense one out of place, slower than the dense lookup gradient
+    it replaces. Keep it off where a module outside `model` shares the embedding, and under
+    DDP (its reducer owns the gradients). Yields whether it applies."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding or emb.sparse or emb.max_norm is not None or _tied(model, emb.weight):
+        yield False
+        return
+    weight = emb.weight
+    buffer = torch.zeros_like(weight)
+    written: list[torch.Tensor] = []
+
+    def attach(grad: torch.Tensor) -> torch.Tensor:  # runs before the gradient accumulates
+        if not grad.is_sparse:  # summed with a dense gradient from a shared use
+            return grad
+        if weight.grad is None:  # a new step
+            for rows in written:
+                buffer.index_fill_(0, rows, 0.0)
+            written.clear()
+            weight.grad = buffer
+        if weight.grad is buffer:
+            written.append(grad._indices()[0])
+        return grad
+
+    emb.sparse = True
+    handle = weight.register_hook(attach)
+    try:
+        yield True
+    finally:
+        handle.remove()
+        emb.sparse = False
 
 
 def _last_bert_layer(model: nn.Module) -> nn.Module | None:

@@ -5,7 +5,8 @@ loss computed on masked positions only, a fused AdamW, no per-step host syncs be
 logging. Batches are built and masked on the host and moved to the device; the
 forward and backward passes run under bf16 autocast where the device computes bf16
 natively (see `Runtime`). The fast paths in `tlpipe.fastpath` cut the rest: a classifier's
-last layer runs for [CLS] alone, and on a CPU dropout masks come from a faster generator.
+last layer runs for [CLS] alone, its word-embedding gradient is written row by row into
+one buffer, and on a CPU dropout masks come from a faster generator.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.fastpath import ATTENTION, first_token_only, host_dropout
+from tlpipe.fastpath import ATTENTION, embedding_row_grads, first_token_only, host_dropout
 from tlpipe.model import mlm_head
 from tlpipe.params import FinetuneParams, OptimParams
 from tlpipe.text import SpecialIds
@@ -53,7 +54,7 @@ def bf16_native(device: torch.device) -> bool:
 
 
 # The fast paths a Runtime can turn off (benchmarks measure each one's share).
-FAST_PATHS = ("first_token_only", "host_dropout")
+FAST_PATHS = ("first_token_only", "host_dropout", "embedding_row_grads", "clip_in_step")
 # On a GPU torch's dropout is a fast on-device kernel, where host masks would cross the bus
 # every step.
 _CPU_ONLY = ("host_dropout",)
@@ -106,13 +107,16 @@ class Runtime:
         self, model: PreTrainedModel, seed: int, *, classifier: bool = False
     ) -> contextlib.ExitStack:
         """The fast paths for training `model`, active until the returned stack closes:
-        host dropout seeded by `seed`; the [CLS]-only last layer if `classifier` (the loss
-        reads the logits alone)."""
+        host dropout seeded by `seed`; if `classifier` (the loss reads the logits alone, and
+        nothing outside `model` shares its embedding), the [CLS]-only last layer and the
+        row-sparse embedding gradient."""
         stack = contextlib.ExitStack()
         if self.uses("host_dropout"):
             stack.enter_context(host_dropout(model, seed))
         if classifier and self.uses("first_token_only"):
             stack.enter_context(first_token_only(model))
+        if classifier and self.uses("embedding_row_grads"):
+            stack.enter_context(embedding_row_grads(model))
         return stack
 
 
@@ -122,6 +126,22 @@ CPU_FP32 = Runtime(torch.device("cpu"), bf16=False)
 def adamw(groups: Iterable[Any], lr: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters a step."""
     return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def clip_and_step(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], max_norm: float, in_step: bool = True
+) -> None:
+    """`nn.utils.clip_grad_norm_(params, max_norm)`, then `optimizer.step()`. If `in_step`
+    and the optimizer is fused, the clipping scale is applied inside its one pass over the
+    gradients (its `grad_scale`, the hook AMP's GradScaler uses), not by a separate pass that
+    multiplies every gradient; the scaled gradients are left in `.grad` either way."""
+    grads = [q.grad for q in params if q.grad is not None]
+    if not (in_step and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        nn.utils.clip_grad_norm_(grads, max_norm)
+    else:
+        total = nn.utils.get_total_norm(grads)
+        optimizer.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)  # 1 / clip_grad_norm_'s coef
+    optimizer.step()
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +284,7 @@ def train_mlm(
             with runtime.autocast():
                 loss, _ = _mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-            optimizer.step()
+            clip_and_step(optimizer, model.parameters(), optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running += loss.detach()
@@ -435,8 +454,7 @@ def train_classifier(
             loss.backward()
             if l2sp is not None:
                 l2sp.add_to_grads()
-            nn.utils.clip_grad_norm_([q for q in trainable if q.grad is not None], p.optim.max_grad_norm)
-            optimizer.step()
+            clip_and_step(optimizer, trainable, p.optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running += loss.detach() * len(idx)
