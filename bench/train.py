@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=None, help="masked-LM batch (default: params)")
     parser.add_argument("--only", choices=["mlm", "finetune"], default=None)
-    parser.add_argument("--ablate-rounds", type=int, default=6, help="fast-path ablation rounds")
+    parser.add_argument("--ablate-rounds", type=int, default=8, help="fast-path ablation rounds")
     parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
     if args.steps // args.window < 6:
