@@ -155,30 +155,45 @@ def test_runtime_fast_paths_by_device() -> None:
         cpu.uses("fused")
 
 
-@pytest.mark.parametrize(("joint_alpha", "first_token"), [(0.0, True), (0.3, False)])
-def test_finetune_runs_the_first_token_path_unless_the_joint_loss_reads_every_position(
-    joint_alpha: float,
+@pytest.mark.parametrize(
+    ("overrides", "first_token", "row_grads"),
+    [({}, True, True), ({"joint_alpha": 0.3}, False, False), ({"l2sp": 0.01}, True, False)],
+)
+def test_finetune_runs_the_fast_paths_its_objective_allows(
+    overrides: dict[str, float],
     first_token: bool,
+    row_grads: bool,
     pretrained: Path,
     prepared: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The joint source loss reads the last layer at every position, so the [CLS]-only path
-    stays off there. Training leaves no fast path behind on the model."""
+    """The joint source loss reads the last layer at every position and shares the
+    embedding with its decoder, so the [CLS]-only path and the row-sparse embedding
+    gradient stay off there; L2-SP adds to every row of the embedding's gradient, so the
+    row-sparse one stays off there too. Training leaves no fast path behind on the model."""
     while_training: list[bool] = []  # validation runs it too, in eval mode
-    real = train.first_token_only
+    rows: list[bool] = []
+    real_first, real_rows = train.first_token_only, train.embedding_row_grads
 
     @contextlib.contextmanager
-    def spy(model: nn.Module) -> Iterator[bool]:
-        with real(model) as on:
+    def spy_first(model: nn.Module) -> Iterator[bool]:
+        with real_first(model) as on:
             if model.training:
                 while_training.append(on)
             yield on
 
-    monkeypatch.setattr(train, "first_token_only", spy)
-    setup, run, _, _ = train_tiny(pretrained, prepared, Runtime(CPU, bf16=False), joint_alpha=joint_alpha)
+    @contextlib.contextmanager
+    def spy_rows(model: nn.Module) -> Iterator[bool]:
+        with real_rows(model) as on:
+            rows.append(on)
+            yield on
+
+    monkeypatch.setattr(train, "first_token_only", spy_first)
+    monkeypatch.setattr(train, "embedding_row_grads", spy_rows)
+    setup, run, _, _ = train_tiny(pretrained, prepared, Runtime(CPU, bf16=False), **overrides)
     assert all(np.isfinite(h["train_loss"]) for h in run.history)
     assert while_training == ([True] if first_token else [])
+    assert rows == ([True] if row_grads else [])
     model = setup.model
     assert not any(isinstance(m, HostDropout) for m in model.modules())
     assert all("forward" not in vars(m) for m in model.modules())

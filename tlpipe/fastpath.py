@@ -101,35 +101,37 @@ def _tied(model: nn.Module, weight: nn.Parameter) -> bool:
 def embedding_row_grads(model: PreTrainedModel) -> Iterator[bool]:
     """While inside, the input embedding's backward pass is sparse (the rows of the batch's
     tokens) and accumulates into one persistent dense buffer that becomes `weight.grad`, so
-    the optimizer and clipping see a dense gradient as before; a step after
-    `zero_grad(set_to_none=True)` clears only the rows the last step wrote.
+    the optimizer and clipping see a dense gradient as before. The buffer is attached at
+    each lookup that will need a gradient (so freezing and unfreezing in between is fine);
+    a step after `zero_grad(set_to_none=True)` clears only the rows the last step looked up.
 
-    A no-op for an embedding tied to a decoder: autograd would add the lookup's sparse
-    gradient to the decoder's dense one out of place, slower than the dense lookup gradient
-    it replaces. Keep it off where a module outside `model` shares the embedding, and under
-    DDP (its reducer owns the gradients). Yields whether it applies."""
+    Between steps the gradient may be scaled (clipping) but not added to: a term on every
+    row (L2-SP) would stay in rows the next step does not clear. A no-op for an embedding
+    tied to a decoder (autograd would add the lookup's sparse gradient to the decoder's
+    dense one out of place, slower than the dense lookup gradient it replaces). Keep it off
+    where a module outside `model` shares the embedding, and under DDP (its reducer owns
+    the gradients). Yields whether it applies."""
     emb = model.get_input_embeddings()
     if type(emb) is not nn.Embedding or emb.sparse or emb.max_norm is not None or _tied(model, emb.weight):
         yield False
         return
     weight = emb.weight
     buffer = torch.zeros_like(weight)
-    written: list[torch.Tensor] = []
+    looked_up: list[torch.Tensor] = []
 
-    def attach(grad: torch.Tensor) -> torch.Tensor:  # runs before the gradient accumulates
-        if not grad.is_sparse:  # summed with a dense gradient from a shared use
-            return grad
+    def before_lookup(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return
         if weight.grad is None:  # a new step
-            for rows in written:
+            for rows in looked_up:
                 buffer.index_fill_(0, rows, 0.0)
-            written.clear()
+            looked_up.clear()
             weight.grad = buffer
         if weight.grad is buffer:
-            written.append(grad._indices()[0])
-        return grad
+            looked_up.append(args[0].flatten())  # (B*T,) token ids, repeats and all
 
     emb.sparse = True
-    handle = weight.register_hook(attach)
+    handle = emb.register_forward_pre_hook(before_lookup)
     try:
         yield True
     finally:

@@ -430,8 +430,10 @@ def train_classifier(
     start, validating = time.perf_counter(), 0.0
     model.train()
     bar = tqdm(total=plan.total_steps, desc=desc, unit="step", leave=False, disable=_quiet())
-    # The joint loss reads every position of the last layer.
-    with runtime.fast_paths(model, p.seed, classifier=source_mlm is None):
+    # The joint loss reads every position of the last layer; L2-SP adds to every row of the
+    # embedding's gradient, which leaves nothing row-sparse.
+    fast = runtime.without("embedding_row_grads") if l2sp is not None else runtime
+    with fast.fast_paths(model, p.seed, classifier=source_mlm is None):
         for step in range(1, plan.total_steps + 1):
             if not batches:
                 batches, epoch = length_batches(lengths, p.optim.batch_size, rng), epoch + 1
