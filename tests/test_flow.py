@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,54 @@ def test_command_line_exits_non_zero_naming_the_rule(project: Path) -> None:
     assert out.returncode == 1
     assert "validation failed" in out.stderr and BAD_ROWS["text_too_short"][1] in out.stderr
     assert not Path("outputs/pretrain").exists() and not (project / ".tlpipe/store").exists()
+
+
+def _proc(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:  # gone meanwhile
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(c) for c in _proc(pid, "task/" + str(pid) + "/children").split()]
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def _servers(pid: int) -> list[int]:
+    return [c for c in _descendants(pid) if "uvicorn" in _proc(c, "cmdline")]
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc(pid, "stat")
+    return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sigterm_stops_the_run_and_its_api_server(project: Path) -> None:
+    """A scheduler stopping a run with SIGTERM: tlpipe exits non-zero, leaves no Prefect API
+    server running, and publishes nothing."""
+    tlpipe = Path(sys.executable).parent / "tlpipe"
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    log = (project / "run.log").open("w")
+    proc = subprocess.Popen([str(tlpipe), "run"], cwd=project, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        servers: list[int] = []
+        while not servers and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            servers = _servers(proc.pid)
+        assert servers, "the flow's API server never started"
+        while not Path("outputs/prepare").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)  # a stage is running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    time.sleep(1)
+    assert not [s for s in servers if _alive(s)], "the API server outlived the run"
+    assert not Path("outputs/publish").exists() and not (project / ".tlpipe/store").exists()
 
 
 def test_missing_column_stops_the_run(harness: None, project: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,13 @@ def _project_root() -> Path:
 def _fail(err: Exception) -> None:
     typer.echo(f"tlpipe: {err}", err=True)
     raise typer.Exit(1)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler stopping the run) stops it as Ctrl-C does: the running stage
+    commits nothing, and the exit handlers stop Prefect's API server. Python's default for
+    SIGTERM ends the process at once and leaves that server running."""
+    raise SystemExit(128 + signum)
 
 
 @app.command()
@@ -72,6 +80,7 @@ def run(
     from flows.pipeline import pipeline, single_stage
     from tlpipe.timing import RUN_ID, summarise
 
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     os.environ[RUN_ID] = run_id
     start = time.perf_counter()
