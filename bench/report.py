@@ -91,7 +91,8 @@ def training(key: str, section: dict[str, Any]) -> list[str]:
         title = "Masked-LM pretraining" if kind == "mlm" else "Fine-tuning"
         lines += [
             f"### {title}: {r['model']}, batch {r['batch_size']}, max length {r['max_length']}, "
-            f"{r['steps']} steps (windows of {r['window_steps']}, the first dropped)",
+            f"{r['steps']} steps (windows of {r['window_steps']}, the first dropped)"
+            + (f", {r['repeats']} runs per side, interleaved" if "repeats" in r else ""),
             "",
             f"| configuration | {unit.replace('_per_s', '/s')} | {label} | vs the Trainer's default |",
             "|---|---:|---:|---:|",

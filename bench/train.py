@@ -4,14 +4,16 @@ Masked-LM pretraining (a BERT of the pretrain stage's from-scratch config on the
 tweets) and fine-tuning (the shipped MiniLM on the labelled target tweets). Both sides get
 the same model config and initial weights, the same token ids (truncated at max_length),
 batch size, learning rate, warmup and decay, weight decay, clipping, optimizer (fused
-AdamW) and thread count. Throughput is timed over windows of steps after a warm-up window;
-each figure is the median over the windows, with min and max. Quality: each side's final
-model, scored by the same function (held-out masked-LM loss; test accuracy).
+AdamW) and thread count. Each side trains `--repeats` times, the sides in turn (see
+`interleaved`); throughput is timed over windows of steps after a warm-up window, and each
+figure is the median over the windows of all repeats, with min and max. Quality: each
+side's final model, scored by the same function (held-out masked-LM loss; test accuracy).
 
 Fine-tuning also measures what each of tlpipe's fast paths gives, interleaved (see
 `ablate_fast_paths`).
 
-    python -m bench.train [--device cpu|cuda] [--steps 300] [--window 50] [--only mlm|finetune]
+    python -m bench.train [--device cpu|cuda] [--steps 150] [--window 25] [--repeats 3]
+                          [--only mlm|finetune]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import copy
 import itertools
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,32 @@ def windows_of(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
     window (warm-up: allocator, kernel selection) dropped."""
     deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(marks)]
     return deltas[1:]
+
+
+def interleaved(
+    configs: dict[str, tuple[str, bool]],
+    train: Callable[[str, str, bool], tuple[list[tuple[float, float]], torch.nn.Module]],
+    quality: Callable[[torch.nn.Module], float],
+    repeats: int,
+    unit: str,
+) -> dict[str, Side]:
+    """Train every configuration `repeats` times from the same initial weights, the
+    configurations in turn and each repeat in the reverse order of the last, so the drift of
+    a shared machine falls on every side alike. A side's windows pool its repeats; its
+    quality is its first repeat's final model."""
+    windows: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    scores: dict[str, float] = {}
+    order = list(configs)
+    for _ in range(repeats):
+        for name in order:
+            marks, model = train(name, *configs[name])
+            windows[name] += windows_of(marks)
+            if name not in scores:
+                scores[name] = quality(model)
+            rate = Side(windows_of(marks), 0.0).throughput(unit)["median"]
+            print(f"{name}: {rate:.1f} {unit}", flush=True)
+        order.reverse()
+    return {name: Side(windows[name], scores[name]) for name in configs}
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, Any]:
@@ -203,7 +232,9 @@ def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
     }
 
 
-def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None) -> dict[str, Any]:
+def bench_mlm(
+    runtime: Runtime, steps: int, window: int, repeats: int, batch_size: int | None
+) -> dict[str, Any]:
     params = load_params()
     p = params.pretrain
     optim = p.optim if batch_size is None else p.optim.model_copy(update={"batch_size": batch_size})
@@ -224,21 +255,26 @@ def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None)
     )  # fmt: skip
     collator = DataCollatorForLanguageModeling(hf_tok, mlm_probability=p.mask_prob)
     features = [{"input_ids": s.tolist()} for s in train_ids]
-    sides: dict[str, Side] = {}
-    for name, (loop, bf16) in sides_for(runtime).items():
+
+    def train(name: str, loop: str, bf16: bool) -> tuple[list[tuple[float, float]], torch.nn.Module]:
         model = copy.deepcopy(initial)
-        if loop == "tlpipe":
-            run = train_mlm(
-                model, train_ids, special, steps=steps, optim=optim, mask_prob=p.mask_prob, seed=p.seed,
-                log_every=window, runtime=Runtime(runtime.device, bf16), desc=name,
-            )  # fmt: skip
-            marks = [(0, 0.0)] + [(h["tokens"], h["seconds"]) for h in run.history]
-        else:
-            marks = trainer_run(
+        if loop == "trainer":
+            return trainer_run(
                 model, features, collator, optim, steps, window, runtime.device, bf16, "tokens"
-            )
-        sides[name] = Side(windows_of(marks), mlm_eval_loss(model, eval_ids, special, **eval_kw))
-        print(f"mlm {name}: {sides[name].throughput('tokens/s')['median']:.0f} tokens/s", flush=True)
+            ), model
+        run = train_mlm(
+            model, train_ids, special, steps=steps, optim=optim, mask_prob=p.mask_prob, seed=p.seed,
+            log_every=window, runtime=Runtime(runtime.device, bf16), desc=f"mlm {name}",
+        )  # fmt: skip
+        return [(0, 0.0)] + [(h["tokens"], h["seconds"]) for h in run.history], model
+
+    sides = interleaved(
+        sides_for(runtime),
+        train,
+        lambda m: mlm_eval_loss(m, eval_ids, special, **eval_kw),
+        repeats,
+        "tokens/s",
+    )
 
     out = summary(sides, "tokens_per_s", "eval_mlm_loss")
     flops = per_token_flops(initial.config, train_ids, p.mask_prob)
@@ -260,6 +296,7 @@ def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None)
         "max_length": p.max_length,
         "steps": steps,
         "window_steps": window,
+        "repeats": repeats,
         **out,
         "flops_per_token": flops,
         "peaks": {k: {"name": n, "flops": v} for k, (n, v) in peaks.items()},
@@ -270,7 +307,9 @@ def bench_mlm(runtime: Runtime, steps: int, window: int, batch_size: int | None)
 # ---- fine-tuning -----------------------------------------------------------------------
 
 
-def bench_finetune(runtime: Runtime, steps: int, window: int, ablate_rounds: int) -> dict[str, Any]:
+def bench_finetune(
+    runtime: Runtime, steps: int, window: int, repeats: int, ablate_rounds: int
+) -> dict[str, Any]:
     from tasks.evaluate import labelled_target
 
     params = load_params()
@@ -300,21 +339,21 @@ def bench_finetune(runtime: Runtime, steps: int, window: int, ablate_rounds: int
 
     features = [{"input_ids": s.tolist(), "labels": int(y)} for s, y in zip(train_ids, train_y, strict=True)]
     collator = DataCollatorWithPadding(hf_tok)
-    sides: dict[str, Side] = {}
-    for name, (loop, bf16) in sides_for(runtime).items():
+
+    def train(name: str, loop: str, bf16: bool) -> tuple[list[tuple[float, float]], torch.nn.Module]:
         model = copy.deepcopy(initial)
-        if loop == "tlpipe":
-            run = train_classifier(
-                model, train_ids, train_y, val_ids, val_y, ft, pad, runtime=Runtime(runtime.device, bf16),
-                desc=name,
-            )  # fmt: skip
-            marks = [(0, 0.0)] + [(h["examples"], h["seconds"]) for h in run.history]
-        else:
+        if loop == "trainer":
             marks = trainer_run(
                 model, features, collator, ft.optim, steps, window, runtime.device, bf16, "examples"
             )
-        sides[name] = Side(windows_of(marks), accuracy(model))
-        print(f"finetune {name}: {sides[name].throughput('examples/s')['median']:.1f} examples/s", flush=True)
+            return marks, model
+        run = train_classifier(
+            model, train_ids, train_y, val_ids, val_y, ft, pad, runtime=Runtime(runtime.device, bf16),
+            desc=f"finetune {name}",
+        )  # fmt: skip
+        return [(0, 0.0)] + [(h["examples"], h["seconds"]) for h in run.history], model
+
+    sides = interleaved(sides_for(runtime), train, accuracy, repeats, "examples/s")
     ablation = ablate_fast_paths(
         runtime, initial, train_ids, train_y, ft, pad, rounds=ablate_rounds, block=window // 2
     )
@@ -327,6 +366,7 @@ def bench_finetune(runtime: Runtime, steps: int, window: int, ablate_rounds: int
         "max_length": ft.max_length,
         "steps": steps,
         "window_steps": window,
+        "repeats": repeats,
         **summary(sides, "examples_per_s", "test_accuracy"),
         "fast_paths": ablation,
     }
@@ -396,8 +436,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--window", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--window", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved")
     parser.add_argument("--batch-size", type=int, default=None, help="masked-LM batch (default: params)")
     parser.add_argument("--only", choices=["mlm", "finetune"], default=None)
     parser.add_argument("--ablate-rounds", type=int, default=8, help="fast-path ablation rounds")
@@ -411,10 +452,10 @@ def main() -> None:
     section = f"train-{runtime.device.type}" + (f"-b{args.batch_size}" if args.batch_size else "")
     out: dict[str, Any] = {"threads": threads, "device": runtime.device.type}
     if args.only in (None, "mlm"):
-        out["mlm"] = bench_mlm(runtime, args.steps, args.window, args.batch_size)
+        out["mlm"] = bench_mlm(runtime, args.steps, args.window, args.repeats, args.batch_size)
         print(f"mlm: {out['mlm']['speedup_same_precision']:.2f}x the Trainer", flush=True)
     if args.only in (None, "finetune"):
-        out["finetune"] = bench_finetune(runtime, args.steps, args.window, args.ablate_rounds)
+        out["finetune"] = bench_finetune(runtime, args.steps, args.window, args.repeats, args.ablate_rounds)
         print(f"finetune: {out['finetune']['speedup_same_precision']:.2f}x the Trainer", flush=True)
     record(section, out, args.results)
     print(machine())
