@@ -6,7 +6,8 @@ fused graph (what the export stage ships); onnxruntime int8 (dynamic quantisatio
 fused graph, also shipped). Requests are real test tweets at their own lengths:
 batch 1 (latency per request, p50 and p95 over the first 300 test rows) and batch 32
 (throughput over the whole test split in arrival order, each batch padded to its longest
-row). Every engine gets the same threads. Accuracy is each engine's on the test split.
+row). Every engine gets the same threads, and the engines take turns, repetition by
+repetition. Accuracy is each engine's on the test split.
 
     python -m bench.infer
 """
@@ -62,32 +63,49 @@ def batches(ids: Sequence[np.ndarray], size: int, pad: int) -> list[tuple[np.nda
     return [pad_arrays(ids[i : i + size], pad) for i in range(0, len(ids), size)]
 
 
-def latency(engine: Engine, requests: list[tuple[np.ndarray, np.ndarray]]) -> tuple[dict, dict]:
-    """p50 and p95 request latency (ms) per repetition; stats over the repetitions."""
-    for ids, mask in requests[:20]:
-        engine(ids, mask)
-    p50, p95 = [], []
-    for _ in range(REPS):
-        times = []
-        for ids, mask in requests:
-            start = time.perf_counter()
-            engine(ids, mask)
-            times.append((time.perf_counter() - start) * 1e3)
-        p50.append(float(np.percentile(times, 50)))
-        p95.append(float(np.percentile(times, 95)))
-    return stat(p50, "ms"), stat(p95, "ms")
-
-
-def throughput(engine: Engine, work: list[tuple[np.ndarray, np.ndarray]]) -> tuple[dict, np.ndarray]:
-    """Rows/s over `work` per repetition, and the logits of the last pass."""
-    rows = sum(len(ids) for ids, _ in work)
-    engine(*work[0])
-    samples, logits = [], []
-    for _ in range(REPS):
+def latency(engine: Engine, requests: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """One pass over `requests`: p50 and p95 request latency (ms)."""
+    times = []
+    for ids, mask in requests:
         start = time.perf_counter()
-        logits = [engine(ids, mask) for ids, mask in work]
-        samples.append(rows / (time.perf_counter() - start))
-    return stat(samples, "rows/s"), np.concatenate(logits)
+        engine(ids, mask)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
+def throughput(engine: Engine, work: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray]:
+    """One pass over `work`: rows/s, and the logits."""
+    start = time.perf_counter()
+    logits = [engine(ids, mask) for ids, mask in work]
+    return sum(len(ids) for ids, _ in work) / (time.perf_counter() - start), np.concatenate(logits)
+
+
+def measure(
+    engines: dict[str, Engine],
+    requests: list[tuple[np.ndarray, np.ndarray]],
+    work: list[tuple[np.ndarray, np.ndarray]],
+) -> dict[str, tuple[dict, dict, dict, np.ndarray]]:
+    """Per engine: p50 and p95 latency and batch throughput, each a stat over REPS passes,
+    and its logits. The engines take turns, each repetition in the reverse order of the
+    last, so the drift of a shared machine falls on every engine alike."""
+    for engine in engines.values():  # warm-up
+        for ids, mask in requests[:20]:
+            engine(ids, mask)
+        engine(*work[0])
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
+    logits: dict[str, np.ndarray] = {}
+    order = list(engines)
+    for _ in range(REPS):
+        for name in order:
+            p50, p95 = latency(engines[name], requests)
+            rows_per_s, logits[name] = throughput(engines[name], work)
+            samples[name].append((p50, p95, rows_per_s))
+        order.reverse()
+    return {
+        name: (stat([s[0] for s in runs], "ms"), stat([s[1] for s in runs], "ms"),
+               stat([s[2] for s in runs], "rows/s"), logits[name])
+        for name, runs in samples.items()
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -120,15 +138,14 @@ def main() -> None:
             "ort_int8": (ort_engine(int8, threads), int8.stat().st_size),
         }
         out: dict[str, Any] = {}
-        for name, (engine, size) in engines.items():
-            p50, p95 = latency(engine, requests)
-            rows_per_s, logits = throughput(engine, work)
+        measured = measure({name: engine for name, (engine, _) in engines.items()}, requests, work)
+        for name, (p50, p95, rows_per_s, logits) in measured.items():
             out[name] = {
                 "batch1_p50_ms": p50,
                 "batch1_p95_ms": p95,
                 "batch32_rows_per_s": rows_per_s,
                 "test_accuracy": float((logits.argmax(1) == y).mean()),
-                "bytes": size,
+                "bytes": engines[name][1],
             }
             print(f"{name}: p50 {p50['median']:.2f} ms, {rows_per_s['median']:.0f} rows/s", flush=True)
 
