@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 # bench/results.json and docs/benchmarks.md; runs the pipeline first if anything is stale.
-# About 50 min on 2 cores. TLPIPE_BENCH_THREADS pins the thread count (default: all cores).
+# About an hour on 2 cores. TLPIPE_BENCH_THREADS pins the thread count (default: all cores).
 bench: $(STAMP)
 	$(VENV)/bin/tlpipe run
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.train
