@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,15 @@ def stat(samples: Sequence[float], unit: str) -> dict[str, Any]:
         "reps": len(samples),
         "unit": unit,
     }
+
+
+def in_turns(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) for `rounds` rounds of every name in turn, each round in the reverse
+    order of the last, so the drift of a shared machine falls on every side alike."""
+    order = list(names)
+    for r in range(rounds):
+        yield from ((r, name) for name in order)
+        order.reverse()
 
 
 def timed(

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from bench.common import REPS, pin_threads, ratio, record, stat, threads_from_env
+from bench.common import REPS, in_turns, pin_threads, ratio, record, stat, threads_from_env
 from tasks.export import export_onnx, fuse, quantize_int8
 from tlpipe.batching import pad_arrays
 from tlpipe.data import label_ids, read_split, texts
@@ -86,21 +86,17 @@ def measure(
     work: list[tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, tuple[dict, dict, dict, np.ndarray]]:
     """Per engine: p50 and p95 latency and batch throughput, each a stat over REPS passes,
-    and its logits. The engines take turns, each repetition in the reverse order of the
-    last, so the drift of a shared machine falls on every engine alike."""
+    and its logits. The engines take turns (`in_turns`)."""
     for engine in engines.values():  # warm-up
         for ids, mask in requests[:20]:
             engine(ids, mask)
         engine(*work[0])
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
     logits: dict[str, np.ndarray] = {}
-    order = list(engines)
-    for _ in range(REPS):
-        for name in order:
-            p50, p95 = latency(engines[name], requests)
-            rows_per_s, logits[name] = throughput(engines[name], work)
-            samples[name].append((p50, p95, rows_per_s))
-        order.reverse()
+    for _, name in in_turns(list(engines), REPS):
+        p50, p95 = latency(engines[name], requests)
+        rows_per_s, logits[name] = throughput(engines[name], work)
+        samples[name].append((p50, p95, rows_per_s))
     return {
         name: (stat([s[0] for s in runs], "ms"), stat([s[1] for s in runs], "ms"),
                stat([s[2] for s in runs], "rows/s"), logits[name])

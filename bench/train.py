@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine, pin_threads, ratio, record, stat, threads_from_env, timed
+from bench.common import in_turns, machine, pin_threads, ratio, record, stat, threads_from_env, timed
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.model import bert_config, load_transfer_classifier, new_mlm, resolve_init
@@ -81,21 +81,17 @@ def interleaved(
     unit: str,
 ) -> dict[str, Side]:
     """Train every configuration `repeats` times from the same initial weights, the
-    configurations in turn and each repeat in the reverse order of the last, so the drift of
-    a shared machine falls on every side alike. A side's windows pool its repeats; its
+    configurations taking turns (`in_turns`). A side's windows pool its repeats; its
     quality is its first repeat's final model."""
     windows: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     scores: dict[str, float] = {}
-    order = list(configs)
-    for _ in range(repeats):
-        for name in order:
-            marks, model = train(name, *configs[name])
-            windows[name] += windows_of(marks)
-            if name not in scores:
-                scores[name] = quality(model)
-            rate = Side(windows_of(marks), 0.0).throughput(unit)["median"]
-            print(f"{name}: {rate:.1f} {unit}", flush=True)
-        order.reverse()
+    for _, name in in_turns(list(configs), repeats):
+        marks, model = train(name, *configs[name])
+        timed_windows = windows_of(marks)
+        windows[name] += timed_windows
+        if name not in scores:
+            scores[name] = quality(model)
+        print(f"{name}: {Side(timed_windows, 0.0).throughput(unit)['median']:.1f} {unit}", flush=True)
     return {name: Side(windows[name], scores[name]) for name in configs}
 
 
@@ -384,9 +380,8 @@ def ablate_fast_paths(
 ) -> dict[str, Any]:
     """What each fast path gives to a fine-tuning step, with the others on. One model and
     one optimizer train on, a block of `block` steps per configuration (all on, each one off,
-    all off), the configuration's fast paths entered around its block; `rounds` rounds, each
-    in the reverse order of the last, so the drift of a shared machine falls on every
-    configuration alike."""
+    all off), the configuration's fast paths entered around its block, for `rounds` rounds
+    of turns (`in_turns`)."""
     paths = tuple(f for f in FAST_PATHS if runtime.uses(f))
     configs = {"all on": (), **{f"{f} off": (f,) for f in paths}, "all off": paths}
     rates: dict[str, list[float]] = {name: [] for name in configs}
@@ -407,21 +402,18 @@ def ablate_fast_paths(
         clip_and_step(optimizer, model.parameters(), ft.optim.max_grad_norm, rt.uses("clip_in_step"))
         optimizer.zero_grad(set_to_none=True)
 
-    order = list(configs)
-    for r in range(rounds + 1):  # round 0 warms every configuration up, untimed
+    for r, name in in_turns(list(configs), rounds + 1):  # round 0 warms every one up, untimed
         steps = [batches[(r * block + i) % len(batches)] for i in range(block)]
-        for name in order:
-            rt = runtime.without(*configs[name])
-            with rt.fast_paths(model, ft.seed + r, classifier=True):
-                start = time.perf_counter()
-                for idx in steps:
-                    step(rt, idx)
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-            if r:
-                rates[name].append(sum(len(b) for b in steps) / seconds)
-        order.reverse()
+        rt = runtime.without(*configs[name])
+        with rt.fast_paths(model, ft.seed + r, classifier=True):
+            start = time.perf_counter()
+            for idx in steps:
+                step(rt, idx)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        if r:
+            rates[name].append(sum(len(b) for b in steps) / seconds)
     out = {name: stat(r, "examples/s") for name, r in rates.items()}
     return {
         "rounds": rounds,
