@@ -1,13 +1,13 @@
 """Inference: onnxruntime against PyTorch eager on the fine-tuned model, side by side.
 
 Engines: PyTorch eager fp32 (its default SDPA attention); onnxruntime fp32 on the plain
-export; onnxruntime fp32 on the
-fused graph (what the export stage ships); onnxruntime int8 (dynamic quantisation of the
-fused graph, also shipped). Requests are real test tweets at their own lengths:
-batch 1 (latency per request, p50 and p95 over the first 300 test rows) and batch 32
-(throughput over the whole test split in arrival order, each batch padded to its longest
-row). Every engine gets the same threads, and the engines take turns, repetition by
-repetition. Accuracy is each engine's on the test split.
+export; onnxruntime fp32 on the fused graph (what the export stage ships); onnxruntime int8
+(dynamic quantisation of the fused graph, also shipped); and both shipped graphs again with
+onnxruntime's default SkipLayerNormalization fusion, which tlpipe's sessions turn off.
+Requests are real test tweets at their own lengths: batch 1 (latency per request, p50 and
+p95 over the first 300 test rows) and batch 32 (throughput over the whole test split in
+arrival order, each batch padded to its longest row). Every engine gets the same threads,
+and the engines take turns, repetition by repetition. Accuracy is each engine's on the test split.
 
     python -m bench.infer
 """
@@ -31,7 +31,7 @@ from tasks.export import export_onnx, fuse, quantize_int8
 from tlpipe.batching import pad_arrays
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.params import load_params
-from tlpipe.serve import session_options
+from tlpipe.serve import inference_session, session_options
 from tlpipe.text import SpecialIds, encode, load_tokenizer
 
 MODEL = Path("outputs/finetune/model")
@@ -50,8 +50,14 @@ def torch_engine(model: torch.nn.Module) -> Engine:
     return run
 
 
-def ort_engine(path: Path, threads: int) -> Engine:
-    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+def ort_engine(path: Path, threads: int, skip_layer_norm: bool = False) -> Engine:
+    """onnxruntime as tlpipe serves it, or with `skip_layer_norm` as onnxruntime's defaults
+    do: residual adds and layer norms fused back into SkipLayerNormalization."""
+    if skip_layer_norm:
+        options = session_options(threads)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    else:
+        session = inference_session(path, session_options(threads))
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
@@ -132,6 +138,8 @@ def main() -> None:
             "ort_fp32_plain": (ort_engine(plain, threads), plain.stat().st_size),
             "ort_fp32_fused": (ort_engine(fused, threads), fused.stat().st_size),
             "ort_int8": (ort_engine(int8, threads), int8.stat().st_size),
+            "ort_fp32_fused_skipln": (ort_engine(fused, threads, skip_layer_norm=True), fused.stat().st_size),
+            "ort_int8_skipln": (ort_engine(int8, threads, skip_layer_norm=True), int8.stat().st_size),
         }
         out: dict[str, Any] = {}
         measured = measure({name: engine for name, (engine, _) in engines.items()}, requests, work)

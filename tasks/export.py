@@ -71,13 +71,23 @@ def export_onnx(model: PreTrainedModel, path: Path, special: SpecialIds, vocab_s
 
 
 def fuse(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """onnxruntime's transformer optimizer: attention, skip layer norm, embedding layer norm
-    and GELU fused into single kernels for the CPU. Returns the fused operators' counts."""
+    """onnxruntime's transformer optimizer: attention, embedding layer norm and bias + GELU
+    fused into single kernels for the CPU; residual adds stay apart from their layer norms
+    (see tlpipe.serve.DISABLED_OPTIMIZERS). Returns the fused operators' counts."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+        fused = optimize_model(
+            str(src),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            optimization_options=options,
+        )
     fused.save_model_to_file(str(dst))
     return {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
 
@@ -88,7 +98,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Fused contrib ops (BiasGelu, SkipLayerNormalization) defeat ONNX shape inference:
+    # Fused contrib ops (Attention, BiasGelu) defeat ONNX shape inference:
     # their outputs are fp32.
     quantize_dynamic(
         str(src),

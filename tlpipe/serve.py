@@ -52,11 +52,26 @@ class BundleSpec:
         }
 
 
+# onnxruntime's CPU SkipLayerNormalization kernel (residual add + layer norm in one op) is a
+# scalar loop with a divide per element: about 4x the time of an Add and the vectorised
+# LayerNormalization kernel (onnxruntime 1.32). Batched int8 inference runs faster without it
+# and batch-1 latency is even (`python -m bench.infer`), so the exported graphs keep the two
+# apart (tasks.export.fuse) and sessions do not fuse them back.
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
+
+
+def inference_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime CPU session on `path` with tlpipe's graph optimisations."""
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
+    )
 
 
 class Bundle:
@@ -75,11 +90,7 @@ class Bundle:
             )
         self.precision = precision
         self.tokenizer = load_tokenizer(path)
-        self.session = ort.InferenceSession(
-            str(path / self.spec.models[precision]),
-            session_options(threads),
-            providers=["CPUExecutionProvider"],
-        )
+        self.session = inference_session(path / self.spec.models[precision], session_options(threads))
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
         return encode(self.tokenizer, texts, self.spec.max_length)
