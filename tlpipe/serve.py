@@ -53,10 +53,10 @@ class BundleSpec:
 
 
 # onnxruntime's CPU SkipLayerNormalization kernel (residual add + layer norm in one op) is a
-# scalar loop with a divide per element: about 4x the time of an Add and the vectorised
-# LayerNormalization kernel (onnxruntime 1.32). Batched int8 inference runs faster without it
-# and batch-1 latency is even (`python -m bench.infer`), so the exported graphs keep the two
-# apart (tasks.export.fuse) and sessions do not fuse them back.
+# scalar loop with a divide per element, where an Add and the LayerNormalization kernel are
+# vectorised (onnxruntime 1.32). Batched inference runs faster without it and batch-1
+# latency is even (`python -m bench.infer`), so the exported graphs keep the two apart
+# (tasks.export.fuse) and sessions do not fuse them back.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
