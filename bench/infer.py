@@ -53,11 +53,11 @@ def torch_engine(model: torch.nn.Module) -> Engine:
 def ort_engine(path: Path, threads: int, skip_layer_norm: bool = False) -> Engine:
     """onnxruntime as tlpipe serves it, or with `skip_layer_norm` as onnxruntime's defaults
     do: residual adds and layer norms fused back into SkipLayerNormalization."""
+    options = session_options(threads)
     if skip_layer_norm:
-        options = session_options(threads)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     else:
-        session = inference_session(path, session_options(threads))
+        session = inference_session(path, options)
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
