@@ -117,7 +117,7 @@ def main() -> None:
     threads = threads_from_env()
     pin_threads(threads)
     params = load_params()
-    labels = params.prepare.labels
+    labels = params.data.labels
     model = AutoModelForSequenceClassification.from_pretrained(MODEL).eval()
     tok = load_tokenizer(MODEL)
     special = SpecialIds.of(tok)

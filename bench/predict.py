@@ -24,14 +24,15 @@ import numpy as np
 import pandas as pd
 
 from bench.common import pin_threads, ratio, record, run_measured, stat, threads_from_env
-from tlpipe.data import read_raw
+from tlpipe.data import read_input
 from tlpipe.params import load_params
 
 BUNDLE = Path("outputs/export/bundle")
 
 
 def make_input(path: Path, rows: int, seed: int = 0) -> None:
-    texts = read_raw(load_params().data)["text"].dropna().to_numpy()
+    target = load_params().data.target.model_copy(update={"select": None})
+    texts = read_input(target, "target")["text"].dropna().to_numpy()
     pick = np.random.default_rng(seed).integers(0, len(texts), rows)
     # Quote every field: pandas leaves a lone "\r" unquoted, and readers take it for a line end.
     pd.DataFrame({"text": texts[pick]}).to_csv(path, index=False, quoting=csv.QUOTE_ALL)

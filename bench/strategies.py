@@ -113,8 +113,9 @@ def main() -> None:
                     point,
                     params.evaluate,
                     params.finetune,
-                    params.prepare.labels,
+                    params.data,
                     source_dir,
+                    stage_dir("finetune"),
                     prepare_dir,
                     Path(tmp) / "runs" / name,
                 ): (name, key)
@@ -136,7 +137,7 @@ def _fingerprint(params: Params, source_dir: Path) -> str:
             [
                 params.finetune.model_dump(mode="json"),
                 params.evaluate.model_dump(mode="json"),
-                params.prepare.labels,
+                params.data.labels,
             ]
         ).encode()
     )

@@ -309,7 +309,7 @@ def bench_finetune(
     from tasks.evaluate import labelled_target
 
     params = load_params()
-    labels = params.prepare.labels
+    labels = params.data.labels
     ft: FinetuneParams = params.finetune.model_copy(
         update={"epochs": 1, "min_steps": steps, "max_steps": steps, "evaluations": steps // window,
                 "patience": steps}

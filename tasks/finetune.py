@@ -7,28 +7,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from transformers import PreTrainedModel
-
-from tlpipe.data import label_ids, read_split, sha256_file, texts
-from tlpipe.model import (
-    fresh_dir,
-    load_mlm,
-    load_transfer_classifier,
-    save_checkpoint,
-    seed_everything,
-    tied_mlm_head,
-    write_json,
-)
+from tlpipe.classifier import encode_split, transfer_setup
+from tlpipe.data import read_split, sha256_file, texts
+from tlpipe.model import fresh_dir, save_checkpoint, seed_everything, write_json
 from tlpipe.params import FinetuneParams
-from tlpipe.text import SpecialIds, encode, load_tokenizer
-from tlpipe.train import ClassifierResult, Runtime, SourceMlm, train_classifier, train_mlm
+from tlpipe.text import SpecialIds, load_tokenizer, truncated_share
+from tlpipe.train import ClassifierResult, Runtime, train_classifier
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ["step", "epoch", "train_loss", "val_accuracy", "val_macro_f1"]
-# Source rows kept in memory for the joint loss (it cycles through them).
-JOINT_SOURCE_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -36,76 +24,6 @@ class FinetuneResult:
     model_dir: Path
     best_step: int
     val_macro_f1: float
-
-
-@dataclass
-class TransferSetup:
-    """A classifier built from the source model under a strategy, ready to train."""
-
-    model: PreTrainedModel
-    transferred: set[str]
-    source_mlm: SourceMlm | None
-    tapt: dict[str, float] | None
-
-
-def encode_split(
-    prepare_dir: Path, split: str, tok_dir: Path, labels: tuple[str, ...], max_length: int
-) -> tuple[list[np.ndarray], np.ndarray]:
-    frame = read_split(prepare_dir, split)
-    return encode(load_tokenizer(tok_dir), texts(frame), max_length), label_ids(frame, labels)
-
-
-def unlabelled_target(prepare_dir: Path, tok_dir: Path, max_length: int) -> list[np.ndarray]:
-    """The target's text without labels (train and pool): what task-adaptive pretraining reads."""
-    rows = [t for split in ("train", "pool") for t in texts(read_split(prepare_dir, split))]
-    return encode(load_tokenizer(tok_dir), rows, max_length)
-
-
-def transfer_setup(
-    p: FinetuneParams, labels: tuple[str, ...], source_dir: Path, prepare_dir: Path
-) -> TransferSetup:
-    """The source model with a new head, after `tapt_steps` of masked-LM on the target's
-    unlabelled text, and with the source masked-LM objective attached when `joint_alpha`."""
-    model, transferred = load_transfer_classifier(source_dir, labels)
-    if not (p.tapt_steps or p.joint_alpha):
-        return TransferSetup(model, transferred, None, None)
-    tok = load_tokenizer(source_dir)
-    special = SpecialIds.of(tok)
-    tapt = None
-    if p.tapt_steps:
-        mlm = load_mlm(source_dir)
-        run = train_mlm(
-            mlm,
-            unlabelled_target(prepare_dir, source_dir, p.max_length),
-            special,
-            steps=p.tapt_steps,
-            optim=p.optim,
-            mask_prob=p.mask_prob,
-            seed=p.seed,
-            log_every=max(1, p.tapt_steps // 10),
-            runtime=Runtime.pick(p.device, p.precision),
-            desc="task-adaptive pretraining",
-        )
-        model.base_model.load_state_dict(mlm.base_model.state_dict(), strict=False)
-        tapt = {
-            "steps": run.steps,
-            "first_loss": run.history[0]["loss"],
-            "last_loss": run.history[-1]["loss"],
-        }
-        log.info(
-            "task-adaptive pretraining: %d steps, loss %.3f -> %.3f", run.steps, *list(tapt.values())[1:]
-        )
-    source_mlm = None
-    if p.joint_alpha:
-        source = texts(read_split(prepare_dir, "source"))[:JOINT_SOURCE_ROWS]
-        source_mlm = SourceMlm(
-            head=tied_mlm_head(source_dir, model),
-            ids=encode(tok, source, p.max_length),
-            special=special,
-            alpha=p.joint_alpha,
-            mask_prob=p.mask_prob,
-        )
-    return TransferSetup(model, transferred, source_mlm, tapt)
 
 
 def write_history(path: Path, run: ClassifierResult) -> None:
@@ -170,6 +88,16 @@ def finetune(
             "val_accuracy": best["val_accuracy"],
             "val_macro_f1": best["val_macro_f1"],
             "train_rows": len(train_ids),
+            # Rows longer than max_length tokens keep their head; how many were cut.
+            "truncated": {
+                "max_length": p.max_length,
+                **{
+                    f"{split}_share": truncated_share(
+                        tok, texts(read_split(prepare_dir, split)), p.max_length
+                    )
+                    for split in ("train", "val", "test")
+                },
+            },
             "strategy": p.strategy,
             "tapt": setup.tapt,
         },
@@ -183,16 +111,6 @@ def finetune(
 
 
 if __name__ == "__main__":
-    from tlpipe.entry import main
-    from tlpipe.params import stage_dir
+    from tasks.wiring import main
 
-    main(
-        "finetune",
-        lambda params, out: finetune(
-            params.finetune,
-            params.prepare.labels,
-            stage_dir("pretrain") / "model",
-            stage_dir("prepare"),
-            out,
-        ),
-    )
+    main("finetune")

@@ -1,89 +1,168 @@
-"""prepare: split the raw data into a source corpus and a small labelled target task."""
+"""prepare: read the inputs, form the target's splits and the source corpus."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tlpipe.data import normalise_text, read_raw, sha256_file, target_mask
+from tlpipe.data import input_files, normalise_text, read_input, sha256_file
 from tlpipe.errors import DataError
-from tlpipe.params import DataParams, PrepareParams
+from tlpipe.files import fresh_dir, write_json
+from tlpipe.params import TARGET_SPLITS, DataParams, InputParams, PrepareParams
 
 log = logging.getLogger(__name__)
+
+SPLIT_NAMES = (*TARGET_SPLITS, "pool")
 
 
 @dataclass(frozen=True)
 class PrepareResult:
-    raw_sha256: str
-    raw_rows: int
-    duplicates_dropped: int
+    # Per input (target, source): its files with their SHA-256, and rows read.
+    inputs: dict[str, Any]
+    source: str
+    duplicates_dropped: dict[str, int]
     counts: dict[str, dict[str, int]]
 
 
 def prepare(p: PrepareParams, data: DataParams, root: Path, out_dir: Path) -> PrepareResult:
-    """Read `data.path` under `root`; write source/train/val/test/pool parquet files.
+    """Read `data.target` (and `data.source`, if any) under `root`; write train / val /
+    test / pool / source parquet files and summary.json under `out_dir`.
 
-    Texts are de-duplicated on their normalised form before splitting, so no text lands in
-    two splits. Rows matching `p.target_pattern` form the target domain: test, val and train
-    are drawn from it (seeded), the rest of it is `pool` (labelled target rows held back for
-    data-efficiency curves); every other row is the source corpus. Rows are not otherwise
-    cleaned: validation decides whether they are fit to use. Raises DataError when the raw
-    file is unusable or the target domain is too small for the requested sizes.
+    Texts are de-duplicated on their normalised form within each input, and source rows
+    whose text is also a target text are dropped, so no text lands in two splits. The
+    target's splits are drawn (seeded, stratified by label), read from its split column,
+    or taken from its split files (`p.split.by`); drawn splits leave every other target row
+    in `pool`. Without a source, source.parquet has no rows. Rows are not otherwise cleaned:
+    validation decides whether they are fit to use. Raises DataError when an input is
+    unusable or the target is too small for the requested sizes.
     """
-    raw = read_raw(data, root)
-    key = normalise_text(raw["text"])
-    dup = key.notna() & key.duplicated(keep="first")
-    frame = raw[~dup].reset_index(drop=True)
-    log.info("read %d rows from %s, dropped %d duplicate texts", len(raw), data.path, int(dup.sum()))
-
-    is_target = target_mask(frame["text"], p.target_pattern)
     rng = np.random.default_rng(p.seed)
-    target = frame[is_target].iloc[rng.permutation(int(is_target.sum()))]
-    source = frame[~is_target].iloc[rng.permutation(int((~is_target).sum()))]
-    if p.source_max_rows is not None:
-        source = source.iloc[: p.source_max_rows]
+    target, dropped_target = _dedupe(read_input(data.target, "target", root))
+    splits = _target_splits(p, target, rng)
 
-    sizes = {"test": p.target_test_size, "val": p.target_val_size, "train": p.target_train_size}
-    needed = sum(sizes.values())
-    if len(target) < needed:
-        raise DataError(
-            f"prepare.target_pattern matches {len(target)} rows after de-duplication, "
-            f"but test+val+train sizes need {needed} ({sizes})"
-        )
-    splits: dict[str, pd.DataFrame] = {"source": source}
-    start = 0
-    for name, size in sizes.items():
-        splits[name] = target.iloc[start : start + size]
-        start += size
-    splits["pool"] = target.iloc[start:]
+    dropped = {"target": dropped_target}
+    inputs = {"target": _describe(data.target, root, len(target) + dropped_target)}
+    if data.source is not None:
+        raw = read_input(data.source, "source", root)
+        source, dropped["source"] = _dedupe(raw)
+        in_target = normalise_text(source["text"]).isin(set(normalise_text(target["text"]).dropna()))
+        dropped["source_in_target"] = int(in_target.sum())
+        source = source[~in_target.to_numpy()]
+        source = source.iloc[rng.permutation(len(source))]
+        if p.source_max_rows is not None:
+            source = source.iloc[: p.source_max_rows]
+        inputs["source"] = _describe(data.source, root, len(raw))
+    else:
+        columns = ["text", "label"] if data.source_kind == "labelled" else ["text"]
+        source = pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
+        inputs["source"] = None
+    splits["source"] = source
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    fresh_dir(out_dir)
     counts: dict[str, dict[str, int]] = {}
     for name, split in splits.items():
-        split.reset_index(drop=True).to_parquet(out_dir / f"{name}.parquet", index=False)
-        counts[name] = {
-            str(k): int(v) for k, v in split["label"].value_counts(dropna=False).sort_index().items()
-        }
+        split = split.drop(columns=["split"], errors="ignore").reset_index(drop=True)
+        split.to_parquet(out_dir / f"{name}.parquet", index=False)
+        counts[name] = (
+            {str(k): int(v) for k, v in split["label"].value_counts(dropna=False).sort_index().items()}
+            if "label" in split.columns
+            else {"<unlabelled>": len(split)}
+        )
         log.info("%s: %d rows %s", name, len(split), counts[name])
-    result = PrepareResult(
-        raw_sha256=sha256_file(root / data.path),
-        raw_rows=len(raw),
-        duplicates_dropped=int(dup.sum()),
-        counts=counts,
-    )
-    (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2, sort_keys=True) + "\n")
+    result = PrepareResult(inputs=inputs, source=data.source_kind, duplicates_dropped=dropped, counts=counts)
+    write_json(out_dir / "summary.json", asdict(result))
     return result
 
 
-if __name__ == "__main__":
-    from tlpipe.entry import main
+def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The frame without rows whose normalised text repeats an earlier row's; and how many."""
+    key = normalise_text(frame["text"])
+    dup = key.notna() & key.duplicated(keep="first")
+    return frame[~dup.to_numpy()].reset_index(drop=True), int(dup.sum())
 
-    main("prepare", lambda params, out: prepare(params.prepare, params.data, Path("."), out))
+
+def _describe(inp: InputParams, root: Path, rows: int) -> dict[str, Any]:
+    """What lineage records of an input: where it came from, each file's SHA-256, its rows."""
+    paths = inp.path if isinstance(inp.path, dict) else {"": inp.path}
+    files = {}
+    for path in paths.values():
+        for f in input_files(path, inp.format, root, "data.path"):
+            files[f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)] = sha256_file(f)
+    return {"path": inp.path, "files": files, "rows": rows, "select": inp.select and inp.select.model_dump()}
+
+
+def _target_splits(
+    p: PrepareParams, target: pd.DataFrame, rng: np.random.Generator
+) -> dict[str, pd.DataFrame]:
+    if p.split.by == "draw":
+        return _draw(p, target, rng)
+    values = target["split"].fillna("<null>").astype(str)
+    unknown = values[~values.isin(SPLIT_NAMES)].value_counts()
+    if len(unknown):
+        found = ", ".join(f"{v!r}: {n} rows" for v, n in unknown.items())
+        raise DataError(
+            f"the target's split column holds values other than {', '.join(SPLIT_NAMES)} ({found})"
+        )
+    splits = {name: target[(values == name).to_numpy()] for name in SPLIT_NAMES}
+    empty = [name for name in TARGET_SPLITS if splits[name].empty]
+    if empty:
+        raise DataError(f"the target has no {' / '.join(empty)} rows (prepare.split.by is {p.split.by!r})")
+    return splits
+
+
+def _draw(p: PrepareParams, target: pd.DataFrame, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """test, val and train drawn in that order, each stratified by label (largest remainder)
+    when `stratify`; the rest is pool."""
+    sizes = {"test": p.split.test, "val": p.split.val, "train": p.split.train}
+    needed = sum(sizes.values())
+    if len(target) < needed:
+        raise DataError(
+            f"the target has {len(target)} rows after de-duplication, but the test + val + train "
+            f"sizes need {needed} ({sizes}); lower prepare.split sizes"
+        )
+    shuffled = target.iloc[rng.permutation(len(target))]
+    if not p.split.stratify:
+        groups = {"": shuffled}
+    else:
+        key = shuffled["label"].fillna("<null>").astype(str)
+        groups = {label: shuffled[(key == label).to_numpy()] for label in sorted(key.unique())}
+    taken = dict.fromkeys(groups, 0)
+    picked: dict[str, list[pd.DataFrame]] = {name: [] for name in sizes}
+    for name, size in sizes.items():
+        left = {g: len(rows) - taken[g] for g, rows in groups.items()}
+        for g, k in _quotas(left, size).items():
+            picked[name].append(groups[g].iloc[taken[g] : taken[g] + k])
+            taken[g] += k
+    splits = {name: _mix(pd.concat(parts), rng) for name, parts in picked.items()}
+    splits["pool"] = _mix(pd.concat([rows.iloc[taken[g] :] for g, rows in groups.items()]), rng)
+    return {name: splits[name] for name in SPLIT_NAMES}
+
+
+def _quotas(available: dict[str, int], size: int) -> dict[str, int]:
+    """`size` rows shared among groups in proportion to what each has left (largest
+    remainder, never more than a group has)."""
+    total = sum(available.values())
+    exact = {g: size * n / total for g, n in available.items()}
+    quota = {g: min(available[g], int(x)) for g, x in exact.items()}
+    for g in sorted(exact, key=lambda g: exact[g] - int(exact[g]), reverse=True):
+        if sum(quota.values()) >= size:
+            break
+        if quota[g] < available[g]:
+            quota[g] += 1
+    return quota
+
+
+def _mix(frame: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """A stratified split's rows in a seeded random order, not grouped by label."""
+    return frame.iloc[rng.permutation(len(frame))]
+
+
+if __name__ == "__main__":
+    from tasks.wiring import main
+
+    main("prepare")

@@ -30,7 +30,7 @@ from tlpipe.model import (
     seed_everything,
     write_json,
 )
-from tlpipe.params import FinetuneParams, PretrainParams
+from tlpipe.params import DataParams, FinetuneParams, PretrainParams, pretrain_objective
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
 from tlpipe.train import MLM_EVAL_ROWS, Runtime, mlm_eval_loss, train_classifier, train_mlm
 
@@ -49,7 +49,8 @@ CHECKPOINT_FILES = (
 @dataclass(frozen=True)
 class PretrainResult:
     model_dir: Path
-    objective: str
+    # None: the checkpoint was taken as it is.
+    objective: str | None
     steps: int
     # Held-out source metrics: masked-LM loss before/after (mlm), accuracy and macro-F1
     # (supervised).
@@ -64,27 +65,32 @@ class _Trained:
     timing: dict[str, float]
 
 
-def pretrain(p: PretrainParams, labels: tuple[str, ...], prepare_dir: Path, out_dir: Path) -> PretrainResult:
-    """Train or continue a source model on `prepare_dir/source.parquet` with `p.objective`.
+def pretrain(p: PretrainParams, data: DataParams, prepare_dir: Path, out_dir: Path) -> PretrainResult:
+    """Train or continue a source model on `prepare_dir/source.parquet` with the objective
+    `pretrain_objective` picks: masked-LM on the source text, or a classifier on a labelled
+    source's own label set. Without a source, or with `steps: 0`, the checkpoint is taken as
+    it is.
 
-    Writes `out_dir/model` (a self-contained HF checkpoint: a masked-LM model, or a
-    classifier for `labels` under `objective: supervised`), `metrics.json` (held-out source
-    metrics), `history.csv` (per logged step or validation) and `timing.json`. Raises
-    FileNotFoundError when `init_from` names no checkpoint, DataError when a supervised
-    source row has no label from `labels`.
+    Writes `out_dir/model` (a self-contained HF checkpoint), `metrics.json` (held-out
+    source metrics, or `source: none`), `history.csv` (per logged step or validation) and
+    `timing.json`. Raises FileNotFoundError when `init_from` names no checkpoint, DataError
+    when a supervised source row has no label from the source's label set.
     """
     seed_everything(p.seed)
     source_file = prepare_dir / "source.parquet"
     fresh_dir(out_dir)
     model_dir = out_dir / "model"
+    objective = pretrain_objective(p, data)
     meta = {
         "stage": "pretrain",
         "params": p.model_dump(mode="json"),
+        "objective": objective,
         "inputs": {"source.parquet": sha256_file(source_file)},
         "max_length": p.max_length,
     }
-    if p.init_from is not None and p.steps == 0:
-        return _use_as_is(p, model_dir, meta, out_dir)
+    if objective is None:
+        return _use_as_is(p, data.source_kind, model_dir, meta, out_dir)
+    labels = data.source_labels or ()
 
     held_out, train = source_split(read_split(prepare_dir, "source"))
     with tempfile.TemporaryDirectory() as download:
@@ -94,23 +100,28 @@ def pretrain(p: PretrainParams, labels: tuple[str, ...], prepare_dir: Path, out_
             log.info("continuing %s with %s for %d steps", p.init_from, p.objective, p.steps)
         else:
             tok = train_wordpiece([t for t in texts(train) if t.strip()], p.tokenizer)
-        if p.objective == "supervised":
+        if objective == "supervised":
             trained = _supervised(p, labels, tok, init_dir, train, held_out)
         else:
             trained = _mlm(p, tok, init_dir, train, held_out)
 
-    if p.objective == "supervised":
+    if objective == "supervised":
         meta["labels"] = list(labels)
     save_checkpoint(trained.model, tok, model_dir, meta)
-    metrics = {"objective": p.objective, "steps": p.steps, "source_rows": len(train)} | trained.metrics
+    metrics = {
+        "objective": objective,
+        "source": data.source_kind,
+        "steps": p.steps,
+        "source_rows": len(train),
+    } | trained.metrics
     write_json(out_dir / "metrics.json", metrics)
     with (out_dir / "history.csv").open("w", newline="") as f:
-        fields = ["step", "loss", "lr"] if p.objective == "mlm" else ["step", "loss", "val_accuracy"]
+        fields = ["step", "loss", "lr"] if objective == "mlm" else ["step", "loss", "val_accuracy"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(trained.history)
     write_json(out_dir / "timing.json", trained.timing)
-    result = PretrainResult(model_dir, p.objective, p.steps, trained.metrics)
+    result = PretrainResult(model_dir, objective, p.steps, trained.metrics)
     log.info("pretrain: %s", asdict(result))
     return result
 
@@ -216,11 +227,12 @@ def _source_labels(frame: pd.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
     try:
         return label_ids(frame, labels)
     except DataError as err:
-        raise DataError(f"pretrain.objective supervised needs a label on every source row: {err}") from None
+        raise DataError(f"supervised pretraining needs a source label on every source row: {err}") from None
 
 
-def _use_as_is(p: PretrainParams, model_dir: Path, meta: dict, out_dir: Path) -> PretrainResult:
-    """steps: 0 takes the checkpoint's files unchanged (every weight kept, pooler included)."""
+def _use_as_is(p: PretrainParams, source: str, model_dir: Path, meta: dict, out_dir: Path) -> PretrainResult:
+    """No source, or steps: 0: the checkpoint's files unchanged (every weight kept, pooler
+    included)."""
     assert p.init_from is not None
     with tempfile.TemporaryDirectory() as download:
         init_dir = resolve_init(p.init_from, Path(download))
@@ -230,18 +242,15 @@ def _use_as_is(p: PretrainParams, model_dir: Path, meta: dict, out_dir: Path) ->
             if (init_dir / name).is_file():
                 shutil.copyfile(init_dir / name, model_dir / name)
     write_json(model_dir / META_FILE, meta)
-    write_json(out_dir / "metrics.json", {"objective": p.objective, "steps": 0})
+    write_json(out_dir / "metrics.json", {"objective": None, "source": source, "steps": 0})
     (out_dir / "history.csv").write_text("step,loss,lr\n")
     write_json(out_dir / "timing.json", {})
-    log.info("pretrain: using %s as it is", p.init_from)
-    return PretrainResult(model_dir, p.objective, 0)
+    why = "no source" if source == "none" else "steps: 0"
+    log.info("pretrain: %s; using %s as it is", why, p.init_from)
+    return PretrainResult(model_dir, None, 0)
 
 
 if __name__ == "__main__":
-    from tlpipe.entry import main
-    from tlpipe.params import stage_dir
+    from tasks.wiring import main
 
-    main(
-        "pretrain",
-        lambda params, out: pretrain(params.pretrain, params.prepare.labels, stage_dir("prepare"), out),
-    )
+    main("pretrain")

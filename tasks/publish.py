@@ -17,7 +17,8 @@ from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.model import fresh_dir, write_json
 from tlpipe.params import Params, PublishParams
-from tlpipe.store import StoreSession, object_exists, upload_file
+from tlpipe.report import describe_input
+from tlpipe.store import StoreSession, object_exists, open_store, upload_file
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,18 @@ def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_d
 
 def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], version: str) -> str:
     shipped, g = metrics["shipped"], metrics["gate"]
-    labels = ", ".join(params.prepare.labels)
+    labels = ", ".join(params.data.labels)
+    source = params.data.source
     return "\n".join(
         [
             f"# {params.publish.model_name} {version}",
             "",
             f"Text classifier over [{labels}], "
             f"fine-tuned from `{params.pretrain.init_from or 'a new encoder'}` "
-            f"on {params.prepare.target_train_size} labelled target rows.",
+            f"on {metrics['train_rows']} labelled target rows.",
             "",
-            f"- Data: `{params.data.path}` (SHA-256 `{params.data.sha256 or 'unpinned'}`), "
-            f"target rows matching `{params.prepare.target_pattern}`.",
+            f"- Target: {describe_input(params.data.target)}.",
+            f"- Source: {describe_input(source) + f' ({params.data.source_kind})' if source else 'none'}.",
             f"- Test rows: {metrics['test_rows']}; "
             f"majority-class accuracy {metrics['majority_class_accuracy']:.4f}.",
             "",
@@ -219,13 +221,16 @@ def publish(
     return result
 
 
+def publish_to_store(
+    params: Params, root: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path
+) -> PublishResult:
+    """`publish` to the store `publish.bucket` names (TLPIPE_S3_ENDPOINT, or the embedded
+    one, started for the duration of the call)."""
+    with open_store(params.publish.bucket) as store:
+        return publish(params, root, export_dir, evaluate_dir, out_dir, store)
+
+
 if __name__ == "__main__":
-    from tlpipe.entry import main
-    from tlpipe.params import stage_dir
-    from tlpipe.store import open_store
+    from tasks.wiring import main
 
-    def _run(params: Params, out: Path) -> PublishResult:
-        with open_store(params.publish.bucket) as store:
-            return publish(params, Path("."), stage_dir("export"), stage_dir("evaluate"), out, store)
-
-    main("publish", _run)
+    main("publish")

@@ -1,10 +1,13 @@
-"""validate: gate the prepared splits with a Great Expectations suite built from params.yaml.
+"""validate: gate the prepared splits with Great Expectations suites built from params.yaml.
 
-Every split must have a `text` and a `label` column, non-null, non-blank texts within the
-length bounds and labels from the allowed set; each target split needs `min_per_class` rows
-of every label, the source corpus `min_source_rows` rows, and no normalised text may appear
-in more than one split. The results go to report.json (a DVC metric), report.md and GX Data
-Docs under data_docs/.
+Each input gets the suite that fits what it is. Every target split (train, val, test and
+pool) must have a `text` and a `label` column, non-null, non-blank texts within the length
+bounds and labels from the target's label set, and `min_per_class` rows of every label (the
+pool too, when it has rows). A labelled source gets the same row checks against its own
+label set, an unlabelled one the text checks alone, and either needs `min_source_rows`
+rows; without a source the report says "no source". No normalised text may appear in more
+than one split, the source included. The results go to report.json (a DVC metric),
+report.md and GX Data Docs under data_docs/.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tlpipe.data import SPLITS, TARGET_SPLITS, normalise_text, read_split
-from tlpipe.entry import main
+from tlpipe.data import SPLITS, normalise_text, read_split
 from tlpipe.errors import GateFailed
-from tlpipe.params import ValidateParams, stage_dir
+from tlpipe.params import DataParams, ValidateParams
 
 # Great Expectations takes seconds to import: it is imported where it is used, so that
 # importing this module (as the Prefect flow does) stays cheap.
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from great_expectations.data_context import AbstractDataContext
     from great_expectations.expectations import Expectation
 
-COLUMNS = ("text", "label")
+TARGET = ("train", "val", "test", "pool")
 # The split name under which the cross-split leakage check is reported.
 ALL = "all"
 DOCS_SITE = "tlpipe"
@@ -63,6 +65,8 @@ class ValidateResult:
     checks: tuple[Check, ...]
     report_path: Path
     data_docs_index: Path
+    # What the source is: labelled, unlabelled or none (no source-side checks ran).
+    source: str = "labelled"
 
     @property
     def failed(self) -> tuple[Check, ...]:
@@ -93,16 +97,18 @@ class _Frame:
     specs: tuple[_Spec, ...]
 
 
-def validate(p: ValidateParams, labels: tuple[str, ...], prepare_dir: Path, out_dir: Path) -> ValidateResult:
-    """Validate prepare_dir/{source,train,val,test}.parquet with Great Expectations.
+def validate(p: ValidateParams, data: DataParams, prepare_dir: Path, out_dir: Path) -> ValidateResult:
+    """Validate prepare_dir/{train,val,test,pool,source}.parquet with Great Expectations,
+    each input with the suite that fits it (see the module's docstring).
 
     Writes out_dir/report.json, out_dir/report.md and Data Docs under out_dir/data_docs/, then
     raises GateFailed naming every failed expectation (split, column, rows) if any failed.
     Raises DataError if a split file is missing.
     """
     _quiet_gx()
-    splits = {name: read_split(prepare_dir, name) for name in SPLITS}
-    frames = _frames(p, labels, splits)
+    names = [n for n in SPLITS if n != "source" or data.source_kind != "none"]
+    splits = {name: read_split(prepare_dir, name) for name in names}
+    frames = _frames(p, data, splits)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / "data_docs"
@@ -112,7 +118,9 @@ def validate(p: ValidateParams, labels: tuple[str, ...], prepare_dir: Path, out_
     context.build_data_docs(site_names=[DOCS_SITE])
 
     success = all(c.success for c in checks)
-    result = ValidateResult(success, checks, out_dir / "report.json", docs_dir / "index.html")
+    result = ValidateResult(
+        success, checks, out_dir / "report.json", docs_dir / "index.html", data.source_kind
+    )
     _write_report(result)
     _write_markdown(result, out_dir / "report.md")
     if not success:
@@ -128,19 +136,23 @@ def _quiet_gx() -> None:
         gx_logger.setLevel(logging.WARNING)
 
 
-def _frames(p: ValidateParams, labels: tuple[str, ...], splits: dict[str, pd.DataFrame]) -> list[_Frame]:
+def _frames(p: ValidateParams, data: DataParams, splits: dict[str, pd.DataFrame]) -> list[_Frame]:
     frames = []
     for name, df in splits.items():
+        labels = data.labels if name in TARGET else data.source_labels
         frames.append(_Frame(name, name, df, _split_specs(p, labels, name, df)))
-        if name in TARGET_SPLITS and "label" in df.columns:
-            frames.append(_label_counts_frame(p, labels, name, df))
+        # An empty pool (every target row in train, val or test) has no classes to count.
+        if name in TARGET and "label" in df.columns and not (name == "pool" and df.empty):
+            frames.append(_label_counts_frame(p, data.labels, name, df))
     frames.append(_leakage_frame(splits))
     return frames
 
 
 def _split_specs(
-    p: ValidateParams, labels: tuple[str, ...], split: str, df: pd.DataFrame
+    p: ValidateParams, labels: tuple[str, ...] | None, split: str, df: pd.DataFrame
 ) -> tuple[_Spec, ...]:
+    """The row checks of one split: its columns, its texts and, when `labels` is given, its
+    labels; a source also needs `min_source_rows` rows."""
     import great_expectations.expectations as gxe
 
     n = len(df)
@@ -160,7 +172,7 @@ def _split_specs(
             ),
             exists_counts,
         )
-        for col in COLUMNS
+        for col in (("text", "label") if labels is not None else ("text",))
     ]
     # Checks on a missing column would only repeat that it is missing (as a GX traceback).
     if "text" in df.columns:
@@ -192,7 +204,7 @@ def _split_specs(
                 ),
             ),
         ]
-    if "label" in df.columns:
+    if labels is not None and "label" in df.columns:
         specs += [
             _Spec(
                 "label_not_null",
@@ -381,6 +393,7 @@ def _write_report(result: ValidateResult) -> None:
         }
     report = {
         "success": result.success,
+        "source": result.source,
         "expectations": len(result.checks),
         "failed": len(result.failed),
         "checks": checks,
@@ -393,6 +406,13 @@ def _write_markdown(result: ValidateResult, path: Path) -> None:
     passed = len(result.checks) - len(result.failed)
     lines = [
         f"# Validation {verdict}: {passed} of {len(result.checks)} expectations met",
+        "",
+        "Source: "
+        + (
+            "none (no source: the source-side checks did not run)."
+            if result.source == "none"
+            else f"{result.source}."
+        ),
         "",
         "| split | column | check | expectation | result | unexpected | of | finding |",
         "|---|---|---|---|---|---:|---:|---|",
@@ -420,7 +440,6 @@ def _failure_message(result: ValidateResult) -> str:
 
 
 if __name__ == "__main__":
-    main(
-        "validate",
-        lambda params, out: validate(params.validate_, params.prepare.labels, stage_dir("prepare"), out),
-    )
+    from tasks.wiring import main
+
+    main("validate")

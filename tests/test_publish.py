@@ -13,7 +13,7 @@ import pytest
 
 from tasks.export import export
 from tasks.publish import publish
-from tests.conftest import LABELS, tiny_params
+from tests.conftest import tiny_params
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
 from tlpipe.release import fetch_release
@@ -141,10 +141,10 @@ def test_pretrain_starts_from_an_s3_checkpoint(
         upload_file(store.client, path, store.bucket, f"checkpoints/tiny/{path.name}")
     raw = tiny_params(**{"pretrain.init_from": f"s3://{store.bucket}/checkpoints/tiny", "pretrain.steps": 0})
     with store.environ():
-        result = pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "p")
+        result = pretrain(parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "p")
     assert result.steps == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "p/model" / name).read_bytes() == (pretrained / name).read_bytes()
     raw["pretrain"]["init_from"] = f"s3://{store.bucket}/checkpoints/none"
     with store.environ(), pytest.raises(StoreError, match="no objects under this prefix"):
-        pretrain(parse_params(raw).pretrain, LABELS, prepared, tmp_path / "q")
+        pretrain(parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "q")

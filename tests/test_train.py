@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.finetune import encode_split, transfer_setup
 from tests.conftest import tiny_params, train_tiny
 from tlpipe import train
+from tlpipe.classifier import encode_split, transfer_setup
 from tlpipe.fastpath import ATTENTION
 from tlpipe.model import bert_config, new_mlm
 from tlpipe.params import EncoderConfig, OptimParams, parse_params

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.finetune import encode_split, finetune, transfer_setup
+from tasks.finetune import finetune
 from tests.conftest import tiny_params
+from tlpipe.classifier import encode_split, transfer_setup
 from tlpipe.params import FinetuneParams, OptimParams, ParamsError, parse_params
 from tlpipe.text import SpecialIds, load_tokenizer
 from tlpipe.train import plan_steps, train_classifier

