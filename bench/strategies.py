@@ -43,9 +43,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full@1e-4": {"finetune.optim.lr": 1e-4},
     "full@5e-5": {"finetune.optim.lr": 5e-5},
     "freeze_embeddings": {"finetune.strategy": "freeze_embeddings"},
-    "scratch:same@2e-4": {"arm": "scratch"},
-    "scratch:4x256@2e-4": {"arm": "scratch", "evaluate.scratch_model": "small"},
-    "scratch:4x256@1e-3": {"arm": "scratch", "evaluate.scratch_model": "small", "evaluate.scratch_lr": 1e-3},
+    # The scratch control at one cell of its grid (the first of evaluate.scratch_models and
+    # of evaluate.scratch_lrs).
+    "scratch:same@2e-4": {
+        "arm": "scratch",
+        "evaluate.scratch_models": [None],
+        "evaluate.scratch_lrs": [2e-4],
+    },
+    "scratch:4x256@2e-4": {
+        "arm": "scratch",
+        "evaluate.scratch_models": ["small"],
+        "evaluate.scratch_lrs": [2e-4],
+    },
+    "scratch:4x256@1e-3": {
+        "arm": "scratch",
+        "evaluate.scratch_models": ["small"],
+        "evaluate.scratch_lrs": [1e-3],
+    },
 }
 SMALL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "dropout": 0.1}
 
@@ -55,7 +69,7 @@ def _override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
         node = node.setdefault(key, {})
-    node[leaf] = SMALL if value == "small" else value
+    node[leaf] = [SMALL if v == "small" else v for v in value] if isinstance(value, list) else value
 
 
 def main() -> None:
@@ -100,7 +114,7 @@ def main() -> None:
                 results = [r for r in results if r not in stale]
             done = {(r["size"], r["seed"]) for r in results if r["variant"] == variant}
             jobs += [
-                (variant, CurvePoint(arm, size, seed), params, source_dir, key)
+                (variant, _point(arm, size, seed, params), params, source_dir, key)
                 for size in args.sizes
                 for seed in args.seeds
                 if (size, seed) not in done
@@ -126,6 +140,13 @@ def main() -> None:
                 results.append({"variant": name, "fingerprint": key, **future.result()})
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results, args.sizes, args.baseline))
+
+
+def _point(arm: str, size: int, seed: int, params: Params) -> CurvePoint:
+    """A curve run; a scratch run at the first cell of the variant's grid."""
+    if arm == "scratch":
+        return CurvePoint(arm, size, seed, params.evaluate.scratch_lrs[0], 0)
+    return CurvePoint(arm, size, seed)
 
 
 def _fingerprint(params: Params, source_dir: Path) -> str:

@@ -52,7 +52,7 @@ def child(raw: Path, work: Path) -> None:
     }
     data = params.data.model_copy(update=inputs)
     start = time.perf_counter()
-    prepare(params.prepare, data, Path("/"), work / "prepare")
+    prepare(params.prepare, data, params.validate_, Path("/"), work / "prepare")
     prepared = time.perf_counter()
     result = validate(params.validate_, data, work / "prepare", work / "validate")
     done = time.perf_counter()

@@ -66,18 +66,37 @@ def finetune() -> Any:
     return _run_stage("finetune")
 
 
+@task(name="evaluate-stale")
+def evaluate_stale() -> bool:
+    """Whether evaluate must run; if so its outputs start empty."""
+    if is_up_to_date("evaluate"):
+        return False
+    fresh_dir(stage_dir("evaluate"))
+    return True
+
+
+@task(name="scratch-tuning-plan")
+def tuning_plan(stale: bool) -> list[CurvePoint]:
+    """The scratch control's tuning runs (none when evaluate is up to date)."""
+    from tlpipe.curve import tuning_plan as plan
+
+    return plan(load_params().evaluate) if stale else []
+
+
 @task(name="curve-plan")
-def curve_plan() -> list[CurvePoint]:
-    """The curve's runs, or none when evaluate is up to date (its outputs start empty)."""
+def curve_plan(stale: bool, tuning: list[dict[str, Any]]) -> list[CurvePoint]:
+    """The curve's runs, the scratch control at the best cell of its tuning runs (none when
+    evaluate is up to date)."""
+    from tlpipe.curve import choose_scratch
     from tlpipe.curve import curve_plan as plan
 
-    if is_up_to_date("evaluate"):
+    if not stale:
         return []
-    fresh_dir(stage_dir("evaluate"))
-    return plan(load_params().evaluate)
+    p = load_params().evaluate
+    return plan(p, choose_scratch(tuning, p))
 
 
-@task(name="curve-point", task_run_name="curve-{point.arm}-{point.size}-seed{point.seed}")
+@task(name="curve-point", task_run_name="curve-{point.key}")
 def curve_point(point: CurvePoint) -> dict[str, Any]:
     """One arm at one size and seed, scored on test (an independent task run)."""
     with clocked(f"curve-{point.key}"):
@@ -85,7 +104,7 @@ def curve_point(point: CurvePoint) -> dict[str, Any]:
 
 
 @task(name="evaluate")
-def evaluate(points: list[dict[str, Any]] | None = None) -> Any:
+def evaluate(tuning: list[dict[str, Any]] | None = None, points: list[dict[str, Any]] | None = None) -> Any:
     """Summarise the curve, score the shipped model and apply the negative-transfer gate.
 
     Without `points` (`tlpipe run --only evaluate`) the curve runs here, in turn.
@@ -93,7 +112,7 @@ def evaluate(points: list[dict[str, Any]] | None = None) -> Any:
     if not points:
         return _run_stage("evaluate")
     with clocked("evaluate"):
-        result = finish_evaluate(load_params(), points)
+        result = finish_evaluate(load_params(), [*(tuning or []), *points])
     commit("evaluate")
     return result
 
@@ -136,7 +155,9 @@ def pipeline() -> str:
     validate()
     pretrain()
     finetune()
-    evaluate(curve_point.map(curve_plan()))
+    stale = evaluate_stale()
+    tuning = curve_point.map(tuning_plan(stale))
+    evaluate(tuning, curve_point.map(curve_plan(stale, tuning)))
     export()
     publish()
     return report()

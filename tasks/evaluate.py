@@ -26,11 +26,11 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 
 from tlpipe.batching import length_batches
 from tlpipe.classifier import encode_split, scratch_params, transfer_setup
-from tlpipe.curve import ARMS, CurvePoint, curve_plan, curve_workers, one_thread
+from tlpipe.curve import ARMS, CurvePoint, choose_scratch, curve_plan, curve_workers, one_thread, tuning_plan
 from tlpipe.data import label_ids, read_split, source_split, texts
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
-from tlpipe.params import DataParams, EvaluateParams, FinetuneParams, Size
+from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
 from tlpipe.text import SpecialIds, encode, load_tokenizer
 from tlpipe.train import (
     MLM_EVAL_ROWS,
@@ -78,29 +78,36 @@ def run_point(
     prepare_dir: Path,
     runs_dir: Path,
 ) -> dict[str, Any]:
-    """Train one arm on `point.size` rows drawn with `point.seed`; score it on test. It
-    takes the evaluate stage's inputs (the shipped model in `finetune_dir` is not read).
+    """Train one arm on `point.size` rows drawn with `point.seed`; score it on test, or, for
+    a tuning run, keep its best validation scores alone. It takes the evaluate stage's
+    inputs (the shipped model in `finetune_dir` is not read).
 
-    Writes and returns `runs_dir/<key>.json`: rows, test accuracy and macro-F1, steps, time.
+    Writes and returns `runs_dir/<key>.json`: rows, test (or validation) accuracy and
+    macro-F1, steps, time.
     """
     seed_everything(point.seed)
     labels = data.labels
     rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
     if point.arm == "reference":
-        return _write_run(runs_dir, point, len(rows), *reference_run(rows, labels, prepare_dir))
+        scores, training = reference_run(rows, labels, prepare_dir)
+        metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+        return _write_run(runs_dir, point, len(rows), metrics, training)
     tok = load_tokenizer(source_dir)
     pad = SpecialIds.of(tok).pad
     train_ids = encode(tok, texts(rows), ft.max_length)
     train_y = label_ids(rows, labels)
     val_ids, val_y = encode_split(prepare_dir, "val", source_dir, labels, ft.max_length)
-    test_ids, test_y = encode_split(prepare_dir, "test", source_dir, labels, ft.max_length)
     run_ft = ft.model_copy(update={"seed": point.seed})
     if point.arm == "transfer":
         setup = transfer_setup(run_ft, labels, source_dir, prepare_dir)
         model, transferred, source_mlm = setup.model, setup.transferred, setup.source_mlm
     else:
-        run_ft = scratch_params(run_ft, p)
-        model, transferred, source_mlm = scratch_classifier(source_dir, labels, p.scratch_model), None, None
+        assert point.lr is not None and point.model is not None, (
+            f"{point.key}: scratch runs name their grid cell"
+        )
+        run_ft = scratch_params(run_ft, point.lr)
+        encoder = p.scratch_models[point.model]
+        model, transferred, source_mlm = scratch_classifier(source_dir, labels, encoder), None, None
     run = train_classifier(
         model,
         train_ids,
@@ -114,25 +121,25 @@ def run_point(
         runtime=Runtime.pick(ft.device, ft.precision),
         desc=point.key,
     )
-    pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
-    metrics = classification_metrics(test_y, pred, len(labels))
     training = {"best_step": run.best_step, "steps": run.steps, "train_seconds": run.seconds}
+    if point.tune:
+        best = next(row for row in run.history if row["step"] == run.best_step)
+        metrics = {"val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"]}
+        return _write_run(runs_dir, point, len(rows), metrics, training)
+    test_ids, test_y = encode_split(prepare_dir, "test", source_dir, labels, ft.max_length)
+    pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
+    scores = classification_metrics(test_y, pred, len(labels))
+    metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
     return _write_run(runs_dir, point, len(rows), metrics, training)
 
 
 def _write_run(
-    runs_dir: Path, point: CurvePoint, rows: int, metrics: dict[str, Any], training: dict[str, Any]
+    runs_dir: Path, point: CurvePoint, rows: int, metrics: dict[str, float], training: dict[str, Any]
 ) -> dict[str, Any]:
-    result = {
-        **asdict(point),
-        "rows": rows,
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        **training,
-    }
+    result = {**asdict(point), "rows": rows, **metrics, **training}
     runs_dir.mkdir(parents=True, exist_ok=True)
     write_json(runs_dir / f"{point.key}.json", result)
-    log.info("%s: %d rows, test accuracy %.4f", point.key, rows, metrics["accuracy"])
+    log.info("%s: %d rows, %s", point.key, rows, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return result
 
 
@@ -188,8 +195,8 @@ def interval(values: list[float], confidence: float) -> dict[str, float]:
 
 def summarise(results: list[dict[str, Any]], p: EvaluateParams) -> list[dict[str, Any]]:
     """Per size: each arm's (and the reference's) accuracy and macro-F1 (mean, std, interval)
-    and the paired gain of transfer over scratch."""
-    by = {(r["arm"], r["size"], r["seed"]): r for r in results}
+    and the paired gain of transfer over scratch (tuning runs are not part of the curve)."""
+    by = {(r["arm"], r["size"], r["seed"]): r for r in results if not r.get("tune")}
     arms = (*ARMS, "reference") if any(r["arm"] == "reference" for r in results) else ARMS
     curve = []
     for size in p.sizes:
@@ -211,17 +218,19 @@ def summarise(results: list[dict[str, Any]], p: EvaluateParams) -> list[dict[str
 
 
 def gate(curve: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
-    """The negative-transfer gate: the gain's interval at `gate_size` must clear min_gain."""
+    """The negative-transfer gate: the gain's interval on the primary metric at `gate_size`
+    must clear min_gain."""
     entry = next(e for e in curve if e["size"] == p.gate_size)
-    gain = entry["gain"]["accuracy"]
+    gain = entry["gain"][p.metric]
     return {
         "size": p.gate_size,
         "rows": entry["rows"],
         "seeds": len(p.seeds),
         "confidence": p.confidence,
         "min_gain": p.min_gain,
-        "transfer_accuracy": entry["transfer"]["accuracy"]["mean"],
-        "scratch_accuracy": entry["scratch"]["accuracy"]["mean"],
+        "metric": p.metric,
+        "transfer": entry["transfer"][p.metric]["mean"],
+        "scratch": entry["scratch"][p.metric]["mean"],
         "gain": gain["mean"],
         "ci_low": gain["ci_low"],
         "ci_high": gain["ci_high"],
@@ -231,8 +240,8 @@ def gate(curve: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
 
 def gate_message(g: dict[str, Any]) -> str:
     return (
-        f"negative-transfer gate at {g['rows']} training rows ({g['seeds']} seeds): transfer accuracy "
-        f"{g['transfer_accuracy']:.4f} vs scratch {g['scratch_accuracy']:.4f}, gain {g['gain']:+.4f} "
+        f"negative-transfer gate at {g['rows']} training rows ({g['seeds']} seeds): transfer {g['metric']} "
+        f"{g['transfer']:.4f} vs scratch {g['scratch']:.4f}, gain {g['gain']:+.4f} "
         f"with {g['confidence']:.0%} interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]; its lower end "
         f"must exceed evaluate.min_gain {g['min_gain']:+.4f} and is {g['min_gain'] - g['ci_low']:.4f} short"
     )
@@ -352,10 +361,12 @@ def finish(
     seed_everything(ft.seed)
     labels = data.labels
     model, shipped, test_y, pred = evaluate_shipped(ft, labels, finetune_dir, prepare_dir)
+    tuning = sorted((r for r in results if r.get("tune")), key=lambda r: (r["model"], r["lr"]))
+    lr, encoder = choose_scratch(tuning, p)
     curve = summarise(results, p)
     g = gate(curve, p)
     forgot = forgetting(p, ft, data, source_dir, model, prepare_dir)
-    majority = float(np.bincount(test_y, minlength=len(labels)).max() / len(test_y))
+    majority = majority_score(test_y, len(labels), "accuracy")
     write_json(
         out_dir / "metrics.json",
         {
@@ -364,23 +375,39 @@ def finish(
             "majority_class_accuracy": majority,
             "shipped": shipped,
             "strategy": _strategy(ft),
+            "metric": p.metric,
             "scratch": {
-                "lr": p.scratch_lr,
-                "model": p.scratch_model.model_dump() if p.scratch_model else None,
+                "lr": lr,
+                "model": _encoder(p.scratch_models[encoder]),
+                "tuned": {
+                    "rows": tuning[0]["rows"] if tuning else None,
+                    "seed": p.seeds[0],
+                    "on": f"val_{p.metric}",
+                    "grid": [
+                        {
+                            "lr": r["lr"],
+                            "model": _encoder(p.scratch_models[r["model"]]),
+                            "val_accuracy": r["val_accuracy"],
+                            "val_macro_f1": r["val_macro_f1"],
+                        }
+                        for r in tuning
+                    ],
+                },
             },
             "curve": curve,
             "gate": g,
-            "gain": {"accuracy": g["gain"], "ci_low": g["ci_low"], "ci_high": g["ci_high"]},
+            "gain": {"metric": p.metric, "mean": g["gain"], "ci_low": g["ci_low"], "ci_high": g["ci_high"]},
             "forgetting": forgot,
         },
     )
     _write_curve_csv(out_dir / "curve.csv", curve)
-    plot_curve(out_dir / "curve.png", curve, majority, p.confidence)
+    baseline = majority_score(test_y, len(labels), p.metric)
+    plot_curve(out_dir / "curve.png", curve, p.metric, baseline, p.confidence)
     with (out_dir / "confusion.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((labels[t], labels[q]) for t, q in zip(test_y, pred, strict=True))
-    (out_dir / "report.md").write_text(curve_markdown(curve, g, majority))
+    (out_dir / "report.md").write_text(curve_markdown(curve, g, baseline))
     log.info("evaluate: %s", gate_message(g) if not g["passed"] else f"gate passed: {g}")
     if not g["passed"]:
         raise GateFailed(gate_message(g))
@@ -399,16 +426,35 @@ def evaluate(
     """Every curve run over a pool of worker processes (`out_dir/runs/*.json`), then `finish`.
     The Prefect flow runs the same points as separate task runs on the same kind of pool."""
     fresh_dir(out_dir)
-    plan = curve_plan(p)
     args = (p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir / "runs")
     with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
-        results = list(pool.map(run_point, plan, *([a] * len(plan) for a in args)))
+
+        def run_all(plan: list[CurvePoint]) -> list[dict[str, Any]]:
+            return list(pool.map(run_point, plan, *([a] * len(plan) for a in args)))
+
+        tuning = run_all(tuning_plan(p))
+        results = tuning + run_all(curve_plan(p, choose_scratch(tuning, p)))
     return finish(p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir, results)
+
+
+def _encoder(config: EncoderConfig | None) -> dict[str, Any] | None:
+    """An encoder size as recorded (None: the transfer model's own architecture)."""
+    return config.model_dump() if config is not None else None
 
 
 def _strategy(ft: FinetuneParams) -> dict[str, Any]:
     keys = ("strategy", "freeze_bottom", "layer_decay", "l2sp", "joint_alpha", "tapt_steps")
     return {k: getattr(ft, k) for k in keys} | {"lr": ft.optim.lr, "schedule": ft.optim.schedule}
+
+
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+def majority_score(test_y: np.ndarray, n_labels: int, metric: str) -> float:
+    """What always predicting the most frequent test class scores: its share (accuracy),
+    or its F1 2p / (1 + p) averaged with zeros for every other class (macro-F1)."""
+    share = float(np.bincount(test_y, minlength=n_labels).max() / len(test_y))
+    return share if metric == "accuracy" else 2 * share / (1 + share) / n_labels
 
 
 CURVE_FIELDS = [
@@ -421,6 +467,8 @@ CURVE_FIELDS = [
     "transfer_macro_f1",
     "scratch_macro_f1",
     "reference_accuracy",
+    "gain_macro_f1",
+    "reference_macro_f1",
 ]
 
 
@@ -440,12 +488,17 @@ def _write_curve_csv(path: Path, curve: list[dict[str, Any]]) -> None:
                     "transfer_macro_f1": e["transfer"]["macro_f1"]["mean"],
                     "scratch_macro_f1": e["scratch"]["macro_f1"]["mean"],
                     "reference_accuracy": e["reference"]["accuracy"]["mean"] if "reference" in e else "",
+                    "gain_macro_f1": e["gain"]["macro_f1"]["mean"],
+                    "reference_macro_f1": e["reference"]["macro_f1"]["mean"] if "reference" in e else "",
                 }
             )
 
 
-def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confidence: float) -> None:
-    """Test accuracy against training rows (log scale), mean and interval of each arm."""
+def plot_curve(
+    path: Path, curve: list[dict[str, Any]], metric: str, majority: float, confidence: float
+) -> None:
+    """The primary test metric against training rows (log scale), mean and interval of each
+    arm, beside what always predicting the majority class scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,7 +510,7 @@ def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confide
     for arm, (colour, line) in styles.items():
         if arm not in curve[0]:
             continue
-        acc = [e[arm]["accuracy"] for e in curve]
+        acc = [e[arm][metric] for e in curve]
         label = "reference (TF-IDF + logistic regression)" if arm == "reference" else arm
         ax.plot(rows, [a["mean"] for a in acc], marker="o", linestyle=line, color=colour, label=label)
         ax.fill_between(
@@ -466,7 +519,7 @@ def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confide
     ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
     ax.set_xscale("log")
     ax.set_xlabel("target training rows")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {METRIC_NAMES[metric]}")
     ax.set_title(f"Data efficiency (mean and {confidence:.0%} interval over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -477,25 +530,27 @@ def plot_curve(path: Path, curve: list[dict[str, Any]], majority: float, confide
 
 def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: float) -> str:
     reference = "reference" in curve[0]
+    m = g["metric"]
+    name = METRIC_NAMES[m]
     lines = [
-        "| rows | transfer accuracy | scratch accuracy | gain (interval) |"
-        + (" reference accuracy |" if reference else ""),
+        f"| rows | transfer {name} | scratch {name} | gain (interval) |"
+        + (f" reference {name} |" if reference else ""),
         "|---:|---|---|---|" + ("---|" if reference else ""),
     ]
     for e in curve:
-        t, s, d = e["transfer"]["accuracy"], e["scratch"]["accuracy"], e["gain"]["accuracy"]
+        t, s, d = e["transfer"][m], e["scratch"][m], e["gain"][m]
         line = (
             f"| {e['rows']} | {t['mean']:.4f} ± {t['std']:.4f} | {s['mean']:.4f} ± {s['std']:.4f} | "
             f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |"
         )
         if reference:
-            r = e["reference"]["accuracy"]
+            r = e["reference"][m]
             line += f" {r['mean']:.4f} ± {r['std']:.4f} |"
         lines.append(line)
     verdict = "passed" if g["passed"] else "FAILED"
     lines += [
         "",
-        f"Majority class: {majority:.4f}. Mean ± std over {g['seeds']} seeds; gain intervals at "
+        f"Majority class: {name} {majority:.4f}. Mean ± std over {g['seeds']} seeds; gain intervals at "
         f"{g['confidence']:.0%}.",
         f"Negative-transfer gate at {g['rows']} rows: {verdict} (lower end {g['ci_low']:+.4f}, "
         f"needs > {g['min_gain']:+.4f}).",

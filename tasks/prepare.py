@@ -13,7 +13,8 @@ import pandas as pd
 from tlpipe.data import input_files, normalise_text, read_input, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.files import fresh_dir, write_json
-from tlpipe.params import TARGET_SPLITS, DataParams, InputParams, PrepareParams
+from tlpipe.params import TARGET_SPLITS, DataParams, InputParams, PrepareParams, ValidateParams
+from tlpipe.rows import broken_rule
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ class PrepareResult:
     counts: dict[str, dict[str, int]]
 
 
-def prepare(p: PrepareParams, data: DataParams, root: Path, out_dir: Path) -> PrepareResult:
+def prepare(
+    p: PrepareParams, data: DataParams, rows: ValidateParams, root: Path, out_dir: Path
+) -> PrepareResult:
     """Read `data.target` (and `data.source`, if any) under `root`; write train / val /
     test / pool / source parquet files and summary.json under `out_dir`.
 
@@ -37,19 +40,26 @@ def prepare(p: PrepareParams, data: DataParams, root: Path, out_dir: Path) -> Pr
     whose text is also a target text are dropped, so no text lands in two splits. The
     target's splits are drawn (seeded, stratified by label), read from its split column,
     or taken from its split files (`p.split.by`); drawn splits leave every other target row
-    in `pool`. Without a source, source.parquet has no rows. Rows are not otherwise cleaned:
-    validation decides whether they are fit to use. Raises DataError when an input is
-    unusable or the target is too small for the requested sizes.
+    in `pool`. Without a source, source.parquet has no rows. Under `rows.rows: quarantine`
+    the rows that break a row-level rule (tlpipe.rows) are set aside first, with the rule,
+    in quarantine.parquet; rows are not otherwise cleaned: validation decides whether they
+    are fit to use. Raises DataError when an input is unusable or the target is too small
+    for the requested sizes.
     """
     rng = np.random.default_rng(p.seed)
-    target, dropped_target = _dedupe(read_input(data.target, "target", root))
+    raw_target = read_input(data.target, "target", root)
+    kept, quarantined = _quarantine(raw_target, "target", rows, data.labels, data.target)
+    target, dropped_target = _dedupe(kept)
     splits = _target_splits(p, target, rng)
 
     dropped = {"target": dropped_target}
-    inputs = {"target": _describe(data.target, root, len(target) + dropped_target)}
+    inputs = {"target": _describe(data.target, root, len(raw_target))}
+    aside = [quarantined]
     if data.source is not None:
         raw = read_input(data.source, "source", root)
-        source, dropped["source"] = _dedupe(raw)
+        kept, quarantined = _quarantine(raw, "source", rows, data.source_labels, data.source)
+        aside.append(quarantined)
+        source, dropped["source"] = _dedupe(kept)
         in_target = normalise_text(source["text"]).isin(set(normalise_text(target["text"]).dropna()))
         dropped["source_in_target"] = int(in_target.sum())
         source = source[~in_target.to_numpy()]
@@ -74,9 +84,31 @@ def prepare(p: PrepareParams, data: DataParams, root: Path, out_dir: Path) -> Pr
             else {"<unlabelled>": len(split)}
         )
         log.info("%s: %d rows %s", name, len(split), counts[name])
+    quarantine = pd.concat(aside, ignore_index=True)
+    quarantine.to_parquet(out_dir / "quarantine.parquet", index=False)
+    for name, entry in inputs.items():
+        if entry is not None:
+            by_rule = quarantine.loc[quarantine["input"] == name, "rule"].value_counts()
+            entry["quarantined"] = {str(k): int(v) for k, v in by_rule.sort_index().items()}
+            if len(by_rule):
+                log.warning("%s: %d rows quarantined %s", name, int(by_rule.sum()), entry["quarantined"])
     result = PrepareResult(inputs=inputs, source=data.source_kind, duplicates_dropped=dropped, counts=counts)
     write_json(out_dir / "summary.json", asdict(result))
     return result
+
+
+def _quarantine(
+    frame: pd.DataFrame, name: str, rows: ValidateParams, labels: tuple[str, ...] | None, inp: InputParams
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept, set aside): under `rows: quarantine`, the rows that break a row-level rule,
+    each with its input, its row number in the input (0-based, in file order) and the rule."""
+    columns = ["input", "row", "rule", *frame.columns]
+    if rows.rows != "quarantine":
+        return frame, pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
+    rule = broken_rule(frame, rows, labels, inp.encoding_errors == "strict")
+    bad = rule.notna().to_numpy()
+    aside = frame[bad].assign(input=name, row=np.flatnonzero(bad), rule=rule[bad])[columns]
+    return frame[~bad].reset_index(drop=True), aside.astype({"row": "int64"})
 
 
 def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -47,7 +47,7 @@ def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_d
     gain = metrics["gain"]
     if gain["ci_low"] <= min_gain:
         raise GateFailed(
-            f"transfer gain {gain['accuracy']:+.4f} (interval [{gain['ci_low']:+.4f}, "
+            f"transfer gain in {gain['metric']} {gain['mean']:+.4f} (interval [{gain['ci_low']:+.4f}, "
             f"{gain['ci_high']:+.4f}]) is not above evaluate.min_gain {min_gain:+.4f}"
         )
     par = json.loads(parity.read_text())
@@ -77,8 +77,8 @@ def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], 
             "",
             f"This model: test accuracy {shipped['accuracy']:.4f}, macro-F1 {shipped['macro_f1']:.4f}.",
             "",
-            f"Transfer vs a from-scratch control at {g['rows']} training rows ({g['seeds']} seeds): "
-            f"{g['transfer_accuracy']:.4f} vs {g['scratch_accuracy']:.4f}, gain {g['gain']:+.4f} "
+            f"Transfer vs a from-scratch control at {g['rows']} training rows ({g['seeds']} seeds), "
+            f"test {g['metric']}: {g['transfer']:.4f} vs {g['scratch']:.4f}, gain {g['gain']:+.4f} "
             f"({g['confidence']:.0%} interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]).",
             "",
             f"ONNX parity on the test split: max |Δlogit| {parity['max_abs_diff']:.2e}, "

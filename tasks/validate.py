@@ -25,6 +25,7 @@ import pandas as pd
 from tlpipe.data import SPLITS, normalise_text, read_split
 from tlpipe.errors import GateFailed
 from tlpipe.params import DataParams, ValidateParams
+from tlpipe.rows import REPLACEMENT
 
 # Great Expectations takes seconds to import: it is imported where it is used, so that
 # importing this module (as the Prefect flow does) stays cheap.
@@ -108,7 +109,7 @@ def validate(p: ValidateParams, data: DataParams, prepare_dir: Path, out_dir: Pa
     _quiet_gx()
     names = [n for n in SPLITS if n != "source" or data.source_kind != "none"]
     splits = {name: read_split(prepare_dir, name) for name in names}
-    frames = _frames(p, data, splits)
+    frames = _frames(p, data, splits, prepare_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / "data_docs"
@@ -136,23 +137,65 @@ def _quiet_gx() -> None:
         gx_logger.setLevel(logging.WARNING)
 
 
-def _frames(p: ValidateParams, data: DataParams, splits: dict[str, pd.DataFrame]) -> list[_Frame]:
+def _frames(
+    p: ValidateParams, data: DataParams, splits: dict[str, pd.DataFrame], prepare_dir: Path
+) -> list[_Frame]:
     frames = []
     for name, df in splits.items():
+        inp = data.target if name in TARGET else data.source
+        assert inp is not None
         labels = data.labels if name in TARGET else data.source_labels
-        frames.append(_Frame(name, name, df, _split_specs(p, labels, name, df)))
+        strict = inp.encoding_errors == "strict"
+        frames.append(_Frame(name, name, df, _split_specs(p, labels, name, df, strict)))
         # An empty pool (every target row in train, val or test) has no classes to count.
         if name in TARGET and "label" in df.columns and not (name == "pool" and df.empty):
             frames.append(_label_counts_frame(p, data.labels, name, df))
     frames.append(_leakage_frame(splits))
+    if p.rows == "quarantine":
+        frames += _quarantine_frames(p, data, prepare_dir)
+    return frames
+
+
+def _quarantine_frames(p: ValidateParams, data: DataParams, prepare_dir: Path) -> list[_Frame]:
+    """Per input, its quarantined rows as a GX batch: at most max_quarantine_share of the rows
+    read may have been set aside."""
+    import great_expectations.expectations as gxe
+
+    aside = pd.read_parquet(prepare_dir / "quarantine.parquet")
+    inputs = json.loads((prepare_dir / "summary.json").read_text())["inputs"]
+    frames = []
+    for name in ("target", "source") if data.source is not None else ("target",):
+        rows = aside[aside["input"] == name][["row", "rule"]].reset_index(drop=True)
+        read = int(inputs[name]["rows"])
+        allowed = int(p.max_quarantine_share * read)
+        by_rule = ", ".join(f"{rule}: {k}" for rule, k in rows["rule"].value_counts().sort_index().items())
+
+        def explain(r: dict[str, Any], u: int, n: int, read: int = read, by_rule: str = by_rule) -> str:
+            line = f"{n} of {read} rows quarantined" + (f" ({by_rule})" if n else "")
+            return line + (f", {u} over the {p.max_quarantine_share:.1%} allowed" if u else "")
+
+        def counts(r: dict[str, Any], allowed: int = allowed) -> tuple[int, int]:
+            n = int(r["result"]["observed_value"])
+            return max(0, n - allowed), n
+
+        spec = _Spec(
+            "quarantine_share",
+            None,
+            f"at most {p.max_quarantine_share:.1%} of {name}'s rows ({allowed} of {read}) are quarantined",
+            gxe.ExpectTableRowCountToBeBetween(min_value=0, max_value=allowed),
+            explain,
+            counts,
+        )
+        frames.append(_Frame(f"{name}_quarantine", f"{name}_quarantine", rows, (spec,)))
     return frames
 
 
 def _split_specs(
-    p: ValidateParams, labels: tuple[str, ...] | None, split: str, df: pd.DataFrame
+    p: ValidateParams, labels: tuple[str, ...] | None, split: str, df: pd.DataFrame, strict: bool
 ) -> tuple[_Spec, ...]:
-    """The row checks of one split: its columns, its texts and, when `labels` is given, its
-    labels; a source also needs `min_source_rows` rows."""
+    """The row checks of one split: its columns, its texts (that they decoded, when its
+    input's encoding_errors is `strict`) and, when `labels` is given, its labels; a source
+    also needs `min_source_rows` rows."""
     import great_expectations.expectations as gxe
 
     n = len(df)
@@ -204,6 +247,16 @@ def _split_specs(
                 ),
             ),
         ]
+        if strict:
+            specs.append(
+                _Spec(
+                    "text_decodes",
+                    "text",
+                    f"text holds no undecodable bytes (U+FFFD, {REPLACEMENT!r})",
+                    gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=REPLACEMENT),
+                    lambda r, u, n: f"{u} of {n} rows hold bytes that do not decode",
+                )
+            )
     if labels is not None and "label" in df.columns:
         specs += [
             _Spec(

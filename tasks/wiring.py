@@ -47,7 +47,9 @@ def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
 
 
 STAGES: dict[str, Wiring] = {
-    "prepare": Wiring("tasks.prepare:prepare", lambda params: (params.prepare, params.data, ROOT)),
+    "prepare": Wiring(
+        "tasks.prepare:prepare", lambda params: (params.prepare, params.data, params.validate_, ROOT)
+    ),
     "validate": Wiring(
         "tasks.validate:validate", lambda params: (params.validate_, params.data, stage_dir("prepare"))
     ),

@@ -64,7 +64,7 @@ def tiny_params(**overrides: Any) -> dict[str, Any]:
             "seeds": [0, 1],
             "gate_size": 40,
             "min_gain": -1.0,
-            "scratch_lr": 1e-3,
+            "scratch_lrs": [3e-4, 1e-3],
             "forgetting_rows": 100,
         },
         "export": {"batch_size": 16},
@@ -110,7 +110,7 @@ def prepared(sample_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     (root / "data/raw").mkdir(parents=True)
     shutil.copy(sample_csv, root / "data/raw/sample.csv")
     p = parse_params(tiny_params())
-    prepare(p.prepare, p.data, root, root / "outputs/prepare")
+    prepare(p.prepare, p.data, p.validate_, root, root / "outputs/prepare")
     return root / "outputs/prepare"
 
 

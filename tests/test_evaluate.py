@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.evaluate import curve_plan, evaluate, gate, interval, probe_accuracy, subsample, summarise
+from tasks.evaluate import evaluate, gate, interval, majority_score, probe_accuracy, subsample, summarise
 from tests.conftest import tiny_params
+from tlpipe.curve import choose_scratch, curve_plan, tuning_plan
 from tlpipe.errors import DataError, GateFailed
-from tlpipe.params import EvaluateParams, ParamsError, parse_params
+from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, parse_params
 from tlpipe.train import classification_metrics
 
 LABELS = ("negative", "neutral", "positive")
@@ -35,13 +36,42 @@ def test_interval_by_hand() -> None:
 
 def test_plan_covers_every_size_seed_and_arm() -> None:
     p = EvaluateParams(sizes=(50, "all"), seeds=(0, 1, 2), gate_size=50)
-    plan = curve_plan(p)
+    plan = curve_plan(p, (3e-4, 0))
     assert len(plan) == 18 and len({pt.key for pt in plan}) == 18
     assert {(pt.arm, pt.size) for pt in plan} == {
         (a, s) for a in ("transfer", "scratch", "reference") for s in (50, "all")
     }
-    without = curve_plan(p.model_copy(update={"reference": False}))
+    assert {(pt.lr, pt.model) for pt in plan if pt.arm == "scratch"} == {(3e-4, 0)}
+    assert {(pt.lr, pt.model) for pt in plan if pt.arm != "scratch"} == {(None, None)}
+    without = curve_plan(p.model_copy(update={"reference": False}), (3e-4, 0))
     assert len(without) == 12 and {pt.arm for pt in without} == {"transfer", "scratch"}
+
+
+def test_the_scratch_control_is_tuned_once_on_validation() -> None:
+    small = EncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    p = EvaluateParams(
+        sizes=(50, 500), seeds=(4, 5), gate_size=500, scratch_models=(None, small), scratch_lrs=(1e-4, 1e-3)
+    )
+    grid = tuning_plan(p)
+    # Every cell once, at the gate's size with the first seed, judged on val (not test).
+    assert [(pt.lr, pt.model) for pt in grid] == [(1e-4, 0), (1e-3, 0), (1e-4, 1), (1e-3, 1)]
+    assert {(pt.arm, pt.size, pt.seed, pt.tune) for pt in grid} == {("scratch", 500, 4, True)}
+    assert len({pt.key for pt in grid}) == 4
+    results = [
+        {"lr": pt.lr, "model": pt.model, "val_accuracy": acc, "val_macro_f1": f1}
+        for pt, acc, f1 in zip(grid, (0.60, 0.70, 0.65, 0.62), (0.50, 0.40, 0.55, 0.45), strict=True)
+    ]
+    assert choose_scratch(results, p) == (1e-3, 0)
+    assert choose_scratch(results, p.model_copy(update={"metric": "macro_f1"})) == (1e-4, 1)
+    one = p.model_copy(update={"scratch_models": (None,), "scratch_lrs": (2e-4,)})
+    assert tuning_plan(one) == [] and choose_scratch([], one) == (2e-4, 0)
+
+
+def test_majority_class_scores() -> None:
+    y = np.array([0] * 9 + [1])
+    assert majority_score(y, 2, "accuracy") == pytest.approx(0.9)
+    # Predicting class 0 always: its F1 is 2 * 0.9 / 1.9, the other's 0.
+    assert majority_score(y, 2, "macro_f1") == pytest.approx(0.9 / 1.9)
 
 
 def test_reference_is_fit_and_scored_on_the_given_rows(tmp_path: Path) -> None:
@@ -104,6 +134,22 @@ def test_gate_needs_the_whole_interval_above_min_gain() -> None:
     assert not noisy["passed"] and noisy["ci_low"] < 0 < noisy["gain"]
 
 
+def test_gate_reads_the_primary_metric() -> None:
+    p = EvaluateParams(sizes=(100,), seeds=(0, 1, 2), gate_size=100, metric="macro_f1")
+    # Transfer gains accuracy on every seed but loses macro-F1 (it gave up a rare class).
+    runs = [
+        {**r, "macro_f1": 0.3 + 0.01 * r["seed"]} if r["arm"] == "transfer" else r
+        for r in _runs([0.05, 0.06, 0.07])
+    ]
+    g = gate(summarise(runs, p), p)
+    assert g["metric"] == "macro_f1" and not g["passed"]
+    assert g["transfer"] == pytest.approx(0.31) and g["scratch"] == pytest.approx(0.4)
+    assert gate(
+        summarise(runs, p.model_copy(update={"metric": "accuracy"})),
+        p.model_copy(update={"metric": "accuracy"}),
+    )["passed"]
+
+
 def test_linear_probe_reads_separable_features() -> None:
     gen = torch.Generator().manual_seed(0)
     y = np.arange(300) % 3
@@ -115,9 +161,22 @@ def test_linear_probe_reads_separable_features() -> None:
 def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     out = evaluated
     runs = {f.stem: json.loads(f.read_text()) for f in (out / "runs").glob("*.json")}
-    assert len(runs) == 3 * 2 * 3  # sizes x seeds x (transfer, scratch, reference)
-    assert {r["rows"] for r in runs.values()} == {20, 40, 100}  # "all": train 60 + pool 40
+    tuning = {k: r for k, r in runs.items() if r["tune"]}
+    curve = {k: r for k, r in runs.items() if not r["tune"]}
+    assert len(curve) == 3 * 2 * 3  # sizes x seeds x (transfer, scratch, reference)
+    assert {r["rows"] for r in curve.values()} == {20, 40, 100}  # "all": train 60 + pool 40
     metrics = json.loads((out / "metrics.json").read_text())
+    # The control's grid (two learning rates) ran once at the gate's size, scored on val; the
+    # curve's scratch runs use the cell with the best validation accuracy.
+    assert sorted(tuning) == ["tune-scratch-40-lr0.0003-model0", "tune-scratch-40-lr0.001-model0"]
+    # The first best in grid order (the learning rates as params list them) wins a tie.
+    best = max(sorted(tuning.values(), key=lambda r: r["lr"]), key=lambda r: r["val_accuracy"])
+    assert (
+        {r["lr"] for r in curve.values() if r["arm"] == "scratch"}
+        == {best["lr"]}
+        == {metrics["scratch"]["lr"]}
+    )
+    assert "accuracy" not in best and len(metrics["scratch"]["tuned"]["grid"]) == 2
     entry = next(e for e in metrics["curve"] if e["size"] == 40)
     gains = [
         runs[f"transfer-40-seed{s}"]["accuracy"] - runs[f"scratch-40-seed{s}"]["accuracy"] for s in (0, 1)
@@ -126,7 +185,8 @@ def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     assert metrics["gate"]["size"] == 40 and metrics["gate"]["gain"] == pytest.approx(np.mean(gains))
     csv_rows = (out / "curve.csv").read_text().splitlines()
     assert csv_rows[0].startswith("rows,transfer_accuracy,scratch_accuracy,gain") and len(csv_rows) == 4
-    assert csv_rows[0].endswith(",reference_accuracy") and all(e["reference"] for e in metrics["curve"])
+    assert csv_rows[0].endswith(",reference_accuracy,gain_macro_f1,reference_macro_f1")
+    assert all(e["reference"] for e in metrics["curve"])
     references = [runs[f"reference-40-seed{s}"]["accuracy"] for s in (0, 1)]
     assert entry["reference"]["accuracy"]["mean"] == pytest.approx(np.mean(references))
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -162,19 +222,17 @@ def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tm
     p = parse_params(
         tiny_params(
             **{
-                "evaluate.scratch_model": {
-                    "hidden_size": 16,
-                    "num_layers": 1,
-                    "num_heads": 2,
-                    "intermediate_size": 32,
-                }
+                "evaluate.scratch_models": [
+                    None,
+                    {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+                ]
             }
         )
     )
-    point = CurvePoint("scratch", 20, 0)
+    point = CurvePoint("scratch", 20, 0, 1e-3, 1)
     result = run_point(point, p.evaluate, p.finetune, p.data, pretrained, tmp_path, prepared, tmp_path)
     assert result["rows"] == 20 and (tmp_path / "scratch-20-seed0.json").is_file()
     from tlpipe.model import scratch_classifier
 
-    model = scratch_classifier(pretrained, LABELS, p.evaluate.scratch_model)
+    model = scratch_classifier(pretrained, LABELS, p.evaluate.scratch_models[1])
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1

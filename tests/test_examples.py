@@ -39,7 +39,8 @@ def tiny(raw: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
             "gate_size": 40,
             "min_gain": -1.0,
             "forgetting_rows": 100,
-            "scratch_model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+            "scratch_models": [{"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}],
+            "scratch_lrs": [3e-4, 1e-3],
         }
     )
     raw["export"]["batch_size"] = 16

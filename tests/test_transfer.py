@@ -197,3 +197,78 @@ def test_tapt_adapts_the_encoder_on_unlabelled_target_text(
     assert result.best_step >= 1
     assert (tmp_path / "f/metrics.json").read_text().count('"tapt"') == 1
     assert np.isfinite(adapted.tapt["last_loss"])
+
+
+def _family(name: str) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
+    """A tiny random classifier of an encoder family, its embedding module and its layers,
+    found by the family's own module structure (not by parameter names)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    small = {"vocab_size": 100, "num_labels": 3}
+    if name == "bert":
+        cfg = BertConfig(
+            hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, **small
+        )
+        model = BertForSequenceClassification(cfg)
+        return model, model.bert.embeddings, list(model.bert.encoder.layer)
+    if name == "distilbert":
+        cfg = DistilBertConfig(dim=16, n_layers=3, n_heads=2, hidden_dim=32, **small)
+        model = DistilBertForSequenceClassification(cfg)
+        return model, model.distilbert.embeddings, list(model.distilbert.transformer.layer)
+    cfg = RobertaConfig(
+        hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, **small
+    )
+    model = RobertaForSequenceClassification(cfg)
+    return model, model.roberta.embeddings, list(model.roberta.encoder.layer)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize(
+    ("overrides", "frozen"),
+    [
+        ({"strategy": "full"}, set()),
+        ({"strategy": "freeze_embeddings"}, {0}),
+        ({"strategy": "freeze_bottom", "freeze_bottom": 2}, {0, 1, 2}),
+        ({"strategy": "head_only"}, {0, 1, 2, 3}),
+    ],
+)
+def test_strategies_act_on_the_intended_modules_of_each_encoder_family(
+    family: str, overrides: dict, frozen: set[int]
+) -> None:
+    from tlpipe.transfer import apply_freezing, num_layers
+
+    model, embeddings, layers = _family(family)
+    # Depth by module: 0 the embeddings, l the l-th layer, 4 everything else (the head).
+    depth = {id(q): 0 for q in embeddings.parameters()}
+    depth |= {id(q): i + 1 for i, layer in enumerate(layers) for q in layer.parameters()}
+    p = FinetuneParams(**overrides)
+    assert num_layers(model) == 3
+    apply_freezing(model, trainable_from(p, 3))
+    got = {depth.get(id(q), 4) for q in model.parameters() if not q.requires_grad}
+    assert got == frozen
+    assert any(depth.get(id(q), 4) == 4 for q in model.parameters())  # the head exists and trains
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_gradual_unfreeze_and_layer_decay_follow_each_family_s_layers(family: str) -> None:
+    from tlpipe.transfer import apply_freezing
+
+    model, embeddings, layers = _family(family)
+    depth = {id(q): 0 for q in embeddings.parameters()}
+    depth |= {id(q): i + 1 for i, layer in enumerate(layers) for q in layer.parameters()}
+    p = FinetuneParams(strategy="gradual_unfreeze", layer_decay=0.5, optim=OptimParams(lr=1.0))
+    for epoch, lowest in ((1, 4), (2, 3), (3, 2), (5, 0)):
+        apply_freezing(model, trainable_from(p, 3, epoch))
+        trains = {depth.get(id(q), 4) for q in model.parameters() if q.requires_grad}
+        assert trains == set(range(lowest, 5)), (epoch, trains)
+    for group in param_groups(model, p):
+        for q in group["params"]:
+            d = depth.get(id(q), 4)
+            assert group["lr"] == pytest.approx(0.5 ** max(0, 3 - d)), (family, d)

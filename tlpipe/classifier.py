@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.model import load_mlm, load_transfer_classifier, tied_mlm_head
-from tlpipe.params import EvaluateParams, FinetuneParams
+from tlpipe.params import FinetuneParams
 from tlpipe.text import SpecialIds, encode, load_tokenizer
 from tlpipe.train import Runtime, SourceMlm, train_mlm
 
@@ -92,8 +92,9 @@ def transfer_setup(
     return TransferSetup(model, transferred, source_mlm, tapt)
 
 
-def scratch_params(ft: FinetuneParams, p: EvaluateParams) -> FinetuneParams:
-    """The control trains every layer, with no transfer objective, at its own learning rate."""
+def scratch_params(ft: FinetuneParams, lr: float) -> FinetuneParams:
+    """The control trains every layer, with no transfer objective, at its own learning rate
+    (on the same budget as transfer)."""
     return ft.model_copy(
         update={
             "strategy": "full",
@@ -102,6 +103,6 @@ def scratch_params(ft: FinetuneParams, p: EvaluateParams) -> FinetuneParams:
             "l2sp": 0.0,
             "joint_alpha": 0.0,
             "tapt_steps": 0,
-            "optim": ft.optim.model_copy(update={"lr": p.scratch_lr}),
+            "optim": ft.optim.model_copy(update={"lr": lr}),
         }
     )

@@ -1,6 +1,9 @@
 """The data-efficiency curve's plan: which runs, and how many worker processes take them.
 
-No torch here: the flow imports it to lay out its task runs before any training starts.
+The scratch control is tuned first: one run per (learning rate, encoder size) of its grid,
+at `tune_size` rows with the first seed, judged on the validation split; every scratch run
+of the curve then uses the best. No torch here: the flow imports it to lay out its task runs
+before any training starts.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tlpipe.params import EvaluateParams, Size
 
@@ -19,14 +22,21 @@ ARMS: tuple[Arm, ...] = ("transfer", "scratch")
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """One training run of the curve: an arm, a training-set size and a seed."""
+    """One training run of the curve: an arm, a training-set size and a seed. A scratch run
+    names its learning rate and encoder (an index into `evaluate.scratch_models`); a tuning
+    run (`tune`) is scored on the validation split alone."""
 
     arm: Arm
     size: Size
     seed: int
+    lr: float | None = None
+    model: int | None = None
+    tune: bool = False
 
     @property
     def key(self) -> str:
+        if self.tune:
+            return f"tune-{self.arm}-{self.size}-lr{self.lr:g}-model{self.model}"
         return f"{self.arm}-{self.size}-seed{self.seed}"
 
 
@@ -52,7 +62,36 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def curve_plan(p: EvaluateParams) -> list[CurvePoint]:
-    """Every run of the curve, each independent of the others (any order, any worker)."""
+def tune_size(p: EvaluateParams) -> Size:
+    return p.gate_size if p.tune_size is None else p.tune_size
+
+
+def tuning_plan(p: EvaluateParams) -> list[CurvePoint]:
+    """The scratch control's grid: every learning rate with every encoder size, at
+    `tune_size` rows with the first seed (one run each; none when the grid has one cell)."""
+    grid = [(lr, m) for m in range(len(p.scratch_models)) for lr in p.scratch_lrs]
+    if len(grid) == 1:
+        return []
+    return [CurvePoint("scratch", tune_size(p), p.seeds[0], lr, m, tune=True) for lr, m in grid]
+
+
+def choose_scratch(tuning: list[dict[str, Any]], p: EvaluateParams) -> tuple[float, int]:
+    """(learning rate, encoder index) of the tuning run with the best validation score on
+    the primary metric (the first on a tie, in grid order); the one cell without a grid."""
+    if not tuning:
+        return p.scratch_lrs[0], 0
+    best = max(tuning, key=lambda r: r[f"val_{p.metric}"])
+    return best["lr"], best["model"]
+
+
+def curve_plan(p: EvaluateParams, scratch: tuple[float, int]) -> list[CurvePoint]:
+    """Every run of the curve, each independent of the others (any order, any worker); the
+    scratch control at the (learning rate, encoder) `scratch` names."""
     arms: tuple[Arm, ...] = (*ARMS, "reference") if p.reference else ARMS
-    return [CurvePoint(arm, size, seed) for size in p.sizes for seed in p.seeds for arm in arms]
+    lr, model = scratch
+    return [
+        CurvePoint(arm, size, seed, lr, model) if arm == "scratch" else CurvePoint(arm, size, seed)
+        for size in p.sizes
+        for seed in p.seeds
+        for arm in arms
+    ]

@@ -124,7 +124,7 @@ def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
                 keep_default_na=False,
                 na_values=[""],
                 encoding=inp.encoding,
-                encoding_errors=inp.encoding_errors,
+                encoding_errors=_decode_errors(inp),
             )
         elif fmt == "jsonl":
             frame = _read_jsonl(path, inp)
@@ -158,10 +158,16 @@ def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
     return out.astype("string")
 
 
+def _decode_errors(inp: InputParams) -> str:
+    """How the reader decodes: under strict a bad byte becomes U+FFFD, so that its row, not
+    the whole file, fails (the row rule text_decodes, tlpipe.rows)."""
+    return "replace" if inp.encoding_errors == "strict" else inp.encoding_errors
+
+
 def _read_jsonl(path: Path, inp: InputParams) -> pd.DataFrame:
     """JSON Lines, one object per line; an error names the line, not a byte offset."""
     rows = []
-    with path.open(encoding=inp.encoding, errors=inp.encoding_errors) as f:
+    with path.open(encoding=inp.encoding, errors=_decode_errors(inp)) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -74,7 +74,9 @@ class InputParams(_Section):
     labels: tuple[str, ...] | None = None
     select: SelectParams | None = None
     encoding: str = "utf-8"
-    # The bundled corpus holds a few bytes that are not valid UTF-8; they become U+FFFD.
+    # Bytes that do not decode: strict makes their row break the rule text_decodes (see
+    # validate.rows); replace keeps them as U+FFFD (the bundled corpus holds a few); ignore
+    # drops them.
     encoding_errors: Literal["strict", "replace", "ignore"] = "strict"
     sha256: str | None = None
 
@@ -190,6 +192,13 @@ class ValidateParams(_Section):
     min_per_class: int = Field(5, ge=1)
     # Minimum number of source rows needed to pretrain on (when there is a source).
     min_source_rows: int = Field(100, ge=1)
+    # A row that breaks a row-level rule (a null or blank text, a text outside the length
+    # bounds, undecodable bytes, a null or unknown label): `fail` fails validation naming
+    # every rule and row count; `quarantine` has prepare set it aside, with the rule, in
+    # outputs/prepare/quarantine.parquet (the raw file is never touched), and validation
+    # fails only when more than max_quarantine_share of an input's rows were set aside.
+    rows: Literal["fail", "quarantine"] = "fail"
+    max_quarantine_share: float = Field(0.01, ge=0, le=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateParams:
@@ -345,11 +354,17 @@ class EvaluateParams(_Section):
     gate_size: Size = 500
     min_gain: float = Field(0.0, ge=-1.0, le=1.0)
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    # The control: the transfer model's tokenizer and an encoder of this size (null: the
-    # transfer model's own architecture), randomly initialised, at its own learning rate;
-    # otherwise the finetune budget.
-    scratch_model: EncoderConfig | None = None
-    scratch_lr: float = Field(2e-4, gt=0)
+    # The primary metric: the gate, the curve's plot and the headline figures use it (both
+    # are reported). macro_f1 for imbalanced targets: a model that never predicts a rare
+    # class scores well on accuracy alone.
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    # The control: the transfer model's tokenizer and a randomly initialised encoder, on the
+    # finetune budget. Its learning rate and encoder size (null: the transfer model's own
+    # architecture) are chosen from this grid on the validation split, once, at tune_size
+    # rows (null: gate_size) with the first seed.
+    scratch_models: tuple[EncoderConfig | None, ...] = (None,)
+    scratch_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    tune_size: Size | None = None
     # A classical reference on the same rows, reported beside the arms (not gated): TF-IDF
     # word and character n-grams with logistic regression, its C chosen on val.
     reference: bool = True
@@ -371,6 +386,20 @@ class EvaluateParams(_Section):
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(v) < 2 or len(set(v)) != len(v):
             raise ValueError("needs at least two distinct seeds (an interval needs repeats)")
+        return v
+
+    @field_validator("scratch_models", "scratch_lrs")
+    @classmethod
+    def _grid(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not v:
+            raise ValueError("the scratch control's grid needs at least one value")
+        return v
+
+    @field_validator("scratch_lrs")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(lr <= 0 for lr in v) or len(set(v)) != len(v):
+            raise ValueError("learning rates must be positive and distinct")
         return v
 
     @model_validator(mode="after")

@@ -136,28 +136,32 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     labels = params.data.labels
     curve = Section("Data-efficiency curve")
     g = m["gate"]
+    primary = m.get("metric", "accuracy")
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
     curve.blocks.append(
-        f"Test accuracy of transfer and of the from-scratch control, mean ± std over {g['seeds']} seeds "
-        f"at each training size; the gain is paired by seed, with its {g['confidence']:.0%} interval. "
-        f"Majority class: {_pct(m['majority_class_accuracy'])} of {m['test_rows']} test rows."
+        f"Test {names[primary]} (the primary metric, `evaluate.metric`) of transfer and of the "
+        f"from-scratch control, mean ± std over {g['seeds']} seeds at each training size; the gain is "
+        f"paired by seed, with its {g['confidence']:.0%} interval. Majority class: "
+        f"{_pct(m['majority_class_accuracy'])} of {m['test_rows']} test rows. The other metric follows."
     )
     reference = "reference" in m["curve"][0]
-    rows = []
-    for e in m["curve"]:
-        t, s, d = e["transfer"]["accuracy"], e["scratch"]["accuracy"], e["gain"]["accuracy"]
-        rows.append(
-            [
-                str(e["rows"]),
-                f"{t['mean']:.4f} ± {t['std']:.4f}",
-                f"{s['mean']:.4f} ± {s['std']:.4f}",
-                f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]",
-            ]
-        )
-        if reference:
-            r = e["reference"]["accuracy"]
-            rows[-1].append(f"{r['mean']:.4f} ± {r['std']:.4f}")
-    header = ["rows", "transfer", "scratch", "gain [interval]"]
-    curve.blocks.append(Table(header + ["reference (TF-IDF + LR)"] * reference, rows))
+    for metric in sorted(names, key=lambda k: k != primary):
+        rows = []
+        for e in m["curve"]:
+            t, s, d = e["transfer"][metric], e["scratch"][metric], e["gain"][metric]
+            rows.append(
+                [
+                    str(e["rows"]),
+                    f"{t['mean']:.4f} ± {t['std']:.4f}",
+                    f"{s['mean']:.4f} ± {s['std']:.4f}",
+                    f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]",
+                ]
+            )
+            if reference:
+                r = e["reference"][metric]
+                rows[-1].append(f"{r['mean']:.4f} ± {r['std']:.4f}")
+        header = [f"rows ({names[metric]})", "transfer", "scratch", "gain [interval]"]
+        curve.blocks.append(Table(header + ["reference (TF-IDF + LR)"] * reference, rows))
     if reference:
         curve.blocks.append(
             "The reference is a classical model on the same rows (TF-IDF word and character n-grams, "
@@ -170,8 +174,8 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     gate = Section("Negative-transfer gate")
     verdict = "passed" if g["passed"] else "FAILED: nothing is promoted"
     gate.blocks.append(
-        f"At {g['rows']} training rows: transfer {g['transfer_accuracy']:.4f} vs scratch "
-        f"{g['scratch_accuracy']:.4f}, gain {g['gain']:+.4f}, interval [{g['ci_low']:+.4f}, "
+        f"At {g['rows']} training rows, test {names[primary]}: transfer {g['transfer']:.4f} vs scratch "
+        f"{g['scratch']:.4f}, gain {g['gain']:+.4f}, interval [{g['ci_low']:+.4f}, "
         f"{g['ci_high']:+.4f}]; the lower end must exceed {g['min_gain']:+.4f}: {verdict}."
     )
 
@@ -203,10 +207,32 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     strategy = Section("Strategy")
     strategy.blocks.append(_source_model(params, out))
     strategy.blocks.append(Table(["setting", "value"], [[k, str(v)] for k, v in m["strategy"].items()]))
-    scratch = m.get("scratch", {})
+    scratch = m["scratch"]
+    encoder = scratch["model"] or "the transfer model's architecture"
     strategy.blocks.append(
-        f"Scratch control: encoder {scratch.get('model')}, learning rate {scratch.get('lr')}."
+        f"Scratch control: encoder {encoder}, learning rate {scratch['lr']:g}, on transfer's budget."
     )
+    tuned = scratch["tuned"]
+    if tuned["grid"]:
+        strategy.blocks.append(
+            f"It was tuned once, before the curve: each cell of the grid below trained on {tuned['rows']} "
+            f"rows (seed {tuned['seed']}) and was judged on the validation split ({tuned['on']}); the "
+            "best cell trains every scratch run of the curve."
+        )
+        strategy.blocks.append(
+            Table(
+                ["learning rate", "encoder", "val accuracy", "val macro-F1"],
+                [
+                    [
+                        f"{c['lr']:g}",
+                        str(c["model"] or "as transfer"),
+                        f"{c['val_accuracy']:.4f}",
+                        f"{c['val_macro_f1']:.4f}",
+                    ]
+                    for c in tuned["grid"]
+                ],
+            )
+        )
 
     forgetting = Section("Forgetting (source task)")
     f = m["forgetting"]
