@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlpipe.data import input_files, normalise_text, read_input, sha256_file
+from tlpipe.data import UNDECODABLE, input_files, normalise_text, read_input, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import TARGET_SPLITS, DataParams, InputParams, PrepareParams, ValidateParams
-from tlpipe.rows import broken_rule
+from tlpipe.rows import broken_rule, undecodable
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,29 @@ def _quarantine(
     frame: pd.DataFrame, name: str, rows: ValidateParams, labels: tuple[str, ...] | None, inp: InputParams
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, set aside): under `rows: quarantine`, the rows that break a row-level rule,
-    each with its input, its row number in the input (0-based, in file order) and the rule."""
-    columns = ["input", "row", "rule", *frame.columns]
+    each with its input, its row number in the input (0-based, in file order) and the rule.
+    Under `rows: fail` nothing is set aside, but a row with bytes that do not decode fails
+    here, naming its row numbers (it cannot be stored for validation to report)."""
+    columns = ["input", "row", "rule", *(c for c in frame.columns if c != UNDECODABLE)]
     if rows.rows != "quarantine":
-        return frame, pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
-    rule = broken_rule(frame, rows, labels, inp.encoding_errors == "strict")
+        bad_bytes = np.flatnonzero(undecodable(frame).to_numpy())
+        if len(bad_bytes):
+            shown = ", ".join(str(i) for i in bad_bytes[:5]) + (", ..." if len(bad_bytes) > 5 else "")
+            raise DataError(
+                f"data.{name}: {len(bad_bytes)} rows hold bytes that do not decode as {inp.encoding} "
+                f"(rows {shown}, counted from 0 in file order); set data.{name}.encoding_errors: replace "
+                "to keep them as U+FFFD, or validate.rows: quarantine to set them aside"
+            )
+        return frame.drop(columns=UNDECODABLE, errors="ignore"), _empty(columns)
+    rule = broken_rule(frame, rows, labels)
     bad = rule.notna().to_numpy()
     aside = frame[bad].assign(input=name, row=np.flatnonzero(bad), rule=rule[bad])[columns]
-    return frame[~bad].reset_index(drop=True), aside.astype({"row": "int64"})
+    kept = frame[~bad].drop(columns=UNDECODABLE, errors="ignore").reset_index(drop=True)
+    return kept, aside.drop(columns=UNDECODABLE, errors="ignore").astype({"row": "int64"})
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "row" else "string") for c in columns})
 
 
 def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -25,7 +25,6 @@ import pandas as pd
 from tlpipe.data import SPLITS, normalise_text, read_split
 from tlpipe.errors import GateFailed
 from tlpipe.params import DataParams, ValidateParams
-from tlpipe.rows import REPLACEMENT
 
 # Great Expectations takes seconds to import: it is imported where it is used, so that
 # importing this module (as the Prefect flow does) stays cheap.
@@ -142,11 +141,8 @@ def _frames(
 ) -> list[_Frame]:
     frames = []
     for name, df in splits.items():
-        inp = data.target if name in TARGET else data.source
-        assert inp is not None
         labels = data.labels if name in TARGET else data.source_labels
-        strict = inp.encoding_errors == "strict"
-        frames.append(_Frame(name, name, df, _split_specs(p, labels, name, df, strict)))
+        frames.append(_Frame(name, name, df, _split_specs(p, labels, name, df)))
         # An empty pool (every target row in train, val or test) has no classes to count.
         if name in TARGET and "label" in df.columns and not (name == "pool" and df.empty):
             frames.append(_label_counts_frame(p, data.labels, name, df))
@@ -191,11 +187,11 @@ def _quarantine_frames(p: ValidateParams, data: DataParams, prepare_dir: Path) -
 
 
 def _split_specs(
-    p: ValidateParams, labels: tuple[str, ...] | None, split: str, df: pd.DataFrame, strict: bool
+    p: ValidateParams, labels: tuple[str, ...] | None, split: str, df: pd.DataFrame
 ) -> tuple[_Spec, ...]:
-    """The row checks of one split: its columns, its texts (that they decoded, when its
-    input's encoding_errors is `strict`) and, when `labels` is given, its labels; a source
-    also needs `min_source_rows` rows."""
+    """The row checks of one split: its columns, its texts and, when `labels` is given, its
+    labels; a source also needs `min_source_rows` rows. (Undecodable bytes never get here:
+    prepare fails on them, or sets them aside.)"""
     import great_expectations.expectations as gxe
 
     n = len(df)
@@ -247,16 +243,6 @@ def _split_specs(
                 ),
             ),
         ]
-        if strict:
-            specs.append(
-                _Spec(
-                    "text_decodes",
-                    "text",
-                    f"text holds no undecodable bytes (U+FFFD, {REPLACEMENT!r})",
-                    gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=REPLACEMENT),
-                    lambda r, u, n: f"{u} of {n} rows hold bytes that do not decode",
-                )
-            )
     if labels is not None and "label" in df.columns:
         specs += [
             _Spec(

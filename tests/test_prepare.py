@@ -289,3 +289,24 @@ def test_quarantine_sets_bad_rows_aside_with_their_rule(tmp_path: Path, sample_c
     assert not kept["text"].str.contains("fused message|\ufffd", regex=True).any()
     assert "furious" not in set(kept["label"])
     assert sha256_file(raw) == before  # the raw file stays as it was
+
+
+def test_undecodable_bytes_name_their_rows(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    _mangled(root)
+    raw = tiny_params(
+        **{"data.target.path": "data/raw/mangled.csv", "data.source.path": "data/raw/mangled.csv"}
+    )
+    p = parse_params(raw)
+    with pytest.raises(
+        DataError, match=r"data.target: 1 rows hold bytes that do not decode as utf-8 \(rows \d+"
+    ):
+        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    replace = parse_params(
+        tiny_params(**{**{k: v for k, v in raw.items()}, "data.target.encoding_errors": "replace"})
+    )
+    prepare(replace.prepare, replace.data, replace.validate_, root, root / "out")
+    texts = pd.concat([pd.read_parquet(root / f"out/{n}.parquet") for n in ("train", "val", "test", "pool")])[
+        "text"
+    ]
+    assert texts.str.contains("\ufffd", regex=False).sum() == 1

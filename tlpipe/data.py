@@ -87,8 +87,10 @@ def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFr
     `label` when labelled), plus `split` when the splits come as separate files, keeping
     the rows its `select` keeps.
 
-    Raises DataError, naming the key and the file, when a file is missing, does not hash
-    to `sha256`, cannot be parsed, has no rows, or lacks a configured column.
+    Under `encoding_errors: strict` a byte that does not decode becomes U+FFFD and its row
+    is marked in a boolean column UNDECODABLE (a row-level fault, tlpipe.rows). Raises
+    DataError, naming the key and the file, when a file is missing, does not hash to
+    `sha256`, cannot be parsed, has no rows, or lacks a configured column.
     """
     key = f"data.{name}"
     paths = inp.path if isinstance(inp.path, dict) else {None: inp.path}
@@ -120,7 +122,8 @@ def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
             frame = pd.read_csv(
                 path,
                 sep=sep,
-                dtype=str,
+                # Plain Python strings: they can hold the surrogates a strict read keeps.
+                dtype=object,
                 keep_default_na=False,
                 na_values=[""],
                 encoding=inp.encoding,
@@ -154,14 +157,25 @@ def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
         )
     if frame.empty:
         raise DataError(f"{path}: the file has a header but no rows ({key})")
-    out = pd.DataFrame({role: frame[column] for role, column in wanted.items()})
+    out = pd.DataFrame({role: frame[column] for role, column in wanted.items()}, dtype=object)
+    if inp.encoding_errors == "strict":
+        # A byte that did not decode (a lone surrogate here) becomes U+FFFD; its row is marked.
+        bad = out.map(lambda v: isinstance(v, str) and _UNDECODED.search(v) is not None).any(axis=1)
+        out = out.map(lambda v: _UNDECODED.sub("\ufffd", v) if isinstance(v, str) else v)
+        return out.astype("string").assign(**{UNDECODABLE: bad.to_numpy()})
     return out.astype("string")
 
 
+# What a strict read (errors="surrogateescape") turns a byte that does not decode into.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+# The column read_input adds under encoding_errors: strict: whether the row held such a byte.
+UNDECODABLE = "_undecodable"
+
+
 def _decode_errors(inp: InputParams) -> str:
-    """How the reader decodes: under strict a bad byte becomes U+FFFD, so that its row, not
-    the whole file, fails (the row rule text_decodes, tlpipe.rows)."""
-    return "replace" if inp.encoding_errors == "strict" else inp.encoding_errors
+    """How the reader decodes: under strict a bad byte is kept as a lone surrogate, so that
+    its row, not the whole file, fails (the row rule text_decodes, tlpipe.rows)."""
+    return "surrogateescape" if inp.encoding_errors == "strict" else inp.encoding_errors
 
 
 def _read_jsonl(path: Path, inp: InputParams) -> pd.DataFrame:
@@ -178,7 +192,7 @@ def _read_jsonl(path: Path, inp: InputParams) -> pd.DataFrame:
             if not isinstance(row, dict):
                 raise ValueError(f"line {number} is a JSON {type(row).__name__}, not an object")
             rows.append({k: None if v is None else str(v) for k, v in row.items()})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, dtype=object)
 
 
 def fetch_s3_input(uri: str, root: Path = Path(".")) -> Path:

@@ -79,6 +79,22 @@ def _data(params: Params, root: Path) -> Section:
     ]
     if files:
         section.blocks.append(Table(["input", "file", "SHA-256"], files))
+    aside = [
+        [
+            name,
+            str(entry["rows"]),
+            str(sum(entry["quarantined"].values())),
+            ", ".join(f"{k}: {v}" for k, v in entry["quarantined"].items()),
+        ]
+        for name, entry in summary.get("inputs", {}).items()
+        if entry and entry.get("quarantined")
+    ]
+    if aside:
+        section.blocks.append(
+            "Rows that broke a row rule were set aside (`validate.rows: quarantine`), each with its rule, "
+            "in `outputs/prepare/quarantine.parquet`; the raw files are unchanged."
+        )
+        section.blocks.append(Table(["input", "rows read", "quarantined", "by rule"], aside))
     rows = []
     for split in ("train", "val", "test", "pool"):
         path = prepare / f"{split}.parquet"
