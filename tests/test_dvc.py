@@ -45,3 +45,24 @@ def test_stage_deps_name_every_module_it_runs(stage: str) -> None:
     assert cmd[:2] == ["python", "-m"], cmd
     missing = sorted(_runs(cmd[2]) - set(STAGES[stage]["deps"]))
     assert not missing, f"dvc.yaml stage {stage!r} runs modules it does not list as deps: {missing}"
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize(
+    "params_file",
+    ["params.yaml", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("examples/*/params.yaml"))],
+)
+def test_every_param_a_stage_lists_is_in_the_params_file(params_file: str) -> None:
+    """DVC reads the keys a stage lists from the file itself (not from tlpipe's defaults): a
+    missing one fails the run when the stage is committed."""
+    keys = _keys(yaml.safe_load((ROOT / params_file).read_text()))
+    listed = {key for stage in STAGES.values() for key in stage.get("params", [])}
+    assert not sorted(listed - keys), f"{params_file} lacks {sorted(listed - keys)}"

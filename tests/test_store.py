@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape
 import pytest
 
 import tlpipe.store as store_module
-from tlpipe.errors import StoreError
+from tlpipe.errors import DataError, StoreError
 from tlpipe.store import (
     ENDPOINT_ENV,
     EmbeddedStore,
@@ -402,3 +402,46 @@ def test_embedded_store_persists_across_restart_and_always_stops(
         raise RuntimeError("the body failed")
     assert not psutil.pid_exists(pid)
     assert _weed_children() == before
+
+
+def test_s3_inputs_are_mirrored_under_data_and_read_by_prepare(
+    running: Running, via_env: dict[str, str], tmp_path: Path, sample_csv: Path
+) -> None:
+    import pandas as pd
+
+    from tasks.prepare import prepare
+    from tests.conftest import tiny_params
+    from tlpipe.bundled import materialize_inputs
+    from tlpipe.params import parse_params
+
+    client = running.session.client
+    client.put_object(Bucket=BUCKET, Key="inputs/tweets.csv", Body=sample_csv.read_bytes())
+    frame = pd.read_csv(sample_csv, dtype=str)
+    for i, part in enumerate((frame.iloc[:300], frame.iloc[300:])):
+        client.put_object(
+            Bucket=BUCKET,
+            Key=f"inputs/source/part{i}.jsonl",
+            Body=part.to_json(orient="records", lines=True).encode(),
+        )
+    raw = tiny_params(
+        **{
+            "data.target.path": f"s3://{BUCKET}/inputs/tweets.csv",
+            "data.source.path": f"s3://{BUCKET}/inputs/source/",
+        }
+    )
+    params = parse_params(raw)
+    # The flow's data task: each input mirrored under data/s3/<bucket>/<key>, where DVC tracks it.
+    local = materialize_inputs(params.data, tmp_path)
+    assert local == [
+        tmp_path / f"data/s3/{BUCKET}/inputs/tweets.csv",
+        tmp_path / f"data/s3/{BUCKET}/inputs/source",
+    ]
+    assert local[0].read_bytes() == sample_csv.read_bytes()
+    assert sorted(p.name for p in local[1].iterdir()) == ["part0.jsonl", "part1.jsonl"]
+    result = prepare(params.prepare, params.data, params.validate_, tmp_path, tmp_path / "out")
+    assert set(result.inputs["target"]["files"]) == {f"data/s3/{BUCKET}/inputs/tweets.csv"}
+    assert len(result.inputs["source"]["files"]) == 2
+    # A missing object is named.
+    missing = parse_params(tiny_params(**{"data.target.path": f"s3://{BUCKET}/inputs/nope.csv"}))
+    with pytest.raises(DataError, match=r"s3://tlpipe-store-test/inputs/nope.csv: no such object"):
+        materialize_inputs(missing.data, tmp_path)
