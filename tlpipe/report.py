@@ -118,7 +118,7 @@ def describe_input(inp: InputParams) -> str:
     path = inp.path if isinstance(inp.path, str) else ", ".join(f"{k}: {v}" for k, v in inp.path.items())
     line = f"`{path}` (SHA-256 `{inp.sha256 or 'not pinned'}`)"
     if inp.select is not None:
-        which = "do not match" if inp.select.invert else "match"
+        which = "does not match" if inp.select.invert else "matches"
         line += f", the rows whose {inp.select.column} {which} `{inp.select.pattern}`"
     return line
 
