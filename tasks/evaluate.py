@@ -31,7 +31,7 @@ from tlpipe.data import label_ids, read_split, source_split, texts
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
 from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
-from tlpipe.text import SpecialIds, encode, load_tokenizer
+from tlpipe.text import SpecialIds, encode, load_tokenizer, truncated_share
 from tlpipe.train import (
     MLM_EVAL_ROWS,
     Runtime,
@@ -332,14 +332,17 @@ def forgetting(
 def evaluate_shipped(
     ft: FinetuneParams, labels: tuple[str, ...], finetune_dir: Path, prepare_dir: Path
 ) -> tuple[PreTrainedModel, dict[str, Any], np.ndarray, np.ndarray]:
-    """The shipped model on test: (model, metrics with per-class names, labels, predictions)."""
+    """The shipped model on test: (model, metrics with per-class names and the share of test
+    rows cut to max_length, labels, predictions)."""
     model_dir = finetune_dir / "model"
-    pad = SpecialIds.of(load_tokenizer(model_dir)).pad
+    tok = load_tokenizer(model_dir)
+    pad = SpecialIds.of(tok).pad
     test_ids, test_y = encode_split(prepare_dir, "test", model_dir, labels, ft.max_length)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
     metrics = classification_metrics(test_y, pred, len(labels))
     metrics["per_class"] = dict(zip(labels, metrics["per_class"], strict=True))
+    metrics["truncated_share"] = truncated_share(tok, texts(read_split(prepare_dir, "test")), ft.max_length)
     return model, metrics, test_y, pred
 
 
@@ -361,8 +364,8 @@ def finish(
     seed_everything(ft.seed)
     labels = data.labels
     model, shipped, test_y, pred = evaluate_shipped(ft, labels, finetune_dir, prepare_dir)
-    tuning = sorted((r for r in results if r.get("tune")), key=lambda r: (r["model"], r["lr"]))
-    lr, encoder = choose_scratch(tuning, p)
+    tuning = [r for r in results if r.get("tune")]
+    lr, encoder = next((r["lr"], r["model"]) for r in results if r["arm"] == "scratch" and not r.get("tune"))
     curve = summarise(results, p)
     g = gate(curve, p)
     forgot = forgetting(p, ft, data, source_dir, model, prepare_dir)

@@ -95,7 +95,7 @@ def finetune(
                     f"{split}_share": truncated_share(
                         tok, texts(read_split(prepare_dir, split)), p.max_length
                     )
-                    for split in ("train", "val", "test")
+                    for split in ("train", "val")
                 },
             },
             "strategy": p.strategy,

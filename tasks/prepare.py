@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlpipe.data import UNDECODABLE, input_files, normalise_text, read_input, sha256_file
+from tlpipe.data import ORIGIN, UNDECODABLE, input_files, input_paths, normalise_text, read_input, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import TARGET_SPLITS, DataParams, InputParams, PrepareParams, ValidateParams
@@ -53,7 +53,7 @@ def prepare(
     splits = _target_splits(p, target, rng)
 
     dropped = {"target": dropped_target}
-    inputs = {"target": _describe(data.target, root, len(raw_target))}
+    inputs = {"target": _describe(data.target, "target", root, len(raw_target))}
     aside = [quarantined]
     if data.source is not None:
         raw = read_input(data.source, "source", root)
@@ -66,10 +66,9 @@ def prepare(
         source = source.iloc[rng.permutation(len(source))]
         if p.source_max_rows is not None:
             source = source.iloc[: p.source_max_rows]
-        inputs["source"] = _describe(data.source, root, len(raw))
+        inputs["source"] = _describe(data.source, "source", root, len(raw))
     else:
-        columns = ["text", "label"] if data.source_kind == "labelled" else ["text"]
-        source = pd.DataFrame({c: pd.Series(dtype="string") for c in columns})
+        source = pd.DataFrame({"text": pd.Series(dtype="string")})
         inputs["source"] = None
     splits["source"] = source
 
@@ -101,25 +100,34 @@ def _quarantine(
     frame: pd.DataFrame, name: str, rows: ValidateParams, labels: tuple[str, ...] | None, inp: InputParams
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, set aside): under `rows: quarantine`, the rows that break a row-level rule,
-    each with its input, its row number in the input (0-based, in file order) and the rule.
+    each with its input, its file and row in it (0-based, header excluded) and the rule.
     Under `rows: fail` nothing is set aside, but a row with bytes that do not decode fails
-    here, naming its row numbers (it cannot be stored for validation to report)."""
-    columns = ["input", "row", "rule", *(c for c in frame.columns if c != UNDECODABLE)]
+    here, naming its file and row (it cannot be stored for validation to report). The kept
+    rows lose read_input's bookkeeping columns."""
+    internal = [UNDECODABLE, *ORIGIN]
+    data_columns = [c for c in frame.columns if c not in internal]
+    columns = ["input", "file", "row", "rule", *data_columns]
     if rows.rows != "quarantine":
-        bad_bytes = np.flatnonzero(undecodable(frame).to_numpy())
+        bad_bytes = frame[undecodable(frame).to_numpy()]
         if len(bad_bytes):
-            shown = ", ".join(str(i) for i in bad_bytes[:5]) + (", ..." if len(bad_bytes) > 5 else "")
+            where = [
+                f"{Path(f).name} row {r}"
+                for f, r in zip(bad_bytes[ORIGIN[0]], bad_bytes[ORIGIN[1]], strict=True)
+            ]
+            shown = ", ".join(where[:5]) + (", ..." if len(where) > 5 else "")
             raise DataError(
                 f"data.{name}: {len(bad_bytes)} rows hold bytes that do not decode as {inp.encoding} "
-                f"(rows {shown}, counted from 0 in file order); set data.{name}.encoding_errors: replace "
-                "to keep them as U+FFFD, or validate.rows: quarantine to set them aside"
+                f"({shown}; rows counted from 0 after the header); set data.{name}.encoding_errors: "
+                "replace to keep them as U+FFFD, or validate.rows: quarantine to set them aside"
             )
-        return frame.drop(columns=UNDECODABLE, errors="ignore"), _empty(columns)
+        return frame[data_columns], _empty(columns)
     rule = broken_rule(frame, rows, labels)
     bad = rule.notna().to_numpy()
-    aside = frame[bad].assign(input=name, row=np.flatnonzero(bad), rule=rule[bad])[columns]
-    kept = frame[~bad].drop(columns=UNDECODABLE, errors="ignore").reset_index(drop=True)
-    return kept, aside.drop(columns=UNDECODABLE, errors="ignore").astype({"row": "int64"})
+    aside = (
+        frame[bad].rename(columns={ORIGIN[0]: "file", ORIGIN[1]: "row"}).assign(input=name, rule=rule[bad])
+    )
+    kept = frame[~bad][data_columns].reset_index(drop=True)
+    return kept, aside[columns].astype({"row": "int64"})
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
@@ -133,12 +141,11 @@ def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return frame[~dup.to_numpy()].reset_index(drop=True), int(dup.sum())
 
 
-def _describe(inp: InputParams, root: Path, rows: int) -> dict[str, Any]:
+def _describe(inp: InputParams, name: str, root: Path, rows: int) -> dict[str, Any]:
     """What lineage records of an input: where it came from, each file's SHA-256, its rows."""
-    paths = inp.path if isinstance(inp.path, dict) else {"": inp.path}
     files = {}
-    for path in paths.values():
-        for f in input_files(path, inp.format, root, "data.path"):
+    for path in input_paths(inp):
+        for f in input_files(path, inp.format, root, f"data.{name}.path"):
             files[f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)] = sha256_file(f)
     return {"path": inp.path, "files": files, "rows": rows, "select": inp.select and inp.select.model_dump()}
 

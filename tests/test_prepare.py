@@ -285,6 +285,11 @@ def test_quarantine_sets_bad_rows_aside_with_their_rule(tmp_path: Path, sample_c
     # The blank text no longer matches the airline pattern: it is the source's to set aside.
     assert result.inputs["source"]["quarantined"] == {"text_not_blank": 1}
     assert sorted(aside["rule"]) == ["label_in_set", "text_decodes", "text_length", "text_not_blank"]
+    # Each is named by its file and its row there (0-based after the header).
+    frame = pd.read_csv(raw, dtype=str, encoding_errors="replace")
+    furious = aside[aside["rule"] == "label_in_set"].iloc[0]
+    assert Path(furious["file"]).name == "mangled.csv"
+    assert frame.loc[int(furious["row"]), "sentiment"] == "furious"
     kept = pd.concat([pd.read_parquet(root / f"out/{n}.parquet") for n in ("train", "val", "test", "pool")])
     assert not kept["text"].str.contains("fused message|\ufffd", regex=True).any()
     assert "furious" not in set(kept["label"])
@@ -294,19 +299,15 @@ def test_quarantine_sets_bad_rows_aside_with_their_rule(tmp_path: Path, sample_c
 def test_undecodable_bytes_name_their_rows(tmp_path: Path, sample_csv: Path) -> None:
     root, _ = _setup(tmp_path, sample_csv)
     _mangled(root)
-    raw = tiny_params(
-        **{"data.target.path": "data/raw/mangled.csv", "data.source.path": "data/raw/mangled.csv"}
-    )
-    p = parse_params(raw)
-    with pytest.raises(
-        DataError, match=r"data.target: 1 rows hold bytes that do not decode as utf-8 \(rows \d+"
-    ):
+    paths = {"data.target.path": "data/raw/mangled.csv", "data.source.path": "data/raw/mangled.csv"}
+    p = parse_params(tiny_params(**paths))
+    # The row is named by its file and its row in that file, not its place among the airline rows.
+    frame = pd.read_csv(root / "data/raw/mangled.csv", dtype=str, encoding_errors="replace")
+    row = int(frame.index[frame["text"].str.contains("@united \ufffd", regex=False)][0])
+    message = rf"data.target: 1 rows hold bytes that do not decode as utf-8 \(mangled.csv row {row};"
+    with pytest.raises(DataError, match=message):
         prepare(p.prepare, p.data, p.validate_, root, root / "out")
-    replace = parse_params(
-        tiny_params(**{**{k: v for k, v in raw.items()}, "data.target.encoding_errors": "replace"})
-    )
+    replace = parse_params(tiny_params(**paths, **{"data.target.encoding_errors": "replace"}))
     prepare(replace.prepare, replace.data, replace.validate_, root, root / "out")
-    texts = pd.concat([pd.read_parquet(root / f"out/{n}.parquet") for n in ("train", "val", "test", "pool")])[
-        "text"
-    ]
-    assert texts.str.contains("\ufffd", regex=False).sum() == 1
+    splits = [pd.read_parquet(root / f"out/{n}.parquet") for n in ("train", "val", "test", "pool")]
+    assert pd.concat(splits)["text"].str.contains("\ufffd", regex=False).sum() == 1

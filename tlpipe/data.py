@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe.errors import DataError
+from tlpipe.errors import DataError, StoreError
 from tlpipe.params import InputParams
 
 SPLITS = ("source", "train", "val", "test", "pool")
@@ -58,6 +58,11 @@ def local_path(path: str, root: Path = Path(".")) -> Path:
     return root / path
 
 
+def input_paths(inp: InputParams) -> list[str]:
+    """The paths an input names: one, or one per split file."""
+    return list(inp.path.values()) if isinstance(inp.path, dict) else [inp.path]
+
+
 def input_files(path: str, fmt: str, root: Path, key: str) -> list[Path]:
     """The files an input path names: the file itself, or every file of a known format in a
     folder (recursively, in name order; a folder's files must share one format)."""
@@ -87,8 +92,9 @@ def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFr
     `label` when labelled), plus `split` when the splits come as separate files, keeping
     the rows its `select` keeps.
 
-    Under `encoding_errors: strict` a byte that does not decode becomes U+FFFD and its row
-    is marked in a boolean column UNDECODABLE (a row-level fault, tlpipe.rows). Raises
+    Each row carries its file and row number in it (ORIGIN). Under `encoding_errors:
+    strict` a byte that does not decode becomes U+FFFD and its row is marked in a boolean
+    column UNDECODABLE (a row-level fault, tlpipe.rows). Raises
     DataError, naming the key and the file, when a file is missing, does not hash to
     `sha256`, cannot be parsed, has no rows, or lacks a configured column.
     """
@@ -158,18 +164,22 @@ def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"{path}: the file has a header but no rows ({key})")
     out = pd.DataFrame({role: frame[column] for role, column in wanted.items()}, dtype=object)
+    origin = {ORIGIN[0]: str(path), ORIGIN[1]: np.arange(len(out))}
     if inp.encoding_errors == "strict":
         # A byte that did not decode (a lone surrogate here) becomes U+FFFD; its row is marked.
         bad = out.map(lambda v: isinstance(v, str) and _UNDECODED.search(v) is not None).any(axis=1)
         out = out.map(lambda v: _UNDECODED.sub("\ufffd", v) if isinstance(v, str) else v)
-        return out.astype("string").assign(**{UNDECODABLE: bad.to_numpy()})
-    return out.astype("string")
+        return out.astype("string").assign(**{UNDECODABLE: bad.to_numpy()}, **origin)
+    return out.astype("string").assign(**origin)
 
 
 # What a strict read (errors="surrogateescape") turns a byte that does not decode into.
 _UNDECODED = re.compile("[\udc80-\udcff]")
 # The column read_input adds under encoding_errors: strict: whether the row held such a byte.
 UNDECODABLE = "_undecodable"
+# The columns read_input adds to say where each row came from: its file, and its row in that
+# file (0-based, header excluded).
+ORIGIN = ("_file", "_row")
 
 
 def _decode_errors(inp: InputParams) -> str:
@@ -196,29 +206,34 @@ def _read_jsonl(path: Path, inp: InputParams) -> pd.DataFrame:
 
 
 def fetch_s3_input(uri: str, root: Path = Path(".")) -> Path:
-    """Mirror the object (or, for a key ending in '/', every object under the prefix) at
-    `uri` into data/s3/, where DVC tracks it; each file is written atomically. Reads from
-    TLPIPE_S3_ENDPOINT when set, else AWS S3, with the standard credential chain."""
+    """Mirror the object at `uri` (or, for a key ending in '/', every object under that
+    prefix) into data/s3/, where DVC tracks it. A file is written atomically; a folder is
+    downloaded beside the mirror and swapped in, so an object deleted from the bucket leaves
+    the mirror too. Reads from TLPIPE_S3_ENDPOINT when set, else AWS S3, with the standard
+    credential chain."""
     import os
+    import shutil
+    import tempfile
 
-    from tlpipe.store import ENDPOINT_ENV, download_prefix, make_client, parse_s3_uri, region
+    from tlpipe.store import ENDPOINT_ENV, download_folder, download_object, make_client, parse_s3_uri, region
 
     bucket, key = parse_s3_uri(uri)
     dest = local_path(uri, root)
-    client = make_client(os.environ.get(ENDPOINT_ENV, "").strip() or None, region())
-    if key.endswith("/") or not key:
-        if not download_prefix(client, bucket, key, dest):
-            raise DataError(f"{uri}: no objects under this prefix")
+    if key and not key.endswith("/"):
+        client = make_client(os.environ.get(ENDPOINT_ENV, "").strip() or None, region())
+        if not download_object(client, bucket, key, dest):
+            raise DataError(f"{uri}: no such object")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
-    written = [
-        f
-        for f in download_prefix(client, bucket, folder, dest.parent)
-        if f.relative_to(dest.parent).as_posix() == key[len(folder) :]
-    ]
-    if not written:
-        raise DataError(f"{uri}: no such object")
+    fresh = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        download_folder(uri, fresh)
+    except StoreError as err:
+        shutil.rmtree(fresh)
+        raise DataError(str(err)) from None
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(fresh, dest)
     return dest
 
 

@@ -51,9 +51,9 @@ def resolve_init(init_from: str, download_dir: Path) -> Path:
         getter = getattr(module, "get_model_path", None)
         path = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
     elif init_from.startswith("s3://"):
-        from tlpipe.store import download_checkpoint
+        from tlpipe.store import download_folder
 
-        path = download_checkpoint(init_from, download_dir)
+        path = download_folder(init_from, download_dir)
     else:
         path = Path(init_from)
     if not (path / "config.json").is_file():

@@ -55,8 +55,6 @@ def build(params: Params, root: Path = Path(".")) -> list[Section]:
 
 
 def _data(params: Params, root: Path) -> Section:
-    import pandas as pd
-
     section = Section("Data")
     data = params.data
     section.blocks.append(f"Target: {describe_input(data.target)}; labels {', '.join(data.labels)}.")
@@ -95,20 +93,18 @@ def _data(params: Params, root: Path) -> Section:
             "in `outputs/prepare/quarantine.parquet`; the raw files are unchanged."
         )
         section.blocks.append(Table(["input", "rows read", "quarantined", "by rule"], aside))
-    rows = []
-    for split in ("train", "val", "test", "pool"):
-        path = prepare / f"{split}.parquet"
-        if path.is_file():
-            counts = pd.read_parquet(path, columns=["label"])["label"].value_counts()
-            rows.append([split, str(int(counts.sum()))] + [str(int(counts.get(c, 0))) for c in data.labels])
+    counts = summary.get("counts", {})
+    rows = [
+        [split, str(sum(counts[split].values())), *(str(counts[split].get(c, 0)) for c in data.labels)]
+        for split in ("train", "val", "test", "pool")
+        if split in counts
+    ]
     section.blocks.append(Table(["target split", "rows", *data.labels], rows))
-    source = prepare / "source.parquet"
-    if data.source is not None and source.is_file():
-        frame = pd.read_parquet(source)
-        line = f"Source corpus: {len(frame)} rows"
-        if "label" in frame.columns and len(frame):
-            counts = frame["label"].value_counts()
-            line += " (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")"
+    source = counts.get("source")
+    if data.source is not None and source is not None:
+        line = f"Source corpus: {sum(source.values())} rows"
+        if data.source_labels:
+            line += " (" + ", ".join(f"{k}: {v}" for k, v in source.items()) + ")"
         section.blocks.append(line + ".")
     return section
 
@@ -199,10 +195,10 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     sm = m["shipped"]
     shipped.blocks.append(f"Test accuracy {sm['accuracy']:.4f}, macro-F1 {sm['macro_f1']:.4f}.")
     cut = _read(out / "finetune" / "metrics.json").get("truncated")
-    if cut:
+    if cut and "truncated_share" in sm:
         shipped.blocks.append(
             f"Inputs are cut to their first {cut['max_length']} tokens: {_pct(cut['train_share'])} of train, "
-            f"{_pct(cut['val_share'])} of val and {_pct(cut['test_share'])} of test rows were longer."
+            f"{_pct(cut['val_share'])} of val and {_pct(sm['truncated_share'])} of test rows were longer."
         )
     shipped.blocks.append(
         Table(

@@ -699,6 +699,22 @@ def download_prefix(client: S3Client, bucket: str, prefix: str, dest: Path) -> l
     return written
 
 
+def download_object(client: S3Client, bucket: str, key: str, target: Path) -> bool:
+    """Download s3://bucket/key to `target`, atomically; False when there is no such object.
+    Raises StoreError on any other failure of the store."""
+    try:
+        size = int(client.head_object(Bucket=bucket, Key=key).get("ContentLength", 0))
+    except ClientError as err:
+        if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise StoreError(f"cannot read s3://{bucket}/{key}: {_describe(err)}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot read s3://{bucket}/{key}: {err}") from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _download_atomic(client, bucket, key, size, target)
+    return True
+
+
 def _download_atomic(client: S3Client, bucket: str, key: str, size: int, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     # os.open with 0o666 leaves the final mode to the umask, like any other new file.
@@ -717,8 +733,9 @@ def _download_atomic(client: S3Client, bucket: str, key: str, size: int, target:
         tmp.unlink(missing_ok=True)
 
 
-def download_checkpoint(uri: str, dest: Path) -> Path:
-    """Download the checkpoint folder at an s3:// prefix into `dest` and return `dest`.
+def download_folder(uri: str, dest: Path) -> Path:
+    """Download the folder at an s3:// prefix (a checkpoint, a data set) into `dest` and
+    return `dest`.
 
     Reads from TLPIPE_S3_ENDPOINT when set, else from AWS S3, with the standard credential
     chain. Raises StoreError when nothing is under the prefix or the store fails.
