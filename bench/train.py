@@ -34,22 +34,14 @@ import torch
 from bench.common import in_turns, machine, pin_threads, ratio, record, stat, threads_from_env, timed
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, read_split, texts
+from tlpipe.metrics import classification_metrics
 from tlpipe.model import bert_config, load_transfer_classifier, new_mlm, resolve_init
 from tlpipe.params import FinetuneParams, OptimParams, load_params
+from tlpipe.settings.text_classification.classifier import ClassifierTask, predict_logits
+from tlpipe.settings.text_classification.layers import layer_groups
+from tlpipe.settings.text_classification.mlm import mlm_eval_loss, pad_batch, train_mlm
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
-from tlpipe.train import (
-    FAST_PATHS,
-    Runtime,
-    adamw,
-    bf16_native,
-    classification_metrics,
-    clip_and_step,
-    mlm_eval_loss,
-    pad_batch,
-    predict_logits,
-    train_classifier,
-    train_mlm,
-)
+from tlpipe.train import FAST_PATHS, Runtime, adamw, bf16_native, clip_and_step, train_model
 
 PREPARE = Path("outputs/prepare")
 EVAL_ROWS = 512
@@ -343,10 +335,12 @@ def bench_finetune(
                 model, features, collator, ft.optim, steps, window, runtime.device, bf16, "examples"
             )
             return marks, model
-        run = train_classifier(
-            model, train_ids, train_y, val_ids, val_y, ft, pad, runtime=Runtime(runtime.device, bf16),
-            desc=f"finetune {name}",
+        rt = Runtime(runtime.device, bf16)
+        task = ClassifierTask(
+            train_ids, train_y, val_ids, val_y, pad=pad, n_labels=len(labels),
+            batch_size=ft.optim.batch_size, eval_batch_size=ft.eval_batch_size, runtime=rt, seed=ft.seed,
         )  # fmt: skip
+        run = train_model(model, task, ft, layer_groups(model), runtime=rt, desc=f"finetune {name}")
         return [(0, 0.0)] + [(h["examples"], h["seconds"]) for h in run.history], model
 
     sides = interleaved(sides_for(runtime), train, accuracy, repeats, "examples/s")

@@ -21,6 +21,7 @@ from tlpipe.curve import CurvePoint, curve_workers, one_thread
 from tlpipe.files import fresh_dir
 from tlpipe.params import load_params, stage_dir
 from tlpipe.report import REPORT, write_report
+from tlpipe.setting import primary_metric, spec
 from tlpipe.stages import commit, is_up_to_date
 from tlpipe.timing import clocked
 
@@ -92,8 +93,9 @@ def curve_plan(stale: bool, tuning: list[dict[str, Any]]) -> list[CurvePoint]:
 
     if not stale:
         return []
-    p = load_params().evaluate
-    return plan(p, choose_scratch(tuning, p))
+    params = load_params()
+    metric = primary_metric(spec(params.setting), params.evaluate.metric)
+    return plan(params.evaluate, choose_scratch(tuning, params.evaluate, metric))
 
 
 @task(name="curve-point", task_run_name="curve-{point.key}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,26 +20,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
-from tlpipe.batching import length_batches
-from tlpipe.classifier import encode_split, scratch_params, transfer_setup
-from tlpipe.curve import ARMS, CurvePoint, choose_scratch, curve_plan, curve_workers, one_thread, tuning_plan
-from tlpipe.data import label_ids, read_split, source_split, texts
-from tlpipe.errors import DataError, GateFailed
-from tlpipe.model import fresh_dir, has_mlm_head, load_mlm, scratch_classifier, seed_everything, write_json
-from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
-from tlpipe.text import SpecialIds, encode, load_tokenizer, truncated_share
-from tlpipe.train import (
-    MLM_EVAL_ROWS,
-    Runtime,
-    classification_metrics,
-    iterate_batches,
-    mlm_eval_loss,
-    predict_logits,
-    train_classifier,
+from tlpipe.curve import (
+    ARMS,
+    CurvePoint,
+    choose_scratch,
+    curve_plan,
+    curve_workers,
+    one_thread,
+    scratch_params,
+    tuning_plan,
 )
+from tlpipe.data import read_split
+from tlpipe.errors import DataError, GateFailed
+from tlpipe.model import fresh_dir, seed_everything, write_json
+from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
+from tlpipe.setting import Metric, Setting, primary_metric
+from tlpipe.train import Runtime, fit
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +66,7 @@ def subsample(frame: pd.DataFrame, size: Size, seed: int) -> pd.DataFrame:
 
 def run_point(
     point: CurvePoint,
+    setting: Setting,
     p: EvaluateParams,
     ft: FinetuneParams,
     data: DataParams,
@@ -82,54 +79,31 @@ def run_point(
     a tuning run, keep its best validation scores alone. It takes the evaluate stage's
     inputs (the shipped model in `finetune_dir` is not read).
 
-    Writes and returns `runs_dir/<key>.json`: rows, test (or validation) accuracy and
-    macro-F1, steps, time.
+    Writes and returns `runs_dir/<key>.json`: rows, every test (or validation) metric of
+    the setting, steps, time.
     """
     seed_everything(point.seed)
-    labels = data.labels
     rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
+    val = read_split(prepare_dir, "val")
     if point.arm == "reference":
-        scores, training = reference_run(rows, labels, prepare_dir)
-        metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+        metrics, training = setting.reference(rows, val, read_split(prepare_dir, "test"), data)
         return _write_run(runs_dir, point, len(rows), metrics, training)
-    tok = load_tokenizer(source_dir)
-    pad = SpecialIds.of(tok).pad
-    train_ids = encode(tok, texts(rows), ft.max_length)
-    train_y = label_ids(rows, labels)
-    val_ids, val_y = encode_split(prepare_dir, "val", source_dir, labels, ft.max_length)
     run_ft = ft.model_copy(update={"seed": point.seed})
     if point.arm == "transfer":
-        setup = transfer_setup(run_ft, labels, source_dir, prepare_dir)
-        model, transferred, source_mlm = setup.model, setup.transferred, setup.source_mlm
+        arm = setting.transfer_arm(run_ft, data, source_dir, prepare_dir)
     else:
         assert point.lr is not None and point.model is not None, (
             f"{point.key}: scratch runs name their grid cell"
         )
         run_ft = scratch_params(run_ft, point.lr)
-        encoder = p.scratch_models[point.model]
-        model, transferred, source_mlm = scratch_classifier(source_dir, labels, encoder), None, None
-    run = train_classifier(
-        model,
-        train_ids,
-        train_y,
-        val_ids,
-        val_y,
-        run_ft,
-        pad,
-        transferred=transferred,
-        source_mlm=source_mlm,
-        runtime=Runtime.pick(ft.device, ft.precision),
-        desc=point.key,
-    )
+        arm = setting.scratch_arm(data, source_dir, p.scratch_models[point.model])
+    runtime = Runtime.pick(ft.device, ft.precision)
+    run, _ = fit(setting, arm, rows, val, run_ft, data, source_dir, runtime=runtime, desc=point.key)
     training = {"best_step": run.best_step, "steps": run.steps, "train_seconds": run.seconds}
     if point.tune:
-        best = next(row for row in run.history if row["step"] == run.best_step)
-        metrics = {"val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"]}
-        return _write_run(runs_dir, point, len(rows), metrics, training)
-    test_ids, test_y = encode_split(prepare_dir, "test", source_dir, labels, ft.max_length)
-    pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
-    scores = classification_metrics(test_y, pred, len(labels))
-    metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+        metrics = {f"val_{key}": run.best()[f"val_{key}"] for key in setting.metrics}
+    else:
+        metrics = setting.score(arm.model, read_split(prepare_dir, "test"), ft, data, source_dir)
     return _write_run(runs_dir, point, len(rows), metrics, training)
 
 
@@ -141,43 +115,6 @@ def _write_run(
     write_json(runs_dir / f"{point.key}.json", result)
     log.info("%s: %d rows, %s", point.key, rows, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return result
-
-
-# The reference's inverse regularisation strengths, the best on val macro-F1 kept.
-REFERENCE_C = (0.3, 1.0, 3.0, 10.0, 30.0)
-
-
-def reference_run(
-    rows: pd.DataFrame, labels: tuple[str, ...], prepare_dir: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The classical reference on `rows`: TF-IDF word (1-2) and character (2-5, in-word)
-    n-grams, multinomial logistic regression at the C with the best val macro-F1.
-    Returns (test metrics, training facts)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import FeatureUnion
-
-    start = time.perf_counter()
-    features = FeatureUnion(
-        [
-            ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
-            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)),
-        ]
-    )
-    x = features.fit_transform(texts(rows))
-    y = label_ids(rows, labels)
-    val, test = read_split(prepare_dir, "val"), read_split(prepare_dir, "test")
-    x_val, y_val = features.transform(texts(val)), label_ids(val, labels)
-    best: tuple[float, float, LogisticRegression] | None = None
-    for c in REFERENCE_C:
-        fit = LogisticRegression(C=c, max_iter=2000).fit(x, y)
-        f1 = classification_metrics(y_val, fit.predict(x_val), len(labels))["macro_f1"]
-        if best is None or f1 > best[0]:
-            best = (f1, c, fit)
-    assert best is not None
-    pred = best[2].predict(features.transform(texts(test)))
-    metrics = classification_metrics(label_ids(test, labels), pred, len(labels))
-    return metrics, {"c": best[1], "train_seconds": time.perf_counter() - start}
 
 
 def interval(values: list[float], confidence: float) -> dict[str, float]:
@@ -193,9 +130,12 @@ def interval(values: list[float], confidence: float) -> dict[str, float]:
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": len(x)}
 
 
-def summarise(results: list[dict[str, Any]], p: EvaluateParams) -> list[dict[str, Any]]:
-    """Per size: each arm's (and the reference's) accuracy and macro-F1 (mean, std, interval)
-    and the paired gain of transfer over scratch (tuning runs are not part of the curve)."""
+def summarise(
+    results: list[dict[str, Any]], p: EvaluateParams, metrics: dict[str, Metric]
+) -> list[dict[str, Any]]:
+    """Per size: each arm's (and the reference's) score on every metric (mean, std, interval)
+    and the paired gain of transfer over scratch, positive where transfer is better
+    (tuning runs are not part of the curve)."""
     by = {(r["arm"], r["size"], r["seed"]): r for r in results if not r.get("tune")}
     arms = (*ARMS, "reference") if any(r["arm"] == "reference" for r in results) else ARMS
     curve = []
@@ -203,15 +143,14 @@ def summarise(results: list[dict[str, Any]], p: EvaluateParams) -> list[dict[str
         entry: dict[str, Any] = {"size": size, "rows": by[("transfer", size, p.seeds[0])]["rows"]}
         for arm in arms:
             entry[arm] = {
-                metric: interval([by[(arm, size, s)][metric] for s in p.seeds], p.confidence)
-                for metric in ("accuracy", "macro_f1")
+                key: interval([by[(arm, size, s)][key] for s in p.seeds], p.confidence) for key in metrics
             }
         entry["gain"] = {
-            metric: interval(
-                [by[("transfer", size, s)][metric] - by[("scratch", size, s)][metric] for s in p.seeds],
+            key: interval(
+                [metric.gain(by[("transfer", size, s)][key], by[("scratch", size, s)][key]) for s in p.seeds],
                 p.confidence,
             )
-            for metric in ("accuracy", "macro_f1")
+            for key, metric in metrics.items()
         }
         curve.append(entry)
     return curve
@@ -247,106 +186,8 @@ def gate_message(g: dict[str, Any]) -> str:
     )
 
 
-@torch.no_grad()
-def _mean_pooled(encoder: PreTrainedModel, ids: list[np.ndarray], pad: int, batch_size: int) -> torch.Tensor:
-    """Sentence features (N, H): the encoder's last hidden states averaged over real tokens."""
-    encoder.eval()
-    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
-    out = torch.zeros(len(ids), encoder.config.hidden_size)
-    for idx, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), pad):
-        hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        out[torch.from_numpy(idx)] = (hidden * m).sum(1) / m.sum(1)
-    return out
-
-
-def probe_accuracy(features: torch.Tensor, y: np.ndarray, n_labels: int, seed: int) -> float:
-    """A linear probe: multinomial logistic regression fit on half the rows, scored on the rest."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=gen)
-    fit, score = order[: len(y) // 2], order[len(y) // 2 :]
-    mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
-    x = (features - mean) / std
-    target = torch.tensor(y, dtype=torch.long)
-    linear = torch.nn.Linear(x.shape[1], n_labels)
-    opt = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(x[fit]), target[fit])
-        loss = loss + 1e-3 * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float((linear(x[score]).argmax(1) == target[score]).float().mean())
-
-
-def forgetting(
-    p: EvaluateParams,
-    ft: FinetuneParams,
-    data: DataParams,
-    source_dir: Path,
-    model: PreTrainedModel,
-    prepare_dir: Path,
-) -> dict[str, Any]:
-    """The source task before and after fine-tuning, on the source rows pretrain held out:
-    a linear probe's accuracy on a labelled source's labels over each encoder's features,
-    and held-out masked-LM loss when the source model carries a trained LM head. Without a
-    source there is nothing to forget: the report says so."""
-    report: dict[str, Any] = {
-        "source": data.source_kind,
-        "source_rows": 0,
-        "probe_accuracy_before": None,
-        "probe_accuracy_after": None,
-        "mlm_loss_before": None,
-        "mlm_loss_after": None,
-    }
-    if data.source_kind == "none":
-        return report
-    tok = load_tokenizer(source_dir)
-    pad = SpecialIds.of(tok).pad
-    held_out, _ = source_split(read_split(prepare_dir, "source"))
-    picked = held_out.iloc[: p.forgetting_rows]
-    report["source_rows"] = len(picked)
-    labels = data.source_labels
-    if labels is not None and len(picked):
-        ids = encode(tok, texts(picked), ft.max_length)
-        y = label_ids(picked, labels)
-        before = _mean_pooled(AutoModel.from_pretrained(source_dir), ids, pad, ft.eval_batch_size)
-        after = _mean_pooled(model.base_model, ids, pad, ft.eval_batch_size)
-        report["probe_accuracy_before"] = probe_accuracy(before, y, len(labels), ft.seed)
-        report["probe_accuracy_after"] = probe_accuracy(after, y, len(labels), ft.seed)
-    if has_mlm_head(source_dir) and len(held_out):
-        held_out_ids = encode(tok, [t for t in texts(held_out) if t.strip()][:MLM_EVAL_ROWS], ft.max_length)
-        special = SpecialIds.of(tok)
-        mlm = load_mlm(source_dir)
-        kw = {"mask_prob": ft.mask_prob, "seed": ft.seed}
-        report["mlm_loss_before"] = mlm_eval_loss(mlm, held_out_ids, special, **kw)
-        mlm.base_model.load_state_dict(model.base_model.state_dict(), strict=False)
-        report["mlm_loss_after"] = mlm_eval_loss(mlm, held_out_ids, special, **kw)
-    return report
-
-
-def evaluate_shipped(
-    ft: FinetuneParams, labels: tuple[str, ...], finetune_dir: Path, prepare_dir: Path
-) -> tuple[PreTrainedModel, dict[str, Any], np.ndarray, np.ndarray]:
-    """The shipped model on test: (model, metrics with per-class names and the share of test
-    rows cut to max_length, labels, predictions)."""
-    model_dir = finetune_dir / "model"
-    tok = load_tokenizer(model_dir)
-    pad = SpecialIds.of(tok).pad
-    test_ids, test_y = encode_split(prepare_dir, "test", model_dir, labels, ft.max_length)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    pred = predict_logits(model, test_ids, pad, ft.eval_batch_size).argmax(1)
-    metrics = classification_metrics(test_y, pred, len(labels))
-    metrics["per_class"] = dict(zip(labels, metrics["per_class"], strict=True))
-    metrics["truncated_share"] = truncated_share(tok, texts(read_split(prepare_dir, "test")), ft.max_length)
-    return model, metrics, test_y, pred
-
-
 def finish(
+    setting: Setting,
     p: EvaluateParams,
     ft: FinetuneParams,
     data: DataParams,
@@ -358,40 +199,44 @@ def finish(
 ) -> EvaluateResult:
     """Summarise the curve runs, score the shipped model, measure forgetting, apply the gate.
 
-    Writes `metrics.json`, `curve.csv` (DVC plot), `curve.png`, `confusion.csv` (DVC plot)
-    and `report.md`. Raises GateFailed, after writing them, when the gate fails.
+    Writes `metrics.json`, `curve.csv` (DVC plot), `curve.png`, `report.md` and the
+    setting's own test plots (a classifier's `confusion.csv`). Raises GateFailed, after
+    writing them, when the gate fails.
     """
     seed_everything(ft.seed)
-    labels = data.labels
-    model, shipped, test_y, pred = evaluate_shipped(ft, labels, finetune_dir, prepare_dir)
+    metric = primary_metric(setting, p.metric)
+    test = read_split(prepare_dir, "test")
+    model, shipped = setting.shipped(finetune_dir / "model", test, ft, data, out_dir)
     tuning = [r for r in results if r.get("tune")]
     lr, encoder = next((r["lr"], r["model"]) for r in results if r["arm"] == "scratch" and not r.get("tune"))
-    curve = summarise(results, p)
+    curve = summarise(results, p, dict(setting.metrics))
     g = gate(curve, p)
-    forgot = forgetting(p, ft, data, source_dir, model, prepare_dir)
-    majority = majority_score(test_y, len(labels), "accuracy")
+    forgot = setting.forgetting(p, ft, data, source_dir, model, prepare_dir)
+    baseline = setting.baseline(test, data)
+    trivial = (setting.baseline_name, baseline[metric.key])
     write_json(
         out_dir / "metrics.json",
         {
-            "test_rows": len(test_y),
+            "setting": setting.name,
+            "test_rows": len(test),
             "train_rows": len(read_split(prepare_dir, "train")),
-            "majority_class_accuracy": majority,
+            "baseline": {"predictor": setting.baseline_name, "scores": baseline},
             "shipped": shipped,
             "strategy": _strategy(ft),
-            "metric": p.metric,
+            "metric": metric.key,
+            "higher_is_better": metric.higher_is_better,
             "scratch": {
                 "lr": lr,
                 "model": _encoder(p.scratch_models[encoder]),
                 "tuned": {
                     "rows": tuning[0]["rows"] if tuning else None,
                     "seed": p.seeds[0],
-                    "on": f"val_{p.metric}",
+                    "on": f"val_{metric.key}",
                     "grid": [
                         {
                             "lr": r["lr"],
                             "model": _encoder(p.scratch_models[r["model"]]),
-                            "val_accuracy": r["val_accuracy"],
-                            "val_macro_f1": r["val_macro_f1"],
+                            **{f"val_{key}": r[f"val_{key}"] for key in setting.metrics},
                         }
                         for r in tuning
                     ],
@@ -399,18 +244,13 @@ def finish(
             },
             "curve": curve,
             "gate": g,
-            "gain": {"metric": p.metric, "mean": g["gain"], "ci_low": g["ci_low"], "ci_high": g["ci_high"]},
+            "gain": {"metric": metric.key, "mean": g["gain"], "ci_low": g["ci_low"], "ci_high": g["ci_high"]},
             "forgetting": forgot,
         },
     )
-    _write_curve_csv(out_dir / "curve.csv", curve)
-    baseline = majority_score(test_y, len(labels), p.metric)
-    plot_curve(out_dir / "curve.png", curve, p.metric, baseline, p.confidence)
-    with (out_dir / "confusion.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((labels[t], labels[q]) for t, q in zip(test_y, pred, strict=True))
-    (out_dir / "report.md").write_text(curve_markdown(curve, g, baseline))
+    _write_curve_csv(out_dir / "curve.csv", curve, list(setting.metrics))
+    plot_curve(out_dir / "curve.png", curve, metric, trivial, p.confidence)
+    (out_dir / "report.md").write_text(curve_markdown(curve, g, metric, trivial))
     log.info("evaluate: %s", gate_message(g) if not g["passed"] else f"gate passed: {g}")
     if not g["passed"]:
         raise GateFailed(gate_message(g))
@@ -418,6 +258,7 @@ def finish(
 
 
 def evaluate(
+    setting: Setting,
     p: EvaluateParams,
     ft: FinetuneParams,
     data: DataParams,
@@ -429,15 +270,16 @@ def evaluate(
     """Every curve run over a pool of worker processes (`out_dir/runs/*.json`), then `finish`.
     The Prefect flow runs the same points as separate task runs on the same kind of pool."""
     fresh_dir(out_dir)
-    args = (p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir / "runs")
+    args = (setting, p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir / "runs")
+    metric = primary_metric(setting, p.metric)
     with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
 
         def run_all(plan: list[CurvePoint]) -> list[dict[str, Any]]:
             return list(pool.map(run_point, plan, *([a] * len(plan) for a in args)))
 
         tuning = run_all(tuning_plan(p))
-        results = tuning + run_all(curve_plan(p, choose_scratch(tuning, p)))
-    return finish(p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir, results)
+        results = tuning + run_all(curve_plan(p, choose_scratch(tuning, p, metric)))
+    return finish(setting, p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir, results)
 
 
 def _encoder(config: EncoderConfig | None) -> dict[str, Any] | None:
@@ -450,58 +292,38 @@ def _strategy(ft: FinetuneParams) -> dict[str, Any]:
     return {k: getattr(ft, k) for k in keys} | {"lr": ft.optim.lr, "schedule": ft.optim.schedule}
 
 
-METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
-
-
-def majority_score(test_y: np.ndarray, n_labels: int, metric: str) -> float:
-    """What always predicting the most frequent test class scores: its share (accuracy),
-    or its F1 2p / (1 + p) averaged with zeros for every other class (macro-F1)."""
-    share = float(np.bincount(test_y, minlength=n_labels).max() / len(test_y))
-    return share if metric == "accuracy" else 2 * share / (1 + share) / n_labels
-
-
-CURVE_FIELDS = [
-    "rows",
-    "transfer_accuracy",
-    "scratch_accuracy",
-    "gain",
-    "gain_ci_low",
-    "gain_ci_high",
-    "transfer_macro_f1",
-    "scratch_macro_f1",
-    "reference_accuracy",
-    "gain_macro_f1",
-    "reference_macro_f1",
-]
-
-
-def _write_curve_csv(path: Path, curve: list[dict[str, Any]]) -> None:
+def _write_curve_csv(path: Path, curve: list[dict[str, Any]], metrics: list[str]) -> None:
+    """One row per size: each arm's mean on every metric, the gain's mean and interval
+    (a DVC plot)."""
+    arms = [arm for arm in (*ARMS, "reference") if arm in curve[0]]
+    fields = ["rows"]
+    for key in metrics:
+        fields += [f"{arm}_{key}" for arm in arms] + [
+            f"gain_{key}",
+            f"gain_{key}_ci_low",
+            f"gain_{key}_ci_high",
+        ]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for e in curve:
-            writer.writerow(
-                {
-                    "rows": e["rows"],
-                    "transfer_accuracy": e["transfer"]["accuracy"]["mean"],
-                    "scratch_accuracy": e["scratch"]["accuracy"]["mean"],
-                    "gain": e["gain"]["accuracy"]["mean"],
-                    "gain_ci_low": e["gain"]["accuracy"]["ci_low"],
-                    "gain_ci_high": e["gain"]["accuracy"]["ci_high"],
-                    "transfer_macro_f1": e["transfer"]["macro_f1"]["mean"],
-                    "scratch_macro_f1": e["scratch"]["macro_f1"]["mean"],
-                    "reference_accuracy": e["reference"]["accuracy"]["mean"] if "reference" in e else "",
-                    "gain_macro_f1": e["gain"]["macro_f1"]["mean"],
-                    "reference_macro_f1": e["reference"]["macro_f1"]["mean"] if "reference" in e else "",
+            row: dict[str, Any] = {"rows": e["rows"]}
+            for key in metrics:
+                row |= {f"{arm}_{key}": e[arm][key]["mean"] for arm in arms}
+                gain = e["gain"][key]
+                row |= {
+                    f"gain_{key}": gain["mean"],
+                    f"gain_{key}_ci_low": gain["ci_low"],
+                    f"gain_{key}_ci_high": gain["ci_high"],
                 }
-            )
+            writer.writerow(row)
 
 
 def plot_curve(
-    path: Path, curve: list[dict[str, Any]], metric: str, majority: float, confidence: float
+    path: Path, curve: list[dict[str, Any]], metric: Metric, baseline: tuple[str, float], confidence: float
 ) -> None:
     """The primary test metric against training rows (log scale), mean and interval of each
-    arm, beside what always predicting the majority class scores."""
+    arm, beside what the setting's trivial predictor scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,16 +335,16 @@ def plot_curve(
     for arm, (colour, line) in styles.items():
         if arm not in curve[0]:
             continue
-        acc = [e[arm][metric] for e in curve]
+        acc = [e[arm][metric.key] for e in curve]
         label = "reference (TF-IDF + logistic regression)" if arm == "reference" else arm
         ax.plot(rows, [a["mean"] for a in acc], marker="o", linestyle=line, color=colour, label=label)
         ax.fill_between(
             rows, [a["ci_low"] for a in acc], [a["ci_high"] for a in acc], color=colour, alpha=0.2
         )
-    ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+    ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1, label=baseline[0])
     ax.set_xscale("log")
     ax.set_xlabel("target training rows")
-    ax.set_ylabel(f"test {METRIC_NAMES[metric]}")
+    ax.set_ylabel(f"test {metric.label}")
     ax.set_title(f"Data efficiency (mean and {confidence:.0%} interval over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -531,10 +353,11 @@ def plot_curve(
     plt.close(fig)
 
 
-def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: float) -> str:
+def curve_markdown(
+    curve: list[dict[str, Any]], g: dict[str, Any], metric: Metric, baseline: tuple[str, float]
+) -> str:
     reference = "reference" in curve[0]
-    m = g["metric"]
-    name = METRIC_NAMES[m]
+    m, name = metric.key, metric.label
     lines = [
         f"| rows | transfer {name} | scratch {name} | gain (interval) |"
         + (f" reference {name} |" if reference else ""),
@@ -553,8 +376,8 @@ def curve_markdown(curve: list[dict[str, Any]], g: dict[str, Any], majority: flo
     verdict = "passed" if g["passed"] else "FAILED"
     lines += [
         "",
-        f"Majority class: {name} {majority:.4f}. Mean ± std over {g['seeds']} seeds; gain intervals at "
-        f"{g['confidence']:.0%}.",
+        f"{baseline[0].capitalize()}: {name} {baseline[1]:.4f}. Mean ± std over {g['seeds']} seeds; "
+        f"gain intervals at {g['confidence']:.0%}.",
         f"Negative-transfer gate at {g['rows']} rows: {verdict} (lower end {g['ci_low']:+.4f}, "
         f"needs > {g['min_gain']:+.4f}).",
     ]

@@ -20,8 +20,8 @@ from tlpipe.errors import GateFailed
 from tlpipe.model import fresh_dir, write_json
 from tlpipe.params import ExportParams
 from tlpipe.serve import Bundle, BundleSpec
+from tlpipe.settings.text_classification.classifier import predict_logits
 from tlpipe.text import SpecialIds, load_tokenizer
-from tlpipe.train import predict_logits
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
-from tlpipe.data import label_ids, read_split, sha256_file, source_split, texts
+from tlpipe.data import read_split, sha256_file, source_split, texts
 from tlpipe.errors import DataError
 from tlpipe.model import (
     META_FILE,
@@ -31,8 +30,12 @@ from tlpipe.model import (
     write_json,
 )
 from tlpipe.params import DataParams, FinetuneParams, PretrainParams, pretrain_objective
+from tlpipe.setting import Arm
+from tlpipe.settings.text_classification.classifier import classifier_task
+from tlpipe.settings.text_classification.layers import layer_groups
+from tlpipe.settings.text_classification.mlm import MLM_EVAL_ROWS, mlm_eval_loss, train_mlm
 from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
-from tlpipe.train import MLM_EVAL_ROWS, Runtime, mlm_eval_loss, train_classifier, train_mlm
+from tlpipe.train import Runtime, train_model
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,6 @@ def _supervised(
     held_out: pd.DataFrame,
 ) -> _Trained:
     """A classifier on the source labels, validated on held-out source rows (best kept)."""
-    y_train, y_held = _source_labels(train, labels), _source_labels(held_out, labels)
     if init_dir is not None:
         model, _ = load_transfer_classifier(init_dir, labels)
     else:
@@ -189,18 +191,13 @@ def _supervised(
         device=p.device,
         precision=p.precision,
     )
-    run = train_classifier(
-        model,
-        encode(tok, texts(train), p.max_length),
-        y_train,
-        encode(tok, texts(held_out), p.max_length),
-        y_held,
-        plan,
-        SpecialIds.of(tok).pad,
-        runtime=Runtime.pick(p.device, p.precision),
-        desc="pretrain (supervised)",
-    )
-    best = next(row for row in run.history if row["step"] == run.best_step)
+    runtime = Runtime.pick(p.device, p.precision)
+    try:
+        task = classifier_task(Arm(model), train, held_out, plan, labels, tok, runtime)
+    except DataError as err:
+        raise DataError(f"supervised pretraining needs a source label on every source row: {err}") from None
+    run = train_model(model, task, plan, layer_groups(model), runtime=runtime, desc="pretrain (supervised)")
+    best = run.best()
     log.info(
         "pretrain: %d supervised steps, held-out source accuracy %.4f (step %d)",
         run.steps,
@@ -221,13 +218,6 @@ def _supervised(
         history,
         {"examples_per_second": run.examples / max(run.seconds, 1e-9)},
     )
-
-
-def _source_labels(frame: pd.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
-    try:
-        return label_ids(frame, labels)
-    except DataError as err:
-        raise DataError(f"supervised pretraining needs a source label on every source row: {err}") from None
 
 
 def _use_as_is(p: PretrainParams, source: str, model_dir: Path, meta: dict, out_dir: Path) -> PretrainResult:

@@ -72,8 +72,8 @@ def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], 
             "",
             f"- Target: {describe_input(params.data.target)}.",
             f"- Source: {describe_input(source) + f' ({params.data.source_kind})' if source else 'none'}.",
-            f"- Test rows: {metrics['test_rows']}; "
-            f"majority-class accuracy {metrics['majority_class_accuracy']:.4f}.",
+            f"- Test rows: {metrics['test_rows']}; the {metrics['baseline']['predictor']} scores "
+            f"accuracy {metrics['baseline']['scores']['accuracy']:.4f}.",
             "",
             f"This model: test accuracy {shipped['accuracy']:.4f}, macro-F1 {shipped['macro_f1']:.4f}.",
             "",

@@ -19,6 +19,7 @@ from typing import Any
 from tlpipe.curve import CurvePoint
 from tlpipe.errors import TlpipeError
 from tlpipe.params import Params, ParamsError, load_params, stage_dir
+from tlpipe.setting import get_setting
 
 ROOT = Path(".")
 
@@ -37,6 +38,7 @@ class Wiring:
 
 def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
     return (
+        get_setting(params.setting),
         params.evaluate,
         params.finetune,
         params.data,
@@ -59,8 +61,9 @@ STAGES: dict[str, Wiring] = {
     "finetune": Wiring(
         "tasks.finetune:finetune",
         lambda params: (
+            get_setting(params.setting),
             params.finetune,
-            params.data.labels,
+            params.data,
             stage_dir("pretrain") / "model",
             stage_dir("prepare"),
         ),

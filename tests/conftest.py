@@ -14,6 +14,7 @@ import yaml
 
 from tlpipe.bundled import materialize
 from tlpipe.params import Params, parse_params
+from tlpipe.setting import get_setting
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
@@ -131,7 +132,7 @@ def finetuned(pretrained: Path, prepared: Path, tmp_path_factory: pytest.TempPat
 
     p = parse_params(tiny_params())
     out = tmp_path_factory.mktemp("finetune") / "finetune"
-    finetune(p.finetune, p.data.labels, pretrained, prepared, out)
+    finetune(get_setting(p.setting), p.finetune, p.data, pretrained, prepared, out)
     return out
 
 
@@ -155,7 +156,7 @@ def evaluated(
 
     p = parse_params(tiny_params())
     out = tmp_path_factory.mktemp("evaluate") / "evaluate"
-    evaluate(p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, out)
+    evaluate(get_setting(p.setting), p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, out)
     return out
 
 
@@ -192,21 +193,17 @@ def train_tiny(
     pretrained: Path, prepared: Path, runtime: Any, **finetune: Any
 ) -> tuple[Any, Any, tuple[list[Any], Any], int]:
     """Fine-tune the tiny source model under `finetune` overrides, with every strategy input
-    (L2-SP anchors, joint source loss): (setup, result, (val ids, val labels), pad id)."""
-    from tlpipe.classifier import encode_split, transfer_setup
-    from tlpipe.text import SpecialIds, load_tokenizer
-    from tlpipe.train import train_classifier
+    (L2-SP anchors, joint source loss): (arm, result, (val ids, val labels), pad id)."""
+    from tlpipe.data import read_split
+    from tlpipe.setting import get_setting
+    from tlpipe.train import fit
 
-    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in finetune.items()})).finetune
-    setup = transfer_setup(p, LABELS, pretrained, prepared)
-    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
-    train_ids, train_y = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
-    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
-    run = train_classifier(
-        setup.model, train_ids, train_y, *val, p, pad, transferred=setup.transferred,
-        source_mlm=setup.source_mlm, runtime=runtime,
-    )  # fmt: skip
-    return setup, run, val, pad
+    params = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in finetune.items()}))
+    p, setting = params.finetune, get_setting(params.setting)
+    arm = setting.transfer_arm(p, params.data, pretrained, prepared)
+    train, val = read_split(prepared, "train"), read_split(prepared, "val")
+    run, task = fit(setting, arm, train, val, p, params.data, pretrained, runtime=runtime)
+    return arm, run, (task.val_ids, task.val_y), task.pad
 
 
 def _venv_bin(cmd: list[str]) -> list[str]:

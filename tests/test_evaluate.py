@@ -6,12 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.evaluate import evaluate, gate, interval, majority_score, probe_accuracy, subsample, summarise
+from tasks.evaluate import evaluate, gate, interval, subsample, summarise
 from tests.conftest import tiny_params
 from tlpipe.curve import choose_scratch, curve_plan, tuning_plan
 from tlpipe.errors import DataError, GateFailed
+from tlpipe.metrics import classification_metrics, majority_scores
 from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, parse_params
-from tlpipe.train import classification_metrics
+from tlpipe.setting import Metric
+from tlpipe.settings.text_classification import METRICS
+from tlpipe.settings.text_classification.forgetting import probe_accuracy
+from tlpipe.settings.text_classification.setting import SETTING
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -61,21 +65,24 @@ def test_the_scratch_control_is_tuned_once_on_validation() -> None:
         {"lr": pt.lr, "model": pt.model, "val_accuracy": acc, "val_macro_f1": f1}
         for pt, acc, f1 in zip(grid, (0.60, 0.70, 0.65, 0.62), (0.50, 0.40, 0.55, 0.45), strict=True)
     ]
-    assert choose_scratch(results, p) == (1e-3, 0)
-    assert choose_scratch(results, p.model_copy(update={"metric": "macro_f1"})) == (1e-4, 1)
+    assert choose_scratch(results, p, METRICS["accuracy"]) == (1e-3, 0)
+    assert choose_scratch(results, p, METRICS["macro_f1"]) == (1e-4, 1)
+    # A metric where lower is better (perplexity) picks the lowest.
+    lower = Metric("accuracy", "error", higher_is_better=False)
+    assert choose_scratch(results, p, lower) == (1e-4, 0)
     one = p.model_copy(update={"scratch_models": (None,), "scratch_lrs": (2e-4,)})
-    assert tuning_plan(one) == [] and choose_scratch([], one) == (2e-4, 0)
+    assert tuning_plan(one) == [] and choose_scratch([], one, METRICS["accuracy"]) == (2e-4, 0)
 
 
 def test_majority_class_scores() -> None:
-    y = np.array([0] * 9 + [1])
-    assert majority_score(y, 2, "accuracy") == pytest.approx(0.9)
+    scores = majority_scores(np.array([0] * 9 + [1]), 2)
+    assert scores["accuracy"] == pytest.approx(0.9)
     # Predicting class 0 always: its F1 is 2 * 0.9 / 1.9, the other's 0.
-    assert majority_score(y, 2, "macro_f1") == pytest.approx(0.9 / 1.9)
+    assert scores["macro_f1"] == pytest.approx(0.9 / 1.9)
 
 
-def test_reference_is_fit_and_scored_on_the_given_rows(tmp_path: Path) -> None:
-    from tasks.evaluate import REFERENCE_C, reference_run
+def test_reference_is_fit_and_scored_on_the_given_rows() -> None:
+    from tlpipe.settings.text_classification.reference import REFERENCE_C, reference_run
 
     words = {"negative": "awful rude", "neutral": "gate schedule", "positive": "great thanks"}
 
@@ -86,13 +93,12 @@ def test_reference_is_fit_and_scored_on_the_given_rows(tmp_path: Path) -> None:
             {"text": [f"flight {rng.integers(1000)} {words[y]}" for y in labels], "label": labels}
         )
 
-    frame(30, 1).to_parquet(tmp_path / "val.parquet")
-    frame(90, 2).to_parquet(tmp_path / "test.parquet")
-    metrics, facts = reference_run(frame(30, 0), LABELS, tmp_path)
+    val, test = frame(30, 1), frame(90, 2)
+    metrics, facts = reference_run(frame(30, 0), val, test, LABELS)
     assert metrics["accuracy"] == 1.0 and facts["c"] in REFERENCE_C
     # Labels shuffled away from the words: nothing left to learn.
     noise = frame(60, 0).assign(label=lambda f: f["label"].sample(frac=1, random_state=0).to_numpy())
-    assert reference_run(noise, LABELS, tmp_path)[0]["accuracy"] < 0.7
+    assert reference_run(noise, val, test, LABELS)[0]["accuracy"] < 0.7
 
 
 def test_sizes_nest_per_seed_and_differ_across_seeds() -> None:
@@ -128,10 +134,18 @@ def _runs(gains: list[float]) -> list[dict]:
 
 def test_gate_needs_the_whole_interval_above_min_gain() -> None:
     p = EvaluateParams(sizes=(100,), seeds=(0, 1, 2), gate_size=100)
-    clear = gate(summarise(_runs([0.05, 0.06, 0.07]), p), p)
+    clear = gate(summarise(_runs([0.05, 0.06, 0.07]), p, METRICS), p)
     assert clear["passed"] and clear["gain"] == pytest.approx(0.06)
-    noisy = gate(summarise(_runs([0.10, -0.04, 0.03]), p), p)  # mean +0.03, interval spans 0
+    noisy = gate(summarise(_runs([0.10, -0.04, 0.03]), p, METRICS), p)  # mean +0.03, interval spans 0
     assert not noisy["passed"] and noisy["ci_low"] < 0 < noisy["gain"]
+
+
+def test_the_gain_is_positive_when_transfer_is_better_on_a_lower_is_better_metric() -> None:
+    p = EvaluateParams(sizes=(100,), seeds=(0, 1, 2), gate_size=100)
+    # Read as an error rate, transfer's higher score is worse on every seed.
+    error = {"accuracy": Metric("accuracy", "error", higher_is_better=False)}
+    g = gate(summarise(_runs([0.05, 0.06, 0.07]), p, error), p)
+    assert g["gain"] == pytest.approx(-0.06) and not g["passed"]
 
 
 def test_gate_reads_the_primary_metric() -> None:
@@ -141,13 +155,10 @@ def test_gate_reads_the_primary_metric() -> None:
         {**r, "macro_f1": 0.3 + 0.01 * r["seed"]} if r["arm"] == "transfer" else r
         for r in _runs([0.05, 0.06, 0.07])
     ]
-    g = gate(summarise(runs, p), p)
+    g = gate(summarise(runs, p, METRICS), p)
     assert g["metric"] == "macro_f1" and not g["passed"]
     assert g["transfer"] == pytest.approx(0.31) and g["scratch"] == pytest.approx(0.4)
-    assert gate(
-        summarise(runs, p.model_copy(update={"metric": "accuracy"})),
-        p.model_copy(update={"metric": "accuracy"}),
-    )["passed"]
+    assert gate(summarise(runs, p, METRICS), p.model_copy(update={"metric": "accuracy"}))["passed"]
 
 
 def test_linear_probe_reads_separable_features() -> None:
@@ -184,8 +195,11 @@ def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     assert entry["gain"]["accuracy"]["mean"] == pytest.approx(np.mean(gains))
     assert metrics["gate"]["size"] == 40 and metrics["gate"]["gain"] == pytest.approx(np.mean(gains))
     csv_rows = (out / "curve.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("rows,transfer_accuracy,scratch_accuracy,gain") and len(csv_rows) == 4
-    assert csv_rows[0].endswith(",reference_accuracy,gain_macro_f1,reference_macro_f1")
+    assert csv_rows[0].startswith("rows,transfer_accuracy,scratch_accuracy,reference_accuracy,gain_accuracy,")
+    assert csv_rows[0].endswith(
+        ",reference_macro_f1,gain_macro_f1,gain_macro_f1_ci_low,gain_macro_f1_ci_high"
+    )
+    assert len(csv_rows) == 4
     assert all(e["reference"] for e in metrics["curve"])
     references = [runs[f"reference-40-seed{s}"]["accuracy"] for s in (0, 1)]
     assert entry["reference"]["accuracy"]["mean"] == pytest.approx(np.mean(references))
@@ -212,7 +226,7 @@ def test_gate_failure_names_the_shortfall_and_keeps_the_evidence(
         tiny_params(**{"evaluate.min_gain": 0.99, "evaluate.sizes": [20], "evaluate.gate_size": 20})
     )
     with pytest.raises(GateFailed, match=r"negative-transfer gate at 20 training rows \(2 seeds\).*short"):
-        evaluate(p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, tmp_path / "e")
+        evaluate(SETTING, p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, tmp_path / "e")
     assert not json.loads((tmp_path / "e/metrics.json").read_text())["gate"]["passed"]
 
 
@@ -230,7 +244,9 @@ def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tm
         )
     )
     point = CurvePoint("scratch", 20, 0, 1e-3, 1)
-    result = run_point(point, p.evaluate, p.finetune, p.data, pretrained, tmp_path, prepared, tmp_path)
+    result = run_point(
+        point, SETTING, p.evaluate, p.finetune, p.data, pretrained, tmp_path, prepared, tmp_path
+    )
     assert result["rows"] == 20 and (tmp_path / "scratch-20-seed0.json").is_file()
     from tlpipe.model import scratch_classifier
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from tasks.finetune import finetune
 from tests.conftest import tiny_params
 from tlpipe.params import parse_params
+from tlpipe.settings.text_classification.setting import SETTING
 
 
 def test_outputs_and_self_contained_model(finetuned: Path) -> None:
@@ -39,7 +40,7 @@ def test_training_state_checkpoint_resumable(finetuned: Path) -> None:
 
 def test_early_stopping_keeps_best_validation(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
     p = parse_params(tiny_params(**{"finetune.epochs": 6, "finetune.patience": 1, "finetune.evaluations": 6}))
-    result = finetune(p.finetune, p.data.labels, pretrained, prepared, tmp_path / "f")
+    result = finetune(SETTING, p.finetune, p.data, pretrained, prepared, tmp_path / "f")
     history = [line.split(",") for line in (tmp_path / "f/history.csv").read_text().splitlines()[1:]]
     f1 = np.array([float(r[4]) for r in history])
     best = int(np.argmax(f1))
@@ -49,7 +50,7 @@ def test_early_stopping_keeps_best_validation(pretrained: Path, prepared: Path, 
 
 def test_same_seed_same_model(pretrained: Path, prepared: Path, tmp_path: Path) -> None:
     p = parse_params(tiny_params(**{"finetune.epochs": 1}))
-    finetune(p.finetune, p.data.labels, pretrained, prepared, tmp_path / "a")
-    finetune(p.finetune, p.data.labels, pretrained, prepared, tmp_path / "b")
+    finetune(SETTING, p.finetune, p.data, pretrained, prepared, tmp_path / "a")
+    finetune(SETTING, p.finetune, p.data, pretrained, prepared, tmp_path / "b")
     a = (tmp_path / "a/model/model.safetensors").read_bytes()
     assert a == (tmp_path / "b/model/model.safetensors").read_bytes()

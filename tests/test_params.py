@@ -42,3 +42,9 @@ def test_stage_dir_knows_the_stages() -> None:
     assert stage_dir("finetune") == Path("outputs/finetune")
     with pytest.raises(ValueError, match="unknown stage"):
         stage_dir("train")
+
+
+def test_the_primary_metric_is_one_of_the_setting_s() -> None:
+    assert parse_params(tiny_params(**{"evaluate.metric": "macro_f1"})).evaluate.metric == "macro_f1"
+    with pytest.raises(ParamsError, match="'perplexity' is not a text-classification metric.*macro_f1"):
+        parse_params(tiny_params(**{"evaluate.metric": "perplexity"}))

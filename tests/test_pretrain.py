@@ -11,8 +11,8 @@ from tlpipe.data import SOURCE_HELD_OUT, read_split, source_split
 from tlpipe.errors import DataError
 from tlpipe.model import classifier_labels, load_transfer_classifier
 from tlpipe.params import parse_params
+from tlpipe.settings.text_classification.mlm import mask_for_mlm, pad_batch
 from tlpipe.text import SpecialIds, load_tokenizer
-from tlpipe.train import mask_for_mlm, pad_batch
 
 
 def _stage(raw: dict) -> tuple:

@@ -6,17 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from tests.conftest import tiny_params, train_tiny
 from tlpipe import train
-from tlpipe.classifier import encode_split, transfer_setup
 from tlpipe.fastpath import ATTENTION
 from tlpipe.model import bert_config, new_mlm
 from tlpipe.params import EncoderConfig, OptimParams, parse_params
-from tlpipe.text import SpecialIds, load_tokenizer
-from tlpipe.train import Runtime, bf16_native, train_classifier, train_mlm
+from tlpipe.settings.text_classification.classifier import predict_logits
+from tlpipe.settings.text_classification.mlm import train_mlm
+from tlpipe.text import SpecialIds
+from tlpipe.train import Runtime, bf16_native
 
 LABELS = ("negative", "neutral", "positive")
 CPU = torch.device("cpu")
@@ -105,14 +107,12 @@ def test_mlm_history_marks_tokens_and_seconds() -> None:
 
 
 def test_classifier_history_counts_examples(pretrained: Path, prepared: Path) -> None:
-    p = parse_params(tiny_params(**{"finetune.patience": 100, "finetune.evaluations": 3})).finetune
-    setup = transfer_setup(p, LABELS, pretrained, prepared)
-    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
-    train_ids, train_y = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
-    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
-    run = train_classifier(setup.model, train_ids, train_y, *val, p, pad, runtime=Runtime.pick("cpu"))
+    overrides = {"patience": 100, "evaluations": 3}
+    _, run, _, _ = train_tiny(pretrained, prepared, Runtime.pick("cpu"), **overrides)
+    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in overrides.items()})).finetune
+    train_rows = len(pd.read_parquet(prepared / "train.parquet"))
     assert len(run.history) == 3
-    assert run.history[-1]["examples"] == run.examples == len(train_ids) * p.epochs
+    assert run.history[-1]["examples"] == run.examples == train_rows * p.epochs
     seconds = [h["seconds"] for h in run.history]
     assert seconds == sorted(seconds) and seconds[-1] < run.seconds
 
@@ -125,5 +125,5 @@ def test_every_objective_trains_on_the_gpu(pretrained: Path, prepared: Path) -> 
     setup, run, val, pad = train_tiny(pretrained, prepared, Runtime.pick("cuda"), **overrides)
     assert all(q.device.type == "cuda" and q.dtype == torch.float32 for q in setup.model.parameters())
     assert all(np.isfinite(h["train_loss"]) for h in run.history)
-    logits = train.predict_logits(setup.model, val[0], pad, 32)
+    logits = predict_logits(setup.model, val[0], pad, 32)
     assert logits.shape == (len(val[0]), 3) and np.isfinite(logits).all()

@@ -13,43 +13,68 @@ from safetensors.torch import load_file
 
 from tasks.finetune import finetune
 from tests.conftest import tiny_params
-from tlpipe.classifier import encode_split, transfer_setup
+from tlpipe.data import read_split
 from tlpipe.params import FinetuneParams, OptimParams, ParamsError, parse_params
-from tlpipe.text import SpecialIds, load_tokenizer
-from tlpipe.train import plan_steps, train_classifier
-from tlpipe.transfer import L2SP, depth_of, param_groups, schedule_factor, trainable_from
-
-LABELS = ("negative", "neutral", "positive")
+from tlpipe.settings.text_classification.layers import layer_groups
+from tlpipe.settings.text_classification.setting import SETTING
+from tlpipe.train import CPU_FP32, fit, plan_steps
+from tlpipe.transfer import L2SP, LayerGroups, apply_freezing, param_groups, schedule_factor, trainable_from
 
 
 def _train(pretrained: Path, prepared: Path, **overrides: object):
     # No early stop: every planned step runs.
     overrides = {"patience": 100, **overrides}
-    p = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in overrides.items()})).finetune
+    params = parse_params(tiny_params(**{f"finetune.{k}": v for k, v in overrides.items()}))
+    p = params.finetune
     torch.manual_seed(0)
-    setup = transfer_setup(p, LABELS, pretrained, prepared)
-    before = {n: q.detach().clone() for n, q in setup.model.named_parameters()}
-    pad = SpecialIds.of(load_tokenizer(pretrained)).pad
-    train = encode_split(prepared, "train", pretrained, LABELS, p.max_length)
-    val = encode_split(prepared, "val", pretrained, LABELS, p.max_length)
-    run = train_classifier(
-        setup.model, *train, *val, p, pad, transferred=setup.transferred, source_mlm=setup.source_mlm
-    )
-    after = dict(setup.model.named_parameters())
+    arm = SETTING.transfer_arm(p, params.data, pretrained, prepared)
+    before = {n: q.detach().clone() for n, q in arm.model.named_parameters()}
+    train, val = read_split(prepared, "train"), read_split(prepared, "val")
+    run, _ = fit(SETTING, arm, train, val, p, params.data, pretrained, runtime=CPU_FP32)
+    after = dict(arm.model.named_parameters())
     moved = {n for n in before if not torch.equal(before[n], after[n])}
-    return setup, before, moved, run
+    return arm, before, moved, run, layer_groups(arm.model)
 
 
-def _depths(names: set[str]) -> set[int]:
-    return {depth_of(n, 2) for n in names}
+def _depths(names: set[str], groups: LayerGroups) -> set[int]:
+    return {groups.depth(n) for n in names}
 
 
 def test_depths_of_a_bert_classifier() -> None:
-    assert depth_of("bert.embeddings.word_embeddings.weight", 2) == 0
-    assert depth_of("bert.encoder.layer.0.attention.self.query.weight", 2) == 1
-    assert depth_of("bert.encoder.layer.1.output.dense.bias", 2) == 2
-    assert depth_of("bert.pooler.dense.weight", 2) == 3
-    assert depth_of("classifier.weight", 2) == 3
+    model, _, _ = _family("bert")
+    groups = layer_groups(model)
+    assert groups.blocks == 3 and groups.head == 4
+    assert groups.depth("bert.embeddings.word_embeddings.weight") == 0
+    assert groups.depth("bert.encoder.layer.0.attention.self.query.weight") == 1
+    assert groups.depth("bert.encoder.layer.2.output.dense.bias") == 3
+    assert groups.depth("bert.pooler.dense.weight") == 4
+    assert groups.depth("classifier.weight") == 4
+
+
+def test_a_bare_encoder_and_an_mlm_have_the_same_groups() -> None:
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16
+    )
+    bare, mlm = layer_groups(BertModel(cfg)), layer_groups(BertForMaskedLM(cfg))
+    assert bare.depth("encoder.layer.1.output.dense.weight") == 2
+    assert mlm.depth("bert.encoder.layer.1.output.dense.weight") == 2
+    assert mlm.depth("cls.predictions.transform.dense.weight") == 3
+
+
+def test_an_encoder_family_without_declared_groups_is_named() -> None:
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    model = AlbertForSequenceClassification(AlbertConfig(vocab_size=50, hidden_size=8, num_attention_heads=2))
+    with pytest.raises(ValueError, match="not 'albert'"):
+        layer_groups(model)
+
+
+def test_groups_must_cover_every_declared_block() -> None:
+    names = ["embeddings.w", "encoder.layer.0.w", "encoder.layer.2.w"]
+    with pytest.raises(ValueError, match=r"declares 3 blocks.*\[0, 2\]"):
+        LayerGroups.match(names, r"^embeddings\.", r"^encoder\.layer\.(\d+)\.", 3)
 
 
 @pytest.mark.parametrize(
@@ -64,14 +89,14 @@ def test_depths_of_a_bert_classifier() -> None:
 def test_frozen_weights_are_bit_identical_and_the_rest_move(
     pretrained: Path, prepared: Path, overrides: dict, frozen_depths: set[int]
 ) -> None:
-    setup, before, moved, _ = _train(pretrained, prepared, **overrides)
+    arm, before, moved, _, groups = _train(pretrained, prepared, **overrides)
     names = set(before)
-    frozen = {n for n in names if depth_of(n, 2) in frozen_depths}
+    frozen = {n for n in names if groups.depth(n) in frozen_depths}
     # token_type and position rows never looked up get no gradient; every other weight moves.
     unused = {n for n in names - frozen if "token_type" in n}
     assert not (moved & frozen), f"frozen weights changed: {sorted(moved & frozen)[:3]}"
     assert (names - frozen - unused) <= moved, sorted(names - frozen - unused - moved)[:3]
-    assert all(q.requires_grad for q in setup.model.parameters())  # released after training
+    assert all(q.requires_grad for q in arm.model.parameters())  # released after training
 
 
 def test_gradual_unfreeze_opens_one_group_per_epoch(pretrained: Path, prepared: Path) -> None:
@@ -79,15 +104,17 @@ def test_gradual_unfreeze_opens_one_group_per_epoch(pretrained: Path, prepared: 
     assert [trainable_from(p, 2, e) for e in (1, 2, 3, 4, 5)] == [3, 2, 1, 0, 0]
     # Two epochs (validated once, at the end, so the last weights are kept): the head,
     # then the top layer; layer 1 and the embeddings never train.
-    _, _, moved, _ = _train(pretrained, prepared, strategy="gradual_unfreeze", epochs=2, evaluations=1)
-    assert _depths(moved) == {2, 3}
-    assert not any(depth_of(n, 2) < 2 for n in moved)
+    _, _, moved, _, groups = _train(
+        pretrained, prepared, strategy="gradual_unfreeze", epochs=2, evaluations=1
+    )
+    assert _depths(moved, groups) == {2, 3}
 
 
 def test_layer_wise_learning_rates(pretrained: Path, prepared: Path) -> None:
-    p = parse_params(tiny_params(**{"finetune.layer_decay": 0.5})).finetune
-    setup = transfer_setup(p, LABELS, pretrained, prepared)
-    groups = param_groups(setup.model, p)
+    params = parse_params(tiny_params(**{"finetune.layer_decay": 0.5}))
+    p = params.finetune
+    setup = SETTING.transfer_arm(p, params.data, pretrained, prepared)
+    groups = param_groups(setup.model, layer_groups(setup.model), p)
     lr = p.optim.lr
     by_depth = {g["depth"]: g["lr"] for g in groups}
     assert by_depth == {0: lr * 0.25, 1: lr * 0.5, 2: lr, 3: lr}
@@ -161,7 +188,7 @@ def test_l2sp_gradient_is_the_penalty_gradient() -> None:
 
 def test_l2sp_keeps_transferred_weights_near_the_source(pretrained: Path, prepared: Path) -> None:
     def drift(l2sp: float) -> float:
-        setup, before, _, _ = _train(pretrained, prepared, l2sp=l2sp, epochs=3)
+        setup, before, _, _, _ = _train(pretrained, prepared, l2sp=l2sp, epochs=3)
         return sum(
             float((q.detach() - before[n]).pow(2).sum())
             for n, q in setup.model.named_parameters()
@@ -173,8 +200,8 @@ def test_l2sp_keeps_transferred_weights_near_the_source(pretrained: Path, prepar
 
 
 def test_joint_loss_trains_the_tied_source_head(pretrained: Path, prepared: Path) -> None:
-    setup, _, moved, _ = _train(pretrained, prepared, joint_alpha=0.5)
-    head = setup.source_mlm.head
+    setup, _, moved, _, _ = _train(pretrained, prepared, joint_alpha=0.5)
+    head = setup.extras.head
     assert head.predictions.decoder.weight is setup.model.get_input_embeddings().weight
     source = load_file(pretrained / "model.safetensors")
     dense = head.predictions.transform.dense.weight
@@ -185,18 +212,19 @@ def test_joint_loss_trains_the_tied_source_head(pretrained: Path, prepared: Path
 def test_tapt_adapts_the_encoder_on_unlabelled_target_text(
     pretrained: Path, prepared: Path, tmp_path: Path
 ) -> None:
-    p = parse_params(tiny_params(**{"finetune.tapt_steps": 5, "finetune.epochs": 1})).finetune
-    plain = transfer_setup(p.model_copy(update={"tapt_steps": 0}), LABELS, pretrained, prepared)
-    adapted = transfer_setup(p, LABELS, pretrained, prepared)
+    params = parse_params(tiny_params(**{"finetune.tapt_steps": 5, "finetune.epochs": 1}))
+    p = params.finetune
+    plain = SETTING.transfer_arm(p.model_copy(update={"tapt_steps": 0}), params.data, pretrained, prepared)
+    adapted = SETTING.transfer_arm(p, params.data, pretrained, prepared)
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(
         dict(plain.model.named_parameters())[key], dict(adapted.model.named_parameters())[key]
     )
-    assert adapted.tapt["steps"] == 5
-    result = finetune(p, LABELS, pretrained, prepared, tmp_path / "f")
+    assert adapted.facts["tapt"]["steps"] == 5
+    result = finetune(SETTING, p, params.data, pretrained, prepared, tmp_path / "f")
     assert result.best_step >= 1
     assert (tmp_path / "f/metrics.json").read_text().count('"tapt"') == 1
-    assert np.isfinite(adapted.tapt["last_loss"])
+    assert np.isfinite(adapted.facts["tapt"]["last_loss"])
 
 
 def _family(name: str) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Module]]:
@@ -242,15 +270,14 @@ def _family(name: str) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.
 def test_strategies_act_on_the_intended_modules_of_each_encoder_family(
     family: str, overrides: dict, frozen: set[int]
 ) -> None:
-    from tlpipe.transfer import apply_freezing, num_layers
-
     model, embeddings, layers = _family(family)
     # Depth by module: 0 the embeddings, l the l-th layer, 4 everything else (the head).
     depth = {id(q): 0 for q in embeddings.parameters()}
     depth |= {id(q): i + 1 for i, layer in enumerate(layers) for q in layer.parameters()}
     p = FinetuneParams(**overrides)
-    assert num_layers(model) == 3
-    apply_freezing(model, trainable_from(p, 3))
+    groups = layer_groups(model)
+    assert groups.blocks == 3
+    apply_freezing(model, groups, trainable_from(p, 3))
     got = {depth.get(id(q), 4) for q in model.parameters() if not q.requires_grad}
     assert got == frozen
     assert any(depth.get(id(q), 4) == 4 for q in model.parameters())  # the head exists and trains
@@ -258,17 +285,16 @@ def test_strategies_act_on_the_intended_modules_of_each_encoder_family(
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
 def test_gradual_unfreeze_and_layer_decay_follow_each_family_s_layers(family: str) -> None:
-    from tlpipe.transfer import apply_freezing
-
     model, embeddings, layers = _family(family)
+    groups = layer_groups(model)
     depth = {id(q): 0 for q in embeddings.parameters()}
     depth |= {id(q): i + 1 for i, layer in enumerate(layers) for q in layer.parameters()}
     p = FinetuneParams(strategy="gradual_unfreeze", layer_decay=0.5, optim=OptimParams(lr=1.0))
     for epoch, lowest in ((1, 4), (2, 3), (3, 2), (5, 0)):
-        apply_freezing(model, trainable_from(p, 3, epoch))
+        apply_freezing(model, groups, trainable_from(p, 3, epoch))
         trains = {depth.get(id(q), 4) for q in model.parameters() if q.requires_grad}
         assert trains == set(range(lowest, 5)), (epoch, trains)
-    for group in param_groups(model, p):
+    for group in param_groups(model, groups, p):
         for q in group["params"]:
             d = depth.get(id(q), 4)
             assert group["lr"] == pytest.approx(0.5 ** max(0, 3 - d)), (family, d)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tlpipe.params import EvaluateParams, Size
+from tlpipe.params import EvaluateParams, FinetuneParams, Size
+from tlpipe.setting import Metric
 
 Arm = Literal["transfer", "scratch", "reference"]
 # The arms the gain and the gate compare; the reference (evaluate.reference) is reported beside them.
@@ -75,13 +76,32 @@ def tuning_plan(p: EvaluateParams) -> list[CurvePoint]:
     return [CurvePoint("scratch", tune_size(p), p.seeds[0], lr, m, tune=True) for lr, m in grid]
 
 
-def choose_scratch(tuning: list[dict[str, Any]], p: EvaluateParams) -> tuple[float, int]:
+def choose_scratch(tuning: list[dict[str, Any]], p: EvaluateParams, metric: Metric) -> tuple[float, int]:
     """(learning rate, encoder index) of the tuning run with the best validation score on
-    the primary metric (the first on a tie, in grid order); the one cell without a grid."""
+    the primary `metric` (the first on a tie, in grid order); the one cell without a grid."""
     if not tuning:
         return p.scratch_lrs[0], 0
-    best = max(tuning, key=lambda r: r[f"val_{p.metric}"])
+    best = tuning[0]
+    for run in tuning[1:]:
+        if metric.better(run[f"val_{metric.key}"], best[f"val_{metric.key}"]):
+            best = run
     return best["lr"], best["model"]
+
+
+def scratch_params(ft: FinetuneParams, lr: float) -> FinetuneParams:
+    """The control trains every layer, with no transfer objective, at its own learning rate
+    (on the same budget as transfer)."""
+    return ft.model_copy(
+        update={
+            "strategy": "full",
+            "freeze_bottom": 0,
+            "layer_decay": 1.0,
+            "l2sp": 0.0,
+            "joint_alpha": 0.0,
+            "tapt_steps": 0,
+            "optim": ft.optim.model_copy(update={"lr": lr}),
+        }
+    )
 
 
 def curve_plan(p: EvaluateParams, scratch: tuple[float, int]) -> list[CurvePoint]:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tlpipe.setting import primary_metric, spec
+
 STAGES = ("prepare", "validate", "pretrain", "finetune", "evaluate", "export", "publish")
 OUTPUTS = Path("outputs")
 
@@ -24,12 +26,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-# What a setting is: how its rows are read (the roles a data set's columns play), its model,
-# loss, metric, export and predictor. Text classification is the one built so far.
+# The transfer setting (tlpipe.setting.SETTINGS): how its rows are read (the roles a data
+# set's columns play), its models, loss, metrics, export and predictor.
 Setting = Literal["text-classification"]
-# The columns each setting reads from an input, by role: the target needs every role the
-# setting lists, a source the first (its text) and, when it is labelled, the label.
-ROLES: dict[str, tuple[str, ...]] = {"text-classification": ("text", "label")}
 
 Split = Literal["train", "val", "test", "pool"]
 TARGET_SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -357,7 +356,8 @@ class EvaluateParams(_Section):
     # The primary metric: the gate, the curve's plot and the headline figures use it (both
     # are reported). macro_f1 for imbalanced targets: a model that never predicts a rare
     # class scores well on accuracy alone.
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    # The setting's metrics: accuracy or macro_f1 for text classification.
+    metric: str = "accuracy"
     # The control: the transfer model's tokenizer and a randomly initialised encoder, on the
     # finetune budget. Its learning rate and encoder size (null: the transfer model's own
     # architecture) are chosen from this grid on the validation split, once, at tune_size
@@ -454,9 +454,11 @@ class Params(_Section):
     @model_validator(mode="after")
     def _fits_the_data(self) -> Params:
         """Rules across sections: what each stage asks of the inputs, checked at load time."""
-        missing = [r for r in ROLES[self.setting] if r not in self.data.target.columns]
+        setting = spec(self.setting)
+        missing = [r for r in setting.roles if r not in self.data.target.columns]
         if missing:
             raise ValueError(f"data.target.columns needs the {self.setting} roles {missing}")
+        primary_metric(setting, self.evaluate.metric)
         split_files = isinstance(self.data.target.path, dict)
         if split_files != (self.prepare.split.by == "files"):
             raise ValueError(

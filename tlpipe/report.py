@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from tlpipe.params import InputParams, Params, stage_dir
+from tlpipe.setting import spec
 
 # Where `tlpipe report` and the flow write the page.
 REPORT = Path("outputs/report.html")
@@ -148,13 +149,14 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     labels = params.data.labels
     curve = Section("Data-efficiency curve")
     g = m["gate"]
-    primary = m.get("metric", "accuracy")
-    names = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+    primary = m["metric"]
+    names = {key: metric.label for key, metric in spec(params.setting).metrics.items()}
+    baseline = m["baseline"]
     curve.blocks.append(
         f"Test {names[primary]} (the primary metric, `evaluate.metric`) of transfer and of the "
         f"from-scratch control, mean ± std over {g['seeds']} seeds at each training size; the gain is "
-        f"paired by seed, with its {g['confidence']:.0%} interval. Majority class: "
-        f"{_pct(m['majority_class_accuracy'])} of {m['test_rows']} test rows. The other metric follows."
+        f"paired by seed, with its {g['confidence']:.0%} interval. The {baseline['predictor']} scores "
+        f"{baseline['scores'][primary]:.4f} on the {m['test_rows']} test rows. Each metric has its table."
     )
     reference = "reference" in m["curve"][0]
     for metric in sorted(names, key=lambda k: k != primary):

@@ -1,15 +1,16 @@
 """Transfer strategies: which layers train, at which learning rate, and what anchors them.
 
-A classifier's parameters are grouped by depth: 0 for the embeddings, l for encoder layer l
-(1..L), L + 1 for the head (pooler and classifier). Freezing, gradual unfreezing and
-layer-wise learning-rate decay are all rules over that depth.
+A model's parameters are grouped by depth (`LayerGroups`, declared by each setting for each
+architecture it supports): 0 for the input embeddings, l for the backbone's block l (1..L),
+L + 1 for the head. Freezing, gradual unfreezing and layer-wise learning-rate decay are all
+rules over that depth, so they act the same on any architecture that declares its groups.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,20 +18,44 @@ from torch import nn
 
 from tlpipe.params import FinetuneParams, OptimParams
 
-_LAYER = re.compile(r"\.layer\.(\d+)\.")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def num_layers(model: nn.Module) -> int:
-    return int(model.config.num_hidden_layers)
+@dataclass(frozen=True)
+class LayerGroups:
+    """Each parameter's depth: 0 the input embeddings, 1..`blocks` the backbone's blocks
+    from the bottom, `blocks` + 1 (the head) everything else."""
 
+    blocks: int
+    depths: dict[str, int]
 
-def depth_of(name: str, n_layers: int) -> int:
-    """0 for embeddings, l (1..L) for encoder layer l, L + 1 for everything above."""
-    if ".embeddings." in f".{name}":
-        return 0
-    match = _LAYER.search(f".{name}")
-    return int(match[1]) + 1 if match else n_layers + 1
+    @property
+    def head(self) -> int:
+        return self.blocks + 1
+
+    def depth(self, name: str) -> int:
+        return self.depths.get(name, self.head)
+
+    @classmethod
+    def match(cls, names: Iterable[str], embeddings: str, block: str, blocks: int) -> LayerGroups:
+        """Groups from two patterns over parameter names (timm's group matcher): `embeddings`
+        marks depth 0; `block` captures a block's 0-based index. Names matching neither (a
+        pooler, a classifier, an LM head) are the head. Raises ValueError when the blocks
+        found are not exactly 0..`blocks` - 1."""
+        emb, blk = re.compile(embeddings), re.compile(block)
+        depths: dict[str, int] = {}
+        for name in names:
+            if emb.search(name):
+                depths[name] = 0
+            elif found := blk.search(name):
+                depths[name] = int(found[1]) + 1
+        seen = {d for d in depths.values() if d > 0}
+        if seen != set(range(1, blocks + 1)):
+            raise ValueError(
+                f"the model declares {blocks} blocks, but its parameter names give blocks "
+                f"{sorted(d - 1 for d in seen)} (pattern {block!r})"
+            )
+        return cls(blocks, depths)
 
 
 def trainable_from(p: FinetuneParams, n_layers: int, epoch: int = 1) -> int:
@@ -51,11 +76,10 @@ def trainable_from(p: FinetuneParams, n_layers: int, epoch: int = 1) -> int:
     return 0
 
 
-def apply_freezing(model: nn.Module, lowest: int) -> None:
+def apply_freezing(model: nn.Module, groups: LayerGroups, lowest: int) -> None:
     """Parameters below depth `lowest` stop receiving gradients (and so never change)."""
-    n = num_layers(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(depth_of(name, n) >= lowest)
+        param.requires_grad_(groups.depth(name) >= lowest)
 
 
 def layer_lr(p: FinetuneParams, depth: int, n_layers: int) -> float:
@@ -64,7 +88,7 @@ def layer_lr(p: FinetuneParams, depth: int, n_layers: int) -> float:
 
 
 def param_groups(
-    model: nn.Module, p: FinetuneParams, anchored: set[str] | None = None
+    model: nn.Module, groups: LayerGroups, p: FinetuneParams, anchored: set[str] | None = None
 ) -> list[dict[str, object]]:
     """AdamW groups by (depth, decay): every parameter, frozen ones included, so unfreezing
     later needs no new optimizer (AdamW skips parameters without a gradient).
@@ -72,20 +96,19 @@ def param_groups(
     Biases and norms get no weight decay; neither do `anchored` (L2-SP) parameters, which are
     pulled toward their source values instead of toward zero.
     """
-    n = num_layers(model)
     anchored = anchored or set()
-    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    by: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         decays = not name.endswith(NO_DECAY) and name not in anchored
-        groups.setdefault((depth_of(name, n), decays), []).append(param)
+        by.setdefault((groups.depth(name), decays), []).append(param)
     return [
         {
             "params": params,
-            "lr": layer_lr(p, depth, n),
+            "lr": layer_lr(p, depth, groups.blocks),
             "weight_decay": p.optim.weight_decay if decays else 0.0,
             "depth": depth,
         }
-        for (depth, decays), params in sorted(groups.items())
+        for (depth, decays), params in sorted(by.items())
     ]
 
 

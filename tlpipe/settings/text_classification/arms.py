@@ -1,42 +1,25 @@
-"""Text classification: the transfer and scratch classifiers the finetune and evaluate
-stages train, built from the source model and the prepared splits."""
+"""The text classifiers each arm trains: transfer (the source model with the target's head,
+its transfer objectives attached) and the from-scratch control."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import PreTrainedModel
 
-from tlpipe.data import label_ids, read_split, texts
-from tlpipe.model import load_mlm, load_transfer_classifier, tied_mlm_head
-from tlpipe.params import FinetuneParams
+from tlpipe.data import read_split, texts
+from tlpipe.model import load_mlm, load_transfer_classifier, scratch_classifier, tied_mlm_head
+from tlpipe.params import DataParams, EncoderConfig, FinetuneParams
+from tlpipe.setting import Arm
+from tlpipe.settings.text_classification.mlm import SourceMlm, train_mlm
 from tlpipe.text import SpecialIds, encode, load_tokenizer
-from tlpipe.train import Runtime, SourceMlm, train_mlm
+from tlpipe.train import Runtime
 
 log = logging.getLogger(__name__)
 
 # Source rows kept in memory for the joint loss (it cycles through them).
 JOINT_SOURCE_ROWS = 20_000
-
-
-@dataclass
-class TransferSetup:
-    """A classifier built from the source model under a strategy, ready to train."""
-
-    model: PreTrainedModel
-    transferred: set[str]
-    source_mlm: SourceMlm | None
-    tapt: dict[str, float] | None
-
-
-def encode_split(
-    prepare_dir: Path, split: str, tok_dir: Path, labels: tuple[str, ...], max_length: int
-) -> tuple[list[np.ndarray], np.ndarray]:
-    frame = read_split(prepare_dir, split)
-    return encode(load_tokenizer(tok_dir), texts(frame), max_length), label_ids(frame, labels)
 
 
 def unlabelled_target(prepare_dir: Path, tok_dir: Path, max_length: int) -> list[np.ndarray]:
@@ -45,14 +28,13 @@ def unlabelled_target(prepare_dir: Path, tok_dir: Path, max_length: int) -> list
     return encode(load_tokenizer(tok_dir), rows, max_length)
 
 
-def transfer_setup(
-    p: FinetuneParams, labels: tuple[str, ...], source_dir: Path, prepare_dir: Path
-) -> TransferSetup:
+def transfer_arm(p: FinetuneParams, labels: tuple[str, ...], source_dir: Path, prepare_dir: Path) -> Arm:
     """The source model with a new head, after `tapt_steps` of masked-LM on the target's
-    unlabelled text, and with the source masked-LM objective attached when `joint_alpha`."""
+    unlabelled text (`facts["tapt"]`), and with the source masked-LM objective attached
+    (`extras`, a SourceMlm) when `joint_alpha`."""
     model, transferred = load_transfer_classifier(source_dir, labels)
     if not (p.tapt_steps or p.joint_alpha):
-        return TransferSetup(model, transferred, None, None)
+        return Arm(model, transferred, None, {"tapt": None})
     tok = load_tokenizer(source_dir)
     special = SpecialIds.of(tok)
     tapt = None
@@ -89,20 +71,10 @@ def transfer_setup(
             alpha=p.joint_alpha,
             mask_prob=p.mask_prob,
         )
-    return TransferSetup(model, transferred, source_mlm, tapt)
+    return Arm(model, transferred, source_mlm, {"tapt": tapt})
 
 
-def scratch_params(ft: FinetuneParams, lr: float) -> FinetuneParams:
-    """The control trains every layer, with no transfer objective, at its own learning rate
-    (on the same budget as transfer)."""
-    return ft.model_copy(
-        update={
-            "strategy": "full",
-            "freeze_bottom": 0,
-            "layer_decay": 1.0,
-            "l2sp": 0.0,
-            "joint_alpha": 0.0,
-            "tapt_steps": 0,
-            "optim": ft.optim.model_copy(update={"lr": lr}),
-        }
-    )
+def scratch_arm(data: DataParams, source_dir: Path, size: EncoderConfig | None) -> Arm:
+    """A randomly initialised classifier on the source model's vocabulary: its architecture,
+    or an encoder of `size`."""
+    return Arm(scratch_classifier(source_dir, data.labels, size))

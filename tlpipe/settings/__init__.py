@@ -1,0 +1,1 @@
+"""The transfer settings, one folder each, every one implementing `tlpipe.setting.Setting`."""

@@ -1,0 +1,209 @@
+"""Masked-LM for text encoders: BERT corruption, its loss on masked positions only, the
+pretraining loop, held-out loss, and the source side of the joint objective."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from tlpipe.batching import length_batches, pad_arrays
+from tlpipe.model import mlm_head
+from tlpipe.params import OptimParams
+from tlpipe.text import SpecialIds
+from tlpipe.train import CPU_FP32, Runtime, clip_and_step, make_optimizer, quiet
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids (B, T) and attention_mask (B, T)."""
+    ids, mask = pad_arrays(seqs, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def iterate_batches(
+    ids: Sequence[np.ndarray], batches: Iterable[np.ndarray], pad_id: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    for idx in batches:
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
+        yield idx, input_ids, mask
+
+
+def mask_for_mlm(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special: SpecialIds,
+    vocab_size: int,
+    mask_prob: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BERT corruption: of a `mask_prob` share of real tokens, 80% [MASK], 10% random, 10% kept.
+
+    Returns (corrupted input_ids (B, T), positions (N,) into the flattened (B*T) batch,
+    target ids (N,)). The loss is computed on those N positions only.
+    """
+    maskable = (attention_mask == 1) & (input_ids != special.cls) & (input_ids != special.sep)
+    maskable &= input_ids != special.pad
+    probs = torch.rand(input_ids.shape, generator=gen)
+    chosen = maskable & (probs < mask_prob)
+    if not bool(chosen.any()):
+        # Short batches can draw no mask at all; force one so every step has a loss.
+        flat = maskable.flatten().nonzero().squeeze(1)
+        pick = flat[torch.randint(len(flat), (1,), generator=gen)]
+        chosen = chosen.flatten()
+        chosen[pick] = True
+        chosen = chosen.view_as(input_ids)
+    positions = chosen.flatten().nonzero().squeeze(1)
+    targets = input_ids.flatten()[positions]
+    corrupted = input_ids.clone().flatten()
+    roll = torch.rand(len(positions), generator=gen)
+    to_mask = roll < 0.8
+    to_random = (roll >= 0.8) & (roll < 0.9)
+    corrupted[positions[to_mask]] = special.mask
+    n_random = int(to_random.sum())
+    if n_random:
+        corrupted[positions[to_random]] = torch.randint(vocab_size, (n_random,), generator=gen)
+    return corrupted.view_as(input_ids), positions, targets
+
+
+@dataclass
+class MlmResult:
+    """`history` logs, every `log_every` steps, the mean loss, the learning rate, and the
+    tokens (non-padding) and seconds since the start."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def mlm_loss(
+    encoder: nn.Module,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    special: SpecialIds,
+    vocab_size: int,
+    mask_prob: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, int]:
+    """Corrupt a host batch (B, T), move it to the encoder's device, and return the loss over
+    the masked positions and their number."""
+    device = next(encoder.parameters()).device
+    batch = mask_for_mlm(input_ids, mask, special, vocab_size, mask_prob, gen)
+    corrupted, positions, targets = (t.to(device, non_blocking=True) for t in batch)
+    hidden = encoder(input_ids=corrupted, attention_mask=mask.to(device, non_blocking=True)).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H) of (B, T, H)
+    logits = head(picked)  # (N, V)
+    return F.cross_entropy(logits.float(), targets), len(targets)
+
+
+def train_mlm(
+    model: PreTrainedModel,
+    ids: Sequence[np.ndarray],
+    special: SpecialIds,
+    *,
+    steps: int,
+    optim: OptimParams,
+    mask_prob: float,
+    seed: int,
+    log_every: int,
+    runtime: Runtime = CPU_FP32,
+    desc: str = "pretrain",
+) -> MlmResult:
+    """Masked-LM training for `steps` optimizer steps over `ids`, epoch after epoch."""
+    device = runtime.device
+    runtime.place(model)
+    encoder, head = mlm_head(model)
+    vocab = model.config.vocab_size
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    optimizer, scheduler = make_optimizer(model, optim, steps)
+    model.train()
+    result = MlmResult(steps=steps, tokens=0, seconds=0.0)
+    running = torch.zeros((), device=device)
+    start = time.perf_counter()
+    batches: list[np.ndarray] = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=quiet())
+    with runtime.fast_paths(model, seed):
+        for step in range(steps):
+            if not batches:
+                batches = length_batches(lengths, optim.batch_size, rng)
+            input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
+            result.tokens += int(mask.sum())
+            with runtime.autocast():
+                loss, _ = mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
+            loss.backward()
+            clip_and_step(optimizer, model.parameters(), optim.max_grad_norm, runtime.uses("clip_in_step"))
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.detach()
+            bar.update()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                n = (step % log_every) + 1
+                avg = float(running) / n  # the one host sync, every log_every steps
+                running.zero_()
+                result.history.append(
+                    {
+                        "step": step + 1,
+                        "loss": avg,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": result.tokens,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                bar.set_postfix(loss=f"{avg:.3f}")
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+# Held-out source rows that measure masked-LM loss: after pretraining and for forgetting.
+MLM_EVAL_ROWS = 512
+
+
+@torch.no_grad()
+def mlm_eval_loss(
+    model: PreTrainedModel,
+    ids: Sequence[np.ndarray],
+    special: SpecialIds,
+    *,
+    mask_prob: float,
+    seed: int,
+    batch_size: int = 64,
+) -> float:
+    """Mean masked-LM loss over `ids` under a fixed, seeded corruption."""
+    encoder, head = mlm_head(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    total, count = 0.0, 0
+    for _, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), special.pad):
+        loss, n = mlm_loss(encoder, head, input_ids, mask, special, model.config.vocab_size, mask_prob, gen)
+        total += float(loss) * n
+        count += n
+    return total / max(1, count)
+
+
+@dataclass
+class SourceMlm:
+    """The source side of the joint loss: masked-LM on source text through an LM head tied
+    to the classifier's input embeddings."""
+
+    head: nn.Module
+    ids: Sequence[np.ndarray]
+    special: SpecialIds
+    alpha: float
+    mask_prob: float
