@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.errors import GateFailed
-from tlpipe.model import fresh_dir, write_json
+from tlpipe.model import fresh_dir, read_meta, write_json
 from tlpipe.params import ExportParams
 from tlpipe.serve import Bundle, BundleSpec
 from tlpipe.settings.text_classification.classifier import predict_logits
@@ -115,9 +115,7 @@ def _parity(ort_logits: np.ndarray, torch_logits: np.ndarray) -> tuple[float, fl
     return diff, float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean())
 
 
-def export(
-    p: ExportParams, max_length: int, finetune_dir: Path, prepare_dir: Path, out_dir: Path
-) -> ExportResult:
+def export(p: ExportParams, finetune_dir: Path, prepare_dir: Path, out_dir: Path) -> ExportResult:
     """Export `finetune_dir/model` to `out_dir/bundle` (model.onnx, with `p.int8`
     model.int8.onnx, tokenizer.json, bundle.json, labels.json) and compare onnxruntime
     with PyTorch over the whole test split.
@@ -141,7 +139,15 @@ def export(
     fp32 = bundle_dir / "model.onnx"
     export_onnx(model, fp32, special, tok.get_vocab_size(), p.opset)
     shutil.copyfile(model_dir / "tokenizer.json", bundle_dir / "tokenizer.json")
-    spec = BundleSpec(labels=labels, max_length=max_length, pad_id=special.pad, input_names=INPUT_NAMES)
+    # The checkpoint says how it was trained to read text; serving reads it the same way.
+    trained = read_meta(model_dir)["params"]
+    spec = BundleSpec(
+        labels=labels,
+        max_length=trained["max_length"],
+        pad_id=special.pad,
+        input_names=INPUT_NAMES,
+        truncation=trained["truncation"],
+    )
     write_json(bundle_dir / "bundle.json", spec.to_json())
     write_json(bundle_dir / "labels.json", dict(enumerate(labels)))
 

@@ -73,7 +73,6 @@ STAGES: dict[str, Wiring] = {
         "tasks.export:export",
         lambda params: (
             params.export,
-            params.finetune.max_length,
             stage_dir("finetune"),
             stage_dir("prepare"),
         ),

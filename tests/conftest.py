@@ -143,7 +143,7 @@ def exported(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathF
 
     p = parse_params(tiny_params())
     out = tmp_path_factory.mktemp("export") / "export"
-    export(p.export, p.finetune.max_length, finetuned, prepared, out)
+    export(p.export, finetuned, prepared, out)
     return out
 
 

@@ -45,7 +45,7 @@ def test_bundle_runs_without_torch(exported: Path, tmp_path: Path) -> None:
 def test_parity_gate_fails_loudly(finetuned: Path, prepared: Path, tmp_path: Path) -> None:
     p = parse_params(tiny_params(**{"export.max_abs_diff": 1e-30}))
     try:
-        export(p.export, p.finetune.max_length, finetuned, prepared, tmp_path / "x")
+        export(p.export, finetuned, prepared, tmp_path / "x")
     except GateFailed as err:
         assert "exceeds export.max_abs_diff" in str(err)
     else:  # onnxruntime matched PyTorch bit for bit: nothing to fail on
@@ -109,7 +109,7 @@ def test_int8_accuracy_gate_fails_loudly(
     monkeypatch.setattr(export_module, "quantize_int8", broken_quantize)
     p = parse_params(tiny_params(**{"export.int8_max_drop": 0.0}))
     with pytest.raises(GateFailed, match=r"int8 test accuracy .* below fp32's .* export.int8_max_drop 0.0"):
-        export(p.export, p.finetune.max_length, finetuned, prepared, tmp_path / "x")
+        export(p.export, finetuned, prepared, tmp_path / "x")
     parity = json.loads((tmp_path / "x/parity.json").read_text())
     assert parity["int8"]["accuracy_drop"] > 0
 
@@ -133,3 +133,28 @@ def test_served_graphs_keep_residual_adds_apart_from_layer_norms(
         assert "SkipLayerNormalization" not in ops
         assert "LayerNormalization" in ops
         assert {"Attention", "QAttention"} & ops
+
+
+def test_a_head_tail_model_is_served_the_way_it_was_trained(
+    pretrained: Path, prepared: Path, tmp_path: Path
+) -> None:
+    from tasks.finetune import finetune
+    from tlpipe.serve import Bundle
+    from tlpipe.settings.text_classification.setting import SETTING
+    from tlpipe.text import encode
+
+    p = parse_params(tiny_params(**{"finetune.truncation": "head_tail", "finetune.max_length": 12}))
+    finetune(SETTING, p.finetune, p.data, pretrained, prepared, tmp_path / "f")
+    cut = json.loads((tmp_path / "f/metrics.json").read_text())["truncated"]
+    assert cut["truncation"] == "head_tail" and cut["max_length"] == 12 and cut["train_share"] > 0
+    export(p.export, tmp_path / "f", prepared, tmp_path / "x")
+    bundle = Bundle(tmp_path / "x/bundle")
+    assert (bundle.spec.truncation, bundle.spec.max_length) == ("head_tail", 12)
+    parity = json.loads((tmp_path / "x/parity.json").read_text())
+    assert parity["argmax_agreement"] == 1.0
+    # What serving feeds the model is the head and the tail of a long text.
+    text = "first words " + "middle " * 40 + "last words"
+    full = encode(bundle.tokenizer, [text], 10_000)[0]
+    ids = bundle.encode([text])[0]
+    # 10 tokens between [CLS] and [SEP]: the first 2 and the last 8.
+    assert len(ids) == 12 and list(ids[:3]) == list(full[:3]) and list(ids[3:]) == list(full[-9:])

@@ -33,7 +33,7 @@ def staged(
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
     p = parse_params(tiny_params())
     shutil.copytree(evaluated, root / "outputs/evaluate")
-    export(p.export, p.finetune.max_length, finetuned, prepared, root / "outputs/export")
+    export(p.export, finetuned, prepared, root / "outputs/export")
     return root
 
 

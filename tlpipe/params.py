@@ -29,6 +29,7 @@ class _Section(BaseModel):
 # The transfer setting (tlpipe.setting.SETTINGS): how its rows are read (the roles a data
 # set's columns play), its models, loss, metrics, export and predictor.
 Setting = Literal["text-classification"]
+Truncation = Literal["head", "head_tail"]
 
 Split = Literal["train", "val", "test", "pool"]
 TARGET_SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -298,6 +299,10 @@ class FinetuneParams(_Section):
 
     seed: int = 13
     max_length: int = Field(128, ge=8)
+    # A text longer than max_length tokens keeps its head, or (head_tail) its first quarter
+    # and its last three quarters: the end of a long review or article often carries its
+    # verdict (Sun et al. 2019). Serving cuts the same way.
+    truncation: Truncation = "head"
     epochs: int = Field(10, ge=1)
     # A floor for tiny training sets (50 rows are 4 steps an epoch) and a cap for large ones.
     min_steps: int = Field(0, ge=0)

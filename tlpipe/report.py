@@ -198,8 +198,12 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     shipped.blocks.append(f"Test accuracy {sm['accuracy']:.4f}, macro-F1 {sm['macro_f1']:.4f}.")
     cut = _read(out / "finetune" / "metrics.json").get("truncated")
     if cut and "truncated_share" in sm:
+        how = {
+            "head": f"their first {cut['max_length']} tokens",
+            "head_tail": f"{cut['max_length']} tokens, the first quarter and the last three quarters",
+        }[cut.get("truncation", "head")]
         shipped.blocks.append(
-            f"Inputs are cut to their first {cut['max_length']} tokens: {_pct(cut['train_share'])} of train, "
+            f"Inputs are cut to {how}: {_pct(cut['train_share'])} of train, "
             f"{_pct(cut['val_share'])} of val and {_pct(sm['truncated_share'])} of test rows were longer."
         )
     shipped.blocks.append(

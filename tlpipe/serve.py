@@ -1,7 +1,7 @@
 """Serving a release bundle with onnxruntime and tokenizers alone (no torch).
 
 A bundle is a directory holding model.onnx, tokenizer.json and bundle.json (labels,
-max_length, input names, pad id).
+max_length and truncation, input names, pad id).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class BundleSpec:
     max_length: int
     pad_id: int
     input_names: tuple[str, ...]
+    # How a text longer than max_length is cut (tlpipe.text.encode): head or head_tail.
+    truncation: str = "head"
     # precision -> ONNX file: "fp32" always, "int8" (dynamically quantised) when exported.
     models: dict[str, str] = field(default_factory=lambda: {"fp32": "model.onnx"})
 
@@ -39,6 +41,7 @@ class BundleSpec:
             int(raw["max_length"]),
             int(raw["pad_id"]),
             tuple(raw["input_names"]),
+            str(raw.get("truncation", "head")),
             dict(raw.get("models", {"fp32": "model.onnx"})),
         )
 
@@ -48,6 +51,7 @@ class BundleSpec:
             "max_length": self.max_length,
             "pad_id": self.pad_id,
             "input_names": list(self.input_names),
+            "truncation": self.truncation,
             "models": dict(self.models),
         }
 
@@ -93,7 +97,7 @@ class Bundle:
         self.session = inference_session(path / self.spec.models[precision], session_options(threads))
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return encode(self.tokenizer, texts, self.spec.max_length)
+        return encode(self.tokenizer, texts, self.spec.max_length, self.spec.truncation)
 
     def logits_of_ids(self, ids: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
         """Logits (N, C) in input order, batched by length."""

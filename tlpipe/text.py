@@ -77,19 +77,37 @@ class SpecialIds:
         return cls(**ids)
 
 
-def encode(tok: Tokenizer, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
-    """Token ids per text ([CLS] ... [SEP]), truncated to max_length, unpadded."""
-    tok.enable_truncation(max_length)
-    try:
-        encs = tok.encode_batch(list(texts), add_special_tokens=True)
-    finally:
-        tok.no_truncation()
-    return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+def encode(
+    tok: Tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head"
+) -> list[np.ndarray]:
+    """Token ids per text ([CLS] ... [SEP]), unpadded, at most `max_length`: a longer text
+    keeps its first tokens (`head`), or the first quarter and the last three quarters of
+    the room between its special tokens (`head_tail`)."""
+    if truncation == "head":
+        tok.enable_truncation(max_length)
+        try:
+            encs = tok.encode_batch(list(texts), add_special_tokens=True)
+        finally:
+            tok.no_truncation()
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+    if truncation != "head_tail":
+        raise ValueError(f"truncation must be head or head_tail, not {truncation!r}")
+    tok.no_truncation()
+    room = max_length - 2
+    head = room // 4
+    out = []
+    for e in tok.encode_batch(list(texts), add_special_tokens=True):
+        ids = np.asarray(e.ids, dtype=np.int64)
+        if len(ids) > max_length:
+            # [CLS] + head tokens + tail tokens + [SEP]
+            ids = np.concatenate([ids[: 1 + head], ids[len(ids) - 1 - (room - head) :]])
+        out.append(ids)
+    return out
 
 
 def truncated_share(tok: Tokenizer, texts: Sequence[str], max_length: int) -> float:
     """The share of `texts` longer than `max_length` tokens ([CLS] and [SEP] included):
-    what `encode` cuts (it keeps the head)."""
+    what `encode` cuts."""
     if not texts:
         return 0.0
     tok.no_truncation()

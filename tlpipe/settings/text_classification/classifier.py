@@ -135,9 +135,9 @@ def classifier_task(
 ) -> ClassifierTask:
     """`arm` trained on `train` and validated on `val`, its text encoded by `tok`."""
     return ClassifierTask(
-        encode(tok, texts(train), p.max_length),
+        encode(tok, texts(train), p.max_length, p.truncation),
         label_ids(train, labels),
-        encode(tok, texts(val), p.max_length),
+        encode(tok, texts(val), p.max_length, p.truncation),
         label_ids(val, labels),
         pad=SpecialIds.of(tok).pad,
         n_labels=len(labels),
@@ -155,7 +155,7 @@ def score(
     """Accuracy and macro-F1 of `model` on `rows` (fp32)."""
     tok = load_tokenizer(tok_dir)
     pred = predict_logits(
-        model, encode(tok, texts(rows), p.max_length), SpecialIds.of(tok).pad, p.eval_batch_size
+        model, encode(tok, texts(rows), p.max_length, p.truncation), SpecialIds.of(tok).pad, p.eval_batch_size
     )
     scores = classification_metrics(label_ids(rows, labels), pred.argmax(1), len(labels))
     return {key: scores[key] for key in METRICS}
@@ -165,12 +165,12 @@ def shipped(
     model_dir: Path, test: pd.DataFrame, p: FinetuneParams, labels: tuple[str, ...], out_dir: Path
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The shipped classifier on test: every classification metric, per class by name, the
-    share of test rows cut to max_length; writes `out_dir/confusion.csv` (a DVC plot)."""
+    share of test rows cut to max_length (`p.truncation`); writes `out_dir/confusion.csv` (a DVC plot)."""
     from transformers import AutoModelForSequenceClassification
 
     tok = load_tokenizer(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    test_ids, test_y = encode(tok, texts(test), p.max_length), label_ids(test, labels)
+    test_ids, test_y = encode(tok, texts(test), p.max_length, p.truncation), label_ids(test, labels)
     pred = predict_logits(model, test_ids, SpecialIds.of(tok).pad, p.eval_batch_size).argmax(1)
     metrics = classification_metrics(test_y, pred, len(labels))
     metrics["per_class"] = dict(zip(labels, metrics["per_class"], strict=True))

@@ -73,12 +73,12 @@ class TextClassification:
     def input_facts(
         self, splits: dict[str, pd.DataFrame], p: FinetuneParams, source_dir: Path
     ) -> dict[str, Any]:
-        """Rows longer than max_length tokens keep their head: how many were cut per split."""
+        """How many rows of each split were longer than max_length tokens, and how they were cut."""
         tok = load_tokenizer(source_dir)
         shares = {
             f"{name}_share": truncated_share(tok, texts(rows), p.max_length) for name, rows in splits.items()
         }
-        return {"truncated": {"max_length": p.max_length, **shares}}
+        return {"truncated": {"max_length": p.max_length, "truncation": p.truncation, **shares}}
 
     def forgetting(
         self,
