@@ -27,6 +27,7 @@ from tlpipe.curve import (
     choose_scratch,
     curve_plan,
     curve_workers,
+    one_fit,
     one_thread,
     scratch_params,
     tuning_plan,
@@ -103,7 +104,9 @@ def run_point(
     if point.tune:
         metrics = {f"val_{key}": run.best()[f"val_{key}"] for key in setting.metrics}
     else:
-        metrics = setting.score(arm.model, read_split(prepare_dir, "test"), ft, data, source_dir)
+        # Under the runtime it trained and validated with (bf16 autocast where native): the
+        # arms are scored alike. The shipped model is scored in fp32, as it is served.
+        metrics = setting.score(arm.model, read_split(prepare_dir, "test"), ft, data, source_dir, runtime)
     return _write_run(runs_dir, point, len(rows), metrics, training)
 
 
@@ -136,18 +139,23 @@ def summarise(
     """Per size: each arm's (and the reference's) score on every metric (mean, std, interval)
     and the paired gain of transfer over scratch, positive where transfer is better
     (tuning runs are not part of the curve)."""
-    by = {(r["arm"], r["size"], r["seed"]): r for r in results if not r.get("tune")}
-    arms = (*ARMS, "reference") if any(r["arm"] == "reference" for r in results) else ARMS
+    runs = {(r["arm"], r["size"], r["seed"]): r for r in results if not r.get("tune")}
+
+    def by(key: tuple[str, Size, int]) -> dict[str, Any]:
+        arm, size, seed = key
+        return runs[(arm, size, p.seeds[0] if one_fit(arm, size) else seed)]
+
+    arms = (*ARMS, "reference") if any(arm == "reference" for arm, _, _ in runs) else ARMS
     curve = []
     for size in p.sizes:
-        entry: dict[str, Any] = {"size": size, "rows": by[("transfer", size, p.seeds[0])]["rows"]}
+        entry: dict[str, Any] = {"size": size, "rows": by(("transfer", size, p.seeds[0]))["rows"]}
         for arm in arms:
             entry[arm] = {
-                key: interval([by[(arm, size, s)][key] for s in p.seeds], p.confidence) for key in metrics
+                key: interval([by((arm, size, s))[key] for s in p.seeds], p.confidence) for key in metrics
             }
         entry["gain"] = {
             key: interval(
-                [metric.gain(by[("transfer", size, s)][key], by[("scratch", size, s)][key]) for s in p.seeds],
+                [metric.gain(by(("transfer", size, s))[key], by(("scratch", size, s))[key]) for s in p.seeds],
                 p.confidence,
             )
             for key, metric in metrics.items()

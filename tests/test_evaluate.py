@@ -41,7 +41,9 @@ def test_interval_by_hand() -> None:
 def test_plan_covers_every_size_seed_and_arm() -> None:
     p = EvaluateParams(sizes=(50, "all"), seeds=(0, 1, 2), gate_size=50)
     plan = curve_plan(p, (3e-4, 0))
-    assert len(plan) == 18 and len({pt.key for pt in plan}) == 18
+    # The reference at "all" is one fit: every seed would draw the same rows.
+    assert len(plan) == 16 and len({pt.key for pt in plan}) == 16
+    assert [pt.seed for pt in plan if pt.arm == "reference" and pt.size == "all"] == [0]
     assert {(pt.arm, pt.size) for pt in plan} == {
         (a, s) for a in ("transfer", "scratch", "reference") for s in (50, "all")
     }
@@ -174,7 +176,8 @@ def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     runs = {f.stem: json.loads(f.read_text()) for f in (out / "runs").glob("*.json")}
     tuning = {k: r for k, r in runs.items() if r["tune"]}
     curve = {k: r for k, r in runs.items() if not r["tune"]}
-    assert len(curve) == 3 * 2 * 3  # sizes x seeds x (transfer, scratch, reference)
+    # sizes x seeds x (transfer, scratch, reference), the reference at "all" once
+    assert len(curve) == 3 * 2 * 3 - 1
     assert {r["rows"] for r in curve.values()} == {20, 40, 100}  # "all": train 60 + pool 40
     metrics = json.loads((out / "metrics.json").read_text())
     # The control's grid (two learning rates) ran once at the gate's size, scored on val; the
@@ -252,3 +255,14 @@ def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tm
 
     model = scratch_classifier(pretrained, LABELS, p.evaluate.scratch_models[1])
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
+
+
+def test_one_reference_fit_stands_for_every_seed_at_all() -> None:
+    p = EvaluateParams(sizes=("all",), seeds=(0, 1), gate_size="all")
+    runs = [
+        {"arm": arm, "size": "all", "seed": seed, "rows": 90, "accuracy": 0.7 + 0.01 * seed, "macro_f1": 0.6}
+        for arm in ("transfer", "scratch")
+        for seed in (0, 1)
+    ] + [{"arm": "reference", "size": "all", "seed": 0, "rows": 90, "accuracy": 0.8, "macro_f1": 0.7}]
+    reference = summarise(runs, p, METRICS)[0]["reference"]["accuracy"]
+    assert reference["mean"] == pytest.approx(0.8) and reference["std"] == 0.0

@@ -104,9 +104,16 @@ def scratch_params(ft: FinetuneParams, lr: float) -> FinetuneParams:
     )
 
 
+def one_fit(arm: Arm, size: Size) -> bool:
+    """Whether one run stands for every seed: the reference is deterministic given its rows,
+    and at "all" every seed draws the same rows."""
+    return arm == "reference" and size == "all"
+
+
 def curve_plan(p: EvaluateParams, scratch: tuple[float, int]) -> list[CurvePoint]:
     """Every run of the curve, each independent of the others (any order, any worker); the
-    scratch control at the (learning rate, encoder) `scratch` names."""
+    scratch control at the (learning rate, encoder) `scratch` names; a `one_fit` cell runs
+    with the first seed alone."""
     arms: tuple[Arm, ...] = (*ARMS, "reference") if p.reference else ARMS
     lr, model = scratch
     return [
@@ -114,4 +121,5 @@ def curve_plan(p: EvaluateParams, scratch: tuple[float, int]) -> list[CurvePoint
         for size in p.sizes
         for seed in p.seeds
         for arm in arms
+        if seed == p.seeds[0] or not one_fit(arm, size)
     ]

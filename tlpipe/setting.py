@@ -142,9 +142,16 @@ class Setting(Protocol):
         ...
 
     def score(
-        self, model: nn.Module, rows: pd.DataFrame, p: FinetuneParams, data: DataParams, source_dir: Path
+        self,
+        model: nn.Module,
+        rows: pd.DataFrame,
+        p: FinetuneParams,
+        data: DataParams,
+        source_dir: Path,
+        runtime: Runtime | None = None,
     ) -> dict[str, float]:
-        """Every metric of `metrics` for `model` on `rows`."""
+        """Every metric of `metrics` for `model` on `rows`, in fp32 unless `runtime` says
+        otherwise."""
         ...
 
     def reference(

@@ -150,12 +150,21 @@ def classifier_task(
 
 
 def score(
-    model: PreTrainedModel, rows: pd.DataFrame, p: FinetuneParams, labels: tuple[str, ...], tok_dir: Path
+    model: PreTrainedModel,
+    rows: pd.DataFrame,
+    p: FinetuneParams,
+    labels: tuple[str, ...],
+    tok_dir: Path,
+    runtime: Runtime | None = None,
 ) -> dict[str, float]:
-    """Accuracy and macro-F1 of `model` on `rows` (fp32)."""
+    """Accuracy and macro-F1 of `model` on `rows` (in fp32 unless `runtime` says otherwise)."""
     tok = load_tokenizer(tok_dir)
     pred = predict_logits(
-        model, encode(tok, texts(rows), p.max_length, p.truncation), SpecialIds.of(tok).pad, p.eval_batch_size
+        model,
+        encode(tok, texts(rows), p.max_length, p.truncation),
+        SpecialIds.of(tok).pad,
+        p.eval_batch_size,
+        runtime,
     )
     scores = classification_metrics(label_ids(rows, labels), pred.argmax(1), len(labels))
     return {key: scores[key] for key in METRICS}

@@ -50,9 +50,15 @@ class TextClassification:
         )
 
     def score(
-        self, model: nn.Module, rows: pd.DataFrame, p: FinetuneParams, data: DataParams, source_dir: Path
+        self,
+        model: nn.Module,
+        rows: pd.DataFrame,
+        p: FinetuneParams,
+        data: DataParams,
+        source_dir: Path,
+        runtime: Runtime | None = None,
     ) -> dict[str, float]:
-        return classifier.score(model, rows, p, data.labels, source_dir)
+        return classifier.score(model, rows, p, data.labels, source_dir, runtime)
 
     def reference(
         self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, data: DataParams
