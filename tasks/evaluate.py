@@ -72,13 +72,11 @@ def run_point(
     ft: FinetuneParams,
     data: DataParams,
     source_dir: Path,
-    finetune_dir: Path,
     prepare_dir: Path,
     runs_dir: Path,
 ) -> dict[str, Any]:
     """Train one arm on `point.size` rows drawn with `point.seed`; score it on test, or, for
-    a tuning run, keep its best validation scores alone. It takes the evaluate stage's
-    inputs (the shipped model in `finetune_dir` is not read).
+    a tuning run, keep its best validation scores alone.
 
     Writes and returns `runs_dir/<key>.json`: rows, every test (or validation) metric of
     the setting, steps, time.
@@ -278,7 +276,7 @@ def evaluate(
     """Every curve run over a pool of worker processes (`out_dir/runs/*.json`), then `finish`.
     The Prefect flow runs the same points as separate task runs on the same kind of pool."""
     fresh_dir(out_dir)
-    args = (setting, p, ft, data, source_dir, finetune_dir, prepare_dir, out_dir / "runs")
+    args = (setting, p, ft, data, source_dir, prepare_dir, out_dir / "runs")
     metric = primary_metric(setting, p.metric)
     with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
 

@@ -13,12 +13,10 @@ import pandas as pd
 from tlpipe.data import ORIGIN, UNDECODABLE, input_files, input_paths, normalise_text, read_input, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.files import fresh_dir, write_json
-from tlpipe.params import TARGET_SPLITS, DataParams, InputParams, PrepareParams, ValidateParams
+from tlpipe.params import TARGET_PARTS, TARGET_SPLITS, DataParams, InputParams, PrepareParams, ValidateParams
 from tlpipe.rows import broken_rule, undecodable
 
 log = logging.getLogger(__name__)
-
-SPLIT_NAMES = (*TARGET_SPLITS, "pool")
 
 
 @dataclass(frozen=True)
@@ -156,13 +154,13 @@ def _target_splits(
     if p.split.by == "draw":
         return _draw(p, target, rng)
     values = target["split"].fillna("<null>").astype(str)
-    unknown = values[~values.isin(SPLIT_NAMES)].value_counts()
+    unknown = values[~values.isin(TARGET_PARTS)].value_counts()
     if len(unknown):
         found = ", ".join(f"{v!r}: {n} rows" for v, n in unknown.items())
         raise DataError(
-            f"the target's split column holds values other than {', '.join(SPLIT_NAMES)} ({found})"
+            f"the target's split column holds values other than {', '.join(TARGET_PARTS)} ({found})"
         )
-    splits = {name: target[(values == name).to_numpy()] for name in SPLIT_NAMES}
+    splits = {name: target[(values == name).to_numpy()] for name in TARGET_PARTS}
     empty = [name for name in TARGET_SPLITS if splits[name].empty]
     if empty:
         raise DataError(f"the target has no {' / '.join(empty)} rows (prepare.split.by is {p.split.by!r})")
@@ -194,7 +192,7 @@ def _draw(p: PrepareParams, target: pd.DataFrame, rng: np.random.Generator) -> d
             taken[g] += k
     splits = {name: _mix(pd.concat(parts), rng) for name, parts in picked.items()}
     splits["pool"] = _mix(pd.concat([rows.iloc[taken[g] :] for g, rows in groups.items()]), rng)
-    return {name: splits[name] for name in SPLIT_NAMES}
+    return {name: splits[name] for name in TARGET_PARTS}
 
 
 def _quotas(available: dict[str, int], size: int) -> dict[str, int]:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from tlpipe.data import SPLITS, normalise_text, read_split
 from tlpipe.errors import GateFailed
-from tlpipe.params import DataParams, ValidateParams
+from tlpipe.params import TARGET_PARTS, DataParams, ValidateParams
 
 # Great Expectations takes seconds to import: it is imported where it is used, so that
 # importing this module (as the Prefect flow does) stays cheap.
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from great_expectations.data_context import AbstractDataContext
     from great_expectations.expectations import Expectation
 
-TARGET = ("train", "val", "test", "pool")
 # The split name under which the cross-split leakage check is reported.
 ALL = "all"
 DOCS_SITE = "tlpipe"
@@ -141,10 +140,10 @@ def _frames(
 ) -> list[_Frame]:
     frames = []
     for name, df in splits.items():
-        labels = data.labels if name in TARGET else data.source_labels
+        labels = data.labels if name in TARGET_PARTS else data.source_labels
         frames.append(_Frame(name, name, df, _split_specs(p, labels, name, df)))
         # An empty pool (every target row in train, val or test) has no classes to count.
-        if name in TARGET and "label" in df.columns and not (name == "pool" and df.empty):
+        if name in TARGET_PARTS and "label" in df.columns and not (name == "pool" and df.empty):
             frames.append(_label_counts_frame(p, data.labels, name, df))
     frames.append(_leakage_frame(splits))
     if p.rows == "quarantine":

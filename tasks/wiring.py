@@ -84,7 +84,17 @@ STAGES: dict[str, Wiring] = {
 }
 # The evaluate stage in parts, for a flow that maps the curve's runs over workers: each run
 # alone, then the summary over all of them.
-CURVE_POINT = Wiring("tasks.evaluate:run_point", _evaluate_inputs)
+CURVE_POINT = Wiring(
+    "tasks.evaluate:run_point",
+    lambda params: (
+        get_setting(params.setting),
+        params.evaluate,
+        params.finetune,
+        params.data,
+        stage_dir("pretrain") / "model",
+        stage_dir("prepare"),
+    ),
+)
 CURVE_FINISH = Wiring("tasks.evaluate:finish", _evaluate_inputs)
 
 

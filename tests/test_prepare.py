@@ -53,6 +53,18 @@ def test_sha256_pin_is_enforced(tmp_path: Path, sample_csv: Path) -> None:
         prepare(p.prepare, p.data, p.validate_, root, root / "out")
 
 
+def test_sha256_on_a_folder_is_named(tmp_path: Path, sample_csv: Path) -> None:
+    root, _ = _setup(tmp_path, sample_csv)
+    folder = root / "data/raw/parts"
+    folder.mkdir()
+    frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
+    frame.iloc[: len(frame) // 2].to_csv(folder / "a.csv", index=False)
+    frame.iloc[len(frame) // 2 :].to_csv(folder / "b.csv", index=False)
+    p = parse_params(tiny_params(**{"data.target.path": "data/raw/parts", "data.target.sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"data.target.sha256 pins one file, but data.target.path .* holds 2"):
+        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+
+
 def test_target_too_small_says_by_how_much(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"prepare.split.test": 5000})
     with pytest.raises(DataError, match=r"has \d+ rows after de-duplication, but .* need 5100"):

