@@ -113,12 +113,14 @@ def one_fit(arm: Arm, size: Size) -> bool:
 def curve_plan(p: EvaluateParams, scratch: tuple[float, int]) -> list[CurvePoint]:
     """Every run of the curve, each independent of the others (any order, any worker); the
     scratch control at the (learning rate, encoder) `scratch` names; a `one_fit` cell runs
-    with the first seed alone."""
+    with the first seed alone. The largest sizes come first: the longest runs start first,
+    so the workers finish together."""
     arms: tuple[Arm, ...] = (*ARMS, "reference") if p.reference else ARMS
     lr, model = scratch
+    largest_first = sorted(p.sizes, key=lambda s: float("inf") if s == "all" else s, reverse=True)
     return [
         CurvePoint(arm, size, seed, lr, model) if arm == "scratch" else CurvePoint(arm, size, seed)
-        for size in p.sizes
+        for size in largest_first
         for seed in p.seeds
         for arm in arms
         if seed == p.seeds[0] or not one_fit(arm, size)

@@ -356,7 +356,7 @@ class EvaluateParams(_Section):
     that seed; transfer and scratch train on the same rows, so their gain is paired.
     """
 
-    sizes: tuple[Size, ...] = (50, 100, 200, 500, 1000, "all")
+    sizes: tuple[Size, ...] = (50, 100, 500, 1000, "all")
     seeds: tuple[int, ...] = (0, 1, 2)
     # The negative-transfer gate: at this size the lower end of the gain's confidence
     # interval (transfer minus scratch accuracy) must be above min_gain.

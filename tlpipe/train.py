@@ -56,8 +56,6 @@ def bf16_native(device: torch.device) -> bool:
 
 # The fast paths a Runtime can turn off (benchmarks measure each one's share).
 FAST_PATHS = ("first_token_only", "host_dropout", "embedding_row_grads", "clip_in_step")
-
-
 # On a GPU torch's dropout is a fast on-device kernel, where host masks would cross the bus
 # every step.
 _CPU_ONLY = ("host_dropout",)
