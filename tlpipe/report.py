@@ -70,12 +70,7 @@ def _data(params: Params, root: Path) -> Section:
         section.blocks.append("prepare has not run.")
         return section
     summary = _read(prepare / "summary.json")
-    files = [
-        [name, path, digest]
-        for name, entry in summary.get("inputs", {}).items()
-        if entry
-        for path, digest in entry["files"].items()
-    ]
+    files = [list(row) for row in _input_files(summary)]
     if files:
         section.blocks.append(Table(["input", "file", "SHA-256"], files))
     aside = [
@@ -108,6 +103,16 @@ def _data(params: Params, root: Path) -> Section:
             line += " (" + ", ".join(f"{k}: {v}" for k, v in source.items()) + ")"
         section.blocks.append(line + ".")
     return section
+
+
+def _input_files(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(input, file, SHA-256) of every file prepare read, from its summary.json."""
+    return [
+        (name, path, digest)
+        for name, entry in summary.get("inputs", {}).items()
+        if entry
+        for path, digest in entry["files"].items()
+    ]
 
 
 def describe_input(inp: InputParams) -> str:
@@ -300,12 +305,9 @@ def _lineage(params: Params, root: Path) -> Section:
     lock_path = root / "dvc.lock"
     stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.is_file() else {}
     summary = _read(root / stage_dir("prepare") / "summary.json")
-    rows = [
-        [f"data ({name})", path, digest]
-        for name, entry in summary.get("inputs", {}).items()
-        if entry
-        for path, digest in entry["files"].items()
-    ] or [["data", "prepare has not run", ""]]
+    rows = [[f"data ({name})", path, digest] for name, path, digest in _input_files(summary)] or [
+        ["data", "prepare has not run", ""]
+    ]
     for stage in ("prepare", "pretrain", "finetune", "export"):
         for o in stages.get(stage, {}).get("outs", []):
             rows.append([stage, o["path"], o.get("md5", "")])
