@@ -3,7 +3,7 @@ from a source model to the target's labels.
 
 This module declares the setting (its column roles and metrics) and imports no torch:
 params read it. Its implementation (`setting.SETTING`) is made of:
-- `task`: rows to batches, the loss (cross entropy; with the joint masked-LM objective),
+- `classifier`: rows to batches, the loss (cross entropy; with the joint masked-LM objective),
   validation, predictions;
 - `arms`: the transfer and scratch classifiers;
 - `layers`: each encoder family's layer groups;
