@@ -12,8 +12,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from tlpipe.model import bert_config, mlm_head, new_mlm
 from tlpipe.params import EncoderConfig
+from tlpipe.settings.text_classification.model import bert_config, mlm_head, new_mlm
 
 LENGTH = 48
 STEPS, WARMUP = 60, 20

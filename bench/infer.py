@@ -27,12 +27,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from bench.common import REPS, in_turns, pin_threads, ratio, record, stat, threads_from_env
-from tasks.export import export_onnx, fuse, quantize_int8
+from tasks.export import quantize_int8
 from tlpipe.batching import pad_arrays
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.params import load_params
 from tlpipe.serve import inference_session, session_options
-from tlpipe.text import SpecialIds, encode, load_tokenizer
+from tlpipe.settings.text_classification.export import export_onnx, fuse
+from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer
 
 MODEL = Path("outputs/finetune/model")
 PREPARE = Path("outputs/prepare")

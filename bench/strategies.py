@@ -22,8 +22,8 @@ import numpy as np
 import yaml
 
 from tasks.evaluate import CurvePoint, curve_workers, interval, one_thread, run_point
+from tlpipe.checkpoint import resolve_init
 from tlpipe.data import sha256_file
-from tlpipe.model import resolve_init
 from tlpipe.params import Params, load_params, parse_params, stage_dir
 
 VARIANTS: dict[str, dict[str, Any]] = {

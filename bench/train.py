@@ -33,14 +33,16 @@ import torch
 
 from bench.common import in_turns, machine, pin_threads, ratio, record, stat, threads_from_env, timed
 from tlpipe.batching import length_batches
+from tlpipe.checkpoint import resolve_init
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.metrics import classification_metrics
-from tlpipe.model import bert_config, load_transfer_classifier, new_mlm, resolve_init
 from tlpipe.params import FinetuneParams, OptimParams, load_params
 from tlpipe.settings.text_classification.classifier import ClassifierTask, predict_logits
+from tlpipe.settings.text_classification.fastpath import classifier_fast_paths
 from tlpipe.settings.text_classification.layers import layer_groups
 from tlpipe.settings.text_classification.mlm import mlm_eval_loss, pad_batch, train_mlm
-from tlpipe.text import SpecialIds, encode, load_tokenizer, train_wordpiece
+from tlpipe.settings.text_classification.model import bert_config, load_transfer_classifier, new_mlm
+from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer, train_wordpiece
 from tlpipe.train import FAST_PATHS, Runtime, adamw, bf16_native, clip_and_step, train_model
 
 PREPARE = Path("outputs/prepare")
@@ -399,7 +401,7 @@ def ablate_fast_paths(
     for r, name in in_turns(list(configs), rounds + 1):  # round 0 warms every one up, untimed
         steps = [batches[(r * block + i) % len(batches)] for i in range(block)]
         rt = runtime.without(*configs[name])
-        with rt.fast_paths(model, ft.seed + r, classifier=True):
+        with classifier_fast_paths(rt, model, ft.seed + r):
             start = time.perf_counter()
             for idx in steps:
                 step(rt, idx)

@@ -43,6 +43,8 @@ def child(raw: Path, work: Path) -> None:
     """One repetition, in its own process: prepare then validate; seconds of each as JSON."""
     from tasks.prepare import prepare
     from tasks.validate import validate
+    from tlpipe.setting import validation_suite
+    from tlpipe.settings.text_classification.rows import ROWS
 
     params = load_params()
     # The synthetic file split into target and source as params split the bundled corpus.
@@ -52,9 +54,11 @@ def child(raw: Path, work: Path) -> None:
     }
     data = params.data.model_copy(update=inputs)
     start = time.perf_counter()
-    prepare(params.prepare, data, params.validate_, Path("/"), work / "prepare")
+    prepare(ROWS, params.prepare, data, params.validate_, Path("/"), work / "prepare")
     prepared = time.perf_counter()
-    result = validate(params.validate_, data, work / "prepare", work / "validate")
+    result = validate(
+        validation_suite(params.setting), params.validate_, data, work / "prepare", work / "validate"
+    )
     done = time.perf_counter()
     rows = sum(c.element_count for c in result.checks if c.check == "text_not_null")
     print(json.dumps({"prepare_s": prepared - start, "validate_s": done - prepared, "rows": rows}))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tlpipe.checkpoint import seed_everything
 from tlpipe.curve import (
     ARMS,
     CurvePoint,
@@ -34,7 +35,7 @@ from tlpipe.curve import (
 )
 from tlpipe.data import read_split
 from tlpipe.errors import DataError, GateFailed
-from tlpipe.model import fresh_dir, seed_everything, write_json
+from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
 from tlpipe.setting import Metric, Setting, primary_metric
 from tlpipe.train import Runtime, fit

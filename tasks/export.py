@@ -1,42 +1,27 @@
-"""export: ONNX with dynamic batch and sequence axes (fused for the CPU, plus an int8 model),
-gated on parity with PyTorch and on the int8 model's accuracy."""
+"""export: the fine-tuned model as an ONNX bundle, gated on parity with PyTorch.
+
+What the model's graph and its preprocessor are is the setting's (its `Exporter`); the
+parity gate, the choice of the fused or the plain graph, int8 quantisation and its gate are
+the same for every setting.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import shutil
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from tlpipe.data import label_ids, read_split, texts
 from tlpipe.errors import GateFailed
-from tlpipe.model import fresh_dir, read_meta, write_json
+from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import ExportParams
-from tlpipe.serve import Bundle, BundleSpec
-from tlpipe.settings.text_classification.classifier import predict_logits
-from tlpipe.text import SpecialIds, load_tokenizer
+from tlpipe.serve import BUNDLE_JSON, load_bundle
+from tlpipe.setting import Exporter
 
 log = logging.getLogger(__name__)
-
-INPUT_NAMES = ("input_ids", "attention_mask")
-
-
-class _Logits(nn.Module):
-    """The classifier as a function of (input_ids, attention_mask) returning logits only."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 @dataclass(frozen=True)
@@ -46,50 +31,8 @@ class ExportResult:
     max_abs_diff: float
     argmax_agreement: float
     fused: bool
-    int8_accuracy_drop: float | None
-
-
-def export_onnx(model: PreTrainedModel, path: Path, special: SpecialIds, vocab_size: int, opset: int) -> None:
-    """The classifier as ONNX (TorchScript exporter) with dynamic batch and sequence axes."""
-    sample = torch.tensor([[special.cls, 1000 % vocab_size, special.sep]])
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _Logits(model),
-            (sample.repeat(2, 1), torch.ones(2, 3, dtype=torch.long)),
-            str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=["logits"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                "logits": {0: "batch"},
-            },
-            opset_version=opset,
-            dynamo=False,
-        )
-
-
-def fuse(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """onnxruntime's transformer optimizer: attention, embedding layer norm and bias + GELU
-    fused into single kernels for the CPU; residual adds stay apart from their layer norms
-    (see tlpipe.serve.DISABLED_OPTIMIZERS). Returns the fused operators' counts."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_skip_layer_norm = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fused = optimize_model(
-            str(src),
-            model_type="bert",
-            num_heads=num_heads,
-            hidden_size=hidden_size,
-            optimization_options=options,
-        )
-    fused.save_model_to_file(str(dst))
-    return {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+    # How far int8 falls below fp32 on the setting's export quality metric (None: no int8).
+    int8_drop: float | None
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -108,65 +51,52 @@ def quantize_int8(src: Path, dst: Path) -> None:
     )
 
 
-def _parity(ort_logits: np.ndarray, torch_logits: np.ndarray) -> tuple[float, float]:
-    if not len(ort_logits):
+def _parity(ort_out: np.ndarray, torch_out: np.ndarray) -> tuple[float, float]:
+    if not len(ort_out):
         return 0.0, 1.0
-    diff = float(np.abs(ort_logits - torch_logits).max())
-    return diff, float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean())
+    diff = float(np.abs(ort_out - torch_out).max())
+    return diff, float((ort_out.argmax(-1) == torch_out.argmax(-1)).mean())
 
 
-def export(p: ExportParams, finetune_dir: Path, prepare_dir: Path, out_dir: Path) -> ExportResult:
-    """Export `finetune_dir/model` to `out_dir/bundle` (model.onnx, with `p.int8`
-    model.int8.onnx, tokenizer.json, bundle.json, labels.json) and compare onnxruntime
-    with PyTorch over the whole test split.
+def _bundle_json(bundle_dir: Path, **fields: object) -> None:
+    path = bundle_dir / BUNDLE_JSON
+    write_json(path, {**json.loads(path.read_text()), **fields})
 
-    With `p.optimize` the fused graph ships when it passes the parity gate, else the plain
-    one. Writes `parity.json`; raises GateFailed unless max |Δlogit| <= p.max_abs_diff and
-    the argmax agrees on every row, or when the int8 model's test accuracy falls more than
-    `p.int8_max_drop` below the fp32 model's.
+
+def export(
+    exporter_of: type[Exporter], p: ExportParams, finetune_dir: Path, prepare_dir: Path, out_dir: Path
+) -> ExportResult:
+    """Export `finetune_dir/model` through the setting's `exporter_of` to `out_dir/bundle`
+    (model.onnx, with `p.int8` model.int8.onnx, the preprocessor's files, bundle.json
+    naming the setting) and compare onnxruntime, through the bundle's own predictor, with
+    PyTorch over the whole test split.
+
+    With `p.optimize` the setting's fused graph ships when it passes the parity gate, else
+    the plain one. Writes `parity.json`; raises GateFailed unless max |Δlogit| <=
+    p.max_abs_diff and the argmax agrees on every row, or when the int8 model's test score
+    falls more than `p.int8_max_drop` below the fp32 model's.
     """
     fresh_dir(out_dir)
-    model_dir = finetune_dir / "model"
-    # Attention as plain matrix products: the graph onnxruntime's optimizer fuses into its
-    # Attention kernel (the SDPA export is not recognised).
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
-    tok = load_tokenizer(model_dir)
-    special = SpecialIds.of(tok)
-    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-
+    exporter = exporter_of(finetune_dir / "model")
     bundle_dir = out_dir / "bundle"
     bundle_dir.mkdir()
     fp32 = bundle_dir / "model.onnx"
-    export_onnx(model, fp32, special, tok.get_vocab_size(), p.opset)
-    shutil.copyfile(model_dir / "tokenizer.json", bundle_dir / "tokenizer.json")
-    # The checkpoint says how it was trained to read text; serving reads it the same way.
-    trained = read_meta(model_dir)["params"]
-    spec = BundleSpec(
-        labels=labels,
-        max_length=trained["max_length"],
-        pad_id=special.pad,
-        input_names=INPUT_NAMES,
-        truncation=trained["truncation"],
-    )
-    write_json(bundle_dir / "bundle.json", spec.to_json())
-    write_json(bundle_dir / "labels.json", dict(enumerate(labels)))
+    exporter.write(bundle_dir, p.opset)
+    _bundle_json(bundle_dir, setting=exporter.setting)
 
-    test = read_split(prepare_dir, "test")
-    bundle = Bundle(bundle_dir)
-    ids = bundle.encode(texts(test))
-    torch_logits = predict_logits(model, ids, special.pad, p.batch_size)
-    diff, agree = _parity(bundle.logits_of_ids(ids, p.batch_size), torch_logits)
+    inputs = exporter.parity_inputs(bundle_dir, prepare_dir)
+    torch_out = exporter.torch_outputs(inputs, p.batch_size)
+    diff, agree = _parity(load_bundle(bundle_dir).outputs(inputs, p.batch_size), torch_out)
     report: dict = {"plain": {"max_abs_diff": diff, "argmax_agreement": agree}}
     fused = False
-    if p.optimize:
-        candidate = out_dir / "fused.onnx"
-        report["fused_operators"] = fuse(
-            fp32, candidate, model.config.num_attention_heads, model.config.hidden_size
-        )
+    candidate = out_dir / "fused.onnx"
+    operators = exporter.optimize(fp32, candidate) if p.optimize else None
+    if operators is not None:
+        report["fused_operators"] = operators
         plain = out_dir / "plain.onnx"
         os.replace(fp32, plain)
         os.replace(candidate, fp32)
-        f_diff, f_agree = _parity(Bundle(bundle_dir).logits_of_ids(ids, p.batch_size), torch_logits)
+        f_diff, f_agree = _parity(load_bundle(bundle_dir).outputs(inputs, p.batch_size), torch_out)
         report["fused"] = {"max_abs_diff": f_diff, "argmax_agreement": f_agree}
         fused = f_diff <= p.max_abs_diff and f_agree == 1.0
         if fused:
@@ -178,43 +108,40 @@ def export(p: ExportParams, finetune_dir: Path, prepare_dir: Path, out_dir: Path
             )
             os.replace(plain, fp32)
 
+    rows = len(torch_out)
     failures = []
     if diff > p.max_abs_diff:
         failures.append(f"max |Δlogit| {diff:.3e} exceeds export.max_abs_diff {p.max_abs_diff:.1e}")
     if agree < 1.0:
-        failures.append(f"argmax agrees on {agree:.2%} of {len(ids)} rows, not 100%")
+        failures.append(f"argmax agrees on {agree:.2%} of {rows} rows, not 100%")
 
     int8_drop = None
     if p.int8 and not failures:
         quantize_int8(fp32, bundle_dir / "model.int8.onnx")
-        spec = replace(spec, models={**spec.models, "int8": "model.int8.onnx"})
-        write_json(bundle_dir / "bundle.json", spec.to_json())
-        y = label_ids(test, labels)
-        acc32 = float((torch_logits.argmax(1) == y).mean()) if len(y) else 0.0
-        acc8 = (
-            float(
-                (Bundle(bundle_dir, precision="int8").logits_of_ids(ids, p.batch_size).argmax(1) == y).mean()
-            )
-            if len(y)
-            else 0.0
+        _bundle_json(bundle_dir, models={"fp32": "model.onnx", "int8": "model.int8.onnx"})
+        metric = exporter.quality_metric
+        score32 = exporter.quality(torch_out, prepare_dir)
+        score8 = exporter.quality(
+            load_bundle(bundle_dir, precision="int8").outputs(inputs, p.batch_size), prepare_dir
         )
-        int8_drop = acc32 - acc8
+        int8_drop = score32 - score8
         report["int8"] = {
-            "fp32_accuracy": acc32,
-            "int8_accuracy": acc8,
-            "accuracy_drop": int8_drop,
+            "metric": metric.key,
+            "fp32": score32,
+            "int8": score8,
+            "drop": int8_drop,
             "max_drop_allowed": p.int8_max_drop,
             "onnx_bytes": (bundle_dir / "model.int8.onnx").stat().st_size,
         }
         if int8_drop > p.int8_max_drop:
             failures.append(
-                f"int8 test accuracy {acc8:.4f} is {int8_drop:.4f} below fp32's {acc32:.4f}, more than "
-                f"export.int8_max_drop {p.int8_max_drop} (set export.int8: false to ship fp32 alone)"
+                f"int8 test {metric.label} {score8:.4f} is {int8_drop:.4f} below fp32's {score32:.4f}, more "
+                f"than export.int8_max_drop {p.int8_max_drop} (set export.int8: false to ship fp32 alone)"
             )
     write_json(
         out_dir / "parity.json",
         {
-            "rows": len(ids),
+            "rows": rows,
             "max_abs_diff": diff,
             "argmax_agreement": agree,
             "max_abs_diff_allowed": p.max_abs_diff,
@@ -225,14 +152,14 @@ def export(p: ExportParams, finetune_dir: Path, prepare_dir: Path, out_dir: Path
     )
     log.info(
         "export: %d rows, max |Δlogit| %.2e, argmax agreement %.4f, %s graph",
-        len(ids),
+        rows,
         diff,
         agree,
         "fused" if fused else "plain",
     )
     if failures:
         raise GateFailed("export gate failed: " + "; ".join(failures))
-    return ExportResult(bundle_dir, len(ids), diff, agree, fused, int8_drop)
+    return ExportResult(bundle_dir, rows, diff, agree, fused, int8_drop)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlpipe.checkpoint import seed_everything
 from tlpipe.data import read_split, sha256_file
-from tlpipe.model import fresh_dir, seed_everything, write_json
+from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, FinetuneParams
 from tlpipe.setting import Setting
 from tlpipe.train import Runtime, TrainResult, fit

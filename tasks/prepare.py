@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tlpipe.data import ORIGIN, UNDECODABLE, input_files, input_paths, normalise_text, read_input, sha256_file
+from tlpipe.data import ORIGIN, UNDECODABLE, input_files, input_paths, read_input, sha256_file, undecodable
 from tlpipe.errors import DataError
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import TARGET_PARTS, TARGET_SPLITS, DataParams, InputParams, PrepareParams, ValidateParams
-from tlpipe.rows import broken_rule, undecodable
+from tlpipe.setting import RowRules
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +29,26 @@ class PrepareResult:
 
 
 def prepare(
-    p: PrepareParams, data: DataParams, rows: ValidateParams, root: Path, out_dir: Path
+    rules: RowRules, p: PrepareParams, data: DataParams, rows: ValidateParams, root: Path, out_dir: Path
 ) -> PrepareResult:
     """Read `data.target` (and `data.source`, if any) under `root`; write train / val /
     test / pool / source parquet files and summary.json under `out_dir`.
 
-    Texts are de-duplicated on their normalised form within each input, and source rows
-    whose text is also a target text are dropped, so no text lands in two splits. The
+    Rows are de-duplicated on the setting's row identity (`rules.identity`: for text, the
+    normalised text) within each input, and source rows that are also target rows are
+    dropped, so no item lands in two splits. The
     target's splits are drawn (seeded, stratified by label), read from its split column,
     or taken from its split files (`p.split.by`); drawn splits leave every other target row
     in `pool`. Without a source, source.parquet has no rows. Under `rows.rows: quarantine`
-    the rows that break a row-level rule (tlpipe.rows) are set aside first, with the rule,
+    the rows that break one of the setting's row-level rules are set aside first, with the rule,
     in quarantine.parquet; rows are not otherwise cleaned: validation decides whether they
     are fit to use. Raises DataError when an input is unusable or the target is too small
     for the requested sizes.
     """
     rng = np.random.default_rng(p.seed)
     raw_target = read_input(data.target, "target", root)
-    kept, quarantined = _quarantine(raw_target, "target", rows, data.labels, data.target)
-    target, dropped_target = _dedupe(kept)
+    kept, quarantined = _quarantine(rules, raw_target, "target", rows, data.labels, data.target)
+    target, dropped_target = _dedupe(rules, kept)
     splits = _target_splits(p, target, rng)
 
     dropped = {"target": dropped_target}
@@ -55,10 +56,10 @@ def prepare(
     aside = [quarantined]
     if data.source is not None:
         raw = read_input(data.source, "source", root)
-        kept, quarantined = _quarantine(raw, "source", rows, data.source_labels, data.source)
+        kept, quarantined = _quarantine(rules, raw, "source", rows, data.source_labels, data.source)
         aside.append(quarantined)
-        source, dropped["source"] = _dedupe(kept)
-        in_target = normalise_text(source["text"]).isin(set(normalise_text(target["text"]).dropna()))
+        source, dropped["source"] = _dedupe(rules, kept)
+        in_target = rules.identity(source).isin(set(rules.identity(target).dropna()))
         dropped["source_in_target"] = int(in_target.sum())
         source = source[~in_target.to_numpy()]
         source = source.iloc[rng.permutation(len(source))]
@@ -95,7 +96,12 @@ def prepare(
 
 
 def _quarantine(
-    frame: pd.DataFrame, name: str, rows: ValidateParams, labels: tuple[str, ...] | None, inp: InputParams
+    rules: RowRules,
+    frame: pd.DataFrame,
+    name: str,
+    rows: ValidateParams,
+    labels: tuple[str, ...] | None,
+    inp: InputParams,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, set aside): under `rows: quarantine`, the rows that break a row-level rule,
     each with its input, its file and row in it (0-based, header excluded) and the rule.
@@ -119,7 +125,7 @@ def _quarantine(
                 "replace to keep them as U+FFFD, or validate.rows: quarantine to set them aside"
             )
         return frame[data_columns], _empty(columns)
-    rule = broken_rule(frame, rows, labels)
+    rule = rules.broken_rule(frame, rows, labels)
     bad = rule.notna().to_numpy()
     aside = (
         frame[bad].rename(columns={ORIGIN[0]: "file", ORIGIN[1]: "row"}).assign(input=name, rule=rule[bad])
@@ -132,9 +138,9 @@ def _empty(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="int64" if c == "row" else "string") for c in columns})
 
 
-def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The frame without rows whose normalised text repeats an earlier row's; and how many."""
-    key = normalise_text(frame["text"])
+def _dedupe(rules: RowRules, frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The frame without rows whose identity repeats an earlier row's; and how many."""
+    key = rules.identity(frame)
     dup = key.notna() & key.duplicated(keep="first")
     return frame[~dup.to_numpy()].reset_index(drop=True), int(dup.sum())
 

@@ -15,9 +15,10 @@ import yaml
 
 from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed, StoreError
-from tlpipe.model import fresh_dir, write_json
+from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import Params, PublishParams
 from tlpipe.report import describe_input
+from tlpipe.setting import report_sections, spec
 from tlpipe.store import StoreSession, object_exists, open_store, upload_file
 
 log = logging.getLogger(__name__)
@@ -59,23 +60,21 @@ def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_d
 
 
 def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], version: str) -> str:
-    shipped, g = metrics["shipped"], metrics["gate"]
-    labels = ", ".join(params.data.labels)
+    g, baseline = metrics["gate"], metrics["baseline"]
+    what, shipped = report_sections(params.setting).card(params, metrics)
     source = params.data.source
     return "\n".join(
         [
             f"# {params.publish.model_name} {version}",
             "",
-            f"Text classifier over [{labels}], "
-            f"fine-tuned from `{params.pretrain.init_from or 'a new encoder'}` "
-            f"on {metrics['train_rows']} labelled target rows.",
+            what,
             "",
             f"- Target: {describe_input(params.data.target)}.",
             f"- Source: {describe_input(source) + f' ({params.data.source_kind})' if source else 'none'}.",
-            f"- Test rows: {metrics['test_rows']}; the {metrics['baseline']['predictor']} scores "
-            f"accuracy {metrics['baseline']['scores']['accuracy']:.4f}.",
+            f"- Test rows: {metrics['test_rows']}; the {baseline['predictor']} scores "
+            f"{g['metric']} {baseline['scores'][g['metric']]:.4f}.",
             "",
-            f"This model: test accuracy {shipped['accuracy']:.4f}, macro-F1 {shipped['macro_f1']:.4f}.",
+            shipped,
             "",
             f"Transfer vs a from-scratch control at {g['rows']} training rows ({g['seeds']} seeds), "
             f"test {g['metric']}: {g['transfer']:.4f} vs {g['scratch']:.4f}, gain {g['gain']:+.4f} "
@@ -84,8 +83,7 @@ def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], 
             f"ONNX parity on the test split: max |Δlogit| {parity['max_abs_diff']:.2e}, "
             f"argmax agreement {parity['argmax_agreement']:.2%}.",
             "",
-            "Run it with onnxruntime and tokenizers alone: "
-            "`tlpipe predict --bundle <this prefix> --input FILE`.",
+            "Run it with onnxruntime alone: `tlpipe predict --bundle <this prefix> --input FILE`.",
             "Every file's SHA-256 is in manifest.json, which is written last: "
             "a release without it is incomplete.",
             "",
@@ -194,9 +192,9 @@ def publish(
             "git": _git_commit(root),
             "dvc_lock": _lock_hashes(root / "dvc.lock"),
             "params": params.as_dict(),
+            "setting": params.setting,
             "metrics": {
-                "accuracy": metrics["shipped"]["accuracy"],
-                "macro_f1": metrics["shipped"]["macro_f1"],
+                **{key: metrics["shipped"][key] for key in spec(params.setting).metrics},
                 "gate": metrics["gate"],
             },
         }

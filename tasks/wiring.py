@@ -19,7 +19,7 @@ from typing import Any
 from tlpipe.curve import CurvePoint
 from tlpipe.errors import TlpipeError
 from tlpipe.params import Params, ParamsError, load_params, stage_dir
-from tlpipe.setting import get_setting
+from tlpipe.setting import get_exporter, get_setting, row_rules, validation_suite
 
 ROOT = Path(".")
 
@@ -50,13 +50,21 @@ def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
 
 STAGES: dict[str, Wiring] = {
     "prepare": Wiring(
-        "tasks.prepare:prepare", lambda params: (params.prepare, params.data, params.validate_, ROOT)
+        "tasks.prepare:prepare",
+        lambda params: (row_rules(params.setting), params.prepare, params.data, params.validate_, ROOT),
     ),
     "validate": Wiring(
-        "tasks.validate:validate", lambda params: (params.validate_, params.data, stage_dir("prepare"))
+        "tasks.validate:validate",
+        lambda params: (
+            validation_suite(params.setting),
+            params.validate_,
+            params.data,
+            stage_dir("prepare"),
+        ),
     ),
     "pretrain": Wiring(
-        "tasks.pretrain:pretrain", lambda params: (params.pretrain, params.data, stage_dir("prepare"))
+        "tasks.pretrain:pretrain",
+        lambda params: (get_setting(params.setting), params.pretrain, params.data, stage_dir("prepare")),
     ),
     "finetune": Wiring(
         "tasks.finetune:finetune",
@@ -72,6 +80,7 @@ STAGES: dict[str, Wiring] = {
     "export": Wiring(
         "tasks.export:export",
         lambda params: (
+            get_exporter(params.setting),
             params.export,
             stage_dir("finetune"),
             stage_dir("prepare"),

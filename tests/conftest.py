@@ -14,7 +14,8 @@ import yaml
 
 from tlpipe.bundled import materialize
 from tlpipe.params import Params, parse_params
-from tlpipe.setting import get_setting
+from tlpipe.setting import get_exporter, get_setting
+from tlpipe.settings.text_classification.rows import ROWS
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
@@ -111,7 +112,7 @@ def prepared(sample_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     (root / "data/raw").mkdir(parents=True)
     shutil.copy(sample_csv, root / "data/raw/sample.csv")
     p = parse_params(tiny_params())
-    prepare(p.prepare, p.data, p.validate_, root, root / "outputs/prepare")
+    prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "outputs/prepare")
     return root / "outputs/prepare"
 
 
@@ -122,7 +123,7 @@ def pretrained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
     out = tmp_path_factory.mktemp("pretrain") / "pretrain"
     p = parse_params(tiny_params())
-    pretrain(p.pretrain, p.data, prepared, out)
+    pretrain(get_setting(p.setting), p.pretrain, p.data, prepared, out)
     return out / "model"
 
 
@@ -143,7 +144,7 @@ def exported(finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathF
 
     p = parse_params(tiny_params())
     out = tmp_path_factory.mktemp("export") / "export"
-    export(p.export, finetuned, prepared, out)
+    export(get_exporter(p.setting), p.export, finetuned, prepared, out)
     return out
 
 

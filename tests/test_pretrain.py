@@ -9,16 +9,17 @@ from tasks.pretrain import pretrain
 from tests.conftest import LABELS, tiny_params
 from tlpipe.data import SOURCE_HELD_OUT, read_split, source_split
 from tlpipe.errors import DataError
-from tlpipe.model import classifier_labels, load_transfer_classifier
 from tlpipe.params import parse_params
+from tlpipe.setting import get_setting
 from tlpipe.settings.text_classification.mlm import mask_for_mlm, pad_batch
-from tlpipe.text import SpecialIds, load_tokenizer
+from tlpipe.settings.text_classification.model import classifier_labels, load_transfer_classifier
+from tlpipe.settings.text_classification.text import SpecialIds, load_tokenizer
 
 
 def _stage(raw: dict) -> tuple:
     """The pretrain stage's params sections from a raw params dict."""
     p = parse_params(raw)
-    return p.pretrain, p.data
+    return get_setting(p.setting), p.pretrain, p.data
 
 
 def test_scratch_checkpoint_is_self_contained(pretrained: Path) -> None:
@@ -74,8 +75,9 @@ def test_same_seed_same_weights(pretrained: Path, prepared: Path, tmp_path: Path
     # is not: the tokenizers trainer breaks frequency ties in hash-map order.)
     raw = tiny_params(**{"pretrain.init_from": str(pretrained), "pretrain.steps": 3})
     p = parse_params(raw).pretrain
-    pretrain(p, parse_params(tiny_params()).data, prepared, tmp_path / "a")
-    pretrain(p, parse_params(tiny_params()).data, prepared, tmp_path / "b")
+    setting, data = get_setting("text-classification"), parse_params(tiny_params()).data
+    pretrain(setting, p, data, prepared, tmp_path / "a")
+    pretrain(setting, p, data, prepared, tmp_path / "b")
     a = (tmp_path / "a/model/model.safetensors").read_bytes()
     assert a == (tmp_path / "b/model/model.safetensors").read_bytes()
 

@@ -17,7 +17,8 @@ from tests.conftest import tiny_params
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
 from tlpipe.release import fetch_release
-from tlpipe.serve import Bundle
+from tlpipe.serve import load_bundle
+from tlpipe.settings.text_classification.export import EXPORTER
 from tlpipe.store import open_store
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def staged(
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
     p = parse_params(tiny_params())
     shutil.copytree(evaluated, root / "outputs/evaluate")
-    export(p.export, finetuned, prepared, root / "outputs/export")
+    export(EXPORTER, p.export, finetuned, prepared, root / "outputs/export")
     return root
 
 
@@ -79,7 +80,7 @@ def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_
     assert again.already_published and again.version == first.version
 
     folder = fetch_release(store, f"s3://{store.bucket}/releases/tiny", tmp_path / "cache")
-    preds = Bundle(folder).predict(["@united where is my bag", "love it @jetblue"])
+    preds = load_bundle(folder).predict(["@united where is my bag", "love it @jetblue"])
     assert [p["label"] in ("negative", "neutral", "positive") for p in preds] == [True, True]
 
 
@@ -135,16 +136,19 @@ def test_pretrain_starts_from_an_s3_checkpoint(
     store, pretrained: Path, prepared: Path, tmp_path: Path
 ) -> None:
     from tasks.pretrain import pretrain
+    from tlpipe.settings.text_classification.setting import SETTING
     from tlpipe.store import upload_file
 
     for path in sorted(pretrained.iterdir()):
         upload_file(store.client, path, store.bucket, f"checkpoints/tiny/{path.name}")
     raw = tiny_params(**{"pretrain.init_from": f"s3://{store.bucket}/checkpoints/tiny", "pretrain.steps": 0})
     with store.environ():
-        result = pretrain(parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "p")
+        result = pretrain(
+            SETTING, parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "p"
+        )
     assert result.steps == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "p/model" / name).read_bytes() == (pretrained / name).read_bytes()
     raw["pretrain"]["init_from"] = f"s3://{store.bucket}/checkpoints/none"
     with store.environ(), pytest.raises(StoreError, match="no objects under this prefix"):
-        pretrain(parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "q")
+        pretrain(SETTING, parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "q")

@@ -22,6 +22,7 @@ import pytest
 
 import tlpipe.store as store_module
 from tlpipe.errors import DataError, StoreError
+from tlpipe.settings.text_classification.rows import ROWS
 from tlpipe.store import (
     ENDPOINT_ENV,
     EmbeddedStore,
@@ -438,7 +439,7 @@ def test_s3_inputs_are_mirrored_under_data_and_read_by_prepare(
     ]
     assert local[0].read_bytes() == sample_csv.read_bytes()
     assert sorted(p.name for p in local[1].iterdir()) == ["part0.jsonl", "part1.jsonl"]
-    result = prepare(params.prepare, params.data, params.validate_, tmp_path, tmp_path / "out")
+    result = prepare(ROWS, params.prepare, params.data, params.validate_, tmp_path, tmp_path / "out")
     assert set(result.inputs["target"]["files"]) == {f"data/s3/{BUCKET}/inputs/tweets.csv"}
     assert len(result.inputs["source"]["files"]) == 2
     # A missing object is named.

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe.text import encode, load_tokenizer, truncated_share
+from tlpipe.settings.text_classification.text import encode, load_tokenizer, truncated_share
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 from tests.conftest import tiny_params, train_tiny
 from tlpipe import train
 from tlpipe.fastpath import ATTENTION
-from tlpipe.model import bert_config, new_mlm
 from tlpipe.params import EncoderConfig, OptimParams, parse_params
 from tlpipe.settings.text_classification.classifier import predict_logits
 from tlpipe.settings.text_classification.mlm import train_mlm
-from tlpipe.text import SpecialIds
+from tlpipe.settings.text_classification.model import bert_config, new_mlm
+from tlpipe.settings.text_classification.text import SpecialIds
 from tlpipe.train import Runtime, bf16_native
 
 LABELS = ("negative", "neutral", "positive")

@@ -16,6 +16,8 @@ from tasks.validate import validate
 from tests.conftest import tiny_params
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.params import ValidateParams, parse_params
+from tlpipe.settings.text_classification.rows import ROWS
+from tlpipe.settings.text_classification.rules import SUITE
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
@@ -53,7 +55,7 @@ def fail(tmp_path: Path, splits: dict[str, pd.DataFrame], p: ValidateParams = P)
     """Run validate on bad splits; return the GateFailed message and report.json."""
     out = tmp_path / "validate"
     with pytest.raises(GateFailed) as err:
-        validate(p, DATA, write(tmp_path / "prepare", splits), out)
+        validate(SUITE, p, DATA, write(tmp_path / "prepare", splits), out)
     report = json.loads((out / "report.json").read_text())
     assert report["success"] is False
     assert (out / "report.md").is_file()
@@ -71,7 +73,7 @@ def assert_only_failure(message: str, report: dict, split: str, check: str, unex
 
 def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
     out = tmp_path / "validate"
-    result = validate(P, DATA, write(tmp_path / "prepare", good_splits()), out)
+    result = validate(SUITE, P, DATA, write(tmp_path / "prepare", good_splits()), out)
 
     assert result.success
     assert len(result.checks) == CHECKS
@@ -103,8 +105,8 @@ def test_good_data_passes_and_writes_reports(tmp_path: Path) -> None:
 
 def test_same_inputs_give_the_same_report(tmp_path: Path) -> None:
     prepare_dir = write(tmp_path / "prepare", good_splits())
-    validate(P, DATA, prepare_dir, tmp_path / "a")
-    validate(P, DATA, prepare_dir, tmp_path / "b")
+    validate(SUITE, P, DATA, prepare_dir, tmp_path / "a")
+    validate(SUITE, P, DATA, prepare_dir, tmp_path / "b")
     assert (tmp_path / "a/report.json").read_bytes() == (tmp_path / "b/report.json").read_bytes()
 
 
@@ -230,7 +232,7 @@ def test_missing_split_file(tmp_path: Path) -> None:
     prepare_dir = write(tmp_path / "prepare", good_splits())
     (prepare_dir / "val.parquet").unlink()
     with pytest.raises(DataError, match=r"val\.parquet: missing"):
-        validate(P, DATA, prepare_dir, tmp_path / "validate")
+        validate(SUITE, P, DATA, prepare_dir, tmp_path / "validate")
 
 
 def test_command_line_exits_1_naming_the_failure(tmp_path: Path) -> None:
@@ -274,7 +276,7 @@ def test_an_unlabelled_source_gets_text_checks_alone(tmp_path: Path) -> None:
     splits = good_splits()
     splits["source"] = splits["source"].drop(columns="label")
     out = tmp_path / "validate"
-    result = validate(P, data, write(tmp_path / "prepare", splits), out)
+    result = validate(SUITE, P, data, write(tmp_path / "prepare", splits), out)
     source = json.loads((out / "report.json").read_text())["checks"]["source"]
     assert result.success and result.source == "unlabelled"
     assert set(source) == {
@@ -292,7 +294,7 @@ def test_a_labelled_source_is_checked_against_its_own_label_set(tmp_path: Path) 
     splits["source"]["label"] = ["complaint" if i % 3 else "other" for i in range(len(splits["source"]))]
     splits["source"].loc[5, "label"] = "negative"
     with pytest.raises(GateFailed) as err:
-        validate(P, data, write(tmp_path / "prepare", splits), tmp_path / "validate")
+        validate(SUITE, P, data, write(tmp_path / "prepare", splits), tmp_path / "validate")
     message = str(err.value)
     # The target keeps its own label set: only the source row outside the source's fails.
     assert message.startswith(f"validation failed: 1 of {CHECKS} expectations")
@@ -306,7 +308,7 @@ def test_no_source_says_so_and_checks_the_target(tmp_path: Path) -> None:
     splits = good_splits()
     del splits["source"]
     out = tmp_path / "validate"
-    result = validate(P, data, write(tmp_path / "prepare", splits), out)
+    result = validate(SUITE, P, data, write(tmp_path / "prepare", splits), out)
     report = json.loads((out / "report.json").read_text())
     assert result.success and report["source"] == "none"
     assert list(report["checks"]) == ["train", "val", "test", "pool", "all"]
@@ -336,9 +338,9 @@ def test_quarantine_share_is_gated_and_reported(tmp_path: Path) -> None:
         }
     )
     params = parse_params(raw)
-    prepare(params.prepare, params.data, params.validate_, root, root / "prepare")
+    prepare(ROWS, params.prepare, params.data, params.validate_, root, root / "prepare")
     # 3 of 200 rows set aside: 1.5%, within the 2% allowed.
-    result = validate(params.validate_, params.data, root / "prepare", root / "ok")
+    result = validate(SUITE, params.validate_, params.data, root / "prepare", root / "ok")
     share = json.loads((root / "ok/report.json").read_text())["checks"]["target_quarantine"][
         "quarantine_share"
     ]
@@ -349,7 +351,7 @@ def test_quarantine_share_is_gated_and_reported(tmp_path: Path) -> None:
     # At 1% allowed (2 rows) the run fails, naming the rules and by how much.
     strict = params.validate_.model_copy(update={"max_quarantine_share": 0.01})
     with pytest.raises(GateFailed) as err:
-        validate(strict, params.data, root / "prepare", root / "over")
+        validate(SUITE, strict, params.data, root / "prepare", root / "over")
     assert "target_quarantine: expect_table_row_count_to_be_between (quarantine_share)" in str(err.value)
     by_rule = "(text_length: 1, text_not_blank: 1, text_not_null: 1)"
     assert f"3 of 200 rows quarantined {by_rule}, 1 over the 1.0% allowed" in str(err.value)

@@ -167,7 +167,7 @@ def predict(
     bundle: Annotated[str, typer.Option(help="bundle folder, or s3:// release (or model) prefix")],
     input: Annotated[Path, typer.Option(help="CSV, TSV, JSONL, Parquet or plain-text file")],
     output: Annotated[Path | None, typer.Option(help="JSONL output (default: stdout)")] = None,
-    column: Annotated[str, typer.Option(help="text column of the input")] = "text",
+    column: Annotated[str, typer.Option(help="the input's column the model reads")] = "text",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     chunk_rows: Annotated[int, typer.Option(min=1, help="rows read and written at a time")] = 4096,
     precision: Annotated[str, typer.Option(help="fp32, or int8 when the bundle has it")] = "fp32",
@@ -175,9 +175,9 @@ def predict(
         int | None, typer.Option(min=1, help="onnxruntime threads (default: all cores)")
     ] = None,
 ) -> None:
-    """Classify every row of a file with onnxruntime + tokenizers, streaming."""
+    """Predict every row of a file with the bundle's setting on onnxruntime, streaming."""
     from tlpipe.errors import TlpipeError
-    from tlpipe.serve import Bundle, read_texts
+    from tlpipe.serve import load_bundle
 
     try:
         if bundle.startswith("s3://"):
@@ -189,20 +189,20 @@ def predict(
                 folder = fetch_release(store, bundle, Path.home() / ".cache" / "tlpipe" / "releases")
         else:
             folder = Path(bundle)
-        model = Bundle(folder, threads=threads, precision=precision)
+        model = load_bundle(folder, threads=threads, precision=precision)
         if not input.is_file():
             raise FileNotFoundError(f"{input}: no such file")
         out = output.open("w") if output else sys.stdout
         rows = 0
         try:
-            for texts in read_texts(input, column, chunk_rows):
-                for pred in model.predict(texts, batch_size):
+            for chunk in model.read_inputs(input, column, chunk_rows):
+                for pred in model.predict(chunk, batch_size):
                     out.write(json.dumps(pred) + "\n")
-                rows += len(texts)
+                rows += len(chunk)
         finally:
             if output:
                 out.close()
-        typer.echo(f"tlpipe: {rows} rows classified", err=True)
+        typer.echo(f"tlpipe: {rows} rows predicted", err=True)
     except (TlpipeError, FileNotFoundError, ValueError) as err:
         _fail(err)
 

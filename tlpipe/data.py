@@ -93,7 +93,7 @@ def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFr
 
     Each row carries its file and row number in it (ORIGIN). Under `encoding_errors:
     strict` a byte that does not decode becomes U+FFFD and its row is marked in a boolean
-    column UNDECODABLE (a row-level fault, tlpipe.rows). Raises
+    column UNDECODABLE (a row-level fault: the setting's rule text_decodes). Raises
     DataError, naming the key and the file, when a file is missing, does not hash to
     `sha256`, cannot be parsed, has no rows, or lacks a configured column.
     """
@@ -188,7 +188,7 @@ ORIGIN = ("_file", "_row")
 
 def _decode_errors(inp: InputParams) -> str:
     """How the reader decodes: under strict a bad byte is kept as a lone surrogate, so that
-    its row, not the whole file, fails (the row rule text_decodes, tlpipe.rows)."""
+    its row, not the whole file, fails (the row rule text_decodes)."""
     return "surrogateescape" if inp.encoding_errors == "strict" else inp.encoding_errors
 
 
@@ -281,3 +281,10 @@ def label_ids(frame: pd.DataFrame, labels: tuple[str, ...]) -> np.ndarray:
 
 def texts(frame: pd.DataFrame) -> list[str]:
     return frame["text"].fillna("").astype(str).tolist()
+
+
+def undecodable(frame: pd.DataFrame) -> pd.Series:
+    """Rows that held a byte that did not decode (marked by a strict read_input)."""
+    if UNDECODABLE not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame[UNDECODABLE].astype(bool)

@@ -1,13 +1,11 @@
-"""Training fast paths: the plain loop's computation, with less work.
+"""Training fast paths for any torch model: the plain loop's computation, with less work.
+(A setting adds its own: the text classifier's [CLS]-only last layer.)
 
 - `HostDropout`: dropout whose keep-masks come from numpy's PCG64 on the host. On a CPU,
   torch's Bernoulli kernel took about an eighth of a fine-tuning step; this draws masks
   from the same distribution (keep probability 1 - p, to 1/65536), and its forward and
   backward run 2.5 to 3 times faster.
-- `first_token_only`: a BERT sequence classifier reads only position 0 of the last layer,
-  so that layer computes queries, the attention output and the feed-forward for [CLS]
-  alone (keys and values still for every position). The logits are the same.
-- `embedding_row_grads`: a classifier's word-embedding gradient touches only the rows of
+- `embedding_row_grads`: a model's word-embedding gradient touches only the rows of
   the batch's tokens. The backward pass writes just those rows, into one persistent
   buffer; before, every step allocated, zero-filled and freed a full (vocab x hidden)
   gradient (47 MB for MiniLM, a fresh memory mapping each step). The gradient is the same.
@@ -16,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +23,6 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTENTION = "tlpipe_eager"
 
@@ -137,50 +133,3 @@ def embedding_row_grads(model: PreTrainedModel) -> Iterator[bool]:
     finally:
         handle.remove()
         emb.sparse = False
-
-
-def _last_bert_layer(model: nn.Module) -> nn.Module | None:
-    from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertLayer
-
-    if not isinstance(model, BertForSequenceClassification) or model.bert.pooler is None:
-        return None
-    layer = model.bert.encoder.layer[-1]
-    plain = isinstance(layer, BertLayer) and not layer.is_decoder and not layer.chunk_size_feed_forward
-    return layer if plain else None
-
-
-def _first_token_forward(
-    self: nn.Module,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *args: Any,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """BertLayer.forward for position 0 only: (B, T, H) in, (B, 1, H) out."""
-    att = self.attention.self
-    b, t, _ = hidden_states.shape
-    first = hidden_states[:, :1]  # (B, 1, H)
-    q = att.query(first).view(b, 1, -1, att.attention_head_size).transpose(1, 2)  # (B, h, 1, d)
-    k = att.key(hidden_states).view(b, t, -1, att.attention_head_size).transpose(1, 2)  # (B, h, T, d)
-    v = att.value(hidden_states).view(b, t, -1, att.attention_head_size).transpose(1, 2)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(att.config._attn_implementation, eager_attention)
-    mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (B, 1, 1, T)
-    dropout = att.dropout.p if self.training else 0.0
-    context, _ = attend(att, q, k, v, mask, dropout=dropout, scaling=att.scaling)
-    attended = self.attention.output(context.reshape(b, 1, -1), first)
-    return self.output(self.intermediate(attended), attended)
-
-
-@contextlib.contextmanager
-def first_token_only(model: PreTrainedModel) -> Iterator[bool]:
-    """Run a BERT classifier's last layer for [CLS] alone while inside (a no-op for other
-    architectures, or when already active); yields whether it applies."""
-    layer = _last_bert_layer(model)
-    if layer is None or "forward" in vars(layer):
-        yield False
-        return
-    layer.forward = types.MethodType(_first_token_forward, layer)
-    try:
-        yield True
-    finally:
-        del layer.forward

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from tlpipe.params import InputParams, Params, stage_dir
-from tlpipe.setting import spec
+from tlpipe.setting import report_sections, spec
 
 # Where `tlpipe report` and the flow write the page.
 REPORT = Path("outputs/report.html")
@@ -34,17 +34,20 @@ class Image:
     alt: str
 
 
+Block = str | Table | Image
+
+
 @dataclass
 class Section:
     title: str
-    blocks: list[str | Table | Image] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{x:.2%}"
 
 
@@ -56,20 +59,13 @@ def build(params: Params, root: Path = Path(".")) -> list[Section]:
 
 
 def _data(params: Params, root: Path) -> Section:
-    section = Section("Data")
-    data = params.data
-    section.blocks.append(f"Target: {describe_input(data.target)}; labels {', '.join(data.labels)}.")
-    if data.source is None:
-        section.blocks.append("Source: none (the checkpoint is fine-tuned as it is; no source-side checks).")
-    else:
-        own = data.source_labels
-        labels = f"labels {', '.join(own)}" if own else "no labels"
-        section.blocks.append(f"Source ({data.source_kind}, {labels}): {describe_input(data.source)}.")
+    setting = report_sections(params.setting)
+    section = Section("Data", setting.inputs(params))
     prepare = root / stage_dir("prepare")
     if not prepare.is_dir():
         section.blocks.append("prepare has not run.")
         return section
-    summary = _read(prepare / "summary.json")
+    summary = read_json(prepare / "summary.json")
     files = [list(row) for row in _input_files(summary)]
     if files:
         section.blocks.append(Table(["input", "file", "SHA-256"], files))
@@ -89,19 +85,7 @@ def _data(params: Params, root: Path) -> Section:
             "in `outputs/prepare/quarantine.parquet`; the raw files are unchanged."
         )
         section.blocks.append(Table(["input", "rows read", "quarantined", "by rule"], aside))
-    counts = summary.get("counts", {})
-    rows = [
-        [split, str(sum(counts[split].values())), *(str(counts[split].get(c, 0)) for c in data.labels)]
-        for split in ("train", "val", "test", "pool")
-        if split in counts
-    ]
-    section.blocks.append(Table(["target split", "rows", *data.labels], rows))
-    source = counts.get("source")
-    if data.source is not None and source is not None:
-        line = f"Source corpus: {sum(source.values())} rows"
-        if data.source_labels:
-            line += " (" + ", ".join(f"{k}: {v}" for k, v in source.items()) + ")"
-        section.blocks.append(line + ".")
+    section.blocks += setting.counts(params, summary)
     return section
 
 
@@ -127,7 +111,7 @@ def describe_input(inp: InputParams) -> str:
 
 def _validation(out: Path) -> Section:
     section = Section("Validation")
-    report = _read(out / "validate" / "report.json")
+    report = read_json(out / "validate" / "report.json")
     if not report:
         section.blocks.append("validate has not run.")
         return section
@@ -148,10 +132,10 @@ def _validation(out: Path) -> Section:
 
 
 def _evaluation(params: Params, out: Path) -> list[Section]:
-    m = _read(out / "evaluate" / "metrics.json")
+    m = read_json(out / "evaluate" / "metrics.json")
     if not m:
         return [Section("Evaluation", ["evaluate has not run."])]
-    labels = params.data.labels
+    setting = report_sections(params.setting)
     curve = Section("Data-efficiency curve")
     g = m["gate"]
     primary = m["metric"]
@@ -180,12 +164,9 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
                 r = e["reference"][metric]
                 rows[-1].append(f"{r['mean']:.4f} ± {r['std']:.4f}")
         header = [f"rows ({names[metric]})", "transfer", "scratch", "gain [interval]"]
-        curve.blocks.append(Table(header + ["reference (TF-IDF + LR)"] * reference, rows))
+        curve.blocks.append(Table(header + [f"reference ({setting.reference_name})"] * reference, rows))
     if reference:
-        curve.blocks.append(
-            "The reference is a classical model on the same rows (TF-IDF word and character n-grams, "
-            "logistic regression); the gate compares transfer with scratch only."
-        )
+        curve.blocks.append(setting.reference_note)
     png = out / "evaluate" / "curve.png"
     if png.is_file():
         curve.blocks.append(Image(png, "data-efficiency curve"))
@@ -198,42 +179,15 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
         f"{g['ci_high']:+.4f}]; the lower end must exceed {g['min_gain']:+.4f}: {verdict}."
     )
 
-    shipped = Section("Shipped model")
-    sm = m["shipped"]
-    shipped.blocks.append(f"Test accuracy {sm['accuracy']:.4f}, macro-F1 {sm['macro_f1']:.4f}.")
-    cut = _read(out / "finetune" / "metrics.json").get("truncated")
-    if cut and "truncated_share" in sm:
-        how = {
-            "head": f"their first {cut['max_length']} tokens",
-            "head_tail": f"{cut['max_length']} tokens, the first quarter and the last three quarters",
-        }[cut.get("truncation", "head")]
-        shipped.blocks.append(
-            f"Inputs are cut to {how}: {_pct(cut['train_share'])} of train, "
-            f"{_pct(cut['val_share'])} of val and {_pct(sm['truncated_share'])} of test rows were longer."
-        )
-    shipped.blocks.append(
-        Table(
-            ["actual \\ predicted", *labels],
-            [[labels[i], *(str(v) for v in row)] for i, row in enumerate(sm["confusion"])],
-        )
-    )
-    shipped.blocks.append(
-        Table(
-            ["class", "precision", "recall", "F1", "support"],
-            [
-                [c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
-                for c, v in sm["per_class"].items()
-            ],
-        )
-    )
+    shipped = setting.shipped(params, m, out)
 
     strategy = Section("Strategy")
-    strategy.blocks.append(_source_model(params, out))
+    strategy.blocks.append(setting.source_model(params, out))
     strategy.blocks.append(Table(["setting", "value"], [[k, str(v)] for k, v in m["strategy"].items()]))
     scratch = m["scratch"]
-    encoder = scratch["model"] or "the transfer model's architecture"
+    model = scratch["model"] or "the transfer model's architecture"
     strategy.blocks.append(
-        f"Scratch control: encoder {encoder}, learning rate {scratch['lr']:g}, on transfer's budget."
+        f"Scratch control: model {model}, learning rate {scratch['lr']:g}, on transfer's budget."
     )
     tuned = scratch["tuned"]
     if tuned["grid"]:
@@ -244,74 +198,33 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
         )
         strategy.blocks.append(
             Table(
-                ["learning rate", "encoder", "val accuracy", "val macro-F1"],
+                ["learning rate", "model", *(f"val {label}" for label in names.values())],
                 [
                     [
                         f"{c['lr']:g}",
                         str(c["model"] or "as transfer"),
-                        f"{c['val_accuracy']:.4f}",
-                        f"{c['val_macro_f1']:.4f}",
+                        *(f"{c[f'val_{key}']:.4f}" for key in names),
                     ]
                     for c in tuned["grid"]
                 ],
             )
         )
 
-    forgetting = Section("Forgetting (source task)")
-    f = m["forgetting"]
-    rows = []
-    if f.get("probe_accuracy_before") is not None:
-        rows.append(
-            [
-                "linear-probe accuracy on source labels",
-                f"{f['probe_accuracy_before']:.4f}",
-                f"{f['probe_accuracy_after']:.4f}",
-            ]
-        )
-    if f.get("mlm_loss_before") is not None:
-        rows.append(["held-out masked-LM loss", f"{f['mlm_loss_before']:.4f}", f"{f['mlm_loss_after']:.4f}"])
-    if rows:
-        forgetting.blocks.append(Table(["measure", "source model", "after fine-tuning"], rows))
-    elif f.get("source") == "none":
-        forgetting.blocks.append("No source: there is no source task to forget.")
-    else:
-        forgetting.blocks.append(
-            "The source has no labels and the source model no trained LM head: nothing to measure."
-        )
-    return [curve, gate, shipped, strategy, forgetting]
-
-
-def _source_model(params: Params, out: Path) -> str:
-    pre, m = params.pretrain, _read(out / "pretrain" / "metrics.json")
-    start = f"`{pre.init_from}`" if pre.init_from else "a new encoder"
-    if not m:
-        return "Source model: pretrain has not run."
-    if m.get("source") == "none":
-        return f"Source model: {start}, as it is (no source)."
-    if not m.get("steps"):
-        return f"Source model: {start}, as it is (no pretraining steps)."
-    text = (
-        f"Source model: {start}, then {m['steps']} steps of {m['objective']} pretraining on the source rows"
-    )
-    if m.get("source_accuracy") is not None:
-        return text + f"; held-out source accuracy {m['source_accuracy']:.4f}."
-    before = m.get("mlm_eval_loss_before")
-    loss = f"{before:.4f} → " if before is not None else ""
-    return text + f"; held-out masked-LM loss {loss}{m['mlm_eval_loss_after']:.4f}."
+    return [curve, gate, shipped, strategy, setting.forgetting(m["forgetting"])]
 
 
 def _lineage(params: Params, root: Path) -> Section:
     section = Section("Lineage")
     lock_path = root / "dvc.lock"
     stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.is_file() else {}
-    summary = _read(root / stage_dir("prepare") / "summary.json")
+    summary = read_json(root / stage_dir("prepare") / "summary.json")
     rows = [[f"data ({name})", path, digest] for name, path, digest in _input_files(summary)] or [
         ["data", "prepare has not run", ""]
     ]
     for stage in ("prepare", "pretrain", "finetune", "export"):
         for o in stages.get(stage, {}).get("outs", []):
             rows.append([stage, o["path"], o.get("md5", "")])
-    release = _read(root / "outputs" / "publish" / "release.json")
+    release = read_json(root / "outputs" / "publish" / "release.json")
     if release:
         rows.append(["publish", release.get("uri", ""), release.get("version", "")])
     section.blocks.append(Table(["step", "artifact", "hash / version"], rows))

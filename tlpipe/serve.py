@@ -1,66 +1,29 @@
-"""Serving a release bundle with onnxruntime and tokenizers alone (no torch).
+"""Serving a release bundle on onnxruntime (no torch): the bundle's setting finds its
+predictor, which prepares raw rows the way the model was trained to read them.
 
-A bundle is a directory holding model.onnx, tokenizer.json and bundle.json (labels,
-max_length and truncation, input names, pad id).
+A bundle is a directory holding the ONNX model(s), the preprocessor's files and
+bundle.json, whose `setting` names the predictor (a bundle without one is a text
+classifier's, as every bundle was before settings were named).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
-from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.text import encode, load_tokenizer
+from tlpipe.setting import Predictor, predictor
 
-BUNDLE_FILES = ("model.onnx", "tokenizer.json", "bundle.json")
-
-
-@dataclass(frozen=True)
-class BundleSpec:
-    labels: tuple[str, ...]
-    max_length: int
-    pad_id: int
-    input_names: tuple[str, ...]
-    # How a text longer than max_length is cut (tlpipe.text.encode): head or head_tail.
-    truncation: str = "head"
-    # precision -> ONNX file: "fp32" always, "int8" (dynamically quantised) when exported.
-    models: dict[str, str] = field(default_factory=lambda: {"fp32": "model.onnx"})
-
-    @classmethod
-    def read(cls, path: Path) -> BundleSpec:
-        raw = json.loads(path.read_text())
-        return cls(
-            tuple(raw["labels"]),
-            int(raw["max_length"]),
-            int(raw["pad_id"]),
-            tuple(raw["input_names"]),
-            str(raw.get("truncation", "head")),
-            dict(raw.get("models", {"fp32": "model.onnx"})),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "labels": list(self.labels),
-            "max_length": self.max_length,
-            "pad_id": self.pad_id,
-            "input_names": list(self.input_names),
-            "truncation": self.truncation,
-            "models": dict(self.models),
-        }
-
+BUNDLE_JSON = "bundle.json"
+DEFAULT_SETTING = "text-classification"
 
 # onnxruntime's CPU SkipLayerNormalization kernel (residual add + layer norm in one op) is a
 # scalar loop with a divide per element, where an Add and the LayerNormalization kernel are
 # vectorised (onnxruntime 1.32). Batched inference runs faster without it and batch-1
 # latency is even (`python -m bench.infer`), so the exported graphs keep the two apart
-# (tasks.export.fuse) and sessions do not fuse them back.
+# (the text setting's fusions) and sessions do not fuse them back.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
@@ -78,82 +41,19 @@ def inference_session(path: Path, options: ort.SessionOptions) -> ort.InferenceS
     )
 
 
-class Bundle:
-    """An exported model ready to classify text on onnxruntime's CPU provider, at the
-    bundle's fp32 or (when exported) int8 precision."""
-
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32") -> None:
-        missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: not a tlpipe bundle, missing {missing}")
-        self.path = path
-        self.spec = BundleSpec.read(path / "bundle.json")
-        if precision not in self.spec.models:
-            raise ValueError(
-                f"{path}: no {precision} model in this bundle; it has {sorted(self.spec.models)}"
-            )
-        self.precision = precision
-        self.tokenizer = load_tokenizer(path)
-        self.session = inference_session(path / self.spec.models[precision], session_options(threads))
-
-    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return encode(self.tokenizer, texts, self.spec.max_length, self.spec.truncation)
-
-    def logits_of_ids(self, ids: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-        """Logits (N, C) in input order, batched by length."""
-        lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
-        out = np.zeros((len(ids), len(self.spec.labels)), dtype=np.float32)
-        for idx in length_batches(lengths, batch_size, None):
-            input_ids, mask = pad_arrays([ids[i] for i in idx], self.spec.pad_id)
-            feeds = dict(zip(self.spec.input_names, (input_ids, mask), strict=True))
-            out[idx] = self.session.run(["logits"], feeds)[0]
-        return out
-
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
-        """Label and softmax score per text."""
-        logits = self.logits_of_ids(self.encode(texts), batch_size)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
-        best = probs.argmax(axis=1)
-        return [{"label": self.spec.labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
+def require_files(path: Path, names: tuple[str, ...]) -> None:
+    missing = [f for f in names if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a tlpipe bundle, missing {missing}")
 
 
-def read_texts(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:
-    """Stream a CSV / JSONL / Parquet / plain-text file's `column` in chunks of rows."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def bundle_setting(path: Path) -> str:
+    """The setting a bundle was exported by."""
+    require_files(path, (BUNDLE_JSON,))
+    return str(json.loads((path / BUNDLE_JSON).read_text()).get("setting", DEFAULT_SETTING))
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[column]):
-            yield [str(t) if t is not None else "" for t in batch.column(0).to_pylist()]
-        return
-    if suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            chunk: list[str] = []
-            for line in f:
-                chunk.append(line.rstrip("\n"))
-                if len(chunk) == chunk_rows:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
-        return
-    import pandas as pd
 
-    if suffix in (".jsonl", ".ndjson"):
-        reader = pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
-    elif suffix in (".csv", ".tsv"):
-        reader = pd.read_csv(
-            path,
-            sep="\t" if suffix == ".tsv" else ",",
-            chunksize=chunk_rows,
-            usecols=[column],
-            dtype=str,
-            keep_default_na=False,
-        )
-    else:
-        raise ValueError(f"{path}: unsupported input format {suffix!r} (csv, tsv, jsonl, parquet, txt)")
-    for frame in reader:
-        if column not in frame.columns:
-            raise ValueError(f"{path}: no column {column!r}; it has {list(frame.columns)}")
-        yield frame[column].fillna("").astype(str).tolist()
+def load_bundle(path: Path, threads: int | None = None, precision: str = "fp32") -> Predictor:
+    """The bundle in `path` ready to predict, at `precision` (fp32, or int8 when exported);
+    FileNotFoundError / ValueError name what is missing."""
+    return predictor(bundle_setting(path))(path, threads=threads, precision=precision)

@@ -10,14 +10,18 @@ shared code.
 
 Each setting is a package: its `__init__` declares it (a `SettingSpec`: the column roles
 and the metrics params are checked against, no torch imported), its `setting` module
-implements it (`SETTING`), imported when a stage first asks for it.
+implements it (`SETTING`), its `export` module turns a checkpoint into a bundle
+(`EXPORTER`), its `serve` module serves one on onnxruntime (`PREDICTOR`, no torch) and its
+`report` module writes its parts of the report (`REPORT`, no torch), its `rows` module holds
+its row rules (`ROWS`, no torch) and its `rules` module builds its validation suites
+(`SUITE`, no torch); each is imported when first asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,7 +32,17 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams
+    from tlpipe.expectations import Frame
+    from tlpipe.params import (
+        DataParams,
+        EncoderConfig,
+        EvaluateParams,
+        FinetuneParams,
+        Params,
+        PretrainParams,
+        ValidateParams,
+    )
+    from tlpipe.report import Block, Section
     from tlpipe.train import Runtime
     from tlpipe.transfer import LayerGroups
 
@@ -107,6 +121,20 @@ class Arm:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SourceRun:
+    """A source model pretrain trained, with its preprocessor (saved beside it), held-out
+    source metrics, the run's history (one row per log or validation, `history_fields`
+    its columns) and its throughput."""
+
+    model: nn.Module
+    preprocessor: Any
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    history_fields: tuple[str, ...]
+    timing: dict[str, float]
+
+
 class Setting(Protocol):
     """A setting's implementation; its name, roles, metrics and baseline_name are its spec's."""
 
@@ -114,6 +142,29 @@ class Setting(Protocol):
     roles: tuple[str, ...]
     metrics: Mapping[str, Metric]
     baseline_name: str
+
+    def pretrain(
+        self,
+        p: PretrainParams,
+        objective: str,
+        labels: tuple[str, ...],
+        train: pd.DataFrame,
+        held_out: pd.DataFrame,
+        init_dir: Path | None,
+    ) -> SourceRun:
+        """The source model: `init_dir` continued, or a new one, trained with `objective`
+        (`pretrain_objective`: masked-LM, supervised on the source's `labels`) on `train`,
+        scored on `held_out`."""
+        ...
+
+    def save_source(self, run: SourceRun, model_dir: Path, meta: dict[str, Any]) -> None:
+        """The source model and its preprocessor as a self-contained checkpoint."""
+        ...
+
+    def copy_checkpoint(self, init_dir: Path, model_dir: Path) -> None:
+        """A checkpoint taken as it is (no source, or no steps) into `model_dir`, checked to
+        be one this setting can fine-tune."""
+        ...
 
     def layer_groups(self, model: nn.Module) -> LayerGroups:
         """The depth of each parameter of `model` (its architecture's declared groups)."""
@@ -197,6 +248,109 @@ class Setting(Protocol):
         ...
 
 
+class Exporter(Protocol):
+    """One fine-tuned checkpoint on its way to a bundle: the setting's part of export,
+    constructed as `EXPORTER(model_dir)`. The shared stage gates parity, picks the fused or
+    the plain graph, quantises and gates int8."""
+
+    # The setting's name, written into bundle.json (serving finds its predictor by it).
+    setting: str
+    # The score the int8 model is gated on (higher is better), as the report names it.
+    quality_metric: Metric
+
+    def write(self, bundle_dir: Path, opset: int) -> None:
+        """model.onnx, the preprocessor's files and the setting's part of bundle.json."""
+        ...
+
+    def parity_inputs(self, bundle_dir: Path, prepare_dir: Path) -> Any:
+        """The test split as the bundle's own predictor prepares it."""
+        ...
+
+    def torch_outputs(self, inputs: Any, batch_size: int) -> np.ndarray:
+        """The checkpoint's outputs on `inputs` in PyTorch (the last axis is argmax'd)."""
+        ...
+
+    def optimize(self, src: Path, dst: Path) -> dict[str, int] | None:
+        """onnxruntime graph fusions for this model into `dst` (the fused operators'
+        counts), or None when the model has none."""
+        ...
+
+    def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
+        """`quality_metric` of `outputs` on the test split."""
+        ...
+
+
+class Predictor(Protocol):
+    """A bundle loaded for serving on onnxruntime (no torch): the setting's preprocessing
+    around the ONNX model, at one of the bundle's precisions; constructed as
+    `PREDICTOR(path, threads=None, precision="fp32")`."""
+
+    path: Path
+
+    def outputs(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
+        """The model's raw outputs on already prepared inputs (`Exporter.parity_inputs`)."""
+        ...
+
+    def predict(self, rows: Sequence[Any], batch_size: int = 64) -> list[dict[str, Any]]:
+        """One prediction (a JSON-ready dict) per raw input row."""
+        ...
+
+    @staticmethod
+    def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[Any]]:
+        """Raw input rows of a file, streamed in chunks (what `tlpipe predict` reads)."""
+        ...
+
+
+class RowRules(Protocol):
+    """A setting's row-level rules and row identity, as pandas masks over an input's rows
+    (its `rows` module's `ROWS`; no torch): what prepare sets aside under `validate.rows:
+    quarantine`, and what makes two rows the same item for de-duplication and leakage."""
+
+    def broken_rule(
+        self, frame: pd.DataFrame, p: ValidateParams, labels: tuple[str, ...] | None
+    ) -> pd.Series:
+        """Per row, the name of the first rule it breaks, or None."""
+        ...
+
+    def identity(self, frame: pd.DataFrame) -> pd.Series:
+        """Per row, the key two rows share when they hold the same item (None: no key)."""
+        ...
+
+
+class ReportSections(Protocol):
+    """A setting's parts of the run's report and of a release's model card (its `report`
+    module's `REPORT`; reads outputs only, no torch). The shared report writes the inputs'
+    files and hashes, validation, the curve, the gate, the strategy and the lineage."""
+
+    # How the curve names the classical reference arm, and a sentence on what it is.
+    reference_name: str
+    reference_note: str
+
+    def inputs(self, params: Params) -> list[Block]:
+        """What the target and the source are (the Data section's opening)."""
+        ...
+
+    def counts(self, params: Params, summary: dict[str, Any]) -> list[Block]:
+        """The prepared splits' sizes (from prepare's summary.json)."""
+        ...
+
+    def shipped(self, params: Params, metrics: dict[str, Any], out: Path) -> Section:
+        """The shipped model's section (its test scores and what explains them)."""
+        ...
+
+    def source_model(self, params: Params, out: Path) -> str:
+        """One sentence on the source model pretrain made."""
+        ...
+
+    def forgetting(self, forgetting: dict[str, Any]) -> Section:
+        """The section on the source task before and after fine-tuning."""
+        ...
+
+    def card(self, params: Params, metrics: dict[str, Any]) -> tuple[str, str]:
+        """The model card's opening line and its line on the shipped model."""
+        ...
+
+
 # Every setting: its name in params (`setting:`) and its package.
 SETTINGS = {"text-classification": "tlpipe.settings.text_classification"}
 
@@ -217,6 +371,35 @@ def get_setting(name: str) -> Setting:
     return importlib.import_module(f"{_package(name)}.setting").SETTING
 
 
+def get_exporter(name: str) -> type[Exporter]:
+    """The export half of the setting named `name` (its `export` module)."""
+    return importlib.import_module(f"{_package(name)}.export").EXPORTER
+
+
+def row_rules(name: str) -> RowRules:
+    """The row rules of the setting named `name` (its `rows` module, no torch)."""
+    return importlib.import_module(f"{_package(name)}.rows").ROWS
+
+
+def validation_suite(
+    name: str,
+) -> Callable[[ValidateParams, DataParams, dict[str, pd.DataFrame]], list[Frame]]:
+    """The validation suite builder of the setting named `name` (its `rules` module's
+    `SUITE(p, data, splits) -> [tlpipe.expectations.Frame]`; no torch)."""
+    return importlib.import_module(f"{_package(name)}.rules").SUITE
+
+
+def report_sections(name: str) -> ReportSections:
+    """The report sections of the setting named `name` (its `report` module, no torch)."""
+    return importlib.import_module(f"{_package(name)}.report").REPORT
+
+
+def predictor(name: str) -> type[Predictor]:
+    """The serving predictor of the setting named `name` (its `serve` module: onnxruntime,
+    no torch)."""
+    return importlib.import_module(f"{_package(name)}.serve").PREDICTOR
+
+
 def primary_metric(setting: Setting | SettingSpec, key: str) -> Metric:
     """The setting's metric `key` (evaluate.metric), or a ValueError naming the choices."""
     if key not in setting.metrics:
@@ -230,11 +413,21 @@ def primary_metric(setting: Setting | SettingSpec, key: str) -> Metric:
 __all__ = [
     "SETTINGS",
     "Arm",
+    "Exporter",
     "Metric",
+    "Predictor",
+    "ReportSections",
+    "RowRules",
     "Setting",
     "SettingSpec",
+    "SourceRun",
     "TrainTask",
+    "get_exporter",
     "get_setting",
+    "predictor",
     "primary_metric",
+    "report_sections",
+    "row_rules",
     "spec",
+    "validation_suite",
 ]

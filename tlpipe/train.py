@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tlpipe.fastpath import ATTENTION, embedding_row_grads, first_token_only, host_dropout
+from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout
 from tlpipe.params import FinetuneParams, OptimParams
 from tlpipe.transfer import (
     L2SP,
@@ -104,19 +104,15 @@ class Runtime:
         if self.device.type == "cpu" and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(ATTENTION)
 
-    def fast_paths(
-        self, model: PreTrainedModel, seed: int, *, classifier: bool = False
-    ) -> contextlib.ExitStack:
-        """The fast paths for training `model`, active until the returned stack closes:
-        host dropout seeded by `seed`; if `classifier` (the loss reads the logits alone, and
-        nothing outside `model` shares its embedding), the [CLS]-only last layer and the
-        row-sparse embedding gradient."""
+    def fast_paths(self, model: nn.Module, seed: int, *, row_grads: bool = False) -> contextlib.ExitStack:
+        """The shared fast paths for training `model`, active until the returned stack
+        closes: host dropout seeded by `seed`; if `row_grads` (nothing outside `model`
+        shares its input embedding, and nothing adds to every row of its gradient), the
+        row-sparse embedding gradient. A setting's task adds its own."""
         stack = contextlib.ExitStack()
         if self.uses("host_dropout"):
             stack.enter_context(host_dropout(model, seed))
-        if classifier and self.uses("first_token_only"):
-            stack.enter_context(first_token_only(model))
-        if classifier and self.uses("embedding_row_grads"):
+        if row_grads and self.uses("embedding_row_grads"):
             stack.enter_context(embedding_row_grads(model))
         return stack
 

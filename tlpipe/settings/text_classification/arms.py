@@ -9,11 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.data import read_split, texts
-from tlpipe.model import load_mlm, load_transfer_classifier, scratch_classifier, tied_mlm_head
 from tlpipe.params import DataParams, EncoderConfig, FinetuneParams
 from tlpipe.setting import Arm
 from tlpipe.settings.text_classification.mlm import SourceMlm, train_mlm
-from tlpipe.text import SpecialIds, encode, load_tokenizer
+from tlpipe.settings.text_classification.model import (
+    load_mlm,
+    load_transfer_classifier,
+    scratch_classifier,
+    tied_mlm_head,
+)
+from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer
 from tlpipe.train import Runtime
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, texts
-from tlpipe.fastpath import first_token_only
 from tlpipe.metrics import classification_metrics
 from tlpipe.params import FinetuneParams
 from tlpipe.setting import Arm, Metric
 from tlpipe.settings.text_classification import METRICS
+from tlpipe.settings.text_classification.fastpath import classifier_fast_paths, first_token_only
 from tlpipe.settings.text_classification.mlm import SourceMlm, iterate_batches, mlm_loss, pad_batch
-from tlpipe.text import SpecialIds, encode, load_tokenizer, truncated_share
+from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer, truncated_share
 from tlpipe.train import Runtime
 
 # The validation score that keeps a run's best weights: macro-F1 does not reward a model
@@ -95,7 +95,7 @@ class ClassifierTask:
     def fast_paths(self, model: nn.Module, runtime: Runtime, seed: int) -> contextlib.ExitStack:
         # The joint loss reads every position of the last layer and shares the embedding
         # with the source head: the [CLS]-only and row-sparse paths do not apply.
-        return runtime.fast_paths(model, seed, classifier=self.source_mlm is None)
+        return classifier_fast_paths(runtime, model, seed, logits_only=self.source_mlm is None)
 
 
 @torch.no_grad()

@@ -12,10 +12,10 @@ from transformers import AutoModel, PreTrainedModel
 
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, read_split, source_split, texts
-from tlpipe.model import has_mlm_head, load_mlm
 from tlpipe.params import DataParams, EvaluateParams, FinetuneParams
 from tlpipe.settings.text_classification.mlm import MLM_EVAL_ROWS, iterate_batches, mlm_eval_loss
-from tlpipe.text import SpecialIds, encode, load_tokenizer
+from tlpipe.settings.text_classification.model import has_mlm_head, load_mlm
+from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer
 
 
 @torch.no_grad()

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.model import mlm_head
 from tlpipe.params import OptimParams
-from tlpipe.text import SpecialIds
+from tlpipe.settings.text_classification.model import mlm_head
+from tlpipe.settings.text_classification.text import SpecialIds
 from tlpipe.train import CPU_FP32, Runtime, clip_and_step, make_optimizer, quiet
 
 

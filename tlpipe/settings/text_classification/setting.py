@@ -11,11 +11,19 @@ from torch import nn
 
 from tlpipe.data import label_ids, texts
 from tlpipe.metrics import majority_scores
-from tlpipe.model import save_checkpoint
 from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams
-from tlpipe.setting import Arm
-from tlpipe.settings.text_classification import SPEC, arms, classifier, forgetting, layers, reference
-from tlpipe.text import load_tokenizer, truncated_share
+from tlpipe.setting import Arm, SourceRun
+from tlpipe.settings.text_classification import (
+    SPEC,
+    arms,
+    classifier,
+    forgetting,
+    layers,
+    reference,
+)
+from tlpipe.settings.text_classification.model import save_checkpoint
+from tlpipe.settings.text_classification.pretrain import copy_checkpoint, train_source
+from tlpipe.settings.text_classification.text import load_tokenizer, truncated_share
 from tlpipe.train import Runtime
 from tlpipe.transfer import LayerGroups
 
@@ -72,6 +80,12 @@ class TextClassification:
         self, model_dir: Path, test: pd.DataFrame, p: FinetuneParams, data: DataParams, out_dir: Path
     ) -> tuple[nn.Module, dict[str, Any]]:
         return classifier.shipped(model_dir, test, p, data.labels, out_dir)
+
+    pretrain = staticmethod(train_source)
+    copy_checkpoint = staticmethod(copy_checkpoint)
+
+    def save_source(self, run: SourceRun, model_dir: Path, meta: dict[str, Any]) -> None:
+        save_checkpoint(run.model, run.preprocessor, model_dir, meta)
 
     def save(self, model: nn.Module, source_dir: Path, out_dir: Path, meta: dict[str, Any]) -> None:
         save_checkpoint(model, load_tokenizer(source_dir), out_dir, meta)

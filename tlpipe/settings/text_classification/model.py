@@ -1,4 +1,6 @@
-"""Checkpoint directories: Hugging Face weights and config, tokenizer, and tlpipe.json.
+"""The text setting's models and checkpoints: BERT-family encoders with a masked-LM or a
+classification head, and checkpoint directories of Hugging Face weights and config, the
+tokenizer and tlpipe.json.
 
 A checkpoint rebuilds everything on its own: fine-tuning, export and serving read nothing
 but its directory.
@@ -6,8 +8,6 @@ but its directory.
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,40 +25,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tlpipe.files import fresh_dir, write_json
+from tlpipe.checkpoint import META_FILE
+from tlpipe.files import write_json
 from tlpipe.params import EncoderConfig
-from tlpipe.text import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
-
-META_FILE = "tlpipe.json"
-PACKAGE_PREFIX = "package:"
-
-
-def resolve_init(init_from: str, download_dir: Path) -> Path:
-    """The local directory of a checkpoint named `package:<module>`, a path, or `s3://...`.
-
-    A package checkpoint is the `model/` folder (or `get_model_path()`) of an installed
-    module. An s3:// prefix is downloaded into `download_dir`. Raises FileNotFoundError
-    naming the checkpoint when it has no config.json.
-    """
-    if init_from.startswith(PACKAGE_PREFIX):
-        name = init_from[len(PACKAGE_PREFIX) :]
-        try:
-            module = importlib.import_module(name)
-        except ImportError as err:
-            raise FileNotFoundError(f"pretrain.init_from {init_from!r}: {err}") from None
-        getter = getattr(module, "get_model_path", None)
-        path = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
-    elif init_from.startswith("s3://"):
-        from tlpipe.store import download_folder
-
-        path = download_folder(init_from, download_dir)
-    else:
-        path = Path(init_from)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"pretrain.init_from {init_from!r}: no config.json in {path}")
-    return path
 
 
 def bert_config(p: EncoderConfig, vocab_size: int, pad_id: int, max_positions: int) -> BertConfig:
@@ -201,28 +172,9 @@ def save_checkpoint(model: PreTrainedModel, tok: Tokenizer, out_dir: Path, meta:
     write_json(out_dir / META_FILE, meta)
 
 
-def read_meta(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def seed_everything(seed: int) -> None:
-    """One seed per stage, set once at its start."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 __all__ = [
-    "META_FILE",
-    "TOKENIZER_FILE",
     "bert_config",
     "classifier_labels",
-    "fresh_dir",
     "has_mlm_head",
     "load_classifier",
     "load_mlm",
@@ -230,11 +182,7 @@ __all__ = [
     "mlm_head",
     "new_classifier",
     "new_mlm",
-    "read_meta",
-    "resolve_init",
     "save_checkpoint",
     "scratch_classifier",
-    "seed_everything",
     "tied_mlm_head",
-    "write_json",
 ]

@@ -1,20 +1,14 @@
-"""The row-level rules every input's rows must meet, as pandas masks: what prepare sets aside
-under `validate.rows: quarantine` (validate checks the same rules with Great Expectations).
+"""The text classifier's row-level rules, as pandas masks: what prepare sets aside under
+`validate.rows: quarantine` (the rules module checks the same rules with Great
+Expectations), and what makes two rows the same text (de-duplication, leakage).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from tlpipe.data import UNDECODABLE
+from tlpipe.data import normalise_text, undecodable
 from tlpipe.params import ValidateParams
-
-
-def undecodable(frame: pd.DataFrame) -> pd.Series:
-    """Rows that held a byte that did not decode (marked by a strict read_input)."""
-    if UNDECODABLE not in frame.columns:
-        return pd.Series(False, index=frame.index)
-    return frame[UNDECODABLE].astype(bool)
 
 
 def broken_rule(frame: pd.DataFrame, p: ValidateParams, labels: tuple[str, ...] | None) -> pd.Series:
@@ -36,3 +30,16 @@ def broken_rule(frame: pd.DataFrame, p: ValidateParams, labels: tuple[str, ...] 
     for name, mask in reversed(rules):
         broken = broken.mask(mask.fillna(False).astype(bool), name)
     return broken
+
+
+def identity(frame: pd.DataFrame) -> pd.Series:
+    """What makes two rows the same item: their normalised text (None for a null text)."""
+    return normalise_text(frame["text"])
+
+
+class TextRows:
+    broken_rule = staticmethod(broken_rule)
+    identity = staticmethod(identity)
+
+
+ROWS = TextRows()
