@@ -3,14 +3,18 @@
 evaluate's data-efficiency curve runs as one task run per (arm, size, seed), mapped over
 the flow's process pool (one worker per core, one torch thread each); a distributed task
 runner (Dask, Ray) spreads them the same way. Every other task runs in the flow's own
-process. It runs in the project root (where dvc.yaml and params.yaml are).
+process. It runs in the project root (where dvc.yaml and params.yaml are), or, given a params
+file or overrides, in that run's workspace (tlpipe.workspace), leaving the working tree as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from prefect.task_runners import ProcessPoolTaskRunner
@@ -24,6 +28,7 @@ from tlpipe.report import REPORT, write_report
 from tlpipe.setting import primary_metric, spec
 from tlpipe.stages import commit, is_up_to_date
 from tlpipe.timing import clocked
+from tlpipe.workspace import workspace
 
 
 @task(name="data", retries=2, retry_delay_seconds=[2, 10])
@@ -99,9 +104,10 @@ def curve_plan(stale: bool, tuning: list[dict[str, Any]]) -> list[CurvePoint]:
 
 
 @task(name="curve-point", task_run_name="curve-{point.key}")
-def curve_point(point: CurvePoint) -> dict[str, Any]:
-    """One arm at one size and seed, scored on test (an independent task run)."""
-    with clocked(f"curve-{point.key}"):
+def curve_point(point: CurvePoint, root: str) -> dict[str, Any]:
+    """One arm at one size and seed, scored on test (an independent task run, in a worker
+    process: it works in the run's root, the project or its workspace)."""
+    with contextlib.chdir(root), clocked(f"curve-{point.key}"):
         return run_curve_point(point, load_params())
 
 
@@ -149,24 +155,41 @@ STAGE_TASKS = {
 }
 
 
+@contextlib.contextmanager
+def run_root(params_file: str | None, overrides: dict[str, Any] | None) -> Iterator[str]:
+    """The folder the run works in (the project, or the workspace for other params), as the
+    current directory for the flow's own task runs."""
+    project = Path.cwd().resolve()
+    with workspace(project, params_file, overrides) as root, contextlib.chdir(root):
+        if root != project:
+            get_run_logger().info("running in workspace %s", root)
+        yield str(root)
+
+
 @flow(name="tlpipe", task_runner=ProcessPoolTaskRunner(max_workers=curve_workers(), initializer=one_thread))
-def pipeline() -> str:
-    """validate → pretrain → finetune → evaluate → export → publish, each a task run."""
-    data()
-    prepare()
-    validate()
-    pretrain()
-    finetune()
-    stale = evaluate_stale()
-    tuning = curve_point.map(tuning_plan(stale))
-    evaluate(tuning, curve_point.map(curve_plan(stale, tuning)))
-    export()
-    publish()
-    return report()
+def pipeline(params_file: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """validate → pretrain → finetune → evaluate → export → publish, each a task run.
+
+    `params_file` (relative to the project) and `overrides` (dotted keys: `{"finetune.optim.lr":
+    3e-5}`) run it on other params, in their own workspace.
+    """
+    with run_root(params_file, overrides) as root:
+        data()
+        prepare()
+        validate()
+        pretrain()
+        finetune()
+        stale = evaluate_stale()
+        tuning = curve_point.map(tuning_plan(stale), unmapped(root))
+        evaluate(tuning, curve_point.map(curve_plan(stale, tuning), unmapped(root)))
+        export()
+        publish()
+        return report()
 
 
 @flow(name="tlpipe-stage")
-def single_stage(stage: str) -> Any:
+def single_stage(stage: str, params_file: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """One stage alone (`tlpipe run --only STAGE`); its inputs must already be there."""
-    data()
-    return STAGE_TASKS[stage]()
+    with run_root(params_file, overrides):
+        data()
+        return STAGE_TASKS[stage]()

@@ -86,3 +86,16 @@ def test_run_refuses_unknown_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     result = runner.invoke(app, ["run", "--only", "train"])
     assert result.exit_code == 2
     assert "unknown stage" in result.output
+
+
+def test_run_refuses_a_bad_override_before_starting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _project(tmp_path, "{}\n", monkeypatch)
+    for args, named in (
+        (["--set", "finetune.epochs=-1"], "finetune.epochs"),
+        (["--set", "finetune.epochs"], "expected KEY=VALUE"),
+        (["--params", "examples/missing.yaml"], "no such params file"),
+    ):
+        result = runner.invoke(app, ["run", *args])
+        assert result.exit_code == 1, args
+        assert named in result.output, result.output
+    assert not (tmp_path / ".tlpipe").exists()

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import make_project, tiny_params
 from tlpipe.cli import app
+from tlpipe.workspace import locate
 
 runner = CliRunner()
 
@@ -135,6 +136,25 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     assert noop.exit_code == 0, noop.output
     assert "every stage is up to date; nothing to run" in noop.output
     assert Path("dvc.lock").read_text() == first_lock
+
+    # Other params, the working tree left as it is: a workspace of its own, where the stages
+    # whose inputs did not change are restored from the shared DVC cache, not run again.
+    evaluated = Path("outputs/evaluate/metrics.json").read_text()
+    params_text = Path("params.yaml").read_text()
+    other = pipeline(overrides={"evaluate.seeds": [3, 4]}, return_state=True)
+    assert other.is_completed(), other.message
+    states = _task_states(other)
+    restored = ("prepare", "validate", "pretrain", "finetune", "export")
+    assert all(states[s] == "Skipped" for s in restored), states
+    assert states["evaluate"] != "Skipped" and states["publish"] != "Skipped", states
+    ws = locate(project, None, {"evaluate.seeds": [3, 4]})
+    runs = {p.stem for p in (ws / "outputs/evaluate/runs").glob("*.json")}
+    assert "transfer-20-seed3" in runs and not any(r.endswith("seed0") for r in runs)
+    assert (ws / "outputs/report.html").is_file()
+    assert json.loads((ws / "outputs/publish/release.json").read_text())["version"] != release["version"]
+    assert Path("dvc.lock").read_text() == first_lock
+    assert Path("params.yaml").read_text() == params_text
+    assert Path("outputs/evaluate/metrics.json").read_text() == evaluated
 
     # One changed param: `--only` re-runs that stage alone and leaves the next one stale.
     params = yaml.safe_load(Path("params.yaml").read_text())

@@ -45,24 +45,39 @@ def run(
     always: Annotated[
         bool, typer.Option("--always", help="start the flow even when DVC finds every stage up to date")
     ] = False,
+    params_file: Annotated[
+        Path | None,
+        typer.Option("--params", help="run on this params file, in a workspace of its own (see below)"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override one param, KEY=VALUE (e.g. finetune.optim.lr=3e-5); repeatable"),
+    ] = None,
 ) -> None:
     """Run the whole flow (or one stage); stages DVC finds up to date are skipped. When every
-    stage is up to date and the report exists, the flow is not started at all."""
-    _project_root()
+    stage is up to date and the report exists, the flow is not started at all.
+
+    With --params or --set the run happens in a workspace of its own under
+    .tlpipe/workspaces/ (same params, same workspace), sharing the project's DVC cache and
+    store; params.yaml and outputs/ are left as they are."""
+    project = _project_root()
     if only is not None and only not in STAGES:
         typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
     from tlpipe.params import ParamsError, load_params
+    from tlpipe.workspace import locate, parse_override
 
     try:
-        params = load_params()
+        overrides = dict(parse_override(text) for text in set_ or [])
+        ws = locate(project, params_file, overrides)  # validates them
+        params = load_params() if ws is None else None
     except ParamsError as err:
         _fail(err)
     from tlpipe.bundled import has_remote_inputs
     from tlpipe.report import REPORT
 
     # An s3:// input is fetched by the flow's data task before DVC can compare it.
-    if only is None and not always and REPORT.is_file() and not has_remote_inputs(params.data):
+    if params and only is None and not always and REPORT.is_file() and not has_remote_inputs(params.data):
         from tlpipe.stages import stale_stages
 
         start = time.perf_counter()
@@ -86,7 +101,10 @@ def run(
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     os.environ[RUN_ID] = run_id
     start = time.perf_counter()
-    state: State = single_stage(only, return_state=True) if only else pipeline(return_state=True)
+    args = {"params_file": str(params_file) if params_file else None, "overrides": overrides or None}
+    state: State = (
+        single_stage(only, **args, return_state=True) if only else pipeline(**args, return_state=True)
+    )
     seconds = time.perf_counter() - start
     timing = summarise(run_id, seconds)
     if state.is_failed():
@@ -102,6 +120,9 @@ def run(
         f"tlpipe: run finished in {seconds:.0f} s: {timing['computed_seconds']:.0f} s in the stages, "
         f"{timing['overhead_seconds']:.0f} s ({timing['overhead_fraction']:.1%}) orchestration"
     )
+    if ws is not None:
+        where = ws.relative_to(project)
+        typer.echo(f"tlpipe: ran in workspace {where}; report: {where / REPORT}")
 
 
 @app.command()
@@ -211,12 +232,27 @@ def predict(
 def schedule(
     cron: Annotated[str, typer.Option(help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')],
     name: Annotated[str, typer.Option(help="deployment name")] = "tlpipe-scheduled",
+    params_file: Annotated[
+        Path | None, typer.Option("--params", help="the scheduled runs' params file (a workspace of its own)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override one param, KEY=VALUE; repeatable")
+    ] = None,
 ) -> None:
-    """Serve the flow on a schedule (needs a Prefect server: PREFECT_API_URL)."""
-    _project_root()
+    """Serve the flow on a schedule (needs a Prefect server: PREFECT_API_URL). The
+    deployment's parameters (params_file, overrides) can be changed per run."""
+    project = _project_root()
     from flows.pipeline import pipeline
+    from tlpipe.params import ParamsError
+    from tlpipe.workspace import locate, parse_override
 
-    pipeline.serve(name=name, cron=cron)
+    try:
+        overrides = dict(parse_override(text) for text in set_ or [])
+        locate(project, params_file, overrides)  # bad params fail now, not at 03:00
+    except ParamsError as err:
+        _fail(err)
+    parameters = {"params_file": str(params_file) if params_file else None, "overrides": overrides or None}
+    pipeline.serve(name=name, cron=cron, parameters=parameters)
 
 
 if __name__ == "__main__":

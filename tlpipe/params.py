@@ -519,8 +519,9 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError(_format_error(err, source)) from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises ParamsError naming every bad key."""
+def read_params_file(path: Path | str) -> dict[str, Any]:
+    """A params file's sections as written (not yet validated); ParamsError when it is
+    missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
@@ -530,7 +531,12 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
-    return parse_params(raw or {}, str(path))
+    return raw or {}
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; raises ParamsError naming every bad key."""
+    return parse_params(read_params_file(path), str(path))
 
 
 def stage_dir(stage: str, root: Path = OUTPUTS) -> Path:
