@@ -2,9 +2,11 @@
 
 evaluate's data-efficiency curve runs as one task run per (arm, size, seed), mapped over
 the flow's process pool (one worker per core, one torch thread each); a distributed task
-runner (Dask, Ray) spreads them the same way. Every other task runs in the flow's own
-process. It runs in the project root (where dvc.yaml and params.yaml are), or, given a params
-file or overrides, in that run's workspace (tlpipe.workspace), leaving the working tree as it is.
+runner (Dask, Ray) spreads them the same way. export, which needs finetune's model alone,
+is computed on the same pool beside them. Every other task runs in the flow's own process,
+and every DVC record is written there. It runs in the project root (where dvc.yaml and
+params.yaml are), or, given a params file or overrides, in that run's workspace
+(tlpipe.workspace), leaving the working tree as it is.
 """
 
 from __future__ import annotations
@@ -125,9 +127,29 @@ def evaluate(tuning: list[dict[str, Any]] | None = None, points: list[dict[str, 
     return result
 
 
+@task(name="export-stale")
+def export_stale() -> bool:
+    """Whether export must run."""
+    return not is_up_to_date("export")
+
+
+@task(name="export-compute", task_run_name="export-compute")
+def export_compute(root: str) -> Any:
+    """export's computation in a pool worker: it needs finetune's model and the test split
+    alone, so it runs beside the curve; the flow's `export` task records it."""
+    with contextlib.chdir(root), clocked("export"):
+        return run_stage("export", load_params())
+
+
 @task(name="export")
-def export() -> Any:
-    return _run_stage("export")
+def export(computed: Any = None) -> Any:
+    """Record export's outputs once `computed` (what `export_compute` returned) is there;
+    without it, export runs here (or is skipped when up to date)."""
+    if computed is None:
+        return _run_stage("export")
+    commit("export")
+    get_run_logger().info("export done: %s", computed)
+    return computed
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[5, 30])
@@ -168,7 +190,8 @@ def run_root(params_file: str | None, overrides: dict[str, Any] | None) -> Itera
 
 @flow(name="tlpipe", task_runner=ProcessPoolTaskRunner(max_workers=curve_workers(), initializer=one_thread))
 def pipeline(params_file: str | None = None, overrides: dict[str, Any] | None = None) -> str:
-    """validate → pretrain → finetune → evaluate → export → publish, each a task run.
+    """validate → pretrain → finetune → evaluate → export → publish, each a task run (export
+    computed on the pool beside evaluate's curve, which it does not depend on).
 
     `params_file` (relative to the project) and `overrides` (dotted keys: `{"finetune.optim.lr":
     3e-5}`) run it on other params, in their own workspace.
@@ -179,10 +202,12 @@ def pipeline(params_file: str | None = None, overrides: dict[str, Any] | None = 
         validate()
         pretrain()
         finetune()
+        # export depends on finetune alone: it takes a pool worker beside the curve.
+        exporting = export_compute.submit(root) if export_stale() else None
         stale = evaluate_stale()
         tuning = curve_point.map(tuning_plan(stale), unmapped(root))
         evaluate(tuning, curve_point.map(curve_plan(stale, tuning), unmapped(root)))
-        export()
+        export(exporting)
         publish()
         return report()
 

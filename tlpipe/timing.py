@@ -36,21 +36,26 @@ def clocked(name: str, root: Path = ROOT) -> Iterator[None]:
 
 
 def summarise(run_id: str, wall_seconds: float, root: Path = ROOT) -> dict[str, Any]:
-    """The run's stage computations and its orchestration overhead (wall time minus them).
+    """The run's stage computations and its orchestration overhead (the wall time when no
+    computation ran).
 
     Curve runs overlap on the worker pool, so the curve counts by its span (first start to
-    last end); every other computation counts by its own duration.
+    last end); every other computation counts by its own duration. A computation that ran
+    beside another (export beside the curve) is not counted twice in `computed_seconds`.
     """
     path = root / "timings" / f"{run_id}.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     stages: dict[str, float] = {}
     curve = [rec for rec in lines if rec["name"].startswith("curve-")]
+    spans = [(rec["start"], rec["end"]) for rec in lines if not rec["name"].startswith("curve-")]
     for rec in lines:
         if not rec["name"].startswith("curve-"):
             stages[rec["name"]] = stages.get(rec["name"], 0.0) + rec["end"] - rec["start"]
     if curve:
-        stages["curve"] = max(r["end"] for r in curve) - min(r["start"] for r in curve)
-    computed = sum(stages.values())
+        span = (min(r["start"] for r in curve), max(r["end"] for r in curve))
+        stages["curve"] = span[1] - span[0]
+        spans.append(span)
+    computed = _covered(spans)
     summary = {
         "run_id": run_id,
         "wall_seconds": wall_seconds,
@@ -64,3 +69,13 @@ def summarise(run_id: str, wall_seconds: float, root: Path = ROOT) -> dict[str, 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the (start, end) intervals."""
+    total, reach = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total

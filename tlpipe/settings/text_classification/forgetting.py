@@ -16,18 +16,25 @@ from tlpipe.params import DataParams, EvaluateParams, FinetuneParams
 from tlpipe.settings.text_classification.mlm import MLM_EVAL_ROWS, iterate_batches, mlm_eval_loss
 from tlpipe.settings.text_classification.model import has_mlm_head, load_mlm
 from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer
+from tlpipe.train import Runtime
 
 
 @torch.no_grad()
-def _mean_pooled(encoder: PreTrainedModel, ids: list[np.ndarray], pad: int, batch_size: int) -> torch.Tensor:
-    """Sentence features (N, H): the encoder's last hidden states averaged over real tokens."""
+def _mean_pooled(
+    encoder: PreTrainedModel, ids: list[np.ndarray], pad: int, batch_size: int, runtime: Runtime
+) -> torch.Tensor:
+    """Sentence features (N, H) on the CPU: the encoder's last hidden states averaged over
+    real tokens, computed on `runtime` (both encoders alike: bf16 autocast where native)."""
     encoder.eval()
+    encoder.to(runtime.device)
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     out = torch.zeros(len(ids), encoder.config.hidden_size)
     for idx, input_ids, mask in iterate_batches(ids, length_batches(lengths, batch_size, None), pad):
-        hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        out[torch.from_numpy(idx)] = (hidden * m).sum(1) / m.sum(1)
+        mask = mask.to(runtime.device)
+        with runtime.autocast():
+            hidden = encoder(input_ids=input_ids.to(runtime.device), attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        out[torch.from_numpy(idx)] = ((hidden.float() * m).sum(1) / m.sum(1)).cpu()  # (B, H)
     return out
 
 
@@ -85,8 +92,10 @@ def forgetting(
     if labels is not None and len(picked):
         ids = encode(tok, texts(picked), ft.max_length)
         y = label_ids(picked, labels)
-        before = _mean_pooled(AutoModel.from_pretrained(source_dir), ids, pad, ft.eval_batch_size)
-        after = _mean_pooled(model.base_model, ids, pad, ft.eval_batch_size)
+        runtime = Runtime.pick(ft.device, ft.precision)
+        before = _mean_pooled(AutoModel.from_pretrained(source_dir), ids, pad, ft.eval_batch_size, runtime)
+        after = _mean_pooled(model.base_model, ids, pad, ft.eval_batch_size, runtime)
+        model.to("cpu")
         report["probe_accuracy_before"] = probe_accuracy(before, y, len(labels), ft.seed)
         report["probe_accuracy_after"] = probe_accuracy(after, y, len(labels), ft.seed)
     if has_mlm_head(source_dir) and len(held_out):
