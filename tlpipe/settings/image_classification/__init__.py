@@ -1,0 +1,28 @@
+"""Image classification: a convolutional backbone with a new classification head,
+transferred from a source model to the target's labels.
+
+This module declares the setting (its column roles and metrics) and imports no torch.
+Its parts so far:
+- `preprocess`: the image preprocessor (decode, channels, resize, normalise; no torch),
+  shared by training, export and serving;
+- `model`: the VGG-style CNN, its layer groups and its safetensors checkpoint;
+- `classifier`: images to batches, augmentation, batch-norm statistics under freezing, the
+  loss, validation and predictions;
+- `reference`: logistic regression on the pixels.
+"""
+
+from __future__ import annotations
+
+from tlpipe.setting import Metric, SettingSpec
+
+METRICS = {
+    "accuracy": Metric("accuracy", "accuracy"),
+    "macro_f1": Metric("macro_f1", "macro-F1"),
+}
+SPEC = SettingSpec(
+    name="image-classification",
+    # A target needs both columns, a source its images (and its label when it is labelled).
+    roles=("image", "label"),
+    metrics=METRICS,
+    baseline_name="majority class",
+)

@@ -1,0 +1,163 @@
+"""Rows to batches, augmentation, loss and validation for an image classifier, and its
+predictions.
+
+Every image is decoded and resized once (uint8, (N, C, H, W)); a training batch is
+augmented on the fly (a seeded random rotation, shift and optional horizontal flip, one
+affine resampling per batch), then normalised by the checkpoint's preprocessor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tlpipe.metrics import classification_metrics
+from tlpipe.setting import Metric
+from tlpipe.settings.image_classification import METRICS
+from tlpipe.settings.image_classification.preprocess import Preprocessor
+from tlpipe.train import Runtime
+
+# The validation score that keeps a run's best weights: macro-F1 does not reward a model
+# for favouring the majority class.
+SELECTION = METRICS["macro_f1"]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random training-time changes: rotation up to `rotation` degrees either way, a shift
+    up to `shift` of the side in each direction, a horizontal flip with probability `flip`
+    (off for digits and text, where a mirror image is another class or none)."""
+
+    rotation: float = 0.0
+    shift: float = 0.0
+    flip: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.rotation > 0 or self.shift > 0 or self.flip > 0
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """`x`: float (B, C, H, W) in [0, 1]; outside the image is black."""
+        if not self.active:
+            return x
+        b = x.shape[0]
+        angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(self.rotation)
+        shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * (2 * self.shift)  # grid units span 2
+        mirror = torch.where(torch.rand(b, generator=gen) < self.flip, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [
+                torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
+                torch.stack([sin * mirror, cos, shift[:, 1]], 1),
+            ],
+            1,
+        ).to(x.device, x.dtype)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def model_input(pixels: torch.Tensor, prep: Preprocessor) -> torch.Tensor:
+    """uint8 (B, C, H, W) pixels, or float ones in [0, 1], as the normalised float input."""
+    x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
+    mean = torch.tensor(prep.mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(prep.std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+@contextlib.contextmanager
+def batch_norm_statistics(model: nn.Module, update_trainable: bool) -> Iterator[None]:
+    """While inside, a batch-norm layer whose parameters are frozen keeps its running
+    statistics (it normalises with them, in eval mode, whenever the model trains); a
+    trainable one updates them only if `update_trainable`. Mode is set at each forward
+    pass, so gradual unfreezing is followed."""
+
+    def pre_forward(module: nn.Module, _args: object) -> None:
+        if not module.training:
+            return
+        for bn in module.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                frozen = bn.weight is not None and not bn.weight.requires_grad
+                bn.train(not frozen and update_trainable)
+
+    handle = model.register_forward_pre_hook(pre_forward)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class ImageTask:
+    """An image classifier's `TrainTask`: shuffled batches of decoded images, augmentation,
+    cross entropy, and accuracy and macro-F1 on validation."""
+
+    pixels: torch.Tensor  # uint8 (N, C, H, W)
+    y: np.ndarray
+    val_pixels: torch.Tensor
+    val_y: np.ndarray
+    prep: Preprocessor
+    n_labels: int
+    batch_size: int
+    eval_batch_size: int
+    runtime: Runtime
+    seed: int
+    augment: Augment = field(default_factory=Augment)
+    update_batch_norm: bool = True
+    selection: Metric = SELECTION
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = len(self.pixels)
+        self._labels = torch.tensor(self.y, dtype=torch.long, device=self.runtime.device)
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def epoch(self, rng: np.random.Generator) -> list[np.ndarray]:
+        order = rng.permutation(self.rows)
+        return [order[i : i + self.batch_size] for i in range(0, self.rows, self.batch_size)][::-1]
+
+    def loss(self, model: nn.Module, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        x = self.augment(self.pixels[torch.from_numpy(idx)].float() / 255.0, self._gen)
+        logits = model(model_input(x, self.prep).to(self.runtime.device))  # (B, labels)
+        return F.cross_entropy(logits.float(), self._labels[torch.from_numpy(idx).to(self.runtime.device)])
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        pred = predict_logits(model, self.val_pixels, self.prep, self.eval_batch_size, self.runtime).argmax(1)
+        scores = classification_metrics(self.val_y, pred, self.n_labels)
+        return {f"val_{key}": scores[key] for key in METRICS}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def fast_paths(self, model: nn.Module, runtime: Runtime, seed: int) -> contextlib.ExitStack:
+        stack = runtime.fast_paths(model, seed)
+        stack.enter_context(batch_norm_statistics(model, self.update_batch_norm))
+        return stack
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    prep: Preprocessor,
+    batch_size: int,
+    runtime: Runtime | None = None,
+) -> np.ndarray:
+    """Logits (N, labels) of uint8 (N, C, H, W) `pixels`, in fp32 on the model's device
+    unless a `runtime` says otherwise."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        x = model_input(pixels[i : i + batch_size].to(device), prep)
+        with runtime.autocast() if runtime else contextlib.nullcontext():
+            out.append(model(x).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,105 @@
+"""The image classifiers: a small VGG-style CNN tlpipe trains from scratch or pretrains on
+the source images, its layer groups, and its self-contained checkpoint.
+
+A checkpoint is a directory: `model.safetensors` (the weights), `config.json` (the
+architecture and the label set) and `preprocessor.json` (how images become its input).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tlpipe.settings.image_classification.preprocess import Preprocessor
+from tlpipe.transfer import LayerGroups
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+ARCHITECTURE = "tlpipe-cnn"
+
+
+@dataclass(frozen=True)
+class CnnConfig:
+    """`widths[i]` is block i's channel count; each block halves the resolution."""
+
+    channels: int
+    widths: tuple[int, ...]
+    labels: tuple[str, ...]
+    dropout: float = 0.1
+
+    def with_labels(self, labels: tuple[str, ...]) -> CnnConfig:
+        return CnnConfig(self.channels, self.widths, labels, self.dropout)
+
+
+def _conv(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class Cnn(nn.Module):
+    """stem (3x3 conv) -> blocks (two 3x3 convs, 2x2 max-pool) -> global average pool ->
+    dropout -> linear head."""
+
+    def __init__(self, config: CnnConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.stem = nn.Sequential(*_conv(config.channels, config.widths[0]))
+        blocks, c_in = [], config.widths[0]
+        for width in config.widths:
+            blocks.append(nn.Sequential(*_conv(c_in, width), *_conv(width, width), nn.MaxPool2d(2)))
+            c_in = width
+        self.blocks = nn.ModuleList(blocks)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(c_in, len(config.labels))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images to (B, widths[-1]) pooled features."""
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))  # (B, labels)
+
+    def new_head(self, labels: tuple[str, ...]) -> None:
+        """A freshly initialised head for `labels` (the backbone kept)."""
+        self.config = self.config.with_labels(labels)
+        self.head = nn.Linear(self.head.in_features, len(labels))
+
+
+def layer_groups(model: Cnn) -> LayerGroups:
+    """Depth 0 the stem, 1..n the blocks, the head above."""
+    names = [name for name, _ in model.named_parameters()]
+    return LayerGroups.match(names, r"^stem\.", r"^blocks\.(\d+)\.", len(model.blocks))
+
+
+def save_checkpoint(model: Cnn, preprocessor: Preprocessor, out_dir: Path) -> None:
+    """The checkpoint directory (weights, config, preprocessor); written in place."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    config = {"architecture": ARCHITECTURE, **asdict(model.config)}
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    preprocessor.save(out_dir)
+
+
+def read_config(model_dir: Path) -> CnnConfig:
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {model_dir} is not an image checkpoint")
+    raw = json.loads(path.read_text())
+    if raw.get("architecture") != ARCHITECTURE:
+        raise ValueError(f"{path}: architecture {raw.get('architecture')!r} is not {ARCHITECTURE!r}")
+    return CnnConfig(int(raw["channels"]), tuple(raw["widths"]), tuple(raw["labels"]), float(raw["dropout"]))
+
+
+def load_checkpoint(model_dir: Path) -> tuple[Cnn, Preprocessor]:
+    """The model (on the CPU, in eval mode) and its preprocessor. The weights are
+    safetensors: nothing is unpickled."""
+    model = Cnn(read_config(model_dir))
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    return model.eval(), Preprocessor.load(model_dir)
