@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,92 @@ def test_the_pixel_reference_beats_chance_on_the_digits(digits: pd.DataFrame) ->
     )
     assert metrics["accuracy"] > 0.85 and set(metrics) == {"accuracy", "macro_f1"}
     assert facts["c"] in (0.01, 0.1, 1.0, 10.0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CNN trained briefly on 400 UCI digits, saved as a checkpoint."""
+    torch.manual_seed(0)
+    prep = _prep()
+    train, val = digits.iloc[:400], digits.iloc[1500:1600]
+    index = {d: i for i, d in enumerate(LABELS)}
+    task = ImageTask(
+        _pixels(train, prep), train["label"].map(index).to_numpy(), _pixels(val, prep),
+        val["label"].map(index).to_numpy(), prep, len(LABELS), batch_size=32, eval_batch_size=128,
+        runtime=CPU_FP32, seed=0,
+    )  # fmt: skip
+    model = Cnn(CONFIG)
+    p = FinetuneParams(epochs=6, min_steps=0, max_steps=None, evaluations=2, patience=2)
+    p = p.model_copy(update={"optim": p.optim.model_copy(update={"lr": 3e-3})})
+    train_model(model, task, p, layer_groups(model), runtime=CPU_FP32)
+    ckpt = tmp_path_factory.mktemp("finetune") / "model"
+    save_checkpoint(model, prep, ckpt)
+    return ckpt
+
+
+def test_the_exported_bundle_serves_without_torch_at_parity(
+    trained: Path, digits: pd.DataFrame, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tasks.export import quantize_int8
+    from tlpipe.settings.image_classification.export import ImageExporter
+    from tlpipe.settings.image_classification.serve import ImageBundle
+
+    prepare_dir, bundle = tmp_path / "prepare", tmp_path / "bundle"
+    prepare_dir.mkdir()
+    bundle.mkdir()
+    test = digits.iloc[1600:1797].reset_index(drop=True)
+    test.to_parquet(prepare_dir / "test.parquet")
+    exporter = ImageExporter(trained)
+    exporter.write(bundle, opset=18)
+    inputs = exporter.parity_inputs(bundle, prepare_dir)
+    assert inputs.shape == (len(test), 1, 16, 16) and inputs.dtype == np.uint8
+    served = ImageBundle(bundle)
+    ort_out, torch_out = served.outputs(inputs, 64), exporter.torch_outputs(inputs, 64)
+    assert np.abs(ort_out - torch_out).max() < 1e-4
+    assert (ort_out.argmax(1) == torch_out.argmax(1)).all()
+    np.testing.assert_allclose(served.outputs(inputs, 1), ort_out, atol=1e-5)  # the batch axis is dynamic
+    assert exporter.quality(torch_out, prepare_dir) > 0.7
+
+    quantize_int8(bundle / "model.onnx", bundle / "model.int8.onnx")
+    spec = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "bundle.json").write_text(
+        json.dumps({**spec, "models": {"fp32": "model.onnx", "int8": "model.int8.onnx"}})
+    )
+    int8 = ImageBundle(bundle, precision="int8").outputs(inputs, 64)
+    assert abs(exporter.quality(int8, prepare_dir) - exporter.quality(ort_out, prepare_dir)) < 0.05
+
+    predictions = served.predict(list(test["image"][:3]))
+    assert [set(p) for p in predictions] == [{"label", "score"}] * 3
+    assert all(p["label"] in LABELS and 0 < p["score"] <= 1 for p in predictions)
+    with pytest.raises(ValueError, match="image 1: not a readable image"):
+        served.predict([test["image"][0], b"broken"])
+    no_torch = (
+        "import sys; from pathlib import Path;"
+        "from tlpipe.settings.image_classification.serve import ImageBundle;"
+        f"ImageBundle(Path({str(bundle)!r})).predict([Path({str(tmp_path)!r}, 'one.png').read_bytes()]);"
+        "assert 'torch' not in sys.modules"
+    )
+    (tmp_path / "one.png").write_bytes(test["image"][0])
+    subprocess.run([sys.executable, "-c", no_torch], check=True)
+
+
+def test_predict_reads_images_from_folders_files_and_tables(digits: pd.DataFrame, tmp_path: Path) -> None:
+    from tlpipe.settings.image_classification.serve import ImageBundle
+
+    images = list(digits["image"][:5])
+    for i, data in enumerate(images):
+        (tmp_path / "in" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / str(i % 2) / f"{i}.png").write_bytes(data)
+    chunks = list(ImageBundle.read_inputs(tmp_path / "in", "image", chunk_rows=2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert list(ImageBundle.read_inputs(tmp_path / "in" / "0" / "0.png", "image", 8)) == [[images[0]]]
+    pd.DataFrame({"png": images}).to_parquet(tmp_path / "t.parquet")
+    assert [b for c in ImageBundle.read_inputs(tmp_path / "t.parquet", "png", 3) for b in c] == images
+    (tmp_path / "in" / "list.csv").write_text("path\n0/0.png\n1/1.png\n")
+    assert next(ImageBundle.read_inputs(tmp_path / "in" / "list.csv", "path", 8)) == images[:2]
+    (tmp_path / "in" / "list.csv").write_text("path\n0/gone.png\n")
+    with pytest.raises(ValueError, match="'0/gone.png' not found"):
+        list(ImageBundle.read_inputs(tmp_path / "in" / "list.csv", "path", 8))
