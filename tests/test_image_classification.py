@@ -260,3 +260,53 @@ def test_predict_reads_images_from_folders_files_and_tables(digits: pd.DataFrame
     (tmp_path / "in" / "list.csv").write_text("path\n0/gone.png\n")
     with pytest.raises(ValueError, match="'0/gone.png' not found"):
         list(ImageBundle.read_inputs(tmp_path / "in" / "list.csv", "path", 8))
+
+
+def test_the_imagenet_backbone_loads_verified_weights_with_a_new_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlpipe.errors import DataError
+    from tlpipe.settings.image_classification import backbones
+
+    model = backbones.imagenet_backbone(64, ("cat", "dog", "fox"))
+    groups = layer_groups(model)
+    assert groups.blocks == 16
+    assert groups.depth("_conv_stem.weight") == 0 and groups.depth("_bn0.weight") == 0
+    assert groups.depth("_blocks.0._depthwise_conv.weight") == 1
+    assert groups.depth("_blocks.15._project_conv.weight") == 16
+    assert groups.depth("_conv_head.weight") == groups.depth("_fc.weight") == groups.head == 17
+    imagenet = backbones.imagenet_weights()
+    assert torch.equal(model.state_dict()["_conv_stem.weight"], imagenet["_conv_stem.weight"])
+    assert model._fc.out_features == 3 and imagenet["_fc.weight"].shape[0] == 1000
+
+    prep = backbones.imagenet_preprocessor(64)
+    save_checkpoint(model, prep, tmp_path / "ckpt")
+    loaded, loaded_prep = load_checkpoint(tmp_path / "ckpt")
+    assert loaded_prep == prep and loaded.config == model.config
+    pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    np.testing.assert_allclose(
+        predict_logits(loaded, pixels, prep, 4), predict_logits(model, pixels, prep, 4), atol=1e-5
+    )
+
+    monkeypatch.setattr(backbones, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(DataError, match="refusing to load it"):
+        backbones.imagenet_weights()
+
+
+def test_the_imagenet_backbone_exports_at_parity(tmp_path: Path) -> None:
+    from tlpipe.settings.image_classification import backbones
+    from tlpipe.settings.image_classification.export import ImageExporter
+    from tlpipe.settings.image_classification.serve import ImageBundle
+
+    save_checkpoint(
+        backbones.imagenet_backbone(64, LABELS), backbones.imagenet_preprocessor(64), tmp_path / "m"
+    )
+    exporter, bundle = ImageExporter(tmp_path / "m"), tmp_path / "bundle"
+    bundle.mkdir()
+    exporter.write(bundle, opset=18)
+    square = np.zeros((8, 8), dtype=np.uint8)
+    square[2:6, 3:5] = 255
+    served = ImageBundle(bundle)
+    inputs = served.prepare([encode_png(square), encode_png(255 - square)])
+    assert inputs.shape == (2, 3, 64, 64)  # grayscale replicated to RGB
+    assert np.abs(served.outputs(inputs) - exporter.torch_outputs(inputs, 2)).max() < 1e-4

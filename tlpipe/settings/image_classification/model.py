@@ -1,8 +1,10 @@
-"""The image classifiers: a small VGG-style CNN tlpipe trains from scratch or pretrains on
-the source images, its layer groups, and its self-contained checkpoint.
+"""The image classifiers and their self-contained checkpoint: a small VGG-style CNN tlpipe
+trains from scratch or pretrains on the source images, or the ImageNet EfficientNet-Lite0
+(`backbones`). Each has a `config` (with its labels), `new_head` and `layer_groups`.
 
 A checkpoint is a directory: `model.safetensors` (the weights), `config.json` (the
-architecture and the label set) and `preprocessor.json` (how images become its input).
+architecture, its sizes and the label set) and `preprocessor.json` (how images become its
+input).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,6 +20,9 @@ from torch import nn
 
 from tlpipe.settings.image_classification.preprocess import Preprocessor
 from tlpipe.transfer import LayerGroups
+
+if TYPE_CHECKING:
+    from tlpipe.settings.image_classification.backbones import EfficientNetLite
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 ARCHITECTURE = "tlpipe-cnn"
@@ -70,36 +76,56 @@ class Cnn(nn.Module):
         self.config = self.config.with_labels(labels)
         self.head = nn.Linear(self.head.in_features, len(labels))
 
+    def layer_groups(self) -> LayerGroups:
+        """Depth 0 the stem, 1..n the blocks, the head above."""
+        names = [name for name, _ in self.named_parameters()]
+        return LayerGroups.match(names, r"^stem\.", r"^blocks\.(\d+)\.", len(self.blocks))
 
-def layer_groups(model: Cnn) -> LayerGroups:
-    """Depth 0 the stem, 1..n the blocks, the head above."""
-    names = [name for name, _ in model.named_parameters()]
-    return LayerGroups.match(names, r"^stem\.", r"^blocks\.(\d+)\.", len(model.blocks))
+
+def layer_groups(model: Cnn | EfficientNetLite) -> LayerGroups:
+    return model.layer_groups()
 
 
-def save_checkpoint(model: Cnn, preprocessor: Preprocessor, out_dir: Path) -> None:
+def architecture(model: Cnn | EfficientNetLite) -> str:
+    from tlpipe.settings.image_classification.backbones import ARCHITECTURE as LITE
+
+    return ARCHITECTURE if isinstance(model, Cnn) else LITE
+
+
+def save_checkpoint(model: Cnn | EfficientNetLite, preprocessor: Preprocessor, out_dir: Path) -> None:
     """The checkpoint directory (weights, config, preprocessor); written in place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
-    config = {"architecture": ARCHITECTURE, **asdict(model.config)}
+    config = {"architecture": architecture(model), **asdict(model.config)}
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     preprocessor.save(out_dir)
 
 
-def read_config(model_dir: Path) -> CnnConfig:
+def build(model_dir: Path) -> Cnn | EfficientNetLite:
+    """The architecture `model_dir/config.json` describes, randomly initialised."""
+    from tlpipe.settings.image_classification import backbones
+
     path = model_dir / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; {model_dir} is not an image checkpoint")
     raw = json.loads(path.read_text())
-    if raw.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{path}: architecture {raw.get('architecture')!r} is not {ARCHITECTURE!r}")
-    return CnnConfig(int(raw["channels"]), tuple(raw["widths"]), tuple(raw["labels"]), float(raw["dropout"]))
+    kind, labels = raw.get("architecture"), tuple(raw.get("labels", ()))
+    if kind == ARCHITECTURE:
+        return Cnn(CnnConfig(int(raw["channels"]), tuple(raw["widths"]), labels, float(raw["dropout"])))
+    if kind == backbones.ARCHITECTURE:
+        config = backbones.LiteConfig(
+            int(raw["image_size"]), labels, float(raw["dropout"]), float(raw["drop_connect"])
+        )
+        return backbones.EfficientNetLite.build(config)
+    raise ValueError(
+        f"{path}: architecture {kind!r} is not one tlpipe builds ({ARCHITECTURE}, {backbones.ARCHITECTURE})"
+    )
 
 
-def load_checkpoint(model_dir: Path) -> tuple[Cnn, Preprocessor]:
+def load_checkpoint(model_dir: Path) -> tuple[Cnn | EfficientNetLite, Preprocessor]:
     """The model (on the CPU, in eval mode) and its preprocessor. The weights are
     safetensors: nothing is unpickled."""
-    model = Cnn(read_config(model_dir))
+    model = build(model_dir)
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
     return model.eval(), Preprocessor.load(model_dir)
