@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from tlpipe.setting import Predictor, predictor
@@ -39,6 +42,24 @@ def inference_session(path: Path, options: ort.SessionOptions) -> ort.InferenceS
     return ort.InferenceSession(
         str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
     )
+
+
+def precision_session(
+    path: Path, models: dict[str, str], precision: str, threads: int | None
+) -> ort.InferenceSession:
+    """A session on the bundle's ONNX file for `precision` (`models`: precision -> file);
+    ValueError names the precisions the bundle has."""
+    if precision not in models:
+        raise ValueError(f"{path}: no {precision} model in this bundle; it has {sorted(models)}")
+    return inference_session(path / models[precision], session_options(threads))
+
+
+def top_labels(logits: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Per row of logits (N, C): the most likely label and its softmax score."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    best = probs.argmax(axis=1)
+    return [{"label": labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
 
 
 def require_files(path: Path, names: tuple[str, ...]) -> None:

@@ -67,6 +67,13 @@ class Metric:
         return -float("inf") if self.higher_is_better else float("inf")
 
 
+# What a classifier reports (either setting's primary metric, by `evaluate.metric`).
+CLASSIFICATION_METRICS = {
+    "accuracy": Metric("accuracy", "accuracy"),
+    "macro_f1": Metric("macro_f1", "macro-F1"),
+}
+
+
 class TrainTask(Protocol):
     """One model's training data, loss and validation, as the shared loop sees them."""
 
@@ -411,6 +418,7 @@ def primary_metric(setting: Setting | SettingSpec, key: str) -> Metric:
 
 
 __all__ = [
+    "CLASSIFICATION_METRICS",
     "SETTINGS",
     "Arm",
     "Exporter",

@@ -13,12 +13,9 @@ Its parts so far:
 
 from __future__ import annotations
 
-from tlpipe.setting import Metric, SettingSpec
+from tlpipe.setting import CLASSIFICATION_METRICS, SettingSpec
 
-METRICS = {
-    "accuracy": Metric("accuracy", "accuracy"),
-    "macro_f1": Metric("macro_f1", "macro-F1"),
-}
+METRICS = CLASSIFICATION_METRICS
 SPEC = SettingSpec(
     name="image-classification",
     # A target needs both columns, a source its images (and its label when it is labelled).

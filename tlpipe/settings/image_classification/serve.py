@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.images import IMAGE_SUFFIXES, image_files
-from tlpipe.serve import BUNDLE_JSON, inference_session, require_files, session_options
+from tlpipe.serve import BUNDLE_JSON, precision_session, require_files, top_labels
 from tlpipe.settings.image_classification.preprocess import FILE as PREPROCESSOR_FILE
 from tlpipe.settings.image_classification.preprocess import Preprocessor
 
@@ -53,13 +53,9 @@ class ImageBundle:
         require_files(path, BUNDLE_FILES)
         self.path = path
         self.spec = BundleSpec.read(path / BUNDLE_JSON)
-        if precision not in self.spec.models:
-            raise ValueError(
-                f"{path}: no {precision} model in this bundle; it has {sorted(self.spec.models)}"
-            )
         self.precision = precision
         self.preprocessor = Preprocessor.load(path)
-        self.session = inference_session(path / self.spec.models[precision], session_options(threads))
+        self.session = precision_session(path, self.spec.models, precision, threads)
 
     def prepare(self, images: Sequence[bytes]) -> np.ndarray:
         """Encoded images as the preprocessor's uint8 pixels (N, C, H, W); a ValueError names
@@ -84,10 +80,7 @@ class ImageBundle:
     def predict(self, rows: Sequence[bytes], batch_size: int = 64) -> list[dict[str, Any]]:
         """Label and softmax score per encoded image."""
         logits = self.outputs(self.prepare(rows), batch_size)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
-        best = probs.argmax(axis=1)
-        return [{"label": self.spec.labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
+        return top_labels(logits, self.spec.labels)
 
     @staticmethod
     def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[bytes]]:

@@ -14,12 +14,9 @@ params read it. Its implementation (`setting.SETTING`) is made of:
 
 from __future__ import annotations
 
-from tlpipe.setting import Metric, SettingSpec
+from tlpipe.setting import CLASSIFICATION_METRICS, SettingSpec
 
-METRICS = {
-    "accuracy": Metric("accuracy", "accuracy"),
-    "macro_f1": Metric("macro_f1", "macro-F1"),
-}
+METRICS = CLASSIFICATION_METRICS
 SPEC = SettingSpec(
     name="text-classification",
     # A target needs both columns, a source its text (and its label when it is labelled).

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.serve import BUNDLE_JSON, inference_session, require_files, session_options
+from tlpipe.serve import BUNDLE_JSON, precision_session, require_files, top_labels
 from tlpipe.settings.text_classification.text import encode, load_tokenizer
 
 BUNDLE_FILES = ("model.onnx", "tokenizer.json", BUNDLE_JSON)
@@ -65,13 +65,9 @@ class ClassifierBundle:
         require_files(path, BUNDLE_FILES)
         self.path = path
         self.spec = BundleSpec.read(path / BUNDLE_JSON)
-        if precision not in self.spec.models:
-            raise ValueError(
-                f"{path}: no {precision} model in this bundle; it has {sorted(self.spec.models)}"
-            )
         self.precision = precision
         self.tokenizer = load_tokenizer(path)
-        self.session = inference_session(path / self.spec.models[precision], session_options(threads))
+        self.session = precision_session(path, self.spec.models, precision, threads)
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
         return encode(self.tokenizer, texts, self.spec.max_length, self.spec.truncation)
@@ -89,10 +85,7 @@ class ClassifierBundle:
     def predict(self, rows: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
         """Label and softmax score per text."""
         logits = self.outputs(self.encode(rows), batch_size)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
-        best = probs.argmax(axis=1)
-        return [{"label": self.spec.labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
+        return top_labels(logits, self.spec.labels)
 
     @staticmethod
     def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:
