@@ -133,7 +133,7 @@ def export_stale() -> bool:
     return not is_up_to_date("export")
 
 
-@task(name="export-compute", task_run_name="export-compute")
+@task(name="export-compute")
 def export_compute(root: str) -> Any:
     """export's computation in a pool worker: it needs finetune's model and the test split
     alone, so it runs beside the curve; the flow's `export` task records it."""
