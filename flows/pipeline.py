@@ -207,7 +207,8 @@ def pipeline(params_file: str | None = None, overrides: dict[str, Any] | None = 
         stale = evaluate_stale()
         tuning = curve_point.map(tuning_plan(stale), unmapped(root))
         evaluate(tuning, curve_point.map(curve_plan(stale, tuning), unmapped(root)))
-        export(exporting)
+        # .result() raises export's own error here: a failed export is never recorded.
+        export(exporting.result() if exporting is not None else None)
         publish()
         return report()
 

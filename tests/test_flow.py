@@ -303,3 +303,21 @@ def test_bad_data_stops_before_pretrain(harness: None, project: Path) -> None:
     lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
     assert "validate" not in lock and "pretrain" not in lock
     assert os.environ.get("TLPIPE_S3_ENDPOINT") is None
+
+
+def test_an_export_failing_beside_the_curve_fails_the_run_and_publishes_nothing(
+    harness: None, project: Path
+) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["export"]["max_abs_diff"] = 1e-30
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    message = _run_failing()
+    parity = json.loads(Path("outputs/export/parity.json").read_text())
+    if parity["max_abs_diff"] == 0.0:
+        pytest.skip("onnxruntime matched PyTorch bit for bit: nothing for the parity gate to fail on")
+    assert "exceeds export.max_abs_diff" in message, message
+    # The curve ran to its end beside it, and evaluate was recorded; export and publish were not.
+    assert Path("outputs/evaluate/metrics.json").is_file()
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+    assert "evaluate" in lock and "export" not in lock and "publish" not in lock
+    assert not Path("outputs/publish").exists() and not (project / ".tlpipe/store").exists()
