@@ -123,9 +123,10 @@ class ImageTask:
         return [order[i : i + self.batch_size] for i in range(0, self.rows, self.batch_size)][::-1]
 
     def loss(self, model: nn.Module, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        x = self.augment(self.pixels[torch.from_numpy(idx)].float() / 255.0, self._gen)
+        rows = torch.from_numpy(idx)
+        x = self.augment(self.pixels[rows].float() / 255.0, self._gen)
         logits = model(model_input(x, self.prep).to(self.runtime.device))  # (B, labels)
-        return F.cross_entropy(logits.float(), self._labels[torch.from_numpy(idx).to(self.runtime.device)])
+        return F.cross_entropy(logits.float(), self._labels[rows.to(self.runtime.device)])
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         pred = predict_logits(model, self.val_pixels, self.prep, self.eval_batch_size, self.runtime).argmax(1)

@@ -8,7 +8,6 @@ image is decoded, converted to the model's channel count, resized to `size` x `s
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.images import MODES
+from tlpipe.images import MODES, decode
 
 FILE = "preprocessor.json"
 
@@ -38,20 +37,15 @@ class Preprocessor:
 
     def pixels(self, data: bytes) -> np.ndarray:
         """One encoded image as uint8 (C, size, size). Raises ValueError when it does not
-        decode."""
-        from PIL import Image, UnidentifiedImageError
+        decode (`tlpipe.images.decode`)."""
+        from PIL import Image
 
-        if not data:
-            raise ValueError("no image bytes")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img = img.convert(MODES[self.channels])
-                if img.size != (self.size, self.size):
-                    img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"not a readable image: {err}") from None
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        pixels = decode(data, self.channels)  # (H, W, C)
+        if pixels.shape[:2] != (self.size, self.size):
+            img = Image.fromarray(pixels[:, :, 0] if self.channels == 1 else pixels)
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.uint8).reshape(self.size, self.size, self.channels)
+        return pixels.transpose(2, 0, 1)
 
     def batch_pixels(self, images: Sequence[bytes]) -> np.ndarray:
         """Encoded images as uint8 (N, C, size, size)."""
