@@ -86,7 +86,7 @@ def run_point(
     rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
     val = read_split(prepare_dir, "val")
     if point.arm == "reference":
-        metrics, training = setting.reference(rows, val, read_split(prepare_dir, "test"), data)
+        metrics, training = setting.reference(rows, val, read_split(prepare_dir, "test"), data, source_dir)
         return _write_run(runs_dir, point, len(rows), metrics, training)
     run_ft = ft.model_copy(update={"seed": point.seed})
     if point.arm == "transfer":

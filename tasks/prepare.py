@@ -67,7 +67,7 @@ def prepare(
             source = source.iloc[: p.source_max_rows]
         inputs["source"] = _describe(data.source, "source", root, len(raw))
     else:
-        source = pd.DataFrame({"text": pd.Series(dtype="string")})
+        source = pd.DataFrame({rules.item: pd.Series(dtype=object)})
         inputs["source"] = None
     splits["source"] = source
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlpipe.checkpoint import META_FILE, resolve_init, seed_everything
+from tlpipe.checkpoint import META_FILE, seed_everything
 from tlpipe.data import read_split, sha256_file, source_split
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, PretrainParams, pretrain_objective
@@ -61,7 +61,7 @@ def pretrain(
 
     held_out, train = source_split(read_split(prepare_dir, "source"))
     with tempfile.TemporaryDirectory() as download:
-        init_dir = resolve_init(p.init_from, Path(download)) if p.init_from is not None else None
+        init_dir = setting.resolve_init(p.init_from, p, Path(download)) if p.init_from is not None else None
         run = setting.pretrain(p, objective, labels, train, held_out, init_dir)
 
     if objective == "supervised":
@@ -90,7 +90,7 @@ def _use_as_is(
     """No source, or steps: 0: the checkpoint unchanged."""
     assert p.init_from is not None
     with tempfile.TemporaryDirectory() as download:
-        setting.copy_checkpoint(resolve_init(p.init_from, Path(download)), model_dir)
+        setting.copy_checkpoint(setting.resolve_init(p.init_from, p, Path(download)), model_dir)
     write_json(model_dir / META_FILE, meta)
     write_json(out_dir / "metrics.json", {"objective": None, "source": source, "steps": 0})
     (out_dir / "history.csv").write_text("step,loss,lr\n")

@@ -10,11 +10,10 @@ from tasks.evaluate import evaluate, gate, interval, subsample, summarise
 from tests.conftest import tiny_params
 from tlpipe.curve import choose_scratch, curve_plan, tuning_plan
 from tlpipe.errors import DataError, GateFailed
-from tlpipe.metrics import classification_metrics, majority_scores
+from tlpipe.metrics import classification_metrics, majority_scores, probe_accuracy
 from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, parse_params
 from tlpipe.setting import Metric
 from tlpipe.settings.text_classification import METRICS
-from tlpipe.settings.text_classification.forgetting import probe_accuracy
 from tlpipe.settings.text_classification.setting import SETTING
 
 LABELS = ("negative", "neutral", "positive")

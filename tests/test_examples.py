@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
@@ -17,7 +18,16 @@ from tlpipe.params import load_params
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = sorted(p.parent.name for p in (REPO / "examples").glob("*/params.yaml"))
+ALL_EXAMPLES = sorted(p.parent.name for p in (REPO / "examples").glob("*/params.yaml"))
+
+
+def _setting(name: str) -> str:
+    return yaml.safe_load((REPO / "examples" / name / "params.yaml").read_text())["setting"]
+
+
+# The text examples' data is cut from the bundled corpus; the image ones read the bundled digits.
+EXAMPLES = [name for name in ALL_EXAMPLES if _setting(name) == "text-classification"]
+IMAGE_EXAMPLES = [name for name in ALL_EXAMPLES if _setting(name) == "image-classification"]
 
 
 def tiny(raw: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
@@ -56,9 +66,11 @@ def harness():
 
 def test_every_example_is_listed_and_loads() -> None:
     assert EXAMPLES == ["different-labels", "target-only", "two-files", "unlabelled-source"]
-    for name in EXAMPLES:
+    assert IMAGE_EXAMPLES == ["image-digits"]
+    for name in ALL_EXAMPLES:
         params = load_params(REPO / "examples" / name / "params.yaml")
-        assert all(p.startswith("data/examples/") for p in (params.data.target.path,)), name
+        data = "data/examples/" if name in EXAMPLES else "data/raw/"
+        assert all(p.startswith(data) for p in (params.data.target.path,)), name
         assert (REPO / "examples" / name / "README.md").is_file(), name
 
 
@@ -118,3 +130,77 @@ def test_example_runs_end_to_end(
         assert {"model.onnx", "README.md"} <= set(manifest["files"])
     page = Path("outputs/report.html").read_text()
     assert ("Source: none" if params.data.source is None else f"Source ({params.data.source_kind}") in page
+
+
+def tiny_image(raw: dict[str, Any]) -> dict[str, Any]:
+    """The image example's data and transfer setup as they are; sizes, budgets and the CNN
+    made tiny."""
+    raw["prepare"]["split"].update({"train": 40, "val": 40, "test": 60})
+    raw["prepare"]["source_max_rows"] = 400
+    raw["validate"].update({"min_per_class": 2, "min_source_rows": 50})
+    raw["pretrain"].update({"steps": 20, "evaluations": 2, "image": {"size": 16, "channels": 1}})
+    raw["pretrain"]["cnn"]["widths"] = [8, 16]
+    raw["finetune"].update({"epochs": 2, "min_steps": 4, "max_steps": 8, "evaluations": 2})
+    raw["evaluate"].update({"sizes": [20, 40], "gate_size": 40, "min_gain": -1.0, "forgetting_rows": 100})
+    raw["evaluate"]["scratch_lrs"] = [1e-3, 3e-3]
+    raw["export"]["batch_size"] = 16
+    raw["publish"]["bucket"] = "tlpipe-test"
+    return raw
+
+
+@pytest.mark.parametrize("name", IMAGE_EXAMPLES)
+def test_image_example_runs_end_to_end(
+    name: str, harness: None, tmp_path: Path, sample_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundled digits through every stage of the flow: a CNN pretrained on MNIST,
+    transferred to the UCI digits, exported with its preprocessor, published, served."""
+    from typer.testing import CliRunner
+
+    from flows.pipeline import pipeline
+    from tlpipe.cli import app
+    from tlpipe.images import encode_png
+    from tlpipe.store import open_store
+
+    raw = tiny_image(yaml.safe_load((REPO / "examples" / name / "params.yaml").read_text()))
+    root = make_project(tmp_path / "proj", sample_csv, raw)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("TLPIPE_S3_ENDPOINT", raising=False)
+    params = load_params()
+
+    state = pipeline(return_state=True)
+    assert state.is_completed(), state.message
+
+    validation = json.loads(Path("outputs/validate/report.json").read_text())
+    assert validation["success"] and "image_decodes" in validation["checks"]["train"]
+    pretrain = json.loads(Path("outputs/pretrain/metrics.json").read_text())
+    assert pretrain["objective"] == "supervised" and 0 <= pretrain["source_accuracy"] <= 1
+    finetune = json.loads(Path("outputs/finetune/metrics.json").read_text())
+    assert finetune["head"] == "transferred" and finetune["preprocessed"]["size"] == 16
+    metrics = json.loads(Path("outputs/evaluate/metrics.json").read_text())
+    assert [e["rows"] for e in metrics["curve"]] == [20, 40]
+    assert {"transfer", "scratch", "reference", "gain"} <= set(metrics["curve"][0])
+    assert set(metrics["shipped"]["per_class"]) == set(params.data.labels)
+    assert 0 <= metrics["forgetting"]["probe_accuracy_after"] <= 1
+    parity = json.loads(Path("outputs/export/parity.json").read_text())
+    assert parity["argmax_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
+
+    release = json.loads(Path("outputs/publish/release.json").read_text())
+    with open_store("tlpipe-test", root=root / ".tlpipe/store") as store:
+        prefix = release["uri"].split("/", 3)[3]
+        manifest = json.loads(
+            store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read()
+        )
+    assert {"model.onnx", "model.int8.onnx", "preprocessor.json", "bundle.json"} <= set(manifest["files"])
+    page = Path("outputs/report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2  # the curve, and the grid of test images
+    assert "Image classifier" in Path("outputs/publish/README.md").read_text()
+
+    folder = tmp_path / "to-predict" / "any"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(encode_png(np.full((8, 8), 40 * i, dtype=np.uint8)))
+    command = ["predict", "--bundle", "outputs/export/bundle", "--input", str(folder.parent)]
+    result = CliRunner().invoke(app, [*command, "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 5 and all(r["label"] in params.data.labels for r in rows)

@@ -9,14 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from tlpipe.bundled import materialize_images
 from tlpipe.images import encode_png
-from tlpipe.params import FinetuneParams
+from tlpipe.params import DataParams, FinetuneParams
 from tlpipe.settings.image_classification.classifier import (
     Augment,
     ImageTask,
     batch_norm_statistics,
+    pixels,
     predict_logits,
 )
 from tlpipe.settings.image_classification.model import (
@@ -30,6 +32,7 @@ from tlpipe.settings.image_classification.preprocess import Preprocessor
 from tlpipe.train import CPU_FP32, train_model
 from tlpipe.transfer import apply_freezing, param_groups, trainable_from
 
+REPO = Path(__file__).resolve().parents[1]
 LABELS = tuple(str(d) for d in range(10))
 CONFIG = CnnConfig(channels=1, widths=(8, 16, 16), labels=LABELS, dropout=0.1)
 
@@ -131,10 +134,6 @@ def test_augmentation_is_seeded_and_a_sure_flip_mirrors() -> None:
     assert torch.allclose(mirrored, x.flip(-1), atol=1e-5)
 
 
-def _pixels(frame: pd.DataFrame, prep: Preprocessor) -> torch.Tensor:
-    return torch.from_numpy(prep.batch_pixels(list(frame["image"])))
-
-
 def test_a_cnn_learns_the_digits_and_its_checkpoint_round_trips(digits: pd.DataFrame, tmp_path: Path) -> None:
     torch.manual_seed(0)
     prep = _prep()
@@ -142,7 +141,7 @@ def test_a_cnn_learns_the_digits_and_its_checkpoint_round_trips(digits: pd.DataF
     y = train["label"].map({d: i for i, d in enumerate(LABELS)}).to_numpy()
     val_y = val["label"].map({d: i for i, d in enumerate(LABELS)}).to_numpy()
     task = ImageTask(
-        _pixels(train, prep), y, _pixels(val, prep), val_y, prep, len(LABELS),
+        pixels(train, prep), y, pixels(val, prep), val_y, prep, len(LABELS),
         batch_size=32, eval_batch_size=128, runtime=CPU_FP32, seed=0, augment=Augment(rotation=5, shift=0.05),
     )  # fmt: skip
     model = Cnn(CONFIG)
@@ -154,7 +153,7 @@ def test_a_cnn_learns_the_digits_and_its_checkpoint_round_trips(digits: pd.DataF
     save_checkpoint(model, prep, tmp_path / "ckpt")
     loaded, loaded_prep = load_checkpoint(tmp_path / "ckpt")
     assert loaded_prep == prep and loaded.config == model.config
-    val_pixels = _pixels(val, prep)
+    val_pixels = pixels(val, prep)
     np.testing.assert_allclose(
         predict_logits(loaded, val_pixels, prep, 64), predict_logits(model, val_pixels, prep, 64), atol=1e-5
     )
@@ -181,7 +180,7 @@ def trained(digits: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> P
     train, val = digits.iloc[:400], digits.iloc[1500:1600]
     index = {d: i for i, d in enumerate(LABELS)}
     task = ImageTask(
-        _pixels(train, prep), train["label"].map(index).to_numpy(), _pixels(val, prep),
+        pixels(train, prep), train["label"].map(index).to_numpy(), pixels(val, prep),
         val["label"].map(index).to_numpy(), prep, len(LABELS), batch_size=32, eval_batch_size=128,
         runtime=CPU_FP32, seed=0,
     )  # fmt: skip
@@ -310,3 +309,96 @@ def test_the_imagenet_backbone_exports_at_parity(tmp_path: Path) -> None:
     inputs = served.prepare([encode_png(square), encode_png(255 - square)])
     assert inputs.shape == (2, 3, 64, 64)  # grayscale replicated to RGB
     assert np.abs(served.outputs(inputs) - exporter.torch_outputs(inputs, 2)).max() < 1e-4
+
+
+def _data(labels: tuple[str, ...] = LABELS, source_labels: list[str] | None = None) -> DataParams:
+    """Image data params: the bundled digits as target, MNIST as a labelled source."""
+    column = {"image": "image", "label": "label"}
+    return DataParams(
+        target={"path": "data/raw/uci-digits.parquet", "columns": column, "labels": list(labels)},
+        source={"path": "data/raw/mnist-5k.parquet", "columns": column, "labels": source_labels},
+    )
+
+
+def test_the_transfer_arm_keeps_a_head_trained_on_the_target_labels(trained: Path) -> None:
+    from tlpipe.settings.image_classification.setting import SETTING
+
+    p = FinetuneParams()
+    same = SETTING.transfer_arm(p, _data(), trained, trained)
+    names = {name for name, _ in same.model.named_parameters()}
+    assert same.facts == {"head": "transferred"} and same.transferred == names
+    source, _ = load_checkpoint(trained)
+    assert torch.equal(same.model.head.weight, source.head.weight)
+
+    other = SETTING.transfer_arm(p, _data(("odd", "even")), trained, trained)
+    assert other.facts == {"head": "new"} and other.model.head.out_features == 2
+    assert other.transferred == names - {"head.weight", "head.bias"}
+    assert torch.equal(other.model.blocks[0][0].weight, source.blocks[0][0].weight)
+
+    torch.manual_seed(0)
+    scratch = SETTING.scratch_arm(_data(("odd", "even")), trained, None).model
+    assert scratch.config == other.model.config
+    assert not torch.equal(scratch.blocks[0][0].weight, source.blocks[0][0].weight)
+
+
+def test_the_packaged_imagenet_backbone_becomes_a_safetensors_checkpoint(tmp_path: Path) -> None:
+    from tlpipe.params import PretrainParams
+    from tlpipe.settings.image_classification import backbones
+    from tlpipe.settings.image_classification.setting import SETTING
+
+    p = PretrainParams(init_from=backbones.PACKAGE_INIT, image={"size": 48, "channels": 1})
+    ckpt = SETTING.resolve_init(p.init_from, p, tmp_path)
+    assert sorted(f.name for f in ckpt.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor.json", "tlpipe.json"
+    ]  # fmt: skip
+    meta = json.loads((ckpt / "tlpipe.json").read_text())
+    assert meta["weights_sha256"] == backbones.WEIGHTS_SHA256 and meta["image_size"] == 48
+    model, prep = load_checkpoint(ckpt)
+    assert prep.channels == 3 and prep.size == 48 and model.config.labels[999] == "imagenet:999"
+    assert torch.equal(model.state_dict()["_fc.weight"], backbones.imagenet_weights()["_fc.weight"])
+
+    SETTING.copy_checkpoint(ckpt, tmp_path / "copied")
+    assert load_checkpoint(tmp_path / "copied")[1] == prep
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="is not an image checkpoint tlpipe loads"):
+        SETTING.resolve_init(str(text), p, tmp_path)
+
+
+def test_params_refuse_what_the_image_setting_cannot_do() -> None:
+    from tlpipe.params import ParamsError, parse_params
+
+    raw = yaml.safe_load((REPO / "examples/image-digits/params.yaml").read_text())
+    parse_params(raw)
+
+    def with_source(**source: object) -> dict:
+        return {**raw, "data": {**raw["data"], "source": {**raw["data"]["source"], **source}}}
+
+    unlabelled = with_source(columns={"image": "image"})
+    unlabelled["pretrain"] = {**raw["pretrain"], "objective": "auto"}
+    with pytest.raises(ParamsError, match="pretrain objective 'mlm' is not one image-classification trains"):
+        parse_params(unlabelled)
+    sized = {**raw, "evaluate": {**raw["evaluate"], "scratch_models": [{"hidden_size": 64}]}}
+    with pytest.raises(ParamsError, match="trains the control in the source model's own architecture"):
+        parse_params(sized)
+    with pytest.raises(ParamsError, match="data.source.columns needs the image-classification role 'image'"):
+        parse_params(with_source(columns={"text": "t"}))
+
+
+def test_forgetting_probes_the_source_labels_before_and_after(
+    trained: Path, digits: pd.DataFrame, tmp_path: Path
+) -> None:
+    from tlpipe.params import EvaluateParams
+    from tlpipe.settings.image_classification.setting import SETTING
+
+    prepare_dir = tmp_path / "prepare"
+    prepare_dir.mkdir()
+    digits.iloc[:1000].to_parquet(prepare_dir / "source.parquet", index=False)
+    model, _ = load_checkpoint(trained)
+    torch.nn.init.zeros_(model.blocks[-1][0].weight)  # a model that forgot its last block
+    report = SETTING.forgetting(
+        EvaluateParams(forgetting_rows=100), FinetuneParams(), _data(), trained, model, prepare_dir
+    )
+    assert report["source_rows"] == 100
+    assert report["probe_accuracy_before"] > 0.5 > report["probe_accuracy_after"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -15,7 +17,8 @@ import yaml
 from tasks.validate import validate
 from tests.conftest import tiny_params
 from tlpipe.errors import DataError, GateFailed
-from tlpipe.params import ValidateParams, parse_params
+from tlpipe.images import encode_png
+from tlpipe.params import Params, ValidateParams, parse_params
 from tlpipe.settings.text_classification.rows import ROWS
 from tlpipe.settings.text_classification.rules import SUITE
 
@@ -355,3 +358,96 @@ def test_quarantine_share_is_gated_and_reported(tmp_path: Path) -> None:
     assert "target_quarantine: expect_table_row_count_to_be_between (quarantine_share)" in str(err.value)
     by_rule = "(text_length: 1, text_not_blank: 1, text_not_null: 1)"
     assert f"3 of 200 rows quarantined {by_rule}, 1 over the 1.0% allowed" in str(err.value)
+
+
+def _image_params(**validate: object) -> Params:
+    """Image params over a folder of class folders: digits 0 and 1, no source."""
+    raw = {
+        "setting": "image-classification",
+        "data": {
+            "target": {
+                "path": "data/raw/digits",
+                "columns": {"image": "image", "label": "label"},
+                "labels": ["0", "1"],
+            },
+            "source": None,
+        },
+        "prepare": {"split": {"train": 20, "val": 10, "test": 10}},
+        "validate": {"min_per_class": 2, "min_side": 8, "max_side": 64, "channels": [1], **validate},
+        "pretrain": {"init_from": "some/checkpoint"},
+        "evaluate": {"sizes": [10, 20], "gate_size": 20, "scratch_models": [None]},
+    }
+    return parse_params(raw)
+
+
+def _digit_folders(root: Path, n: int = 30) -> None:
+    """n distinct grayscale PNGs per class under data/raw/digits/<label>/."""
+    rng = np.random.default_rng(0)
+    for label in ("0", "1"):
+        (root / "data/raw/digits" / label).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, (12, 12), dtype=np.uint8)
+            (root / "data/raw/digits" / label / f"{i:03d}.png").write_bytes(encode_png(pixels))
+
+
+def test_images_are_validated_by_what_decoding_finds(tmp_path: Path) -> None:
+    from tasks.prepare import prepare
+    from tlpipe.settings.image_classification.rows import ROWS as IMAGE_ROWS
+    from tlpipe.settings.image_classification.rules import SUITE as IMAGE_SUITE
+
+    root = tmp_path / "proj"
+    _digit_folders(root)
+    folder = root / "data/raw/digits"
+    (folder / "0" / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "1" / "huge.png").write_bytes(encode_png(np.zeros((80, 80), dtype=np.uint8)))
+    rgb = np.random.default_rng(1).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    (folder / "1" / "colour.png").write_bytes(encode_png(rgb))
+    params = _image_params()
+    prepare(IMAGE_ROWS, params.prepare, params.data, params.validate_, root, root / "prepare")
+    # A copy of a training image in test, as a BMP: the same pixels, so the same image.
+    from PIL import Image
+
+    train = pd.read_parquet(root / "prepare/train.parquet")
+    test = pd.read_parquet(root / "prepare/test.parquet")
+    pixels = np.asarray(Image.open(io.BytesIO(train["image"].iloc[0])))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="BMP")
+    test.loc[0, "image"] = buf.getvalue()
+    test.to_parquet(root / "prepare/test.parquet", index=False)
+
+    with pytest.raises(GateFailed) as err:
+        validate(IMAGE_SUITE, params.validate_, params.data, root / "prepare", root / "validate")
+    report = json.loads((root / "validate/report.json").read_text())
+    failed = {
+        (split, check): c["summary"]
+        for split, checks in report["checks"].items()
+        for check, c in checks.items()
+        if not c["success"]
+    }
+    by_check = {check: [s for (_, c), s in failed.items() if c == check] for _, check in failed}
+    assert set(by_check) == {"image_decodes", "image_max_side", "image_channels", "no_leakage"}, failed
+    assert "1 of " in by_check["image_decodes"][0] and "do not decode" in by_check["image_decodes"][0]
+    assert "have a side above 64 pixels" in by_check["image_max_side"][0]
+    assert "another channel count" in by_check["image_channels"][0]
+    assert "train/test: 1 image" in by_check["no_leakage"][0]
+    assert "image_decodes" in str(err.value)
+
+
+def test_bad_images_are_quarantined_with_their_rule(tmp_path: Path) -> None:
+    from tasks.prepare import prepare
+    from tlpipe.settings.image_classification.rows import ROWS as IMAGE_ROWS
+
+    root = tmp_path / "proj"
+    _digit_folders(root)
+    folder = root / "data/raw/digits"
+    (folder / "0" / "broken.png").write_bytes(b"not an image")
+    (folder / "1" / "tiny.png").write_bytes(encode_png(np.zeros((4, 4), dtype=np.uint8)))
+    # The same picture twice: kept once.
+    (folder / "1" / "copy.png").write_bytes((folder / "1" / "000.png").read_bytes())
+    params = _image_params(rows="quarantine", max_quarantine_share=0.1)
+    result = prepare(IMAGE_ROWS, params.prepare, params.data, params.validate_, root, root / "prepare")
+    assert result.inputs["target"]["quarantined"] == {"image_decodes": 1, "image_min_side": 1}
+    assert result.duplicates_dropped["target"] == 1
+    aside = pd.read_parquet(root / "prepare/quarantine.parquet")
+    assert sorted(Path(f).name for f in aside["file"]) == ["broken.png", "tiny.png"]
+    assert sum(sum(c.values()) for s, c in result.counts.items() if s != "source") == 60

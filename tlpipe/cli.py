@@ -186,9 +186,17 @@ def data(
 @app.command()
 def predict(
     bundle: Annotated[str, typer.Option(help="bundle folder, or s3:// release (or model) prefix")],
-    input: Annotated[Path, typer.Option(help="CSV, TSV, JSONL, Parquet or plain-text file")],
+    input: Annotated[
+        Path,
+        typer.Option(
+            help="CSV, TSV, JSONL, Parquet or plain-text file; for images also an image file or a folder"
+        ),
+    ],
     output: Annotated[Path | None, typer.Option(help="JSONL output (default: stdout)")] = None,
-    column: Annotated[str, typer.Option(help="the input's column the model reads")] = "text",
+    column: Annotated[
+        str | None,
+        typer.Option(help="the input's column the model reads (default: the setting's, text or image)"),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     chunk_rows: Annotated[int, typer.Option(min=1, help="rows read and written at a time")] = 4096,
     precision: Annotated[str, typer.Option(help="fp32, or int8 when the bundle has it")] = "fp32",
@@ -198,7 +206,8 @@ def predict(
 ) -> None:
     """Predict every row of a file with the bundle's setting on onnxruntime, streaming."""
     from tlpipe.errors import TlpipeError
-    from tlpipe.serve import load_bundle
+    from tlpipe.serve import bundle_setting, load_bundle
+    from tlpipe.setting import spec
 
     try:
         if bundle.startswith("s3://"):
@@ -211,8 +220,9 @@ def predict(
         else:
             folder = Path(bundle)
         model = load_bundle(folder, threads=threads, precision=precision)
-        if not input.is_file():
-            raise FileNotFoundError(f"{input}: no such file")
+        if not input.exists():
+            raise FileNotFoundError(f"{input}: no such file or folder")
+        column = column or spec(bundle_setting(folder)).roles[0]
         out = output.open("w") if output else sys.stdout
         rows = 0
         try:

@@ -1,11 +1,17 @@
 """Scores shared by the classification settings: accuracy, macro-F1, per-class figures, the
-confusion matrix, and what always predicting the majority class scores."""
+confusion matrix, what always predicting the majority class scores, and a linear probe's
+accuracy on features."""
 
 from __future__ import annotations
 
-from typing import Any
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, Any]:
@@ -35,8 +41,43 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int
     }
 
 
+def write_confusion(path: Path, labels: tuple[str, ...], y_true: np.ndarray, y_pred: np.ndarray) -> None:
+    """One (actual, predicted) label row per example, in example order: DVC's confusion
+    plot, and what the report reads back per test row."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((labels[t], labels[q]) for t, q in zip(y_true, y_pred, strict=True))
+
+
 def majority_scores(y_true: np.ndarray, n_labels: int) -> dict[str, float]:
     """What always predicting the most frequent class scores: its share (accuracy), and its
     F1 2p / (1 + p) averaged with zeros for every other class (macro-F1)."""
     share = float(np.bincount(np.asarray(y_true), minlength=n_labels).max() / len(y_true))
     return {"accuracy": share, "macro_f1": 2 * share / (1 + share) / n_labels}
+
+
+def probe_accuracy(features: torch.Tensor, y: np.ndarray, n_labels: int, seed: int) -> float:
+    """A linear probe: multinomial logistic regression on (N, D) `features` fit on half the
+    rows, scored on the rest (what forgetting measures on a source task)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=gen)
+    fit, score = order[: len(y) // 2], order[len(y) // 2 :]
+    mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
+    x = (features - mean) / std
+    target = torch.tensor(y, dtype=torch.long)
+    linear = torch.nn.Linear(x.shape[1], n_labels)
+    opt = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(x[fit]), target[fit])
+        loss = loss + 1e-3 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((linear(x[score]).argmax(1) == target[score]).float().mean())

@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 # The transfer setting (tlpipe.setting.SETTINGS): how its rows are read (the roles a data
 # set's columns play), its models, loss, metrics, export and predictor.
-Setting = Literal["text-classification"]
+Setting = Literal["text-classification", "image-classification"]
 Truncation = Literal["head", "head_tail"]
 
 Split = Literal["train", "val", "test", "pool"]
@@ -136,8 +136,6 @@ class DataParams(_Section):
         if self.source is not None:
             if isinstance(self.source.path, dict):
                 raise ValueError("source.path is one file, folder or s3:// URI, not split files")
-            if "text" not in self.source.columns:
-                raise ValueError("source.columns needs a text column")
             if self.source.labels is not None and not self.source.labelled:
                 raise ValueError("source.labels is set but source.columns has no label column")
         return self
@@ -190,10 +188,15 @@ class PrepareParams(_Section):
 
 class ValidateParams(_Section):
     """Bounds every input's rows must meet. The default length bounds admit general text (a
-    news article of a few thousand words); a tweet corpus sets a tighter max_chars."""
+    news article of a few thousand words); a tweet corpus sets a tighter max_chars. Images
+    are bounded by the side of their decoded pixels and their channel count (1 grayscale, 3
+    colour; a palette or alpha image counts as the mode it converts to)."""
 
     min_chars: int = Field(1, ge=1)
     max_chars: int = Field(20_000, ge=1)
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(4096, ge=1)
+    channels: tuple[Literal[1, 3], ...] = (1, 3)
     # Rows of every label in each target split (train, val, test and a non-empty pool).
     min_per_class: int = Field(5, ge=1)
     # Minimum number of source rows needed to pretrain on (when there is a source).
@@ -210,6 +213,10 @@ class ValidateParams(_Section):
     def _bounds(self) -> ValidateParams:
         if self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        if self.max_side < self.min_side:
+            raise ValueError(f"max_side ({self.max_side}) is below min_side ({self.min_side})")
+        if not self.channels or len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels needs at least one channel count and no repeats")
         return self
 
 
@@ -229,6 +236,40 @@ class EncoderConfig(_Section):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         return self
+
+
+class CnnParams(_Section):
+    """The image setting's own convolutional network, built from random initialisation:
+    a 3x3 stem, then one block (two 3x3 convolutions and a 2x2 max-pool) per width."""
+
+    widths: tuple[int, ...] = (32, 64, 128)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError("needs at least one block, each of at least one channel")
+        return v
+
+
+class ImageParams(_Section):
+    """What a new image model takes as input: every image is converted to `channels` (1
+    grayscale, 3 RGB) and resized to `size` x `size`. A checkpoint keeps its own."""
+
+    size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+
+
+class AugmentParams(_Section):
+    """Seeded training-time changes to each image batch: a rotation up to `rotation`
+    degrees either way, a shift up to `shift` of the side, a horizontal flip with
+    probability `flip` (leave it 0 for digits and text, where a mirror image is no longer
+    the same class)."""
+
+    rotation: float = Field(0.0, ge=0, le=180)
+    shift: float = Field(0.0, ge=0, le=0.5)
+    flip: float = Field(0.0, ge=0, le=1)
 
 
 class TokenizerParams(_Section):
@@ -282,6 +323,10 @@ class PretrainParams(_Section):
     optim: OptimParams = OptimParams(lr=5e-4)
     tokenizer: TokenizerParams = TokenizerParams()
     model: EncoderConfig = EncoderConfig()
+    # Image classification: a new CNN's input and widths, and the source batches' augmentation.
+    image: ImageParams = ImageParams()
+    cnn: CnnParams = CnnParams()
+    augment: AugmentParams = AugmentParams()
     log_every: int = Field(25, ge=1)
     device: Device = "auto"
     precision: Precision = "auto"
@@ -334,6 +379,10 @@ class FinetuneParams(_Section):
     # Task-adaptive pretraining: masked-LM steps on the target's unlabelled text first.
     tapt_steps: int = Field(0, ge=0)
     mask_prob: float = Field(0.15, gt=0, lt=1)
+    # Image classification: the training batches' augmentation, and whether the batch-norm
+    # layers that train update their running statistics (frozen ones never do).
+    augment: AugmentParams = AugmentParams()
+    update_batch_norm: bool = True
     device: Device = "auto"
     precision: Precision = "auto"
 
@@ -480,6 +529,20 @@ class Params(_Section):
         if (self.prepare.split.by == "column") != ("split" in self.data.target.columns):
             raise ValueError(
                 "prepare.split.by is 'column' exactly when data.target.columns names a split column"
+            )
+        if self.data.source is not None and setting.roles[0] not in self.data.source.columns:
+            raise ValueError(f"data.source.columns needs the {self.setting} role {setting.roles[0]!r}")
+        objective = pretrain_objective(self.pretrain, self.data)
+        if objective is not None and objective not in setting.objectives:
+            raise ValueError(
+                f"pretrain objective {objective!r} is not one {self.setting} trains with "
+                f"({', '.join(setting.objectives)}); "
+                + ("give the source a label column" if objective == "mlm" else "set pretrain.objective")
+            )
+        if not setting.sized_scratch and self.evaluate.scratch_models != (None,):
+            raise ValueError(
+                f"evaluate.scratch_models: {self.setting} trains the control in the source model's "
+                "own architecture; set it to [null]"
             )
         kind = self.data.source_kind
         if kind == "none" and self.pretrain.init_from is None:

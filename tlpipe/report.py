@@ -30,8 +30,17 @@ class Table:
 
 @dataclass
 class Image:
-    path: Path
+    """A PNG: a file of the outputs, or `data` made for the page (then `path` is None)."""
+
+    path: Path | None
     alt: str
+    data: bytes | None = None
+
+    def png(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path.read_bytes()
 
 
 Block = str | Table | Image
@@ -129,6 +138,129 @@ def _validation(out: Path) -> Section:
     if failed:
         section.blocks.append(Table(["check", "expectation", "bad rows"], failed))
     return section
+
+
+class ClassifierSections:
+    """The report sections every classification setting shares (a setting's `REPORT`
+    subclasses it): the inputs and their label sets, rows per split and class, the shipped
+    model's scores, confusion and per-class table, the supervised source model, the
+    forgetting probe and the model card. A subclass names its reference, says what its
+    classifier is (`kind`), and adds its own notes on the shipped model and the source."""
+
+    reference_name: str
+    reference_note: str
+    # How the model card names the model ("Text classifier"), a model built from nothing
+    # ("a new encoder") and the source in the split counts ("Source corpus").
+    kind: str
+    new_model: str
+    source_name: str = "Source"
+
+    def inputs(self, params: Params) -> list[Block]:
+        data = params.data
+        blocks: list[Block] = [f"Target: {describe_input(data.target)}; labels {', '.join(data.labels)}."]
+        if data.source is None:
+            blocks.append("Source: none (the checkpoint is fine-tuned as it is; no source-side checks).")
+        else:
+            own = data.source_labels
+            labels = f"labels {', '.join(own)}" if own else "no labels"
+            blocks.append(f"Source ({data.source_kind}, {labels}): {describe_input(data.source)}.")
+        return blocks
+
+    def counts(self, params: Params, summary: dict[str, Any]) -> list[Block]:
+        """Rows per split and class, then the source's size."""
+        data, counts = params.data, summary.get("counts", {})
+        rows = [
+            [split, str(sum(counts[split].values())), *(str(counts[split].get(c, 0)) for c in data.labels)]
+            for split in ("train", "val", "test", "pool")
+            if split in counts
+        ]
+        blocks: list[Block] = [Table(["target split", "rows", *data.labels], rows)]
+        source = counts.get("source")
+        if data.source is not None and source is not None:
+            line = f"{self.source_name}: {sum(source.values())} rows"
+            if data.source_labels:
+                line += " (" + ", ".join(f"{k}: {v}" for k, v in source.items()) + ")"
+            blocks.append(line + ".")
+        return blocks
+
+    def shipped_notes(self, params: Params, metrics: dict[str, Any], out: Path) -> list[Block]:
+        """What the setting adds under the shipped model's scores (none by default)."""
+        return []
+
+    def shipped(self, params: Params, metrics: dict[str, Any], out: Path) -> Section:
+        labels, sm = params.data.labels, metrics["shipped"]
+        section = Section("Shipped model")
+        section.blocks.append(f"Test accuracy {sm['accuracy']:.4f}, macro-F1 {sm['macro_f1']:.4f}.")
+        section.blocks += self.shipped_notes(params, metrics, out)
+        section.blocks.append(
+            Table(
+                ["actual \\ predicted", *labels],
+                [[labels[i], *(str(v) for v in row)] for i, row in enumerate(sm["confusion"])],
+            )
+        )
+        section.blocks.append(
+            Table(
+                ["class", "precision", "recall", "F1", "support"],
+                [
+                    [c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
+                    for c, v in sm["per_class"].items()
+                ],
+            )
+        )
+        return section
+
+    def source_model(self, params: Params, out: Path) -> str:
+        pre, m = params.pretrain, read_json(out / "pretrain" / "metrics.json")
+        start = f"`{pre.init_from}`" if pre.init_from else self.new_model
+        if not m:
+            return "Source model: pretrain has not run."
+        if m.get("source") == "none":
+            return f"Source model: {start}, as it is (no source)."
+        if not m.get("steps"):
+            return f"Source model: {start}, as it is (no pretraining steps)."
+        steps = f"{m['steps']} steps of {m['objective']} pretraining"
+        text = f"Source model: {start}, then {steps} on the source rows"
+        if m.get("source_accuracy") is not None:
+            return text + f"; held-out source accuracy {m['source_accuracy']:.4f}."
+        return text + self.source_note(m)
+
+    def source_note(self, m: dict[str, Any]) -> str:
+        """How an unsupervised source model scored on held-out source rows (pretrain's metrics)."""
+        return "."
+
+    def forgetting_rows(self, f: dict[str, Any]) -> list[list[str]]:
+        """The forgetting table's rows: the linear probe on the source labels."""
+        if f.get("probe_accuracy_before") is None:
+            return []
+        before, after = f["probe_accuracy_before"], f["probe_accuracy_after"]
+        return [["linear-probe accuracy on source labels", f"{before:.4f}", f"{after:.4f}"]]
+
+    def forgetting(self, f: dict[str, Any]) -> Section:
+        section = Section("Forgetting (source task)")
+        rows = self.forgetting_rows(f)
+        if rows:
+            section.blocks.append(Table(["measure", "source model", "after fine-tuning"], rows))
+        elif f.get("source") == "none":
+            section.blocks.append("No source: there is no source task to forget.")
+        else:
+            section.blocks.append(self.nothing_forgotten)
+        return section
+
+    # Why there is nothing to measure when a source exists but the table is empty.
+    nothing_forgotten = "The source has no labels: nothing to measure."
+
+    def card(self, params: Params, metrics: dict[str, Any]) -> tuple[str, str]:
+        """The model card's opening line and its line on the shipped model."""
+        shipped = metrics["shipped"]
+        what = (
+            f"{self.kind} over [{', '.join(params.data.labels)}], "
+            f"fine-tuned from `{params.pretrain.init_from or self.new_model}` "
+            f"on {metrics['train_rows']} labelled target rows."
+        )
+        return (
+            what,
+            f"This model: test accuracy {shipped['accuracy']:.4f}, macro-F1 {shipped['macro_f1']:.4f}.",
+        )
 
 
 def _evaluation(params: Params, out: Path) -> list[Section]:
@@ -243,7 +375,7 @@ def to_markdown(sections: list[Section], title: str) -> str:
                 lines.append("|" + "---|" * len(b.header))
                 lines += ["| " + " | ".join(r) + " |" for r in b.rows]
             elif isinstance(b, Image):
-                lines.append(f"({b.alt}: `{b.path}`)")
+                lines.append(f"({b.alt}: `{b.path}`)" if b.path else f"({b.alt}: in the HTML report)")
             else:
                 lines.append(b)
             lines.append("")
@@ -262,7 +394,7 @@ def to_html(sections: list[Section], title: str) -> str:
                 rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b.rows)
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             elif isinstance(b, Image):
-                data = base64.b64encode(b.path.read_bytes()).decode()
+                data = base64.b64encode(b.png()).decode()
                 body.append(f'<img alt="{esc(b.alt)}" src="data:image/png;base64,{data}">')
             else:
                 body.append(f"<p>{_inline_code(esc(b))}</p>")

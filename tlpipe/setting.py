@@ -1,12 +1,11 @@
 """The interface every transfer setting implements, and the registry that finds one by name.
 
-A setting (text classification today; image classification and text generation are its
-peers) owns what is particular to its data and models: how rows become batches, the
-models of each arm and their layer groups, the loss, the metrics and their direction, the
-classical reference and the trivial baseline, what forgetting means. The shared machinery
-(the training loop, the strategies, the curve, the gate, the report) asks only this
-interface, so a new setting is a new folder under `tlpipe/settings/`, not a branch in
-shared code.
+A setting (text and image classification; text generation is their peer) owns what is
+particular to its data and models: how rows become batches, the models of each arm and
+their layer groups, the loss, the metrics and their direction, the classical reference and
+the trivial baseline, what forgetting means. The shared machinery (the training loop, the
+strategies, the curve, the gate, the report) asks only this interface, so a new setting is
+a new folder under `tlpipe/settings/`, not a branch in shared code.
 
 Each setting is a package: its `__init__` declares it (a `SettingSpec`: the column roles
 and the metrics params are checked against, no torch imported), its `setting` module
@@ -114,6 +113,11 @@ class SettingSpec:
     metrics: Mapping[str, Metric]
     # The trivial predictor `Setting.baseline` scores ("majority class").
     baseline_name: str
+    # The pretraining objectives the setting trains a source model with (`pretrain_objective`).
+    objectives: tuple[str, ...] = ("supervised",)
+    # Whether the control may take another size than the source model's
+    # (`evaluate.scratch_models` beyond null).
+    sized_scratch: bool = False
 
 
 @dataclass
@@ -168,6 +172,11 @@ class Setting(Protocol):
         """The source model and its preprocessor as a self-contained checkpoint."""
         ...
 
+    def resolve_init(self, init_from: str, p: PretrainParams, download_dir: Path) -> Path:
+        """The local checkpoint directory `pretrain.init_from` names (`package:<module>`, a
+        path or `s3://`), downloaded or converted into `download_dir` where it must be."""
+        ...
+
     def copy_checkpoint(self, init_dir: Path, model_dir: Path) -> None:
         """A checkpoint taken as it is (no source, or no steps) into `model_dir`, checked to
         be one this setting can fine-tune."""
@@ -213,9 +222,11 @@ class Setting(Protocol):
         ...
 
     def reference(
-        self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, data: DataParams
+        self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, data: DataParams, source_dir: Path
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        """The classical reference trained on `train`: (its `metrics` on test, training facts)."""
+        """The classical reference trained on `train` (its inputs prepared as the source
+        model's preprocessor prepares them, where it needs one): (its `metrics` on test,
+        training facts)."""
         ...
 
     def baseline(self, test: pd.DataFrame, data: DataParams) -> dict[str, float]:
@@ -313,6 +324,9 @@ class RowRules(Protocol):
     (its `rows` module's `ROWS`; no torch): what prepare sets aside under `validate.rows:
     quarantine`, and what makes two rows the same item for de-duplication and leakage."""
 
+    # The role whose column holds the item itself (`text`, `image`): an empty source has it.
+    item: str
+
     def broken_rule(
         self, frame: pd.DataFrame, p: ValidateParams, labels: tuple[str, ...] | None
     ) -> pd.Series:
@@ -359,7 +373,10 @@ class ReportSections(Protocol):
 
 
 # Every setting: its name in params (`setting:`) and its package.
-SETTINGS = {"text-classification": "tlpipe.settings.text_classification"}
+SETTINGS = {
+    "text-classification": "tlpipe.settings.text_classification",
+    "image-classification": "tlpipe.settings.image_classification",
+}
 
 
 def _package(name: str) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout
-from tlpipe.params import FinetuneParams, OptimParams
+from tlpipe.params import FinetuneParams, OptimParams, PretrainParams
 from tlpipe.transfer import (
     L2SP,
     NO_DECAY,
@@ -39,11 +40,13 @@ from tlpipe.transfer import (
     trainable_from,
 )
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     import pandas as pd
 
     from tlpipe.params import DataParams
-    from tlpipe.setting import Arm, Setting, TrainTask
+    from tlpipe.setting import Arm, Setting, SourceRun, TrainTask
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -321,6 +324,72 @@ def fit(
         desc=desc,
     )
     return run, task
+
+
+def source_plan(p: PretrainParams) -> FinetuneParams:
+    """The loop as supervised pretraining runs it over the source rows: exactly `steps`
+    steps, validated `evaluations` times on held-out source rows, no early stop."""
+    return FinetuneParams(
+        seed=p.seed,
+        max_length=p.max_length,
+        epochs=1,
+        min_steps=p.steps,
+        max_steps=p.steps,
+        evaluations=p.evaluations,
+        patience=p.evaluations,
+        optim=p.optim,
+        augment=p.augment,
+        device=p.device,
+        precision=p.precision,
+    )
+
+
+def train_supervised_source(
+    model: nn.Module,
+    preprocessor: Any,
+    make_task: Callable[[FinetuneParams, Runtime], TrainTask],
+    p: PretrainParams,
+    groups: LayerGroups,
+    held_out_rows: int,
+) -> SourceRun:
+    """Supervised pretraining as every setting runs it: `model` trained on the task
+    `make_task(plan, runtime)` builds for `source_plan(p)` (source rows, validated on
+    held-out ones, the best kept), recorded with the best held-out scores, one history row
+    per validation and the examples trained per second. A task that cannot be built (a
+    source row without a label from the set) is a DataError that says so."""
+    from tlpipe.errors import DataError
+    from tlpipe.setting import SourceRun
+
+    plan = source_plan(p)
+    runtime = Runtime.pick(p.device, p.precision)
+    try:
+        task = make_task(plan, runtime)
+    except DataError as err:
+        raise DataError(f"supervised pretraining needs a source label on every source row: {err}") from None
+    run = train_model(model, task, plan, groups, runtime=runtime, desc="pretrain (supervised)")
+    best = run.best()
+    log.info(
+        "pretrain: %d supervised steps, held-out source accuracy %.4f (step %d)",
+        run.steps,
+        best["val_accuracy"],
+        run.best_step,
+    )
+    history = [
+        {"step": r["step"], "loss": r["train_loss"], "val_accuracy": r["val_accuracy"]} for r in run.history
+    ]
+    return SourceRun(
+        model,
+        preprocessor,
+        {
+            "held_out_rows": held_out_rows,
+            "best_step": run.best_step,
+            "source_accuracy": best["val_accuracy"],
+            "source_macro_f1": best["val_macro_f1"],
+        },
+        history,
+        ("step", "loss", "val_accuracy"),
+        {"examples_per_second": run.examples / max(run.seconds, 1e-9)},
+    )
 
 
 def _save_training_state(

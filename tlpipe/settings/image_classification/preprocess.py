@@ -48,10 +48,14 @@ class Preprocessor:
         return pixels.transpose(2, 0, 1)
 
     def batch_pixels(self, images: Sequence[bytes]) -> np.ndarray:
-        """Encoded images as uint8 (N, C, size, size)."""
+        """Encoded images as uint8 (N, C, size, size); a ValueError names the first one
+        (by position) that does not decode."""
         out = np.empty((len(images), self.channels, self.size, self.size), dtype=np.uint8)
         for i, data in enumerate(images):
-            out[i] = self.pixels(data)
+            try:
+                out[i] = self.pixels(data)
+            except ValueError as err:
+                raise ValueError(f"image {i}: {err}") from None
         return out
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:

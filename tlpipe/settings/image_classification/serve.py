@@ -60,14 +60,7 @@ class ImageBundle:
     def prepare(self, images: Sequence[bytes]) -> np.ndarray:
         """Encoded images as the preprocessor's uint8 pixels (N, C, H, W); a ValueError names
         the first one that does not decode."""
-        p = self.preprocessor
-        out = np.empty((len(images), p.channels, p.size, p.size), dtype=np.uint8)
-        for i, data in enumerate(images):
-            try:
-                out[i] = p.pixels(data)
-            except ValueError as err:
-                raise ValueError(f"image {i}: {err}") from None
-        return out
+        return self.preprocessor.batch_pixels(images)
 
     def outputs(self, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Logits (N, labels) of prepared uint8 pixels (N, C, H, W), in input order."""

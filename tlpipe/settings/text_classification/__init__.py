@@ -23,4 +23,6 @@ SPEC = SettingSpec(
     roles=("text", "label"),
     metrics=METRICS,
     baseline_name="majority class",
+    objectives=("mlm", "supervised"),
+    sized_scratch=True,
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, texts
-from tlpipe.metrics import classification_metrics
+from tlpipe.metrics import classification_metrics, write_confusion
 from tlpipe.params import FinetuneParams
 from tlpipe.setting import Arm, Metric
 from tlpipe.settings.text_classification import METRICS
@@ -184,8 +183,5 @@ def shipped(
     metrics = classification_metrics(test_y, pred, len(labels))
     metrics["per_class"] = dict(zip(labels, metrics["per_class"], strict=True))
     metrics["truncated_share"] = truncated_share(tok, texts(test), p.max_length)
-    with (out_dir / "confusion.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((labels[t], labels[q]) for t, q in zip(test_y, pred, strict=True))
+    write_confusion(out_dir / "confusion.csv", labels, test_y, pred)
     return model, metrics

@@ -12,6 +12,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from tlpipe.batching import length_batches
 from tlpipe.data import label_ids, read_split, source_split, texts
+from tlpipe.metrics import probe_accuracy
 from tlpipe.params import DataParams, EvaluateParams, FinetuneParams
 from tlpipe.settings.text_classification.mlm import MLM_EVAL_ROWS, iterate_batches, mlm_eval_loss
 from tlpipe.settings.text_classification.model import has_mlm_head, load_mlm
@@ -36,29 +37,6 @@ def _mean_pooled(
         m = mask.unsqueeze(-1).float()
         out[torch.from_numpy(idx)] = ((hidden.float() * m).sum(1) / m.sum(1)).cpu()  # (B, H)
     return out
-
-
-def probe_accuracy(features: torch.Tensor, y: np.ndarray, n_labels: int, seed: int) -> float:
-    """A linear probe: multinomial logistic regression fit on half the rows, scored on the rest."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=gen)
-    fit, score = order[: len(y) // 2], order[len(y) // 2 :]
-    mean, std = features[fit].mean(0), features[fit].std(0) + 1e-6
-    x = (features - mean) / std
-    target = torch.tensor(y, dtype=torch.long)
-    linear = torch.nn.Linear(x.shape[1], n_labels)
-    opt = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(x[fit]), target[fit])
-        loss = loss + 1e-3 * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float((linear(x[score]).argmax(1) == target[score]).float().mean())
 
 
 def forgetting(

@@ -12,8 +12,7 @@ import pandas as pd
 from tokenizers import Tokenizer
 
 from tlpipe.data import texts
-from tlpipe.errors import DataError
-from tlpipe.params import FinetuneParams, PretrainParams
+from tlpipe.params import PretrainParams
 from tlpipe.setting import Arm, SourceRun
 from tlpipe.settings.text_classification.classifier import classifier_task
 from tlpipe.settings.text_classification.layers import layer_groups
@@ -26,7 +25,7 @@ from tlpipe.settings.text_classification.model import (
     new_mlm,
 )
 from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer, train_wordpiece
-from tlpipe.train import Runtime, train_model
+from tlpipe.train import Runtime, train_supervised_source
 
 log = logging.getLogger(__name__)
 
@@ -112,47 +111,13 @@ def _supervised(
     else:
         special = SpecialIds.of(tok)
         model = new_classifier(bert_config(p.model, tok.get_vocab_size(), special.pad, p.max_length), labels)
-    # The fine-tuning loop over the source rows: exactly `steps` steps, no early stop.
-    plan = FinetuneParams(
-        seed=p.seed,
-        max_length=p.max_length,
-        epochs=1,
-        min_steps=p.steps,
-        max_steps=p.steps,
-        evaluations=p.evaluations,
-        patience=p.evaluations,
-        optim=p.optim,
-        device=p.device,
-        precision=p.precision,
-    )
-    runtime = Runtime.pick(p.device, p.precision)
-    try:
-        task = classifier_task(Arm(model), train, held_out, plan, labels, tok, runtime)
-    except DataError as err:
-        raise DataError(f"supervised pretraining needs a source label on every source row: {err}") from None
-    run = train_model(model, task, plan, layer_groups(model), runtime=runtime, desc="pretrain (supervised)")
-    best = run.best()
-    log.info(
-        "pretrain: %d supervised steps, held-out source accuracy %.4f (step %d)",
-        run.steps,
-        best["val_accuracy"],
-        run.best_step,
-    )
-    history = [
-        {"step": r["step"], "loss": r["train_loss"], "val_accuracy": r["val_accuracy"]} for r in run.history
-    ]
-    return SourceRun(
+    return train_supervised_source(
         model,
         tok,
-        {
-            "held_out_rows": len(held_out),
-            "best_step": run.best_step,
-            "source_accuracy": best["val_accuracy"],
-            "source_macro_f1": best["val_macro_f1"],
-        },
-        history,
-        ("step", "loss", "val_accuracy"),
-        {"examples_per_second": run.examples / max(run.seconds, 1e-9)},
+        lambda plan, runtime: classifier_task(Arm(model), train, held_out, plan, labels, tok, runtime),
+        p,
+        layer_groups(model),
+        len(held_out),
     )
 
 

@@ -38,6 +38,7 @@ def identity(frame: pd.DataFrame) -> pd.Series:
 
 
 class TextRows:
+    item = "text"
     broken_rule = staticmethod(broken_rule)
     identity = staticmethod(identity)
 

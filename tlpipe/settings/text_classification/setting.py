@@ -9,9 +9,10 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from tlpipe.checkpoint import resolve_init
 from tlpipe.data import label_ids, texts
 from tlpipe.metrics import majority_scores
-from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams
+from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, PretrainParams
 from tlpipe.setting import Arm, SourceRun
 from tlpipe.settings.text_classification import (
     SPEC,
@@ -69,7 +70,7 @@ class TextClassification:
         return classifier.score(model, rows, p, data.labels, source_dir, runtime)
 
     def reference(
-        self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, data: DataParams
+        self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, data: DataParams, source_dir: Path
     ) -> tuple[dict[str, float], dict[str, Any]]:
         return reference.reference_run(train, val, test, data.labels)
 
@@ -83,6 +84,9 @@ class TextClassification:
 
     pretrain = staticmethod(train_source)
     copy_checkpoint = staticmethod(copy_checkpoint)
+
+    def resolve_init(self, init_from: str, p: PretrainParams, download_dir: Path) -> Path:
+        return resolve_init(init_from, download_dir)
 
     def save_source(self, run: SourceRun, model_dir: Path, meta: dict[str, Any]) -> None:
         save_checkpoint(run.model, run.preprocessor, model_dir, meta)
