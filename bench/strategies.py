@@ -5,6 +5,9 @@ trains at each size with each seed on the same rows, so differences are paired b
 Writes bench/strategies.json (every run) and prints a Markdown table.
 
     python -m bench.strategies --sizes 100 1000 --seeds 0 1 2
+
+It reads params.yaml and outputs/ of the folder it runs in: run it in a workspace
+(`.tlpipe/workspaces/<id>/`, which `tlpipe run --params FILE` prints) for another params file.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full@1e-4": {"finetune.optim.lr": 1e-4},
     "full@5e-5": {"finetune.optim.lr": 5e-5},
     "freeze_embeddings": {"finetune.strategy": "freeze_embeddings"},
+    # Image classification (examples/image-digits: full at lr 1e-3 with augmentation).
+    "head_only": {"finetune.strategy": "head_only"},
+    "freeze_bottom:2": {"finetune.strategy": "freeze_bottom", "finetune.freeze_bottom": 2},
+    "gradual_unfreeze": {"finetune.strategy": "gradual_unfreeze"},
+    "full+llrd0.7": {"finetune.layer_decay": 0.7},
+    "full@3e-4": {"finetune.optim.lr": 3e-4},
+    "full@3e-3": {"finetune.optim.lr": 3e-3},
+    "full-augment": {"finetune.augment": {"rotation": 0.0, "shift": 0.0, "flip": 0.0}},
+    "full-bn-update": {"finetune.update_batch_norm": False},
     # The scratch control at one cell of its grid (the first of evaluate.scratch_models and
     # of evaluate.scratch_lrs).
     "scratch:same@2e-4": {
