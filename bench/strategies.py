@@ -28,6 +28,7 @@ from tasks.evaluate import CurvePoint, curve_workers, interval, one_thread, run_
 from tlpipe.checkpoint import resolve_init
 from tlpipe.data import sha256_file
 from tlpipe.params import Params, load_params, parse_params, stage_dir
+from tlpipe.setting import get_setting
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -137,11 +138,11 @@ def main() -> None:
                 pool.submit(
                     run_point,
                     point,
+                    get_setting(params.setting),
                     params.evaluate,
                     params.finetune,
                     params.data,
                     source_dir,
-                    stage_dir("finetune"),
                     prepare_dir,
                     Path(tmp) / "runs" / name,
                 ): (name, key)
