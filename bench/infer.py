@@ -27,10 +27,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from bench.common import REPS, in_turns, pin_threads, ratio, record, stat, threads_from_env
-from tasks.export import quantize_int8
 from tlpipe.batching import pad_arrays
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.params import load_params
+from tlpipe.quantize import quantize_dynamic_int8
 from tlpipe.serve import inference_session, session_options
 from tlpipe.settings.text_classification.export import export_onnx, fuse
 from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer
@@ -133,7 +133,7 @@ def main() -> None:
         eager = AutoModelForSequenceClassification.from_pretrained(MODEL, attn_implementation="eager").eval()
         export_onnx(eager, plain, special, tok.get_vocab_size(), params.export.opset)
         fused_ops = fuse(plain, fused, model.config.num_attention_heads, model.config.hidden_size)
-        quantize_int8(fused, int8)
+        quantize_dynamic_int8(fused, int8)
         engines = {
             "pytorch_fp32": (torch_engine(model), (MODEL / "model.safetensors").stat().st_size),
             "ort_fp32_plain": (ort_engine(plain, threads), plain.stat().st_size),

@@ -1,8 +1,8 @@
 """export: the fine-tuned model as an ONNX bundle, gated on parity with PyTorch.
 
-What the model's graph and its preprocessor are is the setting's (its `Exporter`); the
-parity gate, the choice of the fused or the plain graph, int8 quantisation and its gate are
-the same for every setting.
+What the model's graph, its preprocessor and its int8 quantisation are is the setting's
+(its `Exporter`); the parity gate, the choice of the fused or the plain graph and the int8
+accuracy gate are the same for every setting.
 """
 
 from __future__ import annotations
@@ -33,25 +33,6 @@ class ExportResult:
     fused: bool
     # How far int8 falls below fp32 on the setting's export quality metric (None: no int8).
     int8_drop: float | None
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic quantisation: int8 weights for matrix products, attention and the embedding
-    tables, one scale per output channel; activations quantised on the fly. (One scale per
-    tensor lost 1.35 points of test accuracy on the different-labels example, per channel
-    0.25.)"""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # Fused contrib ops (Attention, BiasGelu) defeat ONNX shape inference:
-    # their outputs are fp32.
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
 
 
 def _parity(ort_out: np.ndarray, torch_out: np.ndarray) -> tuple[float, float]:
@@ -120,7 +101,7 @@ def export(
 
     int8_drop = None
     if p.int8 and not failures:
-        quantize_int8(fp32, bundle_dir / "model.int8.onnx")
+        quantisation = exporter.quantize(fp32, bundle_dir / "model.int8.onnx", prepare_dir)
         _bundle_json(bundle_dir, models={"fp32": "model.onnx", "int8": "model.int8.onnx"})
         metric = exporter.quality_metric
         score32 = exporter.quality(torch_out, prepare_dir)
@@ -129,6 +110,7 @@ def export(
         )
         int8_drop = score32 - score8
         report["int8"] = {
+            **quantisation,
             "metric": metric.key,
             "fp32": score32,
             "int8": score8,

@@ -80,16 +80,13 @@ def test_int8_bundle_classifies_and_unknown_precision_is_named(exported: Path) -
         load_bundle(exported / "bundle", precision="fp16")
 
 
-def test_int8_accuracy_gate_fails_loudly(
-    finetuned: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_int8_accuracy_gate_fails_loudly(finetuned: Path, prepared: Path, tmp_path: Path) -> None:
     """A quantised model that predicts worse than fp32 (here: its logits negated) fails export."""
     from types import SimpleNamespace
 
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    import tasks.export as export_module
     from tlpipe.settings.text_classification.export import export_onnx
     from tlpipe.settings.text_classification.text import SpecialIds, load_tokenizer
 
@@ -106,15 +103,16 @@ def test_int8_accuracy_gate_fails_loudly(
                 logits=-self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
             )
 
-    def broken_quantize(src: Path, dst: Path) -> None:
-        export_onnx(Negated(), dst, SpecialIds.of(tok), tok.get_vocab_size(), 18)
+    class BrokenInt8(EXPORTER):
+        def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, str]:
+            export_onnx(Negated(), dst, SpecialIds.of(tok), tok.get_vocab_size(), 18)
+            return {"method": "negated"}
 
-    monkeypatch.setattr(export_module, "quantize_int8", broken_quantize)
     p = parse_params(tiny_params(**{"export.int8_max_drop": 0.0}))
     with pytest.raises(GateFailed, match=r"int8 test accuracy .* below fp32's .* export.int8_max_drop 0.0"):
-        export(EXPORTER, p.export, finetuned, prepared, tmp_path / "x")
+        export(BrokenInt8, p.export, finetuned, prepared, tmp_path / "x")
     parity = json.loads((tmp_path / "x/parity.json").read_text())
-    assert parity["int8"]["drop"] > 0
+    assert parity["int8"]["drop"] > 0 and parity["int8"]["method"] == "negated"
 
 
 @pytest.mark.parametrize("model", ["model.onnx", "model.int8.onnx"])

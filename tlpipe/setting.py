@@ -293,6 +293,11 @@ class Exporter(Protocol):
         counts), or None when the model has none."""
         ...
 
+    def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, Any]:
+        """The int8 model of `src` into `dst` (calibrated, if at all, on the train and
+        validation splits, never on test); what was done, for parity.json."""
+        ...
+
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         """`quality_metric` of `outputs` on the test split."""
         ...

@@ -1,18 +1,21 @@
 """The image classifier's part of export: the ONNX graph over normalised images with a
 dynamic batch axis, and the preprocessor and bundle.json beside it. Its graph needs no
-offline fusion: onnxruntime's session optimisations fold batch norm into the convolutions."""
+offline fusion: onnxruntime's session optimisations fold batch norm into the convolutions.
+Its int8 model is statically quantised, calibrated on the training and validation images."""
 
 from __future__ import annotations
 
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from tlpipe.data import label_ids, read_split
 from tlpipe.files import write_json
+from tlpipe.quantize import quantize_static_int8
 from tlpipe.serve import BUNDLE_JSON
 from tlpipe.setting import Metric
 from tlpipe.settings.image_classification import METRICS, SPEC
@@ -20,6 +23,10 @@ from tlpipe.settings.image_classification.classifier import predict_logits
 from tlpipe.settings.image_classification.model import load_checkpoint
 from tlpipe.settings.image_classification.preprocess import FILE as PREPROCESSOR_FILE
 from tlpipe.settings.image_classification.serve import INPUT_NAME, BundleSpec, ImageBundle
+
+# The int8 model's activation ranges are measured on at most this many training (then
+# validation) images, in split order.
+CALIBRATION_ROWS = 512
 
 
 class ImageExporter:
@@ -60,6 +67,14 @@ class ImageExporter:
 
     def optimize(self, src: Path, dst: Path) -> None:
         return None
+
+    def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, Any]:
+        bundle = ImageBundle(src.parent)
+        images: list[bytes] = []
+        for split in ("train", "val"):
+            images += list(read_split(prepare_dir, split)["image"][: CALIBRATION_ROWS - len(images)])
+        calibration = bundle.preprocessor.normalise(bundle.prepare(images))
+        return quantize_static_int8(src, dst, bundle.spec.input_name, calibration)
 
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         y = label_ids(read_split(prepare_dir, "test"), self.labels)

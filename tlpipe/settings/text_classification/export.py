@@ -7,6 +7,7 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from tlpipe.checkpoint import read_meta
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.files import write_json
+from tlpipe.quantize import quantize_dynamic_int8
 from tlpipe.serve import BUNDLE_JSON
 from tlpipe.setting import Metric
 from tlpipe.settings.text_classification import METRICS, SPEC
@@ -120,6 +122,9 @@ class ClassifierExporter:
 
     def optimize(self, src: Path, dst: Path) -> dict[str, int]:
         return fuse(src, dst, self.model.config.num_attention_heads, self.model.config.hidden_size)
+
+    def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, Any]:
+        return quantize_dynamic_int8(src, dst)
 
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         y = label_ids(read_split(prepare_dir, "test"), self.labels)
