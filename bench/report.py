@@ -179,6 +179,85 @@ def inference(section: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+IMAGE_SIDES = {
+    "plain": "plain PyTorch loop (torchvision reference style), fp32",
+    "plain_bf16": "plain PyTorch loop, bf16 autocast",
+    "tlpipe_fp32": "tlpipe, fp32",
+    "tlpipe": "tlpipe, bf16 autocast (its default on this machine)",
+}
+
+IMAGE_ENGINES = {
+    "pytorch_fp32": "PyTorch eager, fp32",
+    "ort_fp32": "onnxruntime fp32",
+    "ort_int8_static (shipped)": "onnxruntime int8, static QDQ (shipped)",
+    "ort_int8_dynamic": "onnxruntime int8, dynamic quantisation",
+}
+
+
+def image(section: dict[str, Any]) -> list[str]:
+    """`python -m bench.image`: training against a plain loop, and inference engines."""
+    t = section["training"]
+    lines = [
+        "## Image classification (`image-cpu`)",
+        "",
+        machine_line(section),
+        "",
+        f"### Training: {t['model']}, batch {t['batch_size']}, {t['train_rows']} MNIST digits, "
+        f"{t['steps']} steps (windows of {t['window_steps']}, the first dropped), {t['repeats']} runs per "
+        f"side, interleaved; the plain loop's DataLoader with {t['plain_loader_workers']} workers",
+        "",
+        "| configuration | images/s | held-out accuracy | vs the plain loop in fp32 | useful FLOP/s "
+        "| share of the conv rate | share of the matmul peak |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, side in t["sides"].items():
+        h = t["hardware"][name]
+        lines.append(
+            f"| {IMAGE_SIDES.get(name, name)} | {fmt(side['images_per_s'])} "
+            f"| {side['held_out_accuracy']:.4f} | {t['speedup_vs_plain'][name]:.2f}x "
+            f"| {h['useful_flops'] / 1e9:,.1f} G "
+            f"| {h['fraction_of_conv_rate']:.1%} | {h['fraction_of_matmul_peak']:.1%} |"
+        )
+    rates = "; ".join(
+        f"{k}: {c['flops']['median'] / 1e9:,.0f} GFLOP/s on its costliest convolution ({c['conv']}), "
+        f"{t['matmul_peak'][k]['flops']['median'] / 1e9:,.0f} GFLOP/s on a {t['matmul_peak'][k]['name']}"
+        for k, c in t["conv_rate"].items()
+    )
+    lines += [
+        "",
+        f"tlpipe's default is {t['speedup_same_precision']:.2f}x the plain loop at the same precision. "
+        f"Training FLOPs per image: {t['training_flops_per_image'] / 1e6:,.0f} M (3x the forward pass's "
+        f"convolutions and linear layers). Measured rates, {rates}.",
+        "",
+    ]
+    for key, r in section["inference"].items():
+        batch = next(k for k in next(iter(r["engines"].values())) if k.endswith("_images_per_s"))
+        n = batch.removeprefix("batch").removesuffix("_images_per_s")
+        lines += [
+            f"### Inference: {r['model']} ({key}), {r['rows']} held-out digits, {r['rounds']} rounds per "
+            "engine, interleaved",
+            "",
+            f"| engine | batch 1 p50 ms | batch 1 p95 ms | batch {n} images/s | quality | ONNX MB "
+            f"| batch 1 speed-up | batch {n} speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, e in sorted(r["engines"].items(), key=lambda kv: list(IMAGE_ENGINES).index(kv[0])):
+            quality = (
+                f"accuracy {e['accuracy']:.4f}"
+                if "accuracy" in e
+                else f"agreement {e['argmax_agreement_with_pytorch_fp32']:.4f}"
+            )
+            size = f"{e['onnx_bytes'] / 1e6:.2f}" if e["onnx_bytes"] else "–"
+            vs = r["speedup_vs_pytorch"][name]
+            lines.append(
+                f"| {IMAGE_ENGINES.get(name, name)} | {fmt(e['batch1_p50_ms'], 2)} "
+                f"| {fmt(e['batch1_p95_ms'], 2)} | {fmt(e[batch])} | {quality} | {size} "
+                f"| {vs['batch1']:.2f}x | {vs[f'batch{n}']:.2f}x |"
+            )
+        lines.append("")
+    return lines
+
+
 def predict(section: dict[str, Any]) -> list[str]:
     lines = [
         "## `tlpipe predict`",
@@ -257,6 +336,7 @@ def render(results: dict[str, Any]) -> str:
         lines += training(key, results[key])
     for key, fn in (
         ("inference", inference),
+        ("image-cpu", image),
         ("predict", predict),
         ("validate", validate),
         ("pipeline", pipeline),

@@ -4,6 +4,9 @@ benchmarks take turns in alternating order."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from bench.report import render
 from tests.conftest import REPO
@@ -20,3 +23,29 @@ def test_in_turns_reverses_the_order_each_round() -> None:
     assert list(in_turns(["a", "b", "c"], 3)) == [
         (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c"),
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_image_benchmark_times_every_side_and_engine(tmp_path: Path) -> None:
+    """bench.image end to end on a few steps: both loops at both precisions, the FLOP
+    accounting against measured rates, and every inference engine on held-out digits."""
+    from bench.image import EXAMPLE, bench_inference, bench_training, digits
+
+    data = digits(REPO / EXAMPLE, tmp_path)
+    assert len(data["train_pixels"]) == 4500 and data["held_pixels"].shape == (500, 1, 32, 32)
+    assert len(set(data["held_y"])) == 10  # shuffled: every digit is held out
+    training, model = bench_training(steps=6, window=2, repeats=1, workers=0, data=data)
+    assert {"plain", "tlpipe_fp32"} <= training["sides"].keys()
+    for name, side in training["sides"].items():
+        assert side["images_per_s"]["median"] > 0 and side["images_per_s"]["reps"] == 2, name
+        assert 0 < training["hardware"][name]["fraction_of_conv_rate"] < 2, name
+    assert training["speedup_vs_plain"]["plain"] == 1.0
+    assert training["training_flops_per_image"] > 1e6
+
+    inference = bench_inference("cnn", model, data["prep"], data, threads=1, rounds=1)
+    engines = inference["engines"]
+    assert set(engines) == {"pytorch_fp32", "ort_fp32", "ort_int8_static (shipped)", "ort_int8_dynamic"}
+    assert engines["ort_fp32"]["accuracy"] == engines["pytorch_fp32"]["accuracy"]
+    for name, engine in engines.items():
+        assert engine["batch1_p50_ms"]["median"] > 0 and engine["batch64_images_per_s"]["median"] > 0, name
+    assert engines["ort_int8_static (shipped)"]["onnx_bytes"] < engines["ort_fp32"]["onnx_bytes"] / 2
