@@ -25,13 +25,14 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 # bench/results.json and docs/benchmarks.md; runs the pipeline first if anything is stale.
-# About an hour on 2 cores. TLPIPE_BENCH_THREADS pins the thread count (default: all cores).
+# About 75 minutes on 2 cores. TLPIPE_BENCH_THREADS pins the thread count (default: all cores).
 bench: $(STAMP)
 	$(VENV)/bin/tlpipe run
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.train
 	$(VENV)/bin/python -m bench.infer
 	$(VENV)/bin/python -m bench.predict
 	$(VENV)/bin/python -m bench.validate
+	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.image --efficientnet
 	$(VENV)/bin/python -m bench.pipeline
 	$(VENV)/bin/python -m bench.report
 

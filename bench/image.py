@@ -425,6 +425,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="the plain loop's DataLoader workers")
     parser.add_argument("--rounds", type=int, default=5, help="inference rounds per engine, interleaved")
     parser.add_argument("--efficientnet", action="store_true", help="also time EfficientNet-Lite0 inference")
+    parser.add_argument("--efficientnet-steps", type=int, default=60, help="its fine-tuning steps first")
     parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
     if args.steps // args.window < 3:
@@ -440,9 +441,9 @@ def main() -> None:
         "cnn": bench_inference("the trained CNN", model, data["prep"], data, threads, args.rounds)
     }
     if args.efficientnet:
-        model, prep = imagenet_digits(data, args.steps)
+        model, prep = imagenet_digits(data, args.efficientnet_steps)
         out["inference"]["efficientnet_lite0"] = bench_inference(
-            f"EfficientNet-Lite0 from ImageNet, {prep.size} px, {args.steps} steps on the digits",
+            f"EfficientNet-Lite0 from ImageNet, {prep.size} px, fine-tuned {args.efficientnet_steps} steps",
             model,
             prep,
             data,

@@ -66,7 +66,7 @@ def harness():
 
 def test_every_example_is_listed_and_loads() -> None:
     assert EXAMPLES == ["different-labels", "target-only", "two-files", "unlabelled-source"]
-    assert IMAGE_EXAMPLES == ["image-digits"]
+    assert IMAGE_EXAMPLES == ["image-digits", "image-digits-imagenet"]
     for name in ALL_EXAMPLES:
         params = load_params(REPO / "examples" / name / "params.yaml")
         data = "data/examples/" if name in EXAMPLES else "data/raw/"
@@ -133,13 +133,14 @@ def test_example_runs_end_to_end(
 
 
 def tiny_image(raw: dict[str, Any]) -> dict[str, Any]:
-    """The image example's data and transfer setup as they are; sizes, budgets and the CNN
-    made tiny."""
+    """The image example's data and transfer setup as they are; sizes, budgets and a CNN
+    of its own made tiny (a packaged backbone stays as it is)."""
     raw["prepare"]["split"].update({"train": 40, "val": 40, "test": 60})
     raw["prepare"]["source_max_rows"] = 400
     raw["validate"].update({"min_per_class": 2, "min_source_rows": 50})
-    raw["pretrain"].update({"steps": 20, "evaluations": 2, "image": {"size": 16, "channels": 1}})
-    raw["pretrain"]["cnn"]["widths"] = [8, 16]
+    if raw["pretrain"]["init_from"] is None:
+        raw["pretrain"].update({"steps": 20, "evaluations": 2, "image": {"size": 16, "channels": 1}})
+        raw["pretrain"]["cnn"]["widths"] = [8, 16]
     raw["finetune"].update({"epochs": 2, "min_steps": 4, "max_steps": 8, "evaluations": 2})
     raw["evaluate"].update({"sizes": [20, 40], "gate_size": 40, "min_gain": -1.0, "forgetting_rows": 100})
     raw["evaluate"]["scratch_lrs"] = [1e-3, 3e-3]
@@ -152,8 +153,9 @@ def tiny_image(raw: dict[str, Any]) -> dict[str, Any]:
 def test_image_example_runs_end_to_end(
     name: str, harness: None, tmp_path: Path, sample_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The bundled digits through every stage of the flow: a CNN pretrained on MNIST,
-    transferred to the UCI digits, exported with its preprocessor, published, served."""
+    """The bundled digits through every stage of the flow: a CNN pretrained on MNIST (or
+    the packaged ImageNet backbone) transferred to the UCI digits, exported with its
+    preprocessor, published, served."""
     from typer.testing import CliRunner
 
     from flows.pipeline import pipeline
@@ -173,14 +175,21 @@ def test_image_example_runs_end_to_end(
     validation = json.loads(Path("outputs/validate/report.json").read_text())
     assert validation["success"] and "image_decodes" in validation["checks"]["train"]
     pretrain = json.loads(Path("outputs/pretrain/metrics.json").read_text())
-    assert pretrain["objective"] == "supervised" and 0 <= pretrain["source_accuracy"] <= 1
     finetune = json.loads(Path("outputs/finetune/metrics.json").read_text())
-    assert finetune["head"] == "transferred" and finetune["preprocessed"]["size"] == 16
+    assert finetune["preprocessed"]["size"] == raw["pretrain"]["image"]["size"]
+    if params.data.source is None:  # ImageNet's head is not the digits'
+        assert pretrain["objective"] is None and finetune["head"] == "new"
+    else:
+        assert pretrain["objective"] == "supervised" and 0 <= pretrain["source_accuracy"] <= 1
+        assert finetune["head"] == "transferred"
     metrics = json.loads(Path("outputs/evaluate/metrics.json").read_text())
     assert [e["rows"] for e in metrics["curve"]] == [20, 40]
     assert {"transfer", "scratch", "reference", "gain"} <= set(metrics["curve"][0])
     assert set(metrics["shipped"]["per_class"]) == set(params.data.labels)
-    assert 0 <= metrics["forgetting"]["probe_accuracy_after"] <= 1
+    if params.data.source is None:
+        assert metrics["forgetting"]["probe_accuracy_before"] is None
+    else:
+        assert 0 <= metrics["forgetting"]["probe_accuracy_after"] <= 1
     parity = json.loads(Path("outputs/export/parity.json").read_text())
     assert parity["argmax_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
 
