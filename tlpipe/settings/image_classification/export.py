@@ -69,12 +69,11 @@ class ImageExporter:
         return None
 
     def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, Any]:
-        bundle = ImageBundle(src.parent)
         images: list[bytes] = []
         for split in ("train", "val"):
             images += list(read_split(prepare_dir, split)["image"][: CALIBRATION_ROWS - len(images)])
-        calibration = bundle.preprocessor.normalise(bundle.prepare(images))
-        return quantize_static_int8(src, dst, bundle.spec.input_name, calibration)
+        calibration = self.preprocessor.normalise(self.preprocessor.batch_pixels(images))
+        return quantize_static_int8(src, dst, INPUT_NAME, calibration)
 
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         y = label_ids(read_split(prepare_dir, "test"), self.labels)
