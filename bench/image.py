@@ -134,43 +134,41 @@ def plain_run(
     return marks
 
 
-def training_flops(model: nn.Module, prep: Preprocessor) -> float:
-    """FLOPs of one training step per image: 3 x the forward pass's multiply-adds x 2, over
-    the convolutions and linear layers (backward computes the input and the weight
-    gradients, each as costly as the forward)."""
-    total = 0.0
-
-    def count(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total += 2.0 * out[0].numel() * k
-        elif isinstance(module, nn.Linear):
-            total += 2.0 * module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, prep.channels, prep.size, prep.size))
-    for h in hooks:
-        h.remove()
-    return 3.0 * total
+Layer = tuple[float, nn.Module, tuple[int, ...]]
 
 
-def conv_flops(model: nn.Module, prep: Preprocessor, batch: int, dtype: torch.dtype) -> dict[str, Any]:
-    """FLOP/s of the model's costliest convolution, forward, at the training batch: the
-    machine's practical rate for this kind of work."""
-    shapes: list[tuple[float, nn.Conv2d, tuple[int, ...]]] = []
+def layer_flops(model: nn.Module, prep: Preprocessor) -> list[Layer]:
+    """Per convolution and linear layer, in forward order: its forward FLOPs for one image
+    (2 x multiply-adds), the layer, and its input's shape without the batch axis."""
+    layers: list[Layer] = []
 
     def keep(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-        shapes.append((2.0 * out[0].numel() * k, module, tuple(args[0].shape[1:])))
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            flops = 2.0 * out[0].numel() * k
+        else:
+            flops = 2.0 * module.in_features * module.out_features
+        layers.append((flops, module, tuple(args[0].shape[1:])))
 
-    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     with torch.no_grad():
         model.eval()(torch.zeros(1, prep.channels, prep.size, prep.size))
     for h in hooks:
         h.remove()
-    flops, conv, shape = max(shapes, key=lambda s: s[0])
+    return layers
+
+
+def training_flops(layers: list[Layer]) -> float:
+    """FLOPs of one training step per image: 3 x the forward pass's (backward computes the
+    input and the weight gradients, each as costly as the forward)."""
+    return 3.0 * sum(flops for flops, _, _ in layers)
+
+
+def conv_flops(layers: list[Layer], batch: int, dtype: torch.dtype) -> dict[str, Any]:
+    """FLOP/s of the model's costliest convolution, forward, at the training batch: the
+    machine's practical rate for this kind of work."""
+    convs = [layer for layer in layers if isinstance(layer[1], nn.Conv2d)]
+    flops, conv, shape = max(convs, key=lambda layer: layer[0])
     conv = copy.deepcopy(conv)
     x = torch.randn(batch, *shape)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -226,12 +224,13 @@ def bench_training(
     }
     best = "tlpipe" if "tlpipe" in out else "tlpipe_fp32"
     same = "plain_bf16" if best == "tlpipe" else "plain"
-    per_image = training_flops(initial, prep)
+    layers = layer_flops(initial, prep)
+    per_image = training_flops(layers)
     peaks = {"fp32": matmul_flops(torch.device("cpu"), torch.float32, 2048)}
-    convs = {"fp32": conv_flops(initial, prep, p.optim.batch_size, torch.float32)}
+    convs = {"fp32": conv_flops(layers, p.optim.batch_size, torch.float32)}
     if bf16_native(torch.device("cpu")):
         peaks["bf16"] = matmul_flops(torch.device("cpu"), torch.bfloat16, 2048)
-        convs["bf16"] = conv_flops(initial, prep, p.optim.batch_size, torch.bfloat16)
+        convs["bf16"] = conv_flops(layers, p.optim.batch_size, torch.bfloat16)
     hardware = {}
     for name, r in out.items():
         useful = per_image * r["images_per_s"]["median"]
