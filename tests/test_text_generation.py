@@ -1,0 +1,211 @@
+"""The text-generation setting's parts: the byte-level tokenizer loses nothing, the
+Kneser-Ney reference is a distribution with the textbook values, both language models
+declare their layer groups, carry their state, round-trip through a checkpoint and learn
+through the shared training loop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import AIRLINES
+from tlpipe.params import FinetuneParams, OptimParams, TokenizerParams
+from tlpipe.settings.text_generation.lm import LanguageModelTask, SourceLm, block_starts, scores, stream_nll
+from tlpipe.settings.text_generation.model import (
+    LstmLM,
+    layer_groups,
+    load_lm,
+    logits,
+    new_gpt,
+    new_lstm,
+    save_lm,
+)
+from tlpipe.settings.text_generation.ngram import KneserNey
+from tlpipe.settings.text_generation.tokenizer import EOS, encode_texts, eos_id, token_stream, train_bpe
+from tlpipe.train import CPU_FP32, train_model
+
+
+@pytest.fixture(scope="module")
+def corpora(sample_csv: Path) -> tuple[list[str], list[str]]:
+    """(source, target) texts: the sample's other tweets and its airline tweets."""
+    frame = pd.read_csv(sample_csv, dtype=str)
+    airline = frame["text"].str.contains(AIRLINES, case=False, regex=True)
+    return frame.loc[~airline, "text"].tolist(), frame.loc[airline, "text"].tolist()
+
+
+@pytest.fixture(scope="module")
+def tok(corpora: tuple[list[str], list[str]]):
+    return train_bpe(corpora[0], TokenizerParams(vocab_size=600, min_frequency=2, lowercase=False))
+
+
+def test_byte_level_bpe_encodes_any_text_without_loss(tok) -> None:
+    assert tok.get_vocab_size() <= 600
+    unseen = [
+        "Zürich → Reykjavík 🛫✈️ @JetBlue délai #neverAgain",
+        "日本語のツイート",
+        "tabs\tand\nnewlines  ",
+    ]
+    for text, ids in zip(unseen, encode_texts(tok, unseen), strict=True):
+        assert len(ids) > 0
+        assert tok.decode(ids.tolist()) == text
+    assert EOS in tok.get_vocab() and "[UNK]" not in tok.get_vocab()
+
+
+def test_a_token_stream_reads_every_text_from_a_boundary(tok) -> None:
+    texts = ["first tweet", "second one", "third"]
+    stream = token_stream(tok, texts)
+    eos = eos_id(tok)
+    assert stream.dtype == np.int32
+    assert stream[0] == eos and stream[-1] == eos
+    assert int((stream == eos).sum()) == len(texts) + 1
+    pieces = np.split(stream, np.flatnonzero(stream == eos))[1:-1]
+    assert [tok.decode(p[1:].tolist()) for p in pieces] == texts
+
+
+def test_kneser_ney_gives_the_textbook_probabilities() -> None:
+    # Bigrams (0,1) x2, (1,2), (2,0), (1,3): D2 = n1 / (n1 + 2 n2) = 3 / 5; every token has
+    # one distinct predecessor, so the continuation unigram is uniform (1/4).
+    kn = KneserNey.fit(np.array([0, 1, 2, 0, 1, 3]), order=2, vocab_size=4)
+    assert kn.levels[1].discount == pytest.approx(0.6)
+    assert kn.prob((1,), 2) == pytest.approx((1 - 0.6) / 2 + 0.6 * 2 / 2 * 0.25)
+    assert kn.prob((0,), 1) == pytest.approx((2 - 0.6) / 2 + 0.6 * 1 / 2 * 0.25)
+    assert kn.prob((3,), 0) == pytest.approx(0.25)  # an unseen context backs off entirely
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_kneser_ney_is_a_distribution_after_any_context(tok, corpora, order: int) -> None:
+    stream = token_stream(tok, corpora[1])
+    vocab = tok.get_vocab_size()
+    kn = KneserNey.fit(stream, order, vocab)
+    seen = tuple(int(t) for t in stream[10:13])
+    for context in (seen, (vocab - 1, vocab - 2, vocab - 3), ()):
+        assert sum(kn.prob(context, w) for w in range(vocab)) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_kneser_ney_trigrams_beat_unigrams_on_held_out_tweets(tok, corpora) -> None:
+    target = corpora[1]
+    train, test = token_stream(tok, target[:150]), token_stream(tok, target[150:])
+    ppl = {n: math.exp(-KneserNey.fit(train, n, tok.get_vocab_size()).log_probs(test).mean()) for n in (1, 3)}
+    assert len(KneserNey.fit(train, 3, 600).log_probs(test)) == len(test) - 1
+    assert ppl[3] < 0.8 * ppl[1]
+
+
+def _models(vocab: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "lstm": new_lstm(vocab, 32, 2, 0.1),
+        "gpt": new_gpt(vocab, 32, 2, 2, 0.1, positions=64, eos=0),
+    }
+
+
+def test_both_architectures_declare_their_layer_groups() -> None:
+    lstm, gpt = _models(100).values()
+    groups = layer_groups(lstm)
+    assert groups.blocks == 2
+    assert groups.depth("embed.weight") == 0
+    assert groups.depth("layers.1.weight_hh_l0") == 2
+    assert groups.depth("bias") == groups.head == 3
+    groups = layer_groups(gpt)
+    assert groups.depth("transformer.wte.weight") == groups.depth("transformer.wpe.weight") == 0
+    assert groups.depth("transformer.h.1.mlp.c_fc.weight") == 2
+    assert groups.depth("transformer.ln_f.weight") == groups.head
+    # The LM head is the token embedding itself: one tensor, at depth 0.
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    assert "lm_head.weight" not in dict(gpt.named_parameters())
+
+
+def test_the_lstm_carries_its_state_between_calls() -> None:
+    model = _models(100)["lstm"].eval()
+    ids = torch.randint(0, 100, (3, 12))
+    with torch.no_grad():
+        whole, _ = model(ids)
+        first, state = model(ids[:, :5])
+        rest, _ = model(ids[:, 5:], state)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gpt"])
+def test_a_checkpoint_rebuilds_the_same_model(tmp_path: Path, tok, arch: str) -> None:
+    model = _models(tok.get_vocab_size())[arch].eval()
+    save_lm(model, tok, tmp_path, {"made_by": "test"})
+    loaded = load_lm(tmp_path)
+    assert isinstance(loaded, LstmLM) == (arch == "lstm")
+    ids = torch.randint(0, tok.get_vocab_size(), (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tlpipe.json",
+    }
+
+
+def test_block_starts_lay_blocks_end_to_end() -> None:
+    assert block_starts(10, 4).tolist() == [0, 4]  # tokens 0-4 and 4-8; 9 is left over
+    assert block_starts(10, 4, offset=1).tolist() == [1, 5]
+    assert block_starts(10, 4, offset=2).tolist() == [2]
+    assert block_starts(4, 4).tolist() == []
+
+
+def test_perplexity_scores_every_token_after_the_first_once() -> None:
+    model = _models(100)["gpt"].eval()
+    stream = np.random.default_rng(0).integers(0, 100, 50).astype(np.int32)
+    nll = stream_nll(model, stream, block=16, batch_size=2)
+    assert nll.shape == (49,)
+    ids = torch.as_tensor(stream[None].astype(np.int64))
+    with torch.no_grad():
+        # With one block as long as the stream, the model sees all of it at once.
+        whole = torch.nn.functional.cross_entropy(logits(model, ids[:, :-1])[0], ids[0, 1:], reduction="none")
+    np.testing.assert_allclose(stream_nll(model, stream, block=64, batch_size=2), whole.numpy(), rtol=1e-5)
+    # The first block of 16 predictions reads the same context either way.
+    np.testing.assert_allclose(nll[:16], whole.numpy()[:16], rtol=1e-4, atol=1e-5)
+    found = scores(nll)
+    assert found["perplexity"] == pytest.approx(math.exp(found["loss"]))
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gpt"])
+def test_a_language_model_learns_through_the_shared_loop(tok, corpora, arch: str) -> None:
+    target = corpora[1]
+    vocab = tok.get_vocab_size()
+    model = _models(vocab)[arch]
+    train, val = token_stream(tok, target[:150]), token_stream(tok, target[150:])
+    task = LanguageModelTask(
+        train, val, block=32, batch_size=16, eval_batch_size=32, runtime=CPU_FP32, seed=0
+    )
+    before = task.validate(model)["val_perplexity"]
+    p = FinetuneParams(
+        epochs=1,
+        min_steps=60,
+        max_steps=60,
+        evaluations=3,
+        patience=3,
+        optim=OptimParams(lr=3e-3, batch_size=16),
+    )
+    run = train_model(model, task, p, layer_groups(model), runtime=CPU_FP32)
+    assert run.steps == 60
+    assert run.best_score == min(row["val_perplexity"] for row in run.history)
+    assert run.best_score < 0.5 * min(before, vocab)
+
+
+def test_the_joint_objective_mixes_source_and_target_losses(tok, corpora) -> None:
+    source, target = corpora
+    model = _models(tok.get_vocab_size())["lstm"].eval()
+    train, src = token_stream(tok, target), token_stream(tok, source)
+    plain = LanguageModelTask(train, train, 16, 8, 8, CPU_FP32, 0)
+    joint = LanguageModelTask(train, train, 16, 8, 8, CPU_FP32, 0, source=SourceLm(src, alpha=1.0))
+    only_source = LanguageModelTask(src, src, 16, 8, 8, CPU_FP32, 0)
+    idx = np.array([0, 16, 32])
+    # alpha = 1: the target rows play no part; the source rows are drawn by the rng.
+    with torch.no_grad():
+        got = joint.loss(model, idx, np.random.default_rng(5))
+        picked = block_starts(len(src), 16)[
+            np.random.default_rng(5).integers(0, len(block_starts(len(src), 16)), 3)
+        ]
+        torch.testing.assert_close(got, only_source.loss(model, picked, np.random.default_rng(0)))
+        assert not torch.equal(got, plain.loss(model, idx, np.random.default_rng(5)))
