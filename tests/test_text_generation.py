@@ -6,6 +6,8 @@ through the shared training loop."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,17 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import AIRLINES
+from tests.conftest import AIRLINES, REPO
 from tlpipe.params import FinetuneParams, OptimParams, TokenizerParams
-from tlpipe.settings.text_generation.lm import LanguageModelTask, SourceLm, block_starts, scores, stream_nll
+from tlpipe.settings.text_generation.export import write_bundle
+from tlpipe.settings.text_generation.lm import (
+    LanguageModelTask,
+    SourceLm,
+    block_starts,
+    scores,
+    stream_nll,
+    torch_continuation,
+)
 from tlpipe.settings.text_generation.model import (
     LstmLM,
     layer_groups,
@@ -26,6 +36,8 @@ from tlpipe.settings.text_generation.model import (
     save_lm,
 )
 from tlpipe.settings.text_generation.ngram import KneserNey
+from tlpipe.settings.text_generation.sampling import Sampling, next_token
+from tlpipe.settings.text_generation.serve import LanguageModelBundle, decoded_pieces
 from tlpipe.settings.text_generation.tokenizer import EOS, encode_texts, eos_id, token_stream, train_bpe
 from tlpipe.train import CPU_FP32, train_model
 
@@ -209,3 +221,87 @@ def test_the_joint_objective_mixes_source_and_target_losses(tok, corpora) -> Non
         ]
         torch.testing.assert_close(got, only_source.loss(model, picked, np.random.default_rng(0)))
         assert not torch.equal(got, plain.loss(model, idx, np.random.default_rng(5)))
+
+
+def test_sampling_cuts_to_the_top_k_and_the_nucleus() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = lambda s: {next_token(logits, s, r) for r in [np.random.default_rng(i) for i in range(200)]}  # noqa: E731
+    assert draws(Sampling(greedy=True)) == {0}
+    assert draws(Sampling(top_k=1)) == {0}
+    assert draws(Sampling(top_k=2)) == {0, 1}
+    # 0.5 + 0.3 passes 0.79: the nucleus is the first two tokens; 0.81 takes the third.
+    assert draws(Sampling(top_p=0.79)) == {0, 1}
+    assert draws(Sampling(top_p=0.81)) == {0, 1, 2}
+    assert draws(Sampling()) == {0, 1, 2, 3}
+    # A low temperature sharpens toward the argmax.
+    assert draws(Sampling(temperature=0.05)) == {0}
+    first = [next_token(logits, Sampling(seed=3), Sampling(seed=3).rng()) for _ in range(3)]
+    assert len(set(first)) == 1
+    for bad in ({"temperature": 0}, {"top_p": 0}, {"top_k": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+@pytest.fixture(scope="module")
+def lstm_bundle(tmp_path_factory: pytest.TempPathFactory, tok, corpora) -> tuple[Path, torch.nn.Module]:
+    """A small LSTM trained briefly on the target tweets (so its greedy choices are not
+    ties), its checkpoint and its bundle."""
+    root = tmp_path_factory.mktemp("lm")
+    model = _models(tok.get_vocab_size())["lstm"]
+    stream = token_stream(tok, corpora[1])
+    task = LanguageModelTask(stream, stream[:400], 32, 16, 32, CPU_FP32, 0)
+    p = FinetuneParams(epochs=1, min_steps=40, max_steps=40, evaluations=1, optim=OptimParams(lr=3e-3))
+    train_model(model, task, p, layer_groups(model), runtime=CPU_FP32)
+    save_lm(model, tok, root / "model", {})
+    write_bundle(model, root / "model", root / "bundle", opset=18)
+    return root / "bundle", model.eval()
+
+
+def test_the_lstm_bundle_matches_pytorch_and_carries_its_state(lstm_bundle, tok) -> None:
+    bundle_dir, model = lstm_bundle
+    bundle = LanguageModelBundle(bundle_dir)
+    ids = np.random.default_rng(0).integers(0, tok.get_vocab_size(), (3, 17))
+    got, state = bundle.step(ids)
+    with torch.no_grad():
+        want, (h, _) = model(torch.as_tensor(ids))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    np.testing.assert_allclose(state["state_h"], h.numpy(), atol=1e-5)
+    # Ten tokens, then seven more from the state they left: the same as all seventeen.
+    first, state = bundle.step(ids[:, :10])
+    rest, _ = bundle.step(ids[:, 10:], state)
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), got, atol=1e-4)
+
+
+def test_the_bundle_continues_prompts_as_pytorch_does(lstm_bundle, tok) -> None:
+    bundle_dir, model = lstm_bundle
+    bundle = LanguageModelBundle(bundle_dir)
+    for prompt in ("@united my flight", "thanks @JetBlue", "Zürich ✈️"):
+        ids = bundle.prompt_ids(prompt)
+        for s in (Sampling(greedy=True, max_new_tokens=20), Sampling(top_k=20, top_p=0.9, seed=4)):
+            assert list(bundle.continuation_ids(ids, s)) == torch_continuation(model, ids, s, eos_id(tok))
+
+
+def test_streamed_pieces_are_whole_characters(lstm_bundle, tok) -> None:
+    text = "ok 🛫 Zürich 日本"
+    ids = encode_texts(tok, [text])[0].tolist()
+    assert len(ids) > len(text.split())  # the emoji and the kanji take several byte tokens
+    pieces = list(decoded_pieces(tok, iter(ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    bundle = LanguageModelBundle(lstm_bundle[0])
+    s = Sampling(temperature=1.5, max_new_tokens=30, seed=1)
+    assert "".join(bundle.stream("@united", s)) == bundle.generate("@united", s)
+
+
+def test_a_language_model_bundle_generates_without_torch(lstm_bundle) -> None:
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+        "from pathlib import Path\n"
+        "from tlpipe.settings.text_generation.serve import LanguageModelBundle\n"
+        "from tlpipe.settings.text_generation.sampling import Sampling\n"
+        f"b = LanguageModelBundle(Path({str(lstm_bundle[0])!r}))\n"
+        "print(repr(b.generate('@united', Sampling(greedy=True, max_new_tokens=8))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("'")

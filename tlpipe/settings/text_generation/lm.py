@@ -21,7 +21,8 @@ from torch.nn import functional as F
 
 from tlpipe.setting import Metric
 from tlpipe.settings.text_generation import METRICS
-from tlpipe.settings.text_generation.model import logits
+from tlpipe.settings.text_generation.model import LstmLM, logits
+from tlpipe.settings.text_generation.sampling import Sampling, next_token
 from tlpipe.train import Runtime
 
 SELECTION = METRICS["perplexity"]
@@ -161,3 +162,29 @@ class LanguageModelTask:
         # Both architectures tie the output projection to the embedding: its gradient is
         # dense, so the row-sparse embedding path does not apply.
         return runtime.fast_paths(model, seed)
+
+
+@torch.no_grad()
+def torch_continuation(model: nn.Module, prompt_ids: list[int], s: Sampling, eos: int) -> list[int]:
+    """The continuation PyTorch generates after `prompt_ids`, choosing each token as serving
+    does (`sampling.next_token`), until EOS (not included) or `s.max_new_tokens`: the LSTM
+    carries its state, a decoder re-reads its whole context each step."""
+    model.eval()
+    rng = s.rng()
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    out: list[int] = []
+    state = None
+    step_ids = ids
+    for _ in range(s.max_new_tokens):
+        if isinstance(model, LstmLM):
+            step_logits, state = model(step_ids, state)
+        else:
+            step_logits = logits(model, ids)
+        token = next_token(step_logits[0, -1].float().cpu().numpy(), s, rng)
+        if token == eos:
+            break
+        out.append(token)
+        step_ids = torch.tensor([[token]], device=device)
+        ids = torch.cat([ids, step_ids], 1)
+    return out

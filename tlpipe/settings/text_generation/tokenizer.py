@@ -8,6 +8,7 @@ never saw costs more tokens, never a lost one. No torch here: serving imports th
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -64,3 +65,11 @@ def token_stream(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
     for ids in encode_texts(tok, texts):
         parts += [ids, eos]
     return np.concatenate(parts)
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    """The tokenizer of a checkpoint or bundle directory."""
+    path = model_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {TOKENIZER_FILE}")
+    return Tokenizer.from_file(str(path))

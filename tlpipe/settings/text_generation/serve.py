@@ -1,0 +1,118 @@
+"""Serving a language model's bundle with onnxruntime, tokenizers and NumPy alone (no torch).
+
+The bundle holds model.onnx, tokenizer.json and bundle.json: the architecture, EOS, and the
+names and sizes of the state the graph carries between calls (an LSTM's h and c, each
+(layers, B, H)). Generation runs the prompt through the graph once, then feeds one token at
+a time with the state it returned: each new token costs one position, not the whole text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from tlpipe.serve import BUNDLE_JSON, precision_session, require_files
+from tlpipe.settings.text_generation.sampling import Sampling, next_token
+from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE
+
+BUNDLE_FILES = ("model.onnx", TOKENIZER_FILE, BUNDLE_JSON)
+INPUT_NAME = "input_ids"
+LOGITS = "logits"
+# The graph's state inputs; each output is the same name with this suffix.
+STATE_OUT = "_out"
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    architecture: str
+    eos_id: int
+    # State input name -> its shape with "batch" for the batch axis, e.g. [2, "batch", 256].
+    state: dict[str, list[int | str]]
+    models: dict[str, str] = field(default_factory=lambda: {"fp32": "model.onnx"})
+
+    @classmethod
+    def read(cls, path: Path) -> BundleSpec:
+        raw = json.loads(path.read_text())
+        return cls(str(raw["architecture"]), int(raw["eos_id"]), dict(raw["state"]), dict(raw["models"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "eos_id": self.eos_id,
+            "state": self.state,
+            "models": self.models,
+        }
+
+
+class LanguageModelBundle:
+    """An exported language model on onnxruntime's CPU provider."""
+
+    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32") -> None:
+        require_files(path, BUNDLE_FILES)
+        self.path = path
+        self.spec = BundleSpec.read(path / BUNDLE_JSON)
+        self.tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        self.session = precision_session(path, self.spec.models, precision, threads)
+
+    def initial_state(self, batch: int) -> dict[str, np.ndarray]:
+        return {
+            name: np.zeros([batch if d == "batch" else int(d) for d in shape], dtype=np.float32)
+            for name, shape in self.spec.state.items()
+        }
+
+    def step(
+        self, ids: np.ndarray, state: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits (B, T, V) for token ids (B, T) after `state` (None: a fresh text), and
+        the state after the last position."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        state = state if state is not None else self.initial_state(ids.shape[0])
+        names = [LOGITS, *(f"{name}{STATE_OUT}" for name in state)]
+        out = self.session.run(names, {INPUT_NAME: ids, **state})
+        return out[0], {name: value for name, value in zip(state, out[1:], strict=True)}
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """EOS then the prompt's tokens: a prompt is read as the start of a new text."""
+        return [self.spec.eos_id, *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
+
+    def continuation_ids(self, prompt_ids: list[int], s: Sampling) -> Iterator[int]:
+        """New token ids after `prompt_ids`, one at a time, until EOS (not yielded) or
+        `s.max_new_tokens`."""
+        rng = s.rng()
+        logits, state = self.step(np.asarray([prompt_ids]))
+        for _ in range(s.max_new_tokens):
+            token = next_token(logits[0, -1], s, rng)
+            if token == self.spec.eos_id:
+                return
+            yield token
+            logits, state = self.step(np.asarray([[token]]), state)
+
+    def stream(self, prompt: str, s: Sampling) -> Iterator[str]:
+        """The continuation of `prompt` as text pieces (`decoded_pieces`)."""
+        return decoded_pieces(self.tokenizer, self.continuation_ids(self.prompt_ids(prompt), s))
+
+    def generate(self, prompt: str, s: Sampling) -> str:
+        return "".join(self.stream(prompt, s))
+
+
+def decoded_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Token ids as text pieces, each as soon as it decodes: a byte-level token that ends
+    inside a multi-byte character waits for the token that completes it. Bytes that never
+    form a character stay U+FFFD, as a full decode shows them."""
+    seen: list[int] = []
+    shown = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = tokenizer.decode(seen)
+    if len(text) > len(shown):
+        yield text[len(shown) :]
