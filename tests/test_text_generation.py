@@ -242,38 +242,57 @@ def test_sampling_cuts_to_the_top_k_and_the_nucleus() -> None:
             Sampling(**bad)
 
 
-@pytest.fixture(scope="module")
-def lstm_bundle(tmp_path_factory: pytest.TempPathFactory, tok, corpora) -> tuple[Path, torch.nn.Module]:
-    """A small LSTM trained briefly on the target tweets (so its greedy choices are not
-    ties), its checkpoint and its bundle."""
-    root = tmp_path_factory.mktemp("lm")
-    model = _models(tok.get_vocab_size())["lstm"]
+@pytest.fixture(scope="module", params=["lstm", "gpt"])
+def lm_bundle(
+    request, tmp_path_factory: pytest.TempPathFactory, tok, corpora
+) -> tuple[Path, torch.nn.Module]:
+    """A small model of each architecture trained briefly on the target tweets (so its
+    greedy choices are not ties), its checkpoint and its bundle."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = _models(tok.get_vocab_size())[request.param]
     stream = token_stream(tok, corpora[1])
     task = LanguageModelTask(stream, stream[:400], 32, 16, 32, CPU_FP32, 0)
     p = FinetuneParams(epochs=1, min_steps=40, max_steps=40, evaluations=1, optim=OptimParams(lr=3e-3))
     train_model(model, task, p, layer_groups(model), runtime=CPU_FP32)
     save_lm(model, tok, root / "model", {})
+    model = load_lm(root / "model")
     write_bundle(model, root / "model", root / "bundle", opset=18)
-    return root / "bundle", model.eval()
+    return root / "bundle", load_lm(root / "model")
 
 
-def test_the_lstm_bundle_matches_pytorch_and_carries_its_state(lstm_bundle, tok) -> None:
-    bundle_dir, model = lstm_bundle
+def test_the_bundle_matches_pytorch_and_carries_its_state(lm_bundle, tok) -> None:
+    bundle_dir, model = lm_bundle
     bundle = LanguageModelBundle(bundle_dir)
     ids = np.random.default_rng(0).integers(0, tok.get_vocab_size(), (3, 17))
     got, state = bundle.step(ids)
     with torch.no_grad():
-        want, (h, _) = model(torch.as_tensor(ids))
+        want = logits(model, torch.as_tensor(ids))
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
-    np.testing.assert_allclose(state["state_h"], h.numpy(), atol=1e-5)
     # Ten tokens, then seven more from the state they left: the same as all seventeen.
     first, state = bundle.step(ids[:, :10])
     rest, _ = bundle.step(ids[:, 10:], state)
     np.testing.assert_allclose(np.concatenate([first, rest], 1), got, atol=1e-4)
+    if bundle.spec.architecture == "gpt":
+        assert state["past_keys"].shape[3] == 10  # the cache holds every position read
 
 
-def test_the_bundle_continues_prompts_as_pytorch_does(lstm_bundle, tok) -> None:
-    bundle_dir, model = lstm_bundle
+def test_a_decoder_stops_at_its_last_position(lm_bundle, tok) -> None:
+    bundle_dir, model = lm_bundle
+    bundle = LanguageModelBundle(bundle_dir)
+    limit = bundle.spec.max_positions
+    if limit is None:
+        assert bundle.spec.architecture == "lstm"
+        return
+    prompt = [eos_id(tok)] + [5] * (limit - 3)
+    s = Sampling(top_k=50, seed=2, max_new_tokens=100)  # sampling rarely picks EOS
+    got = list(bundle.continuation_ids(prompt, s))
+    assert len(got) <= 4 and got == torch_continuation(model, prompt, s, eos_id(tok))
+    with pytest.raises(ValueError, match="reads at most"):
+        list(bundle.continuation_ids([5] * (limit + 1), s))
+
+
+def test_the_bundle_continues_prompts_as_pytorch_does(lm_bundle, tok) -> None:
+    bundle_dir, model = lm_bundle
     bundle = LanguageModelBundle(bundle_dir)
     for prompt in ("@united my flight", "thanks @JetBlue", "Zürich ✈️"):
         ids = bundle.prompt_ids(prompt)
@@ -281,25 +300,25 @@ def test_the_bundle_continues_prompts_as_pytorch_does(lstm_bundle, tok) -> None:
             assert list(bundle.continuation_ids(ids, s)) == torch_continuation(model, ids, s, eos_id(tok))
 
 
-def test_streamed_pieces_are_whole_characters(lstm_bundle, tok) -> None:
+def test_streamed_pieces_are_whole_characters(lm_bundle, tok) -> None:
     text = "ok 🛫 Zürich 日本"
     ids = encode_texts(tok, [text])[0].tolist()
     assert len(ids) > len(text.split())  # the emoji and the kanji take several byte tokens
     pieces = list(decoded_pieces(tok, iter(ids)))
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
-    bundle = LanguageModelBundle(lstm_bundle[0])
+    bundle = LanguageModelBundle(lm_bundle[0])
     s = Sampling(temperature=1.5, max_new_tokens=30, seed=1)
     assert "".join(bundle.stream("@united", s)) == bundle.generate("@united", s)
 
 
-def test_a_language_model_bundle_generates_without_torch(lstm_bundle) -> None:
+def test_a_language_model_bundle_generates_without_torch(lm_bundle) -> None:
     script = (
         "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
         "from pathlib import Path\n"
         "from tlpipe.settings.text_generation.serve import LanguageModelBundle\n"
         "from tlpipe.settings.text_generation.sampling import Sampling\n"
-        f"b = LanguageModelBundle(Path({str(lstm_bundle[0])!r}))\n"
+        f"b = LanguageModelBundle(Path({str(lm_bundle[0])!r}))\n"
         "print(repr(b.generate('@united', Sampling(greedy=True, max_new_tokens=8))))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """A language model's part of export: the ONNX graph over token ids with dynamic batch and
-sequence axes whose state (an LSTM's h and c) goes in and comes out, so serving generates
-incrementally; the tokenizer and bundle.json beside it."""
+sequence axes whose state goes in and comes out (an LSTM's h and c; a decoder's keys and
+values of every earlier position, its KV cache), so serving generates incrementally; the
+tokenizer and bundle.json beside it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache, PreTrainedModel
 
 from tlpipe.files import write_json
 from tlpipe.serve import BUNDLE_JSON
-from tlpipe.settings.text_generation.model import LstmLM
+from tlpipe.settings.text_generation.model import LstmLM, context_limit
 from tlpipe.settings.text_generation.serve import INPUT_NAME, LOGITS, STATE_OUT, BundleSpec
 from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE, eos_id, load_tokenizer
 
 LSTM_STATE = ("state_h", "state_c")
+DECODER_STATE = ("past_keys", "past_values")
 
 
 class _LstmGraph(nn.Module):
@@ -57,14 +60,73 @@ def write_lstm_graph(model: LstmLM, path: Path, opset: int) -> dict[str, list[in
     return {name: [cfg.num_layers, "batch", cfg.hidden_size] for name in LSTM_STATE}
 
 
+class _DecoderGraph(nn.Module):
+    """A GPT-2 decoder with its KV cache as two stacked tensors, each (layers, B, heads,
+    P, head_dim): (ids, keys, values) -> (logits, keys', values') with P + T positions."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = DynamicCache()
+        for i in range(past_keys.shape[0]):
+            cache.update(past_keys[i], past_values[i], i)
+        # The new tokens' positions follow the cached ones.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + past_keys.shape[3]
+        out = self.lm(
+            input_ids=input_ids,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=positions[None].expand(input_ids.shape[0], -1),
+            cache_position=positions,
+        )
+        layers = out.past_key_values.layers
+        return out.logits, torch.stack([c.keys for c in layers]), torch.stack([c.values for c in layers])
+
+
+def write_decoder_graph(model: PreTrainedModel, path: Path, opset: int) -> dict[str, list[int | str]]:
+    """model.onnx of a GPT-2 decoder with its KV cache; the cache inputs' shapes."""
+    cfg = model.config
+    heads, layers = int(cfg.n_head), int(cfg.n_layer)
+    head_dim = int(cfg.n_embd) // heads
+    model.eval().set_attn_implementation("eager")  # plain matrix products trace to ONNX ops
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    past = torch.zeros(layers, 2, heads, 1, head_dim)
+    outputs = [f"{name}{STATE_OUT}" for name in DECODER_STATE]
+    axes = {INPUT_NAME: {0: "batch", 1: "sequence"}, LOGITS: {0: "batch", 1: "sequence"}}
+    axes |= {name: {1: "batch", 3: "past"} for name in DECODER_STATE}
+    axes |= {name: {1: "batch", 3: "positions"} for name in outputs}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _DecoderGraph(model),
+            (ids, past, past.clone()),
+            str(path),
+            input_names=[INPUT_NAME, *DECODER_STATE],
+            output_names=[LOGITS, *outputs],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return {name: [layers, "batch", heads, "past", head_dim] for name in DECODER_STATE}
+
+
 def write_bundle(model: nn.Module, model_dir: Path, bundle_dir: Path, opset: int) -> BundleSpec:
     """model.onnx, tokenizer.json and bundle.json of the checkpoint in `model_dir`
     (`model`, loaded from it) in `bundle_dir`."""
-    if not isinstance(model, LstmLM):
-        raise TypeError(f"a language-model bundle is written for the LSTM, not {type(model).__name__}")
     bundle_dir.mkdir(parents=True, exist_ok=True)
-    state = write_lstm_graph(model, bundle_dir / "model.onnx", opset)
+    if isinstance(model, LstmLM):
+        architecture, state = "lstm", write_lstm_graph(model, bundle_dir / "model.onnx", opset)
+    elif getattr(model.config, "model_type", None) == "gpt2":
+        architecture, state = "gpt", write_decoder_graph(model, bundle_dir / "model.onnx", opset)
+    else:
+        raise TypeError(
+            f"a language-model bundle is written for the LSTM and GPT-2 decoders, not {type(model).__name__}"
+        )
     shutil.copyfile(model_dir / TOKENIZER_FILE, bundle_dir / TOKENIZER_FILE)
-    spec = BundleSpec("lstm", eos_id(load_tokenizer(model_dir)), state)
+    spec = BundleSpec(architecture, eos_id(load_tokenizer(model_dir)), state, context_limit(model))
     write_json(bundle_dir / BUNDLE_JSON, {"setting": "text-generation", **spec.to_json()})
     return spec

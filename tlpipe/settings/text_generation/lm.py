@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from tlpipe.setting import Metric
 from tlpipe.settings.text_generation import METRICS
-from tlpipe.settings.text_generation.model import LstmLM, logits
-from tlpipe.settings.text_generation.sampling import Sampling, next_token
+from tlpipe.settings.text_generation.model import LstmLM, context_limit, logits
+from tlpipe.settings.text_generation.sampling import Sampling, new_tokens, next_token
 from tlpipe.train import Runtime
 
 SELECTION = METRICS["perplexity"]
@@ -168,7 +168,8 @@ class LanguageModelTask:
 def torch_continuation(model: nn.Module, prompt_ids: list[int], s: Sampling, eos: int) -> list[int]:
     """The continuation PyTorch generates after `prompt_ids`, choosing each token as serving
     does (`sampling.next_token`), until EOS (not included) or `s.max_new_tokens`: the LSTM
-    carries its state, a decoder re-reads its whole context each step."""
+    carries its state, a decoder re-reads its whole context each step (up to its last
+    position, as serving stops)."""
     model.eval()
     rng = s.rng()
     device = next(model.parameters()).device
@@ -176,7 +177,7 @@ def torch_continuation(model: nn.Module, prompt_ids: list[int], s: Sampling, eos
     out: list[int] = []
     state = None
     step_ids = ids
-    for _ in range(s.max_new_tokens):
+    for _ in range(new_tokens(len(prompt_ids), s.max_new_tokens, context_limit(model))):
         if isinstance(model, LstmLM):
             step_logits, state = model(step_ids, state)
         else:

@@ -55,3 +55,16 @@ def next_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def new_tokens(prompt: int, max_new_tokens: int, max_positions: int | None) -> int:
+    """How many tokens may follow a prompt of `prompt` tokens: `max_new_tokens`, fewer
+    where the model's positions run out (a decoder reads at most `max_positions`)."""
+    if max_positions is None:
+        return max_new_tokens
+    if prompt > max_positions:
+        raise ValueError(
+            f"the prompt is {prompt} tokens (EOS included) but the model reads at most {max_positions}"
+        )
+    # The last new token is chosen from the logits at position max_positions - 1.
+    return min(max_new_tokens, max_positions - prompt + 1)

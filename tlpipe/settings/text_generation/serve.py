@@ -1,9 +1,12 @@
 """Serving a language model's bundle with onnxruntime, tokenizers and NumPy alone (no torch).
 
-The bundle holds model.onnx, tokenizer.json and bundle.json: the architecture, EOS, and the
-names and sizes of the state the graph carries between calls (an LSTM's h and c, each
-(layers, B, H)). Generation runs the prompt through the graph once, then feeds one token at
-a time with the state it returned: each new token costs one position, not the whole text.
+The bundle holds model.onnx, tokenizer.json and bundle.json: the architecture, EOS, the
+most positions the model reads (a decoder's learned positions; none for an LSTM), and the
+names and shapes of the state the graph carries between calls: an LSTM's h and c, each
+(layers, B, H); a decoder's cached keys and values, each (layers, B, heads, P, head_dim)
+with P the positions read so far. Generation runs the prompt through the graph once, then
+feeds one token at a time with the state it returned: each new token costs one position,
+not the whole text.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from tlpipe.serve import BUNDLE_JSON, precision_session, require_files
-from tlpipe.settings.text_generation.sampling import Sampling, next_token
+from tlpipe.settings.text_generation.sampling import Sampling, new_tokens, next_token
 from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE
 
 BUNDLE_FILES = ("model.onnx", TOKENIZER_FILE, BUNDLE_JSON)
@@ -32,20 +35,31 @@ STATE_OUT = "_out"
 class BundleSpec:
     architecture: str
     eos_id: int
-    # State input name -> its shape with "batch" for the batch axis, e.g. [2, "batch", 256].
+    # State input name -> its shape: "batch" the batch axis, "past" the positions read so
+    # far (0 for a new text), e.g. [2, "batch", 256] or [4, "batch", 4, "past", 64].
     state: dict[str, list[int | str]]
+    # The most positions the model reads (None: unbounded).
+    max_positions: int | None = None
     models: dict[str, str] = field(default_factory=lambda: {"fp32": "model.onnx"})
 
     @classmethod
     def read(cls, path: Path) -> BundleSpec:
         raw = json.loads(path.read_text())
-        return cls(str(raw["architecture"]), int(raw["eos_id"]), dict(raw["state"]), dict(raw["models"]))
+        limit = raw.get("max_positions")
+        return cls(
+            str(raw["architecture"]),
+            int(raw["eos_id"]),
+            dict(raw["state"]),
+            None if limit is None else int(limit),
+            dict(raw["models"]),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "architecture": self.architecture,
             "eos_id": self.eos_id,
             "state": self.state,
+            "max_positions": self.max_positions,
             "models": self.models,
         }
 
@@ -62,7 +76,7 @@ class LanguageModelBundle:
 
     def initial_state(self, batch: int) -> dict[str, np.ndarray]:
         return {
-            name: np.zeros([batch if d == "batch" else int(d) for d in shape], dtype=np.float32)
+            name: np.zeros([{"batch": batch, "past": 0}.get(d, d) for d in shape], dtype=np.float32)
             for name, shape in self.spec.state.items()
         }
 
@@ -82,16 +96,20 @@ class LanguageModelBundle:
         return [self.spec.eos_id, *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
 
     def continuation_ids(self, prompt_ids: list[int], s: Sampling) -> Iterator[int]:
-        """New token ids after `prompt_ids`, one at a time, until EOS (not yielded) or
-        `s.max_new_tokens`."""
+        """New token ids after `prompt_ids`, one at a time, until EOS (not yielded),
+        `s.max_new_tokens`, or the model's last position. ValueError when the prompt alone
+        is longer than the model reads."""
+        limit = self.spec.max_positions
+        new = new_tokens(len(prompt_ids), s.max_new_tokens, limit)
         rng = s.rng()
         logits, state = self.step(np.asarray([prompt_ids]))
-        for _ in range(s.max_new_tokens):
+        for i in range(new):
             token = next_token(logits[0, -1], s, rng)
             if token == self.spec.eos_id:
                 return
             yield token
-            logits, state = self.step(np.asarray([[token]]), state)
+            if i + 1 < new:
+                logits, state = self.step(np.asarray([[token]]), state)
 
     def stream(self, prompt: str, s: Sampling) -> Iterator[str]:
         """The continuation of `prompt` as text pieces (`decoded_pieces`)."""
