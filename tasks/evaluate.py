@@ -37,7 +37,7 @@ from tlpipe.data import read_split
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
-from tlpipe.setting import Metric, Setting, primary_metric
+from tlpipe.setting import Metric, Setting, primary_metric, spec
 from tlpipe.train import Runtime, fit
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,25 @@ def labelled_target(prepare_dir: Path) -> pd.DataFrame:
     return pd.concat([read_split(prepare_dir, "train"), read_split(prepare_dir, "pool")], ignore_index=True)
 
 
-def subsample(frame: pd.DataFrame, size: Size, seed: int) -> pd.DataFrame:
-    """The first `size` rows of a seeded permutation: sizes are nested for a given seed."""
-    if size != "all" and size > len(frame):
-        raise DataError(
-            f"evaluate.sizes asks for {size} training rows; the target has {len(frame)} "
-            f"labelled rows outside val and test (train + pool)"
-        )
+def subsample(
+    frame: pd.DataFrame, size: Size, seed: int, units: np.ndarray | None = None, unit: str = "rows"
+) -> pd.DataFrame:
+    """The first rows of a seeded permutation that make `size`: `size` rows, or, with each
+    row's `units` (a text's tokens), the fewest rows whose units reach `size`. Sizes are
+    nested for a given seed."""
     order = np.random.default_rng(seed).permutation(len(frame))
-    return frame.iloc[order if size == "all" else order[:size]]
+    if size == "all":
+        return frame.iloc[order]
+    total = len(frame) if units is None else int(units.sum())
+    if size > total:
+        raise DataError(
+            f"evaluate.sizes asks for {size} training {unit}; the target has {total} "
+            f"{unit} outside val and test (train + pool)"
+        )
+    if units is None:
+        return frame.iloc[order[:size]]
+    taken = int(np.searchsorted(np.cumsum(units[order]), size)) + 1
+    return frame.iloc[order[:taken]]
 
 
 def run_point(
@@ -83,11 +93,14 @@ def run_point(
     the setting, steps, time.
     """
     seed_everything(point.seed)
-    rows = subsample(labelled_target(prepare_dir), point.size, point.seed)
-    val = read_split(prepare_dir, "val")
+    target = labelled_target(prepare_dir)
+    units = setting.units(target, source_dir)
+    rows = subsample(target, point.size, point.seed, units, spec(setting.name).size_unit)
+    drawn = len(rows) if units is None else int(units[target.index.get_indexer(rows.index)].sum())
+    val, test = read_split(prepare_dir, "val"), read_split(prepare_dir, "test")
     if point.arm == "reference":
-        metrics, training = setting.reference(rows, val, read_split(prepare_dir, "test"), data, source_dir)
-        return _write_run(runs_dir, point, len(rows), metrics, training)
+        metrics, training = setting.reference(rows, val, test, data, source_dir)
+        return _write_run(runs_dir, point, len(rows), drawn, metrics, training)
     run_ft = ft.model_copy(update={"seed": point.seed})
     if point.arm == "transfer":
         arm = setting.transfer_arm(run_ft, data, source_dir, prepare_dir)
@@ -99,20 +112,30 @@ def run_point(
         arm = setting.scratch_arm(data, source_dir, p.scratch_models[point.model])
     runtime = Runtime.pick(ft.device, ft.precision)
     run, _ = fit(setting, arm, rows, val, run_ft, data, source_dir, runtime=runtime, desc=point.key)
-    training = {"best_step": run.best_step, "steps": run.steps, "train_seconds": run.seconds}
+    training: dict[str, Any] = {"best_step": run.best_step, "steps": run.steps, "train_seconds": run.seconds}
     if point.tune:
         metrics = {f"val_{key}": run.best()[f"val_{key}"] for key in setting.metrics}
     else:
         # Under the runtime it trained and validated with (bf16 autocast where native): the
         # arms are scored alike. The shipped model is scored in fp32, as it is served.
-        metrics = setting.score(arm.model, read_split(prepare_dir, "test"), ft, data, source_dir, runtime)
-    return _write_run(runs_dir, point, len(rows), metrics, training)
+        metrics = setting.score(arm.model, test, ft, data, source_dir, runtime)
+        if point.size == p.gate_size and point.seed == p.seeds[0]:
+            examples = setting.examples(arm.model, test, ft, source_dir)
+            if examples is not None:
+                training["examples"] = examples
+    return _write_run(runs_dir, point, len(rows), drawn, metrics, training)
 
 
 def _write_run(
-    runs_dir: Path, point: CurvePoint, rows: int, metrics: dict[str, float], training: dict[str, Any]
+    runs_dir: Path,
+    point: CurvePoint,
+    rows: int,
+    units: int,
+    metrics: dict[str, float],
+    training: dict[str, Any],
 ) -> dict[str, Any]:
-    result = {**asdict(point), "rows": rows, **metrics, **training}
+    """`units`: what the rows count toward the size (their tokens, or the rows themselves)."""
+    result = {**asdict(point), "rows": rows, "units": units, **metrics, **training}
     runs_dir.mkdir(parents=True, exist_ok=True)
     write_json(runs_dir / f"{point.key}.json", result)
     log.info("%s: %d rows, %s", point.key, rows, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -147,7 +170,12 @@ def summarise(
     arms = (*ARMS, "reference") if any(arm == "reference" for arm, _, _ in runs) else ARMS
     curve = []
     for size in p.sizes:
-        entry: dict[str, Any] = {"size": size, "rows": by(("transfer", size, p.seeds[0]))["rows"]}
+        first = by(("transfer", size, p.seeds[0]))
+        entry: dict[str, Any] = {
+            "size": size,
+            "rows": first["rows"],
+            "units": first.get("units", first["rows"]),
+        }
         for arm in arms:
             entry[arm] = {
                 key: interval([by((arm, size, s))[key] for s in p.seeds], p.confidence) for key in metrics
@@ -163,7 +191,7 @@ def summarise(
     return curve
 
 
-def gate(curve: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
+def gate(curve: list[dict[str, Any]], p: EvaluateParams, unit: str = "rows") -> dict[str, Any]:
     """The negative-transfer gate: the gain's interval on the primary metric at `gate_size`
     must clear min_gain."""
     entry = next(e for e in curve if e["size"] == p.gate_size)
@@ -171,6 +199,8 @@ def gate(curve: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
     return {
         "size": p.gate_size,
         "rows": entry["rows"],
+        "units": entry["units"],
+        "unit": unit,
         "seeds": len(p.seeds),
         "confidence": p.confidence,
         "min_gain": p.min_gain,
@@ -186,7 +216,8 @@ def gate(curve: list[dict[str, Any]], p: EvaluateParams) -> dict[str, Any]:
 
 def gate_message(g: dict[str, Any]) -> str:
     return (
-        f"negative-transfer gate at {g['rows']} training rows ({g['seeds']} seeds): transfer {g['metric']} "
+        f"negative-transfer gate at {g['units']} training {g['unit']} ({g['seeds']} seeds): "
+        f"transfer {g['metric']} "
         f"{g['transfer']:.4f} vs scratch {g['scratch']:.4f}, gain {g['gain']:+.4f} "
         f"with {g['confidence']:.0%} interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]; its lower end "
         f"must exceed evaluate.min_gain {g['min_gain']:+.4f} and is {g['min_gain'] - g['ci_low']:.4f} short"
@@ -216,10 +247,11 @@ def finish(
     model, shipped = setting.shipped(finetune_dir / "model", test, ft, data, out_dir)
     tuning = [r for r in results if r.get("tune")]
     lr, encoder = next((r["lr"], r["model"]) for r in results if r["arm"] == "scratch" and not r.get("tune"))
+    unit = spec(setting.name).size_unit
     curve = summarise(results, p, dict(setting.metrics))
-    g = gate(curve, p)
+    g = gate(curve, p, unit)
     forgot = setting.forgetting(p, ft, data, source_dir, model, prepare_dir)
-    baseline = setting.baseline(test, data)
+    baseline = setting.baseline(read_split(prepare_dir, "train"), test, data, source_dir)
     trivial = (setting.baseline_name, baseline[metric.key])
     write_json(
         out_dir / "metrics.json",
@@ -256,7 +288,8 @@ def finish(
         },
     )
     _write_curve_csv(out_dir / "curve.csv", curve, list(setting.metrics))
-    plot_curve(out_dir / "curve.png", curve, metric, trivial, p.confidence)
+    reference = spec(setting.name).reference_name
+    plot_curve(out_dir / "curve.png", curve, metric, trivial, p.confidence, unit, reference)
     (out_dir / "report.md").write_text(curve_markdown(curve, g, metric, trivial))
     log.info("evaluate: %s", gate_message(g) if not g["passed"] else f"gate passed: {g}")
     if not g["passed"]:
@@ -303,7 +336,7 @@ def _write_curve_csv(path: Path, curve: list[dict[str, Any]], metrics: list[str]
     """One row per size: each arm's mean on every metric, the gain's mean and interval
     (a DVC plot)."""
     arms = [arm for arm in (*ARMS, "reference") if arm in curve[0]]
-    fields = ["rows"]
+    fields = ["rows", "units"]
     for key in metrics:
         fields += [f"{arm}_{key}" for arm in arms] + [
             f"gain_{key}",
@@ -314,7 +347,7 @@ def _write_curve_csv(path: Path, curve: list[dict[str, Any]], metrics: list[str]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for e in curve:
-            row: dict[str, Any] = {"rows": e["rows"]}
+            row: dict[str, Any] = {"rows": e["rows"], "units": e["units"]}
             for key in metrics:
                 row |= {f"{arm}_{key}": e[arm][key]["mean"] for arm in arms}
                 gain = e["gain"][key]
@@ -327,30 +360,36 @@ def _write_curve_csv(path: Path, curve: list[dict[str, Any]], metrics: list[str]
 
 
 def plot_curve(
-    path: Path, curve: list[dict[str, Any]], metric: Metric, baseline: tuple[str, float], confidence: float
+    path: Path,
+    curve: list[dict[str, Any]],
+    metric: Metric,
+    baseline: tuple[str, float],
+    confidence: float,
+    unit: str = "rows",
+    reference: str = "reference",
 ) -> None:
-    """The primary test metric against training rows (log scale), mean and interval of each
-    arm, beside what the setting's trivial predictor scores."""
+    """The primary test metric against the training set's size in `unit` (log scale), mean
+    and interval of each arm, beside what the setting's trivial predictor scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    rows = [e["rows"] for e in curve]
+    rows = [e["units"] for e in curve]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     styles = {"transfer": ("tab:blue", "-"), "scratch": ("tab:orange", "-"), "reference": ("tab:green", ":")}
     for arm, (colour, line) in styles.items():
         if arm not in curve[0]:
             continue
         acc = [e[arm][metric.key] for e in curve]
-        label = "reference (TF-IDF + logistic regression)" if arm == "reference" else arm
+        label = f"reference ({reference})" if arm == "reference" else arm
         ax.plot(rows, [a["mean"] for a in acc], marker="o", linestyle=line, color=colour, label=label)
         ax.fill_between(
             rows, [a["ci_low"] for a in acc], [a["ci_high"] for a in acc], color=colour, alpha=0.2
         )
     ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1, label=baseline[0])
     ax.set_xscale("log")
-    ax.set_xlabel("target training rows")
+    ax.set_xlabel(f"target training {unit}")
     ax.set_ylabel(f"test {metric.label}")
     ax.set_title(f"Data efficiency (mean and {confidence:.0%} interval over seeds)")
     ax.grid(alpha=0.3)
@@ -366,14 +405,14 @@ def curve_markdown(
     reference = "reference" in curve[0]
     m, name = metric.key, metric.label
     lines = [
-        f"| rows | transfer {name} | scratch {name} | gain (interval) |"
+        f"| {g['unit']} | transfer {name} | scratch {name} | gain (interval) |"
         + (f" reference {name} |" if reference else ""),
         "|---:|---|---|---|" + ("---|" if reference else ""),
     ]
     for e in curve:
         t, s, d = e["transfer"][m], e["scratch"][m], e["gain"][m]
         line = (
-            f"| {e['rows']} | {t['mean']:.4f} ± {t['std']:.4f} | {s['mean']:.4f} ± {s['std']:.4f} | "
+            f"| {e['units']} | {t['mean']:.4f} ± {t['std']:.4f} | {s['mean']:.4f} ± {s['std']:.4f} | "
             f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |"
         )
         if reference:
@@ -385,7 +424,7 @@ def curve_markdown(
         "",
         f"{baseline[0].capitalize()}: {name} {baseline[1]:.4f}. Mean ± std over {g['seeds']} seeds; "
         f"gain intervals at {g['confidence']:.0%}.",
-        f"Negative-transfer gate at {g['rows']} rows: {verdict} (lower end {g['ci_low']:+.4f}, "
+        f"Negative-transfer gate at {g['units']} {g['unit']}: {verdict} (lower end {g['ci_low']:+.4f}, "
         f"needs > {g['min_gain']:+.4f}).",
     ]
     return "\n".join(lines) + "\n"

@@ -57,8 +57,9 @@ def export(
 
     With `p.optimize` the setting's fused graph ships when it passes the parity gate, else
     the plain one. Writes `parity.json`; raises GateFailed unless max |Δlogit| <=
-    p.max_abs_diff and the argmax agrees on every row, or when the int8 model's test score
-    falls more than `p.int8_max_drop` below the fp32 model's.
+    p.max_abs_diff and the argmax agrees on every row, when one of the setting's own checks
+    (`Exporter.checks`) fails, or when the int8 model's test score is more than
+    `p.int8_max_drop` worse than the fp32 model's.
     """
     fresh_dir(out_dir)
     exporter = exporter_of(finetune_dir / "model")
@@ -98,6 +99,9 @@ def export(
         failures.append(f"max |Δlogit| {diff:.3e} exceeds export.max_abs_diff {p.max_abs_diff:.1e}")
     if agree < 1.0:
         failures.append(f"argmax agrees on {agree:.2%} of {rows} rows, not 100%")
+    checked, missed = exporter.checks(bundle_dir, prepare_dir)
+    report |= checked
+    failures += missed
 
     int8_drop = None
     if p.int8 and not failures:
@@ -108,7 +112,8 @@ def export(
         score8 = exporter.quality(
             load_bundle(bundle_dir, precision="int8").outputs(inputs, p.batch_size), prepare_dir
         )
-        int8_drop = score32 - score8
+        # How much worse int8 scores (a positive drop is a loss, whichever way is better).
+        int8_drop = -metric.gain(score8, score32)
         report["int8"] = {
             **quantisation,
             "metric": metric.key,
@@ -120,8 +125,9 @@ def export(
         }
         if int8_drop > p.int8_max_drop:
             failures.append(
-                f"int8 test {metric.label} {score8:.4f} is {int8_drop:.4f} below fp32's {score32:.4f}, more "
-                f"than export.int8_max_drop {p.int8_max_drop} (set export.int8: false to ship fp32 alone)"
+                f"int8 test {metric.label} {score8:.4f} is {int8_drop:.4f} worse than fp32's {score32:.4f}, "
+                f"more than export.int8_max_drop {p.int8_max_drop} "
+                "(set export.int8: false to ship fp32 alone)"
             )
     write_json(
         out_dir / "parity.json",

@@ -47,7 +47,7 @@ def prepare(
     """
     rng = np.random.default_rng(p.seed)
     raw_target = read_input(data.target, "target", root)
-    kept, quarantined = _quarantine(rules, raw_target, "target", rows, data.labels, data.target)
+    kept, quarantined = _quarantine(rules, raw_target, "target", rows, data.target.labels, data.target)
     target, dropped_target = _dedupe(rules, kept)
     splits = _target_splits(p, target, rng)
 
@@ -175,7 +175,7 @@ def _target_splits(
 
 def _draw(p: PrepareParams, target: pd.DataFrame, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     """test, val and train drawn in that order, each stratified by label (largest remainder)
-    when `stratify`; the rest is pool."""
+    when `stratify` and the target has labels; the rest is pool."""
     sizes = {"test": p.split.test, "val": p.split.val, "train": p.split.train}
     needed = sum(sizes.values())
     if len(target) < needed:
@@ -184,7 +184,7 @@ def _draw(p: PrepareParams, target: pd.DataFrame, rng: np.random.Generator) -> d
             f"sizes need {needed} ({sizes}); lower prepare.split sizes"
         )
     shuffled = target.iloc[rng.permutation(len(target))]
-    if not p.split.stratify:
+    if not p.split.stratify or "label" not in shuffled.columns:
         groups = {"": shuffled}
     else:
         key = shuffled["label"].fillna("<null>").astype(str)

@@ -14,7 +14,7 @@ from tlpipe.checkpoint import META_FILE, seed_everything
 from tlpipe.data import read_split, sha256_file, source_split
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, PretrainParams, pretrain_objective
-from tlpipe.setting import Setting
+from tlpipe.setting import Setting, spec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def pretrain(
     source_file = prepare_dir / "source.parquet"
     fresh_dir(out_dir)
     model_dir = out_dir / "model"
-    objective = pretrain_objective(p, data)
+    objective = pretrain_objective(p, data, spec(setting.name).objectives)
     meta = {
         "stage": "pretrain",
         "params": p.model_dump(mode="json"),

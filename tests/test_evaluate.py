@@ -197,7 +197,8 @@ def test_curve_runs_every_point_and_pairs_the_gain(evaluated: Path) -> None:
     assert entry["gain"]["accuracy"]["mean"] == pytest.approx(np.mean(gains))
     assert metrics["gate"]["size"] == 40 and metrics["gate"]["gain"] == pytest.approx(np.mean(gains))
     csv_rows = (out / "curve.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("rows,transfer_accuracy,scratch_accuracy,reference_accuracy,gain_accuracy,")
+    header = "rows,units,transfer_accuracy,scratch_accuracy,reference_accuracy,gain_accuracy,"
+    assert csv_rows[0].startswith(header)
     assert csv_rows[0].endswith(
         ",reference_macro_f1,gain_macro_f1,gain_macro_f1_ci_low,gain_macro_f1_ci_high"
     )

@@ -28,6 +28,7 @@ def _setting(name: str) -> str:
 # The text examples' data is cut from the bundled corpus; the image ones read the bundled digits.
 EXAMPLES = [name for name in ALL_EXAMPLES if _setting(name) == "text-classification"]
 IMAGE_EXAMPLES = [name for name in ALL_EXAMPLES if _setting(name) == "image-classification"]
+GENERATION_EXAMPLES = [name for name in ALL_EXAMPLES if _setting(name) == "text-generation"]
 
 
 def tiny(raw: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
@@ -67,6 +68,7 @@ def harness():
 def test_every_example_is_listed_and_loads() -> None:
     assert EXAMPLES == ["different-labels", "target-only", "two-files", "unlabelled-source"]
     assert IMAGE_EXAMPLES == ["image-digits", "image-digits-imagenet"]
+    assert GENERATION_EXAMPLES == ["text-generation"]
     for name in ALL_EXAMPLES:
         params = load_params(REPO / "examples" / name / "params.yaml")
         data = "data/examples/" if name in EXAMPLES else "data/raw/"
@@ -213,3 +215,91 @@ def test_image_example_runs_end_to_end(
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 5 and all(r["label"] in params.data.labels for r in rows)
+
+
+def tiny_generation(raw: dict[str, Any]) -> dict[str, Any]:
+    """The generation example's transfer setup as it is, on the sample's tweets (its
+    airline tweets the target, the others the source); sizes, budgets and the model tiny."""
+    for name in ("target", "source"):
+        raw["data"][name].update({"path": "data/raw/sample.csv", "sha256": None})
+    raw["prepare"]["split"].update({"train": 40, "val": 40, "test": 60})
+    raw["validate"].update({"min_per_class": 2, "min_source_rows": 50})
+    pre = raw["pretrain"]
+    pre.update({"steps": 20, "evaluations": 2, "max_length": 32})
+    pre["tokenizer"]["vocab_size"] = 500
+    pre["lm"].update({"hidden_size": 32})
+    raw["finetune"].update({"max_length": 32, "epochs": 2, "min_steps": 4, "max_steps": 8, "evaluations": 2})
+    raw["evaluate"].update(
+        {"sizes": [500, 1500], "gate_size": 1500, "min_gain": -1e9, "forgetting_rows": 100}
+    )
+    raw["evaluate"]["scratch_lrs"] = [2e-3, 5e-3]
+    raw["export"]["batch_size"] = 16
+    raw["publish"]["bucket"] = "tlpipe-test"
+    return raw
+
+
+@pytest.mark.parametrize("name", GENERATION_EXAMPLES)
+def test_generation_example_runs_end_to_end(
+    name: str, harness: None, tmp_path: Path, sample_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tweets to airline tweets through every stage of the flow: a byte-level BPE tokenizer
+    and an LSTM trained on the source, fine-tuned on the target, its curve over target
+    tokens, exported with its state, published and generating without torch."""
+    from typer.testing import CliRunner
+
+    from flows.pipeline import pipeline
+    from tlpipe.cli import app
+    from tlpipe.store import open_store
+
+    raw = tiny_generation(yaml.safe_load((REPO / "examples" / name / "params.yaml").read_text()))
+    root = make_project(tmp_path / "proj", sample_csv, raw)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("TLPIPE_S3_ENDPOINT", raising=False)
+
+    state = pipeline(return_state=True)
+    assert state.is_completed(), state.message
+
+    validation = json.loads(Path("outputs/validate/report.json").read_text())
+    assert validation["success"] and {"text_length", "min_rows"} <= set(validation["checks"]["train"])
+    assert "no_leakage" in validation["checks"]["all"]
+    pretrain = json.loads(Path("outputs/pretrain/metrics.json").read_text())
+    assert pretrain["objective"] == "causal_lm" and pretrain["vocab_size"] <= 500
+    metrics = json.loads(Path("outputs/evaluate/metrics.json").read_text())
+    assert metrics["metric"] == "perplexity" and not metrics["higher_is_better"]
+    # Each size draws texts until their tokens reach it.
+    assert [e["size"] for e in metrics["curve"]] == [500, 1500]
+    assert all(e["size"] <= e["units"] < e["size"] + 200 for e in metrics["curve"])
+    assert {"transfer", "scratch", "reference", "gain"} <= set(metrics["curve"][0])
+    assert metrics["baseline"]["predictor"] == "unigram model"
+    assert 1 < metrics["shipped"]["perplexity"] < 500 and len(metrics["shipped"]["samples"]) == 4
+    forgetting = metrics["forgetting"]
+    assert forgetting["perplexity_before"] > 1 and forgetting["perplexity_after"] > 1
+    runs = Path("outputs/evaluate/runs")
+    assert json.loads((runs / "scratch-1500-seed0.json").read_text())["examples"]
+    parity = json.loads(Path("outputs/export/parity.json").read_text())
+    assert parity["argmax_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
+    assert parity["greedy"]["prompts"] == 8 and not parity["greedy"]["differ"]
+
+    release = json.loads(Path("outputs/publish/release.json").read_text())
+    with open_store("tlpipe-test", root=root / ".tlpipe/store") as store:
+        prefix = release["uri"].split("/", 3)[3]
+        manifest = json.loads(
+            store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read()
+        )
+    assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "bundle.json"} <= set(manifest["files"])
+    page = Path("outputs/report.html").read_text()
+    assert "Kneser-Ney" in page and "transfer" in page and "Forgetting (source text)" in page
+    assert "Language model" in Path("outputs/publish/README.md").read_text()
+
+    command = ["generate", "--bundle", "outputs/export/bundle", "--prompt", "@united my bag", "--seed", "1"]
+    first, again = (CliRunner().invoke(app, [*command, "--top-k", "20"]) for _ in range(2))
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith("@united my bag") and first.stdout == again.stdout
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("@JetBlue thanks\n@united flight\n")
+    result = CliRunner().invoke(
+        app, ["predict", "--bundle", "outputs/export/bundle", "--input", str(prompts)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["prompt"] for r in rows] == ["@JetBlue thanks", "@united flight"]

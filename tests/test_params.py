@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, tiny_params
-from tlpipe.params import ParamsError, load_params, parse_params, stage_dir
+from tlpipe.params import ParamsError, load_params, parse_params, pretrain_objective, stage_dir
 
 
 def test_repo_params_load() -> None:
@@ -54,3 +55,36 @@ def test_the_primary_metric_is_one_of_the_setting_s() -> None:
     assert parse_params(tiny_params(**{"evaluate.metric": "macro_f1"})).evaluate.metric == "macro_f1"
     with pytest.raises(ParamsError, match="'perplexity' is not a text-classification metric.*macro_f1"):
         parse_params(tiny_params(**{"evaluate.metric": "perplexity"}))
+
+
+def _generation(**overrides: object) -> dict:
+    raw = yaml.safe_load((REPO / "examples" / "text-generation" / "params.yaml").read_text())
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = raw
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return raw
+
+
+def test_text_generation_reads_plain_text_and_trains_a_causal_lm() -> None:
+    p = parse_params(_generation())
+    assert p.data.labels == () and p.pretrain.objective == "causal_lm"
+    assert pretrain_objective(
+        p.pretrain.model_copy(update={"objective": "auto"}), p.data, ("causal_lm",)
+    ) == ("causal_lm")
+    with pytest.raises(ParamsError, match="reads no labels"):
+        parse_params(_generation(**{"data.target.columns": {"text": "text", "label": "sentiment"}}))
+    with pytest.raises(ParamsError, match="objective 'mlm' is not one text-generation trains with"):
+        parse_params(_generation(**{"pretrain.objective": "mlm"}))
+    with pytest.raises(ParamsError, match=r"pretrain\.lm.*divisible"):
+        parse_params(_generation(**{"pretrain.lm.architecture": "gpt", "pretrain.lm.num_heads": 3}))
+
+
+def test_only_text_generation_transfers_the_embeddings_alone() -> None:
+    assert parse_params(_generation(**{"finetune.transfer": "embeddings"})).finetune.transfer == "embeddings"
+    with pytest.raises(ParamsError, match="transfers the whole source model"):
+        parse_params(tiny_params(**{"finetune.transfer": "embeddings"}))
+    with pytest.raises(ParamsError, match="needs the target's label set"):
+        parse_params(tiny_params(**{"data.target.labels": None}))

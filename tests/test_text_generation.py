@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import AIRLINES, REPO
-from tlpipe.params import FinetuneParams, OptimParams, TokenizerParams
+from tlpipe.params import FinetuneParams, OptimParams, TokenizerParams, parse_params
 from tlpipe.settings.text_generation.export import write_bundle
 from tlpipe.settings.text_generation.lm import (
     LanguageModelTask,
@@ -38,7 +38,14 @@ from tlpipe.settings.text_generation.model import (
 from tlpipe.settings.text_generation.ngram import KneserNey
 from tlpipe.settings.text_generation.sampling import Sampling, next_token
 from tlpipe.settings.text_generation.serve import LanguageModelBundle, decoded_pieces
-from tlpipe.settings.text_generation.tokenizer import EOS, encode_texts, eos_id, token_stream, train_bpe
+from tlpipe.settings.text_generation.tokenizer import (
+    EOS,
+    encode_texts,
+    eos_id,
+    load_tokenizer,
+    token_stream,
+    train_bpe,
+)
 from tlpipe.train import CPU_FP32, train_model
 
 
@@ -257,7 +264,8 @@ def lm_bundle(
     save_lm(model, tok, root / "model", {})
     model = load_lm(root / "model")
     write_bundle(model, root / "model", root / "bundle", opset=18)
-    return root / "bundle", load_lm(root / "model")
+    assert not any(m.training for m in model.modules())  # exporting leaves dropout off
+    return root / "bundle", model
 
 
 def test_the_bundle_matches_pytorch_and_carries_its_state(lm_bundle, tok) -> None:
@@ -324,3 +332,119 @@ def test_a_language_model_bundle_generates_without_torch(lm_bundle) -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith("'")
+
+
+def _generation_params(**overrides: object):
+    from tests.test_params import _generation
+
+    raw = _generation(**overrides)
+    for name in ("target", "source"):
+        raw["data"][name].update({"path": "data/raw/sample.csv", "sha256": None})
+    raw["prepare"]["split"].update({"train": 40, "val": 40, "test": 60})
+    raw["validate"].update({"min_per_class": 2, "min_source_rows": 50})
+    raw["pretrain"].update({"steps": 30, "evaluations": 2, "max_length": 32})
+    raw["pretrain"]["tokenizer"]["vocab_size"] = 500
+    raw["pretrain"]["lm"]["hidden_size"] = 32
+    raw["finetune"].update({"max_length": 32, "min_steps": 10, "max_steps": 10, "evaluations": 1})
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory: pytest.TempPathFactory, sample_csv: Path) -> tuple[Path, Path]:
+    """(prepare_dir, pretrain model dir) of the generation example on the sample's tweets."""
+    from tasks.prepare import prepare
+    from tasks.pretrain import pretrain
+    from tlpipe.setting import get_setting, row_rules
+
+    root = tmp_path_factory.mktemp("generation")
+    (root / "data/raw").mkdir(parents=True)
+    (root / "data/raw/sample.csv").write_bytes(sample_csv.read_bytes())
+    p = _generation_params()
+    prepare(row_rules(p.setting), p.prepare, p.data, p.validate_, root, root / "prepare")
+    result = pretrain(get_setting(p.setting), p.pretrain, p.data, root / "prepare", root / "pretrain")
+    return root / "prepare", result.model_dir
+
+
+def test_a_text_in_two_splits_fails_validation(generation_run, tmp_path: Path) -> None:
+    import shutil
+
+    from tasks.validate import validate
+    from tlpipe.errors import GateFailed
+    from tlpipe.setting import validation_suite
+
+    prepared, _ = generation_run
+    p = _generation_params()
+    leaky = tmp_path / "prepare"
+    shutil.copytree(prepared, leaky)
+    train, test = pd.read_parquet(leaky / "train.parquet"), pd.read_parquet(leaky / "test.parquet")
+    test.loc[0, "text"] = "  " + train.loc[3, "text"].upper()  # the same text, normalised
+    test.to_parquet(leaky / "test.parquet", index=False)
+    with pytest.raises(GateFailed, match="no_leakage"):
+        validate(validation_suite(p.setting), p.validate_, p.data, leaky, tmp_path / "validate")
+    result = validate(validation_suite(p.setting), p.validate_, p.data, prepared, tmp_path / "ok")
+    assert result.success and {c.check for c in result.checks} >= {"min_rows", "text_length", "no_leakage"}
+
+
+def test_curve_sizes_count_tokens_and_nest(generation_run) -> None:
+    from tasks.evaluate import labelled_target, subsample
+    from tlpipe.errors import DataError
+    from tlpipe.settings.text_generation.setting import SETTING
+
+    prepared, source_dir = generation_run
+    target = labelled_target(prepared)
+    units = SETTING.units(target, source_dir)
+    assert len(units) == len(target) and units.min() >= 2  # a text's tokens and its EOS
+    small, large = (subsample(target, n, 0, units, "tokens") for n in (300, 900))
+    assert units[small.index].sum() >= 300 > units[small.index[:-1]].sum()
+    assert list(large.index[: len(small)]) == list(small.index)
+    with pytest.raises(DataError, match="training tokens; the target has"):
+        subsample(target, int(units.sum()) + 1, 0, units, "tokens")
+
+
+def test_embedding_transfer_reinitialises_every_other_layer(generation_run) -> None:
+    from tlpipe.settings.text_generation.setting import SETTING
+
+    prepared, source_dir = generation_run
+    p = _generation_params(**{"finetune.transfer": "embeddings"})
+    source = load_lm(source_dir)
+    arm = SETTING.transfer_arm(p.finetune, p.data, source_dir, prepared)
+    assert arm.transferred == {"embed.weight"} and arm.facts == {"transferred": "embeddings"}
+    torch.testing.assert_close(arm.model.embed.weight, source.embed.weight)
+    assert not torch.equal(arm.model.layers[0].weight_ih_l0, source.layers[0].weight_ih_l0)
+    whole = SETTING.transfer_arm(_generation_params().finetune, p.data, source_dir, prepared)
+    assert whole.transferred == {n for n, _ in source.named_parameters()}
+
+
+def test_the_joint_objective_reads_the_source_pretrain_trained_on(generation_run) -> None:
+    from tlpipe.data import read_split, source_split
+    from tlpipe.settings.text_generation.setting import SETTING
+
+    prepared, source_dir = generation_run
+    p = _generation_params(**{"finetune.joint_alpha": 0.3})
+    arm = SETTING.transfer_arm(p.finetune, p.data, source_dir, prepared)
+    _, trained_on = source_split(read_split(prepared, "source"))
+    assert arm.extras.alpha == 0.3
+    assert len(arm.extras.stream) == len(
+        token_stream(load_tokenizer(source_dir), trained_on["text"].tolist())
+    )
+
+
+def test_the_reference_and_the_baseline_score_the_same_tokens(generation_run) -> None:
+    from tlpipe.data import read_split
+    from tlpipe.settings.text_generation.setting import REFERENCE_ORDERS, SETTING
+
+    prepared, source_dir = generation_run
+    p = _generation_params()
+    train, val, test = (read_split(prepared, s) for s in ("train", "val", "test"))
+    found, facts = SETTING.reference(train, val, test, p.data, source_dir)
+    unigram = SETTING.baseline(train, test, p.data, source_dir)
+    assert facts["order"] in REFERENCE_ORDERS and set(facts["val_perplexity"]) <= {
+        str(o) for o in REFERENCE_ORDERS
+    }
+    assert found["perplexity"] < unigram["perplexity"] < load_tokenizer(source_dir).get_vocab_size()
+    model = load_lm(source_dir)
+    neural = SETTING.score(model, test, p.finetune, p.data, source_dir)
+    assert set(neural) == set(found) == {"loss", "perplexity"}
+    forgot = SETTING.forgetting(p.evaluate, p.finetune, p.data, source_dir, model, prepared)
+    # The source model itself: nothing forgotten.
+    assert forgot["perplexity_before"] == pytest.approx(forgot["perplexity_after"])

@@ -210,15 +210,7 @@ def predict(
     from tlpipe.setting import spec
 
     try:
-        if bundle.startswith("s3://"):
-            from tlpipe.release import fetch_release
-            from tlpipe.store import open_store, parse_s3_uri
-
-            bucket, _ = parse_s3_uri(bundle)
-            with open_store(bucket) as store:
-                folder = fetch_release(store, bundle, Path.home() / ".cache" / "tlpipe" / "releases")
-        else:
-            folder = Path(bundle)
+        folder = _bundle_folder(bundle)
         model = load_bundle(folder, threads=threads, precision=precision)
         if not input.exists():
             raise FileNotFoundError(f"{input}: no such file or folder")
@@ -234,6 +226,55 @@ def predict(
             if output:
                 out.close()
         typer.echo(f"tlpipe: {rows} rows predicted", err=True)
+    except (TlpipeError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+def _bundle_folder(bundle: str) -> Path:
+    """A bundle folder, or the release an s3:// prefix names fetched into the local cache."""
+    if not bundle.startswith("s3://"):
+        return Path(bundle)
+    from tlpipe.release import fetch_release
+    from tlpipe.store import open_store, parse_s3_uri
+
+    bucket, _ = parse_s3_uri(bundle)
+    with open_store(bucket) as store:
+        return fetch_release(store, bundle, Path.home() / ".cache" / "tlpipe" / "releases")
+
+
+@app.command()
+def generate(
+    bundle: Annotated[str, typer.Option(help="a language model's bundle folder, or s3:// release prefix")],
+    prompt: Annotated[str, typer.Option(help="the text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 40,
+    greedy: Annotated[bool, typer.Option(help="take the most likely token every step")] = False,
+    temperature: Annotated[float, typer.Option(help="divides the logits (below 1: sharper)")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="sample from the k most likely tokens (0: all)")] = 0,
+    top_p: Annotated[float, typer.Option(help="sample from the smallest set holding this probability")] = 1.0,
+    seed: Annotated[int, typer.Option(help="the sampler's seed: the same seed, the same text")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32, or int8 when the bundle has it")] = "fp32",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="onnxruntime threads (default: all cores)")
+    ] = None,
+) -> None:
+    """Continue a prompt with a text-generation bundle on onnxruntime, printing each piece
+    of text as soon as it is generated."""
+    from tlpipe.errors import TlpipeError
+    from tlpipe.serve import bundle_setting, load_bundle
+    from tlpipe.settings.text_generation.sampling import Sampling
+
+    try:
+        folder = _bundle_folder(bundle)
+        setting = bundle_setting(folder)
+        if setting != "text-generation":
+            raise ValueError(f"{folder}: a {setting} bundle does not generate text; use tlpipe predict")
+        sampling = Sampling(max_new_tokens, greedy, temperature, top_k, top_p, seed)
+        model = load_bundle(folder, threads=threads, precision=precision)
+        sys.stdout.write(prompt)
+        for piece in model.stream(prompt, sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     except (TlpipeError, FileNotFoundError, ValueError) as err:
         _fail(err)
 

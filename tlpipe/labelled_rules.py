@@ -84,22 +84,27 @@ def label_specs(labels: tuple[str, ...]) -> list[Spec]:
     ]
 
 
-def min_source_rows_spec(p: ValidateParams) -> Spec:
-    """The source has at least `min_source_rows` rows."""
+def min_rows_spec(check: str, what: str, minimum: int, unit: str = "rows") -> Spec:
+    """A table (`what`: "source", "train") has at least `minimum` rows."""
     import great_expectations.expectations as gxe
 
     def row_counts(result: dict[str, Any]) -> tuple[int, int]:
         rows = int(result["result"]["observed_value"])
-        return max(0, p.min_source_rows - rows), rows
+        return max(0, minimum - rows), rows
 
     return Spec(
-        "min_source_rows",
+        check,
         None,
-        f"source has at least {p.min_source_rows} rows",
-        gxe.ExpectTableRowCountToBeBetween(min_value=p.min_source_rows),
-        lambda r, u, n: f"{n} rows, needs at least {p.min_source_rows} ({u} short)" if u else f"{n} rows",
+        f"{what} has at least {minimum} {unit}",
+        gxe.ExpectTableRowCountToBeBetween(min_value=minimum),
+        lambda r, u, n: f"{n} {unit}, needs at least {minimum} ({u} short)" if u else f"{n} {unit}",
         row_counts,
     )
+
+
+def min_source_rows_spec(p: ValidateParams) -> Spec:
+    """The source has at least `min_source_rows` rows."""
+    return min_rows_spec("min_source_rows", "source", p.min_source_rows)
 
 
 def label_counts_frame(p: ValidateParams, labels: tuple[str, ...], split: str, df: pd.DataFrame) -> Frame:

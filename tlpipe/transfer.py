@@ -57,6 +57,19 @@ class LayerGroups:
             )
         return cls(blocks, depths)
 
+    @classmethod
+    def below_base(cls, model: nn.Module, embeddings: str, block: str, blocks: int) -> LayerGroups:
+        """`match` over a Hugging Face model's parameter names below its base model
+        (`bert.encoder.layer.0...` in a classifier is `encoder.layer.0...` in a bare
+        encoder), keyed by the full names."""
+        prefix = f"{model.base_model_prefix}."
+        local = {name: name.removeprefix(prefix) for name, _ in model.named_parameters()}
+        groups = cls.match(local.values(), embeddings, block, blocks)
+        return cls(
+            groups.blocks,
+            {name: groups.depths[short] for name, short in local.items() if short in groups.depths},
+        )
+
 
 def trainable_from(p: FinetuneParams, n_layers: int, epoch: int = 1) -> int:
     """The lowest depth that trains during `epoch` (1-based); everything below is frozen."""

@@ -27,5 +27,6 @@ SPEC = SettingSpec(
     baseline_name="majority class",
     # A source model learns from labelled images; there is no unsupervised objective yet.
     objectives=("supervised",),
+    reference_name="pixels + LR",
     sized_scratch=False,
 )

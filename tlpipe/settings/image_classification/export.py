@@ -75,6 +75,10 @@ class ImageExporter:
         calibration = self.preprocessor.normalise(self.preprocessor.batch_pixels(images))
         return quantize_static_int8(src, dst, INPUT_NAME, calibration)
 
+    def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
+        """Nothing beyond the outputs' parity: a classifier's outputs are its logits."""
+        return {}, []
+
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         y = label_ids(read_split(prepare_dir, "test"), self.labels)
         return float((outputs.argmax(1) == y).mean()) if len(y) else 0.0

@@ -12,6 +12,7 @@ from typing import Any
 
 from tlpipe.params import Params
 from tlpipe.report import Block, ClassifierSections, Image, pct, read_json
+from tlpipe.settings.image_classification import SPEC
 
 # The grid's size: its mistakes first, then correct predictions, in test order.
 GRID_COLUMNS, GRID_ROWS = 8, 4
@@ -19,7 +20,7 @@ GRID_COLUMNS, GRID_ROWS = 8, 4
 
 class ImageClassifierReport(ClassifierSections):
     # The classical reference arm of the curve (tlpipe.settings.image_classification.reference).
-    reference_name = "pixels + LR"
+    reference_name = SPEC.reference_name
     reference_note = (
         "The reference is a classical model on the same rows (logistic regression on the "
         "standardised pixels the preprocessor makes); the gate compares transfer with scratch only."

@@ -24,5 +24,6 @@ SPEC = SettingSpec(
     metrics=METRICS,
     baseline_name="majority class",
     objectives=("mlm", "supervised"),
+    reference_name="TF-IDF + LR",
     sized_scratch=True,
 )

@@ -126,6 +126,10 @@ class ClassifierExporter:
     def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, Any]:
         return quantize_dynamic_int8(src, dst)
 
+    def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
+        """Nothing beyond the outputs' parity: a classifier's outputs are its logits."""
+        return {}, []
+
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         y = label_ids(read_split(prepare_dir, "test"), self.labels)
         return float((outputs.argmax(1) == y).mean()) if len(y) else 0.0

@@ -34,11 +34,4 @@ def layer_groups(model: nn.Module) -> LayerGroups:
             f"not {family!r}: freezing and layer-wise learning rates cannot place its layers"
         )
     embeddings, block = ENCODERS[family]
-    prefix = f"{model.base_model_prefix}."
-    # Below the base model: `bert.encoder.layer.0...` in a classifier, `encoder.layer.0...`
-    # in a bare encoder.
-    local = {name: name.removeprefix(prefix) for name, _ in model.named_parameters()}
-    groups = LayerGroups.match(local.values(), embeddings, block, int(config.num_hidden_layers))
-    return LayerGroups(
-        groups.blocks, {name: groups.depths[short] for name, short in local.items() if short in groups.depths}
-    )
+    return LayerGroups.below_base(model, embeddings, block, int(config.num_hidden_layers))

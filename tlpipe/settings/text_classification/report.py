@@ -9,11 +9,12 @@ from typing import Any
 
 from tlpipe.params import Params
 from tlpipe.report import Block, ClassifierSections, pct, read_json
+from tlpipe.settings.text_classification import SPEC
 
 
 class TextClassifierReport(ClassifierSections):
     # The classical reference arm of the curve (tlpipe.settings.text_classification.reference).
-    reference_name = "TF-IDF + LR"
+    reference_name = SPEC.reference_name
     reference_note = (
         "The reference is a classical model on the same rows (TF-IDF word and character n-grams, "
         "logistic regression); the gate compares transfer with scratch only."

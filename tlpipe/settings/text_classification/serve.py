@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.serve import BUNDLE_JSON, precision_session, require_files, top_labels
+from tlpipe.serve import BUNDLE_JSON, precision_session, read_texts, require_files, top_labels
 from tlpipe.settings.text_classification.text import encode, load_tokenizer
 
 BUNDLE_FILES = ("model.onnx", "tokenizer.json", BUNDLE_JSON)
@@ -90,43 +90,7 @@ class ClassifierBundle:
     @staticmethod
     def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:
         """Stream a CSV / TSV / JSONL / Parquet / plain-text file's `column` in chunks."""
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[column]):
-                yield [str(t) if t is not None else "" for t in batch.column(0).to_pylist()]
-            return
-        if suffix == ".txt":
-            with path.open(encoding="utf-8") as f:
-                chunk: list[str] = []
-                for line in f:
-                    chunk.append(line.rstrip("\n"))
-                    if len(chunk) == chunk_rows:
-                        yield chunk
-                        chunk = []
-                if chunk:
-                    yield chunk
-            return
-        import pandas as pd
-
-        if suffix in (".jsonl", ".ndjson"):
-            reader = pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
-        elif suffix in (".csv", ".tsv"):
-            reader = pd.read_csv(
-                path,
-                sep="\t" if suffix == ".tsv" else ",",
-                chunksize=chunk_rows,
-                usecols=[column],
-                dtype=str,
-                keep_default_na=False,
-            )
-        else:
-            raise ValueError(f"{path}: unsupported input format {suffix!r} (csv, tsv, jsonl, parquet, txt)")
-        for frame in reader:
-            if column not in frame.columns:
-                raise ValueError(f"{path}: no column {column!r}; it has {list(frame.columns)}")
-            yield frame[column].fillna("").astype(str).tolist()
+        return read_texts(path, column, chunk_rows)
 
 
 PREDICTOR = ClassifierBundle

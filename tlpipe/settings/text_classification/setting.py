@@ -74,8 +74,16 @@ class TextClassification:
     ) -> tuple[dict[str, float], dict[str, Any]]:
         return reference.reference_run(train, val, test, data.labels)
 
-    def baseline(self, test: pd.DataFrame, data: DataParams) -> dict[str, float]:
+    def baseline(
+        self, train: pd.DataFrame, test: pd.DataFrame, data: DataParams, source_dir: Path
+    ) -> dict[str, float]:
         return majority_scores(label_ids(test, data.labels), len(data.labels))
+
+    def units(self, rows: pd.DataFrame, source_dir: Path) -> None:
+        return None
+
+    def examples(self, model: nn.Module, rows: pd.DataFrame, p: FinetuneParams, source_dir: Path) -> None:
+        return None
 
     def shipped(
         self, model_dir: Path, test: pd.DataFrame, p: FinetuneParams, data: DataParams, out_dir: Path

@@ -30,5 +30,9 @@ SPEC = SettingSpec(
     metrics=METRICS,
     baseline_name="unigram model",
     objectives=("causal_lm",),
+    reference_name="Kneser-Ney n-gram",
     sized_scratch=False,
+    labelled=False,
+    carried=("all", "embeddings"),
+    size_unit="tokens",
 )

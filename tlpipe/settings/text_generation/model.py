@@ -148,12 +148,7 @@ def layer_groups(model: nn.Module) -> LayerGroups:
             f"not {family!r}: freezing and layer-wise learning rates cannot place its layers"
         )
     embeddings, block = DECODERS[family]
-    prefix = f"{model.base_model_prefix}."
-    local = {name: name.removeprefix(prefix) for name, _ in model.named_parameters()}
-    groups = LayerGroups.match(local.values(), embeddings, block, int(model.config.num_hidden_layers))
-    return LayerGroups(
-        groups.blocks, {name: groups.depths[short] for name, short in local.items() if short in groups.depths}
-    )
+    return LayerGroups.below_base(model, embeddings, block, int(model.config.num_hidden_layers))
 
 
 def save_lm(model: nn.Module, tok: Tokenizer, out_dir: Path, meta: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ not the whole text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from tlpipe.serve import BUNDLE_JSON, precision_session, require_files
+from tlpipe.serve import BUNDLE_JSON, precision_session, read_texts, require_files
 from tlpipe.settings.text_generation.sampling import Sampling, new_tokens, next_token
 from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE
 
@@ -73,6 +73,23 @@ class LanguageModelBundle:
         self.spec = BundleSpec.read(path / BUNDLE_JSON)
         self.tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
         self.session = precision_session(path, self.spec.models, precision, threads)
+
+    def outputs(self, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Next-token logits (N, T, V) of blocks of token ids (N, T + 1): each block read
+        from a fresh state, its last token only predicted (`Exporter.parity_inputs`)."""
+        return np.concatenate(
+            [self.step(inputs[i : i + batch_size, :-1])[0] for i in range(0, len(inputs), batch_size)]
+        )
+
+    def predict(self, rows: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """The greedy continuation of each prompt (`tlpipe generate` samples)."""
+        s = Sampling(greedy=True)
+        return [{"prompt": prompt, "continuation": self.generate(prompt, s)} for prompt in rows]
+
+    @staticmethod
+    def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:
+        """Prompts from a CSV / TSV / JSONL / Parquet file's `column` or a text file's lines."""
+        return read_texts(path, column, chunk_rows)
 
     def initial_state(self, batch: int) -> dict[str, np.ndarray]:
         return {
@@ -134,3 +151,6 @@ def decoded_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
     text = tokenizer.decode(seen)
     if len(text) > len(shown):
         yield text[len(shown) :]
+
+
+PREDICTOR = LanguageModelBundle
