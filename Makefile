@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m bench.predict
 	$(VENV)/bin/python -m bench.validate
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.image --efficientnet
+	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.generation
 	$(VENV)/bin/python -m bench.pipeline
 	$(VENV)/bin/python -m bench.report
 

@@ -328,6 +328,55 @@ def pipeline(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+GENERATION_SIDES = {
+    "plain": "plain PyTorch loop, fp32",
+    "plain_bf16": "plain PyTorch loop, bf16 autocast",
+    "trainer": "HF Trainer, fp32 (its default)",
+    "trainer_bf16": "HF Trainer, `bf16=True`",
+    "tlpipe_fp32": "tlpipe, fp32",
+    "tlpipe": "tlpipe, bf16 autocast (its default here)",
+}
+GENERATION_ENGINES = {
+    "onnxruntime": "onnxruntime, state carried (`tlpipe generate`)",
+    "onnxruntime_no_cache": "onnxruntime, the whole text re-read every token",
+    "pytorch": "PyTorch (`generate` with its KV cache; the LSTM stepping with its state)",
+}
+
+
+def generation(section: dict[str, Any]) -> list[str]:
+    """`python -m bench.generation`: training against the Trainer / a plain loop, and
+    incremental generation against PyTorch."""
+    lines = ["## Text generation (`generation-cpu`)", "", machine_line(section), ""]
+    for arch in ("lstm", "gpt"):
+        t, g = section[f"{arch}_training"], section[f"{arch}_generation"]
+        m = t["model"]
+        lines += [
+            f"### {arch.upper()}: {m['parameters'] / 1e6:.2f}M parameters, {m['layers']} layers of "
+            f"{m['hidden']}, blocks of {m['block']} tokens, batch {m['batch']}, {m['steps']} steps per run",
+            "",
+            "| configuration | tokens/s | held-out loss | speed-up |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, side in t["sides"].items():
+            lines.append(
+                f"| {GENERATION_SIDES.get(name, name)} | {fmt(side['tokens/s'])} "
+                f"| {side['held_out_loss']:.4f} | {t['speedup'][name]:.2f}x |"
+            )
+        lines += [
+            "",
+            f"Greedy generation at batch 1, {g['new_tokens']} new tokens after each of "
+            f"{g['prompts']} prompts (the same tokens on every engine: {g['same_greedy_tokens']}):",
+            "",
+            "| engine | tokens/s | vs PyTorch |",
+            "|---|---:|---:|",
+        ]
+        for name, e in g["engines"].items():
+            vs = e["median"] / g["engines"]["pytorch"]["median"]
+            lines.append(f"| {GENERATION_ENGINES.get(name, name)} | {fmt(e)} | {vs:.2f}x |")
+        lines.append("")
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [HEADER]
     train = [k for k in results if k.startswith("train-")]
@@ -337,6 +386,7 @@ def render(results: dict[str, Any]) -> str:
     for key, fn in (
         ("inference", inference),
         ("image-cpu", image),
+        ("generation-cpu", generation),
         ("predict", predict),
         ("validate", validate),
         ("pipeline", pipeline),

@@ -49,3 +49,35 @@ def test_the_image_benchmark_times_every_side_and_engine(tmp_path: Path) -> None
     for name, engine in engines.items():
         assert engine["batch1_p50_ms"]["median"] > 0 and engine["batch64_images_per_s"]["median"] > 0, name
     assert engines["ort_int8_static (shipped)"]["onnx_bytes"] < engines["ort_fp32"]["onnx_bytes"] / 2
+
+
+@pytest.mark.slow
+def test_the_generation_benchmark_times_every_side_and_engine(sample_csv: Path) -> None:
+    """bench.generation on a few steps of the sample's tweets: every loop at every precision
+    for both architectures, and every generation engine producing the same greedy tokens."""
+    import pandas as pd
+
+    from bench.generation import generation, training
+    from tlpipe.params import TokenizerParams
+    from tlpipe.settings.text_generation.tokenizer import eos_id, token_stream, train_bpe
+
+    texts = pd.read_csv(sample_csv, dtype=str)["text"].tolist()
+    tok = train_bpe(texts, TokenizerParams(vocab_size=500, lowercase=False))
+    corpus = {
+        "train": token_stream(tok, texts[100:]),
+        "held_out": token_stream(tok, texts[:100]),
+        "vocab": tok.get_vocab_size(),
+        "eos": eos_id(tok),
+    }
+    for arch, baseline in (("lstm", "plain"), ("gpt", "trainer")):
+        model, result = training(arch, corpus, steps=6, window=2, repeats=1, gpt_layers=1)
+        assert result["baseline"] == baseline and result["speedup"][baseline] == 1.0
+        assert {baseline, "tlpipe_fp32"} <= result["sides"].keys()
+        for name, side in result["sides"].items():
+            assert side["tokens/s"]["median"] > 0 and side["held_out_loss"] > 0, name
+        found = generation(model, tok, ["@united my", "thanks"], new_tokens=4, threads=1)
+        assert found["same_greedy_tokens"] and set(found["engines"]) == {
+            "onnxruntime",
+            "onnxruntime_no_cache",
+            "pytorch",
+        }

@@ -448,3 +448,52 @@ def test_the_reference_and_the_baseline_score_the_same_tokens(generation_run) ->
     forgot = SETTING.forgetting(p.evaluate, p.finetune, p.data, source_dir, model, prepared)
     # The source model itself: nothing forgotten.
     assert forgot["perplexity_before"] == pytest.approx(forgot["perplexity_after"])
+
+
+def test_a_gpt_goes_from_pretrain_to_a_bundle_at_parity(generation_run, tmp_path: Path) -> None:
+    from tasks.export import export
+    from tasks.finetune import finetune
+    from tasks.pretrain import pretrain
+    from tlpipe.setting import get_exporter, get_setting
+
+    prepared, _ = generation_run
+    p = _generation_params(**{"pretrain.lm.architecture": "gpt", "pretrain.lm.num_heads": 2})
+    setting = get_setting(p.setting)
+    source = pretrain(setting, p.pretrain, p.data, prepared, tmp_path / "pretrain")
+    assert source.metrics["source_perplexity"] < source.metrics["vocab_size"]
+    tuned = finetune(setting, p.finetune, p.data, source.model_dir, prepared, tmp_path / "finetune")
+    assert tuned.val_score < source.metrics["vocab_size"]
+    result = export(get_exporter(p.setting), p.export, tmp_path / "finetune", prepared, tmp_path / "export")
+    assert result.max_abs_diff < 1e-4 and result.argmax_agreement == 1.0
+    bundle = LanguageModelBundle(result.bundle_dir)
+    assert bundle.spec.architecture == "gpt" and bundle.spec.max_positions == p.pretrain.max_length
+    with pytest.raises(ValueError, match="finetune.max_length is 64 tokens, but the model reads at most 32"):
+        finetune(
+            setting,
+            p.finetune.model_copy(update={"max_length": 64}),
+            p.data,
+            source.model_dir,
+            prepared,
+            tmp_path / "too-long",
+        )
+
+
+def test_a_hugging_face_causal_lm_folder_starts_pretrain(tmp_path: Path, tok) -> None:
+    from tlpipe.settings.text_generation.setting import SETTING
+
+    model = new_gpt(tok.get_vocab_size(), 32, 1, 2, 0.0, 32, eos_id(tok))
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    SETTING.copy_checkpoint(tmp_path / "hf", tmp_path / "copied")
+    ids = torch.randint(0, tok.get_vocab_size(), (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(load_lm(tmp_path / "copied"), ids), logits(model.eval(), ids))
+    from tlpipe.settings.text_classification.text import train_wordpiece
+
+    # A classifier's WordPiece vocabulary: [CLS] and [SEP], no end-of-text token.
+    no_eos = train_wordpiece(
+        ["a tokenizer without the end of text token"] * 5, TokenizerParams(vocab_size=300)
+    )
+    no_eos.save(str(tmp_path / "hf" / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"has no <\|endoftext\|> token"):
+        SETTING.copy_checkpoint(tmp_path / "hf", tmp_path / "refused")

@@ -557,6 +557,10 @@ class Params(_Section):
             raise ValueError(f"{self.setting} needs the target's label set (data.target.labels)")
         if not setting.labelled and self.data.target.labelled:
             raise ValueError(f"{self.setting} reads no labels; drop label from data.target.columns")
+        if self.finetune.tapt_steps and "mlm" not in setting.objectives:
+            raise ValueError(
+                f"finetune.tapt_steps is masked-LM on the target text, which {self.setting} does not train"
+            )
         if self.finetune.transfer != "all" and "embeddings" not in setting.carried:
             raise ValueError(f"finetune.transfer: {self.setting} transfers the whole source model (all)")
         primary_metric(setting, self.evaluate.metric)
