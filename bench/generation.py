@@ -11,9 +11,10 @@ same blocks as `input_ids` and `labels` (it shifts them itself) with its fused A
 fp32 (its default) and with `bf16=True`. The plain LSTM loop is written the usual way: a
 shuffling DataLoader over the blocks, forward, cross entropy, backward, clipping, AdamW,
 a scheduler step; fp32, and under bf16 autocast. Each side trains `--repeats` times, the
-sides in turn; throughput is the median over windows of steps after a warm-up window, and
-quality the held-out source loss of the first repeat's final model (equal budgets: the
-loss says whether the faster side learned as much).
+sides in turn, each repeat with its own seed (data order, dropout) shared by every side;
+throughput is the median over windows of steps after a warm-up window, and quality the
+held-out source loss of every repeat's final model, mean and standard deviation (equal
+budgets: the loss says whether the faster side learned as much, within the seeds' spread).
 
 Generation: the tlpipe-trained models exported as tlpipe bundles; batch 1, `--new-tokens`
 greedy tokens after each of a few prompts (EOS does not stop it, so every side generates
@@ -21,7 +22,7 @@ the same count): onnxruntime with the state carried (what `tlpipe generate` runs
 same graph re-reading the whole text every token (no cache), and PyTorch: the GPT's
 `generate` (KV cache on), the LSTM stepping with its state.
 
-    python -m bench.generation [--steps 120] [--window 20] [--repeats 2] [--new-tokens 64]
+    python -m bench.generation [--steps 120] [--window 20] [--repeats 3] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def plain_run(
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = LambdaLR(optimizer, schedule_factor(optim, steps))
+    torch.manual_seed(seed)  # dropout
     model.train()
     marks, step, start = [(0, 0.0)], 0, time.perf_counter()
     while step < steps:
@@ -179,23 +181,27 @@ def training(
     best = "tlpipe" if "tlpipe" in sides else "tlpipe_fp32"
     kept: dict[str, torch.nn.Module] = {}
 
-    def train(name: str, loop: str, bf16: bool) -> tuple[list[tuple[float, float]], torch.nn.Module]:
-        model = copy.deepcopy(initial)
+    def train(
+        name: str, loop: str, bf16: bool, repeat: int
+    ) -> tuple[list[tuple[float, float]], torch.nn.Module]:
+        # Every side's r-th repeat shares a seed (data order, dropout); repeats differ.
+        model, seed = copy.deepcopy(initial), p.seed + repeat
         if loop == "tlpipe":
             rt = Runtime(torch.device("cpu"), bf16)
-            marks = tlpipe_run(model, stream, block, optim, steps, window, rt, p.seed)
+            marks = tlpipe_run(model, stream, block, optim, steps, window, rt, seed)
             kept.setdefault(name, model)
             return marks, model
         other = trainer_run if arch == "gpt" else plain_run
-        return other(model, stream, block, optim, steps, window, bf16, p.seed), model
+        return other(model, stream, block, optim, steps, window, bf16, seed), model
 
     def quality(model: torch.nn.Module) -> float:
         return scores(stream_nll(model.float(), held_out, block, 64))["loss"]
 
-    found = interleaved(sides, train, quality, repeats, "tokens/s")
+    found = interleaved(sides, train, quality, repeats, "tokens/s", seeded=True)
     base = next(iter(sides))
     out = {
-        name: {"tokens/s": s.throughput("tokens/s"), "held_out_loss": s.quality} for name, s in found.items()
+        name: {"tokens/s": s.throughput("tokens/s"), "held_out_loss": s.quality_spread()}
+        for name, s in found.items()
     }
     return kept[best], {
         "model": {
@@ -286,7 +292,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--window", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()

@@ -343,6 +343,13 @@ GENERATION_ENGINES = {
 }
 
 
+def loss_cell(loss: float | dict[str, Any]) -> str:
+    """A held-out loss: one value (a first repeat), or mean ± std over seeded repeats."""
+    if isinstance(loss, dict):
+        return f"{loss['mean']:.3f} ± {loss['std']:.3f} (n={len(loss['values'])})"
+    return f"{loss:.4f}"
+
+
 def generation(section: dict[str, Any]) -> list[str]:
     """`python -m bench.generation`: training against the Trainer / a plain loop, and
     incremental generation against PyTorch."""
@@ -360,7 +367,7 @@ def generation(section: dict[str, Any]) -> list[str]:
         for name, side in t["sides"].items():
             lines.append(
                 f"| {GENERATION_SIDES.get(name, name)} | {fmt(side['tokens/s'])} "
-                f"| {side['held_out_loss']:.4f} | {t['speedup'][name]:.2f}x |"
+                f"| {loss_cell(side['held_out_loss'])} | {t['speedup'][name]:.2f}x |"
             )
         lines += [
             "",

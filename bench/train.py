@@ -51,10 +51,19 @@ EVAL_ROWS = 512
 
 @dataclass
 class Side:
-    """One side's windows (work units, seconds) and its final quality."""
+    """One side's windows (work units, seconds) and the final quality of each scored repeat."""
 
     windows: list[tuple[float, float]]
-    quality: float
+    qualities: list[float]
+
+    @property
+    def quality(self) -> float:
+        return float(np.mean(self.qualities))
+
+    def quality_spread(self) -> dict[str, Any]:
+        """Mean, sample standard deviation and every value of the scored repeats."""
+        q = self.qualities
+        return {"mean": self.quality, "std": float(np.std(q, ddof=1)) if len(q) > 1 else 0.0, "values": q}
 
     def throughput(self, unit: str) -> dict[str, Any]:
         return stat([work / seconds for work, seconds in self.windows], unit)
@@ -69,23 +78,26 @@ def windows_of(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def interleaved(
     configs: dict[str, tuple[str, bool]],
-    train: Callable[[str, str, bool], tuple[list[tuple[float, float]], torch.nn.Module]],
+    train: Callable[..., tuple[list[tuple[float, float]], torch.nn.Module]],
     quality: Callable[[torch.nn.Module], float],
     repeats: int,
     unit: str,
+    seeded: bool = False,
 ) -> dict[str, Side]:
     """Train every configuration `repeats` times from the same initial weights, the
-    configurations taking turns (`in_turns`). A side's windows pool its repeats; its
-    quality is its first repeat's final model."""
+    configurations taking turns (`in_turns`). A side's windows pool its repeats. Its
+    quality is its first repeat's final model; with `seeded`, `train` also takes the
+    repeat's index (`repeat=`, to seed its data order and dropout) and every repeat is
+    scored, so quality has a spread to compare sides within."""
     windows: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
-    scores: dict[str, float] = {}
-    for _, name in in_turns(list(configs), repeats):
-        marks, model = train(name, *configs[name])
+    scores: dict[str, list[float]] = {name: [] for name in configs}
+    for r, name in in_turns(list(configs), repeats):
+        marks, model = train(name, *configs[name], repeat=r) if seeded else train(name, *configs[name])
         timed_windows = windows_of(marks)
         windows[name] += timed_windows
-        if name not in scores:
-            scores[name] = quality(model)
-        print(f"{name}: {Side(timed_windows, 0.0).throughput(unit)['median']:.1f} {unit}", flush=True)
+        if seeded or not scores[name]:
+            scores[name].append(quality(model))
+        print(f"{name}: {Side(timed_windows, []).throughput(unit)['median']:.1f} {unit}", flush=True)
     return {name: Side(windows[name], scores[name]) for name in configs}
 
 

@@ -54,7 +54,8 @@ def test_the_image_benchmark_times_every_side_and_engine(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_the_generation_benchmark_times_every_side_and_engine(sample_csv: Path) -> None:
     """bench.generation on a few steps of the sample's tweets: every loop at every precision
-    for both architectures, and every generation engine producing the same greedy tokens."""
+    for both architectures, each repeat seeded apart and scored, and every generation engine
+    producing the same greedy tokens."""
     import pandas as pd
 
     from bench.generation import generation, training
@@ -70,11 +71,14 @@ def test_the_generation_benchmark_times_every_side_and_engine(sample_csv: Path) 
         "eos": eos_id(tok),
     }
     for arch, baseline in (("lstm", "plain"), ("gpt", "trainer")):
-        model, result = training(arch, corpus, steps=6, window=2, repeats=1, gpt_layers=1)
+        model, result = training(arch, corpus, steps=6, window=2, repeats=2, gpt_layers=1)
         assert result["baseline"] == baseline and result["speedup"][baseline] == 1.0
         assert {baseline, "tlpipe_fp32"} <= result["sides"].keys()
         for name, side in result["sides"].items():
-            assert side["tokens/s"]["median"] > 0 and side["held_out_loss"] > 0, name
+            loss = side["held_out_loss"]
+            assert side["tokens/s"]["median"] > 0 and len(loss["values"]) == 2, name
+            # Another seed draws other blocks: the repeats are two samples, not one twice.
+            assert loss["values"][0] != loss["values"][1] and loss["std"] > 0, name
         found = generation(model, tok, ["@united my", "thanks"], new_tokens=4, threads=1)
         assert found["same_greedy_tokens"] and set(found["engines"]) == {
             "onnxruntime",
