@@ -56,6 +56,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full@3e-3": {"finetune.optim.lr": 3e-3},
     "full-augment": {"finetune.augment": {"rotation": 0.0, "shift": 0.0, "flip": 0.0}},
     "full-bn-update": {"finetune.update_batch_norm": False},
+    # Text generation (examples/text-generation: every parameter at lr 2e-3).
+    "embeddings": {"finetune.transfer": "embeddings"},
+    "freeze_bottom:1": {"finetune.strategy": "freeze_bottom", "finetune.freeze_bottom": 1},
+    "joint0.3": {"finetune.joint_alpha": 0.3},
+    "full@1e-3": {"finetune.optim.lr": 1e-3},
+    "full@5e-3": {"finetune.optim.lr": 5e-3},
     # The scratch control at one cell of its grid (the first of evaluate.scratch_models and
     # of evaluate.scratch_lrs).
     "scratch:same@2e-4": {
@@ -152,7 +158,7 @@ def main() -> None:
                 name, key = futures[future]
                 results.append({"variant": name, "fingerprint": key, **future.result()})
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results, args.sizes, args.baseline))
+    print(table(results, args.sizes, base.evaluate.metric, args.baseline))
 
 
 def _point(arm: str, size: int, seed: int, params: Params) -> CurvePoint:
@@ -188,12 +194,16 @@ def _file_hash(path: Path) -> str:
     return sha256_file(path) if path.is_file() else "-"
 
 
-def table(results: list[dict[str, Any]], sizes: list[int], baseline: str = "full") -> str:
-    """Mean ± std per variant and size, and the paired (same seed, same rows) difference from
-    `baseline` with its 95% interval."""
+def table(results: list[dict[str, Any]], sizes: list[int], metric: str, baseline: str = "full") -> str:
+    """`metric`'s mean ± std per variant and size, and the paired (same seed, same rows)
+    difference from `baseline` (variant minus baseline) with its 95% interval."""
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    acc = {(r["variant"], r["size"], r["seed"]): r["accuracy"] for r in results}
-    head = "| variant | " + " | ".join(f"acc @ {s} | vs {baseline} @ {s}" for s in sizes) + " | train s/run |"
+    acc = {(r["variant"], r["size"], r["seed"]): r[metric] for r in results}
+    head = (
+        "| variant | "
+        + " | ".join(f"{metric} @ {s} | vs {baseline} @ {s}" for s in sizes)
+        + " | train s/run |"
+    )
     lines = [head, "|---" * (2 * len(sizes) + 2) + "|"]
     for v in variants:
         cells = []
