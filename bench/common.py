@@ -38,6 +38,8 @@ def machine() -> dict[str, Any]:
     """The CPU, memory, accelerator and library versions a figure was measured on."""
     import torch
 
+    from tlpipe.precision import cpu_identity
+
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -54,6 +56,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "gpu": None,
     }
+    info["cpu_flags"] = cpu_identity()["flags"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
@@ -110,12 +113,25 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     return a["median"] / b["median"]
 
 
+def machine_kind(m: dict[str, Any]) -> str:
+    """What makes two machines' figures incomparable: the CPU model, its matrix-unit flags,
+    the GPU."""
+    flags = "+".join(m.get("cpu_flags") or [])
+    return " ".join(part for part in (m["cpu"], f"({flags})" if flags else "", m.get("gpu") or "") if part)
+
+
 def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
-    """Write `section` of results.json (with the machine and the date), keeping the others."""
+    """Write `section` of results.json (with the machine and the date), keeping the others.
+    A section last measured on another kind of machine is kept under "earlier", by section
+    and machine, so its figures stay on the page, labelled, and never mix with these."""
     data = json.loads(path.read_text()) if path.is_file() else {}
+    here = machine()
+    old = data.get(section)
+    if old is not None and machine_kind(old["machine"]) != machine_kind(here):
+        data.setdefault("earlier", {})[f"{section} on {machine_kind(old['machine'])}"] = old
     data[section] = {
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        "machine": here,
         **payload,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,7 @@ def training(
     if bf16_native(torch.device("cpu")):
         sides |= {f"{next(iter(sides))}_bf16": ("other", True), "tlpipe": ("tlpipe", True)}
     stream, held_out = corpus["train"], corpus["held_out"]
-    best = "tlpipe" if "tlpipe" in sides else "tlpipe_fp32"
+    best = "tlpipe" if Runtime.pick("cpu").bf16 and "tlpipe" in sides else "tlpipe_fp32"
     kept: dict[str, torch.nn.Module] = {}
 
     def train(

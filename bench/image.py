@@ -222,7 +222,7 @@ def bench_training(
         name: {"images_per_s": s.throughput("images/s"), "held_out_accuracy": s.quality}
         for name, s in sides.items()
     }
-    best = "tlpipe" if "tlpipe" in out else "tlpipe_fp32"
+    best = "tlpipe" if Runtime.pick("cpu").bf16 and "tlpipe" in out else "tlpipe_fp32"
     same = "plain_bf16" if best == "tlpipe" else "plain"
     layers = layer_flops(initial, prep)
     per_image = training_flops(layers)

@@ -32,8 +32,9 @@ def machine_line(section: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     threads = section.get("threads")
     pinned = f"; {threads} threads pinned" if threads else ""
+    flags = f", flags {' '.join(m['cpu_flags'])}" if m.get("cpu_flags") else ""
     return (
-        f"*Measured {section['measured']} on {m['cpu']} ({m['cores_available']} cores available, "
+        f"*Measured {section['measured']} on {m['cpu']}{flags} ({m['cores_available']} cores available, "
         f"{m['memory_gib']} GiB){gpu}{pinned}; torch {m['torch']}, transformers {m['transformers']}, "
         f"onnxruntime {m['onnxruntime']}.*"
     )
@@ -43,8 +44,14 @@ SIDE_NAMES = {
     "trainer": "HF Trainer, fp32 (its default)",
     "trainer_bf16": "HF Trainer, bf16=True",
     "tlpipe_fp32": "tlpipe, fp32",
-    "tlpipe": "tlpipe, bf16 autocast (its default on this machine)",
+    "tlpipe": "tlpipe, bf16 autocast",
 }
+
+
+def side_label(names: dict[str, str], name: str, r: dict[str, Any]) -> str:
+    """A side's name, marked where it is what `precision: auto` chose on that machine."""
+    label = names.get(name, name)
+    return f"{label} (`precision: auto` here)" if name == r.get("tlpipe_default") else label
 
 
 FAST_PATH_NAMES = {
@@ -52,6 +59,7 @@ FAST_PATH_NAMES = {
     "host_dropout": "host dropout masks",
     "embedding_row_grads": "the row-sparse embedding gradient",
     "clip_in_step": "clipping inside the optimizer's pass",
+    "shape_buckets": "bf16 batch shapes rounded (lengths to 8)",
 }
 
 
@@ -59,7 +67,7 @@ def fast_path_lines(r: dict[str, Any]) -> list[str]:
     """The same-precision ratio and the fast-path ablation (absent from older runs)."""
     lines = []
     if "speedup_same_precision" in r:
-        default = SIDE_NAMES[r["tlpipe_default"]]
+        default = side_label(SIDE_NAMES, r["tlpipe_default"], r)
         lines += [f"{default}: {r['speedup_same_precision']:.2f}x the Trainer at the same precision.", ""]
     a = r.get("fast_paths")
     if a:
@@ -99,7 +107,7 @@ def training(key: str, section: dict[str, Any]) -> list[str]:
         ]
         for name, side in r["sides"].items():
             lines.append(
-                f"| {SIDE_NAMES.get(name, name)} | {fmt(side[unit])} | {side[quality]:.4f} | "
+                f"| {side_label(SIDE_NAMES, name, r)} | {fmt(side[unit])} | {side[quality]:.4f} | "
                 f"{r['speedup_vs_trainer'][name]:.2f}x |"
             )
         lines += ["", *fast_path_lines(r)]
@@ -121,7 +129,7 @@ def training(key: str, section: dict[str, Any]) -> list[str]:
             for name, h in r["hardware"].items():
                 shares = " | ".join(f"{h[f'fraction_of_{k}_peak']:.1%}" for k in r["peaks"])
                 lines.append(
-                    f"| {SIDE_NAMES.get(name, name)} | {h['useful_flops'] / 1e9:,.1f} G | {shares} |"
+                    f"| {side_label(SIDE_NAMES, name, r)} | {h['useful_flops'] / 1e9:,.1f} G | {shares} |"
                 )
             lines.append("")
     return lines
@@ -183,7 +191,7 @@ IMAGE_SIDES = {
     "plain": "plain PyTorch loop (torchvision reference style), fp32",
     "plain_bf16": "plain PyTorch loop, bf16 autocast",
     "tlpipe_fp32": "tlpipe, fp32",
-    "tlpipe": "tlpipe, bf16 autocast (its default on this machine)",
+    "tlpipe": "tlpipe, bf16 autocast",
 }
 
 IMAGE_ENGINES = {
@@ -213,7 +221,7 @@ def image(section: dict[str, Any]) -> list[str]:
     for name, side in t["sides"].items():
         h = t["hardware"][name]
         lines.append(
-            f"| {IMAGE_SIDES.get(name, name)} | {fmt(side['images_per_s'])} "
+            f"| {side_label(IMAGE_SIDES, name, t)} | {fmt(side['images_per_s'])} "
             f"| {side['held_out_accuracy']:.4f} | {t['speedup_vs_plain'][name]:.2f}x "
             f"| {h['useful_flops'] / 1e9:,.1f} G "
             f"| {h['fraction_of_conv_rate']:.1%} | {h['fraction_of_matmul_peak']:.1%} |"
@@ -334,7 +342,7 @@ GENERATION_SIDES = {
     "trainer": "HF Trainer, fp32 (its default)",
     "trainer_bf16": "HF Trainer, `bf16=True`",
     "tlpipe_fp32": "tlpipe, fp32",
-    "tlpipe": "tlpipe, bf16 autocast (its default here)",
+    "tlpipe": "tlpipe, bf16 autocast",
 }
 GENERATION_ENGINES = {
     "onnxruntime": "onnxruntime, state carried (`tlpipe generate`)",
@@ -366,7 +374,7 @@ def generation(section: dict[str, Any]) -> list[str]:
         ]
         for name, side in t["sides"].items():
             lines.append(
-                f"| {GENERATION_SIDES.get(name, name)} | {fmt(side['tokens/s'])} "
+                f"| {side_label(GENERATION_SIDES, name, t)} | {fmt(side['tokens/s'])} "
                 f"| {loss_cell(side['held_out_loss'])} | {t['speedup'][name]:.2f}x |"
             )
         lines += [
@@ -384,22 +392,44 @@ def generation(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+SECTIONS = {
+    "inference": inference,
+    "image-cpu": image,
+    "generation-cpu": generation,
+    "predict": predict,
+    "validate": validate,
+    "pipeline": pipeline,
+}
+
+
+def section_lines(key: str, section: dict[str, Any]) -> list[str]:
+    return training(key, section) if key.startswith("train-") else SECTIONS[key](section)
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [HEADER]
     train = [k for k in results if k.startswith("train-")]
     # CPU first, then the GPU sections by batch size.
     for key in sorted(train, key=lambda k: (k.startswith("train-cuda"), len(k), k)):
         lines += training(key, results[key])
-    for key, fn in (
-        ("inference", inference),
-        ("image-cpu", image),
-        ("generation-cpu", generation),
-        ("predict", predict),
-        ("validate", validate),
-        ("pipeline", pipeline),
-    ):
+    for key in SECTIONS:
         if key in results:
-            lines += fn(results[key])
+            lines += section_lines(key, results[key])
+    earlier = results.get("earlier", {})
+    if earlier:
+        lines += [
+            "## Earlier machines",
+            "",
+            "Sections last measured on another kind of machine, kept as they were; a newer run "
+            "of the same benchmark on that kind replaces them above.",
+            "",
+        ]
+    for name, section in sorted(earlier.items()):
+        key, _, kind = name.partition(" on ")
+        for i, line in enumerate(section_lines(key, section)):
+            if line.startswith("#"):
+                line = "#" + line + (f" — on {kind}" if i == 0 else "")
+            lines.append(line)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -207,7 +207,7 @@ def per_token_flops(config: Any, ids: list[np.ndarray], mask_prob: float) -> dic
 
 def sides_for(runtime: Runtime) -> dict[str, tuple[str, bool]]:
     """The configurations timed: name -> (trainer or tlpipe, bf16). On a CPU both loops run
-    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is bf16 where native); on
+    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is what `precision: auto` picks); on
     a GPU, bf16 alone."""
     if runtime.device.type == "cuda":
         return {"trainer_bf16": ("trainer", True), "tlpipe": ("tlpipe", True)}
@@ -223,7 +223,7 @@ def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
     out = {name: {unit: side.throughput(unit), quality: side.quality} for name, side in sides.items()}
     base = out["trainer"][unit] if "trainer" in out else out["trainer_bf16"][unit]
     speedups = {name: ratio(r[unit], base) for name, r in out.items()}
-    best = "tlpipe" if "tlpipe" in out else "tlpipe_fp32"
+    best = "tlpipe" if Runtime.pick(precision="auto").bf16 and "tlpipe" in out else "tlpipe_fp32"
     same = "trainer_bf16" if best == "tlpipe" else "trainer"
     return {
         "sides": out,
@@ -402,7 +402,9 @@ def ablate_fast_paths(
     labels = torch.as_tensor(train_y, device=runtime.device)
 
     def step(rt: Runtime, idx: np.ndarray) -> None:
-        input_ids, mask = (t.to(rt.device) for t in pad_batch([train_ids[i] for i in idx], pad))
+        seqs = [train_ids[i] for i in idx]
+        padded = pad_batch(seqs, pad, rt.length_multiple, model.config.max_position_embeddings)
+        input_ids, mask = (t.to(rt.device) for t in padded)
         with rt.autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[idx])

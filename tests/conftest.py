@@ -22,6 +22,8 @@ LABELS = ("negative", "neutral", "positive")
 AIRLINES = r"@(?:united|americanair|usairways|southwestair|jetblue|virginamerica)\b"
 
 os.environ.setdefault("TLPIPE_PROGRESS", "0")
+# The precision probe's verdicts (tlpipe.precision) stay out of the user's own cache.
+os.environ.setdefault("TLPIPE_CACHE_DIR", str(REPO / ".pytest_cache" / "tlpipe"))
 
 
 def tiny_params(**overrides: Any) -> dict[str, Any]:

@@ -25,6 +25,27 @@ def test_in_turns_reverses_the_order_each_round() -> None:
     ]  # fmt: skip
 
 
+def test_a_section_from_another_machine_is_kept_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun on another kind of machine keeps the old figures under "earlier"; a rerun on
+    the same kind replaces them."""
+    from bench import common
+
+    path = tmp_path / "results.json"
+    here = common.machine()
+    old = here | {"cpu": "Older CPU", "cpu_flags": ["avx2"]}
+    monkeypatch.setattr(common, "machine", lambda: old)
+    common.record("predict", {"fig": 1}, path)
+    monkeypatch.setattr(common, "machine", lambda: here)
+    common.record("predict", {"fig": 2}, path)
+    common.record("predict", {"fig": 3}, path)
+    data = json.loads(path.read_text())
+    assert data["predict"]["fig"] == 3
+    assert list(data["earlier"]) == ["predict on Older CPU (avx2)"]
+    assert data["earlier"]["predict on Older CPU (avx2)"]["fig"] == 1
+
+
 @pytest.mark.slow
 def test_the_image_benchmark_times_every_side_and_engine(tmp_path: Path) -> None:
     """bench.image end to end on a few steps: both loops at both precisions, the FLOP

@@ -143,9 +143,15 @@ def test_host_dropout_swaps_and_restores_every_dropout() -> None:
 
 def test_runtime_fast_paths_by_device() -> None:
     cpu, cuda = Runtime(CPU, bf16=False), Runtime(torch.device("cuda"), bf16=True)
-    assert all(cpu.uses(f) for f in FAST_PATHS)
+    cpu_bf16 = Runtime(CPU, bf16=True)
+    assert all(cpu_bf16.uses(f) for f in FAST_PATHS)
+    assert all(cpu.uses(f) for f in FAST_PATHS if f != "shape_buckets")
     assert cuda.uses("first_token_only") and cuda.uses("embedding_row_grads")
     assert not cuda.uses("host_dropout")
+    # Only bf16 kernels on a CPU are built per shape: fp32 and the GPU pad nothing extra.
+    assert (cpu.length_multiple, cuda.length_multiple, cpu.rows_multiple) == (1, 1, 1)
+    assert (cpu_bf16.length_multiple, cpu_bf16.rows_multiple) == (8, 32)
+    assert cpu_bf16.without("shape_buckets").length_multiple == 1
     assert not cpu.without("host_dropout").uses("host_dropout")
     with pytest.raises(ValueError, match="unknown fast path 'fused'"):
         cpu.uses("fused")

@@ -12,11 +12,13 @@ import torch
 
 from tests.conftest import tiny_params, train_tiny
 from tlpipe import train
+from tlpipe.batching import pad_arrays, round_up
 from tlpipe.fastpath import ATTENTION
 from tlpipe.params import EncoderConfig, OptimParams, parse_params
+from tlpipe.precision import bf16_pays
 from tlpipe.settings.text_classification.classifier import predict_logits
-from tlpipe.settings.text_classification.mlm import train_mlm
-from tlpipe.settings.text_classification.model import bert_config, new_mlm
+from tlpipe.settings.text_classification.mlm import mlm_loss, pad_batch, train_mlm
+from tlpipe.settings.text_classification.model import bert_config, mlm_head, new_mlm
 from tlpipe.settings.text_classification.text import SpecialIds
 from tlpipe.train import Runtime, bf16_native
 
@@ -27,7 +29,7 @@ needs_bf16 = pytest.mark.skipif(not bf16_native(CPU), reason="this CPU has no na
 
 def test_pick_follows_params(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Runtime.pick("cpu", "fp32") == Runtime(CPU, bf16=False)
-    assert Runtime.pick("cpu", "auto").bf16 is bf16_native(CPU)
+    assert Runtime.pick("cpu", "auto").bf16 is (bf16_native(CPU) and bf16_pays())
     monkeypatch.setattr(train, "bf16_native", lambda device: False)
     assert Runtime.pick("cpu", "auto").bf16 is False
     with pytest.raises(RuntimeError, match="precision: bf16 was asked for"):
@@ -60,6 +62,37 @@ def test_bf16_autocast_trains_fp32_weights() -> None:
     assert all(q.dtype == torch.float32 for q in model.parameters())
     losses = [h["loss"] for h in run.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@needs_bf16
+def test_shape_buckets_leave_the_mlm_loss_and_gradients_as_they_were() -> None:
+    """Rounding the length to 8 and the masked rows to 32 changes shapes, not the loss: the
+    same corruption is drawn, padding keys get no attention and padding rows no loss."""
+    model, ids, special = _mlm()
+    encoder, head = mlm_head(model)
+    input_ids, mask = pad_batch(ids[:16], special.pad)
+    assert input_ids.shape[1] % 8 and mask.sum() * 0.15 % 32  # rounding has work to do
+    model.eval()  # no dropout: the two passes see the same network
+    found = []
+    for rt in (Runtime(CPU, bf16=True), Runtime(CPU, bf16=True).without("shape_buckets")):
+        model.zero_grad()
+        gen = torch.Generator().manual_seed(0)
+        with rt.autocast():
+            loss, n = mlm_loss(encoder, head, input_ids, mask, special, 200, 0.15, gen, rt)
+        loss.backward()
+        found.append((loss.detach(), n, [q.grad.clone() for q in model.parameters() if q.grad is not None]))
+    (bucketed, n_b, grads_b), (plain, n_p, grads_p) = found
+    assert n_b == n_p
+    torch.testing.assert_close(bucketed, plain, atol=1e-3, rtol=1e-3)
+    for a, b in zip(grads_b, grads_p, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
+
+
+def test_padding_rounds_up_within_the_limit() -> None:
+    assert [round_up(13, 8), round_up(16, 8), round_up(13, 8, 14), round_up(13, 8, 10)] == [16, 16, 14, 13]
+    ids, mask = pad_arrays([np.arange(5), np.arange(13)], 0, multiple=8, limit=64)
+    assert ids.shape == mask.shape == (2, 16)
+    assert mask.sum(1).tolist() == [5, 13] and (ids[1, 13:] == 0).all()
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left alone

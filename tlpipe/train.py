@@ -5,7 +5,8 @@ validation scores; this loop owns the rest: the strategy's freezing and layer-wi
 rates over the model's `LayerGroups`, L2-SP, a fused AdamW with warmup and decay, periodic
 validation keeping the best weights, early stopping, the resumable training state, and no
 per-step host syncs beyond validation. The forward and backward passes run under bf16
-autocast where the device computes bf16 natively (see `Runtime`).
+autocast where it pays: on a GPU with bf16, on a CPU where a probe measured it faster than
+fp32 (see `Runtime` and tlpipe.precision).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import PreTrainedModel
 
 from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout
 from tlpipe.params import FinetuneParams, OptimParams, PretrainParams
+from tlpipe.precision import bf16_pays
 from tlpipe.transfer import (
     L2SP,
     NO_DECAY,
@@ -58,10 +60,18 @@ def bf16_native(device: torch.device) -> bool:
 
 
 # The fast paths a Runtime can turn off (benchmarks measure each one's share).
-FAST_PATHS = ("first_token_only", "host_dropout", "embedding_row_grads", "clip_in_step")
+FAST_PATHS = ("first_token_only", "host_dropout", "embedding_row_grads", "clip_in_step", "shape_buckets")
 # On a GPU torch's dropout is a fast on-device kernel, where host masks would cross the bus
 # every step.
 _CPU_ONLY = ("host_dropout",)
+# oneDNN builds a bf16 kernel for every new matrix shape (on an AMX CPU 1 to 17 ms each,
+# more than the product itself at a tweet batch's size) and keeps the last 1,024, while
+# length-bucketed batches change shape nearly every step. Padding lengths to a multiple of
+# LENGTH_MULTIPLE (and a masked-LM loss's rows to one of ROWS_MULTIPLE) leaves few shapes,
+# each built once. fp32 kernels cost little to build, so fp32 pads no further.
+_CPU_BF16_ONLY = ("shape_buckets",)
+LENGTH_MULTIPLE = 8
+ROWS_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -77,15 +87,31 @@ class Runtime:
         """Whether `fast_path` (one of FAST_PATHS) applies on this runtime."""
         if fast_path not in FAST_PATHS:
             raise ValueError(f"unknown fast path {fast_path!r}; known: {', '.join(FAST_PATHS)}")
-        return fast_path not in self.off and (fast_path not in _CPU_ONLY or self.device.type == "cpu")
+        cpu = self.device.type == "cpu"
+        return (
+            fast_path not in self.off
+            and (fast_path not in _CPU_ONLY or cpu)
+            and (fast_path not in _CPU_BF16_ONLY or (cpu and self.bf16))
+        )
+
+    @property
+    def length_multiple(self) -> int:
+        """What padded sequence lengths are rounded up to."""
+        return LENGTH_MULTIPLE if self.uses("shape_buckets") else 1
+
+    @property
+    def rows_multiple(self) -> int:
+        """What the rows of a loss over selected positions are padded to."""
+        return ROWS_MULTIPLE if self.uses("shape_buckets") else 1
 
     def without(self, *fast_paths: str) -> Runtime:
         return replace(self, off=self.off | frozenset(fast_paths))
 
     @classmethod
     def pick(cls, device: str = "auto", precision: str = "auto") -> Runtime:
-        """`device` auto is the GPU when torch sees one; `precision` auto is bf16 where the
-        device computes it natively, else fp32."""
+        """`device` auto is the GPU when torch sees one; `precision` auto is bf16 on a GPU
+        that computes it natively and on a CPU where it also measured faster than fp32
+        (`bf16_pays`), else fp32."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +119,9 @@ class Runtime:
         dev = torch.device(device)
         if precision == "bf16" and not bf16_native(dev):
             raise RuntimeError(f"precision: bf16 was asked for, but this {dev.type} has no native bf16")
-        return cls(dev, precision == "bf16" or (precision == "auto" and bf16_native(dev)))
+        if precision != "auto":
+            return cls(dev, precision == "bf16")
+        return cls(dev, bf16_native(dev) and (dev.type == "cuda" or bf16_pays()))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.bf16:

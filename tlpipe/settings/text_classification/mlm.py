@@ -14,25 +14,36 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tlpipe.batching import length_batches, pad_arrays
+from tlpipe.batching import length_batches, pad_arrays, round_up
 from tlpipe.params import OptimParams
 from tlpipe.settings.text_classification.model import mlm_head
 from tlpipe.settings.text_classification.text import SpecialIds
 from tlpipe.train import CPU_FP32, Runtime, clip_and_step, make_optimizer, quiet
 
 
-def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence: input_ids (B, T) and attention_mask (B, T)."""
-    ids, mask = pad_arrays(seqs, pad_id)
+def pad_batch(
+    seqs: Sequence[np.ndarray], pad_id: int, multiple: int = 1, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence, rounded up to a multiple of `multiple` (at most
+    `limit`): input_ids (B, T) and attention_mask (B, T)."""
+    ids, mask = pad_arrays(seqs, pad_id, multiple, limit)
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def iterate_batches(
-    ids: Sequence[np.ndarray], batches: Iterable[np.ndarray], pad_id: int
+    ids: Sequence[np.ndarray],
+    batches: Iterable[np.ndarray],
+    pad_id: int,
+    multiple: int = 1,
+    limit: int | None = None,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     for idx in batches:
-        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id, multiple, limit)
         yield idx, input_ids, mask
+
+
+# The target of a padding row: cross entropy leaves it out.
+IGNORED = -100
 
 
 def mask_for_mlm(
@@ -96,16 +107,30 @@ def mlm_loss(
     vocab_size: int,
     mask_prob: float,
     gen: torch.Generator,
+    runtime: Runtime = CPU_FP32,
 ) -> tuple[torch.Tensor, int]:
     """Corrupt a host batch (B, T), move it to the encoder's device, and return the loss over
-    the masked positions and their number."""
+    the masked positions and their number. The corruption is drawn on the batch as given;
+    then, where the runtime buckets shapes, its length is padded to the runtime's multiple
+    (at most the encoder's positions) and the masked rows to its rows multiple (padding rows
+    that the loss ignores), which leaves the loss as it was."""
     device = next(encoder.parameters()).device
-    batch = mask_for_mlm(input_ids, mask, special, vocab_size, mask_prob, gen)
-    corrupted, positions, targets = (t.to(device, non_blocking=True) for t in batch)
+    corrupted, positions, targets = mask_for_mlm(input_ids, mask, special, vocab_size, mask_prob, gen)
+    n = len(targets)
+    width = round_up(input_ids.shape[1], runtime.length_multiple, encoder.config.max_position_embeddings)
+    if width > input_ids.shape[1]:
+        extra = width - input_ids.shape[1]
+        positions = positions // input_ids.shape[1] * width + positions % input_ids.shape[1]
+        corrupted, mask = F.pad(corrupted, (0, extra), value=special.pad), F.pad(mask, (0, extra))
+    rows = round_up(n, runtime.rows_multiple)
+    if rows > n:
+        positions = torch.cat([positions, positions.new_zeros(rows - n)])
+        targets = torch.cat([targets, targets.new_full((rows - n,), IGNORED)])
+    corrupted, positions, targets = (t.to(device, non_blocking=True) for t in (corrupted, positions, targets))
     hidden = encoder(input_ids=corrupted, attention_mask=mask.to(device, non_blocking=True)).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H) of (B, T, H)
     logits = head(picked)  # (N, V)
-    return F.cross_entropy(logits.float(), targets), len(targets)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORED), n
 
 
 def train_mlm(
@@ -143,7 +168,7 @@ def train_mlm(
             input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
             result.tokens += int(mask.sum())
             with runtime.autocast():
-                loss, _ = mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen)
+                loss, _ = mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen, runtime)
             loss.backward()
             clip_and_step(optimizer, model.parameters(), optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
