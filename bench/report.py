@@ -45,6 +45,7 @@ SIDE_NAMES = {
     "trainer_bf16": "HF Trainer, bf16=True",
     "tlpipe_fp32": "tlpipe, fp32",
     "tlpipe": "tlpipe, bf16 autocast",
+    "tlpipe_unbucketed": "tlpipe, bf16 autocast, batch shapes not rounded",
 }
 
 

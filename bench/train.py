@@ -207,14 +207,25 @@ def per_token_flops(config: Any, ids: list[np.ndarray], mask_prob: float) -> dic
 
 def sides_for(runtime: Runtime) -> dict[str, tuple[str, bool]]:
     """The configurations timed: name -> (trainer or tlpipe, bf16). On a CPU both loops run
-    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is what `precision: auto` picks); on
-    a GPU, bf16 alone."""
+    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is what `precision: auto` picks),
+    tlpipe's bf16 also with its shapes unrounded; on a GPU, bf16 alone."""
     if runtime.device.type == "cuda":
         return {"trainer_bf16": ("trainer", True), "tlpipe": ("tlpipe", True)}
     sides = {"trainer": ("trainer", False), "tlpipe_fp32": ("tlpipe", False)}
     if bf16_native(runtime.device):
-        sides |= {"trainer_bf16": ("trainer", True), "tlpipe": ("tlpipe", True)}
+        sides |= {
+            "trainer_bf16": ("trainer", True),
+            "tlpipe": ("tlpipe", True),
+            "tlpipe_unbucketed": ("tlpipe", True),
+        }
     return sides
+
+
+def side_runtime(device: torch.device, name: str, bf16: bool) -> Runtime:
+    """The runtime a tlpipe side trains with: `tlpipe_unbucketed` is bf16 with its batch
+    shapes left unrounded (what the shape buckets give)."""
+    rt = Runtime(device, bf16)
+    return rt.without("shape_buckets") if name == "tlpipe_unbucketed" else rt
 
 
 def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
@@ -266,7 +277,7 @@ def bench_mlm(
             ), model
         run = train_mlm(
             model, train_ids, special, steps=steps, optim=optim, mask_prob=p.mask_prob, seed=p.seed,
-            log_every=window, runtime=Runtime(runtime.device, bf16), desc=f"mlm {name}",
+            log_every=window, runtime=side_runtime(runtime.device, name, bf16), desc=f"mlm {name}",
         )  # fmt: skip
         return [(0, 0.0)] + [(h["tokens"], h["seconds"]) for h in run.history], model
 
@@ -349,7 +360,7 @@ def bench_finetune(
                 model, features, collator, ft.optim, steps, window, runtime.device, bf16, "examples"
             )
             return marks, model
-        rt = Runtime(runtime.device, bf16)
+        rt = side_runtime(runtime.device, name, bf16)
         task = ClassifierTask(
             train_ids, train_y, val_ids, val_y, pad=pad, n_labels=len(labels),
             batch_size=ft.optim.batch_size, eval_batch_size=ft.eval_batch_size, runtime=rt, seed=ft.seed,
