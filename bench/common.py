@@ -120,6 +120,13 @@ def machine_kind(m: dict[str, Any]) -> str:
     return " ".join(part for part in (m["cpu"], f"({flags})" if flags else "", m.get("gpu") or "") if part)
 
 
+def same_machine_section(section: str, path: Path = RESULTS) -> dict[str, Any]:
+    """`section` of results.json if this kind of machine measured it, else nothing."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    found = data.get(section)
+    return found if found is not None and machine_kind(found["machine"]) == machine_kind(machine()) else {}
+
+
 def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
     """Write `section` of results.json (with the machine and the date), keeping the others.
     A section last measured on another kind of machine is kept under "earlier", by section

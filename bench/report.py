@@ -46,6 +46,7 @@ SIDE_NAMES = {
     "tlpipe_fp32": "tlpipe, fp32",
     "tlpipe": "tlpipe, bf16 autocast",
     "tlpipe_unbucketed": "tlpipe, bf16 autocast, batch shapes not rounded",
+    "tlpipe_compiled": "tlpipe, bf16 autocast, encoder under torch.compile (dynamic shapes)",
 }
 
 
@@ -393,10 +394,37 @@ def generation(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def levers(section: dict[str, Any]) -> list[str]:
+    """`python -m bench.levers`: step-time probes of levers not in the loop."""
+    r, q = section["steps"], section["fused_qkv"]
+    lines = [
+        "## Training levers not in the loop (`levers-cpu`)",
+        "",
+        machine_line(section),
+        "",
+        f"### Masked-LM steps: {r['model']}, batch {r['batch_size']}, {r['steps_per_turn']} steps a turn, "
+        f"{r['rounds']} rounds after a warm-up round, the configurations taking turns; no quality figure",
+        "",
+        f"| configuration | tokens/s | vs {r['vs']} |",
+        "|---|---:|---:|",
+    ]
+    for name, rate in r["configs"].items():
+        lines.append(f"| {name} | {fmt(rate)} | {r['ratio'][name]:.2f}x |")
+    lines += [
+        "",
+        f"Fused QKV: the projections' forward and backward over {q['tokens']} rows of {q['hidden']} "
+        f"({'bf16 autocast' if q['bf16'] else 'fp32'}): three products {q['three']['median'] * 1e3:.2f} ms, "
+        f"one {q['fused']['median'] * 1e3:.2f} ms ({q['speedup']:.2f}x).",
+        "",
+    ]
+    return lines
+
+
 SECTIONS = {
     "inference": inference,
     "image-cpu": image,
     "generation-cpu": generation,
+    "levers-cpu": levers,
     "predict": predict,
     "validate": validate,
     "pipeline": pipeline,

@@ -13,7 +13,7 @@ Fine-tuning also measures what each of tlpipe's fast paths gives, interleaved (s
 `ablate_fast_paths`).
 
     python -m bench.train [--device cpu|cuda] [--steps 150] [--window 25] [--repeats 3]
-                          [--only mlm|finetune]
+                          [--only mlm|finetune] [--batch-size N] [--compile]
 """
 
 from __future__ import annotations
@@ -31,7 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import in_turns, machine, pin_threads, ratio, record, stat, threads_from_env, timed
+from bench.common import (
+    in_turns,
+    machine,
+    pin_threads,
+    ratio,
+    record,
+    same_machine_section,
+    stat,
+    threads_from_env,
+    timed,
+)
 from tlpipe.batching import length_batches
 from tlpipe.checkpoint import resolve_init
 from tlpipe.data import label_ids, read_split, texts
@@ -41,7 +51,7 @@ from tlpipe.settings.text_classification.classifier import ClassifierTask, predi
 from tlpipe.settings.text_classification.fastpath import classifier_fast_paths
 from tlpipe.settings.text_classification.layers import layer_groups
 from tlpipe.settings.text_classification.mlm import mlm_eval_loss, pad_batch, train_mlm
-from tlpipe.settings.text_classification.model import bert_config, load_transfer_classifier, new_mlm
+from tlpipe.settings.text_classification.model import bert_config, load_transfer_classifier, mlm_head, new_mlm
 from tlpipe.settings.text_classification.text import SpecialIds, encode, load_tokenizer, train_wordpiece
 from tlpipe.train import FAST_PATHS, Runtime, adamw, bf16_native, clip_and_step, train_model
 
@@ -205,10 +215,13 @@ def per_token_flops(config: Any, ids: list[np.ndarray], mask_prob: float) -> dic
     return terms
 
 
-def sides_for(runtime: Runtime) -> dict[str, tuple[str, bool]]:
+def sides_for(
+    runtime: Runtime, masked_lm: bool = False, compiled: bool = False
+) -> dict[str, tuple[str, bool]]:
     """The configurations timed: name -> (trainer or tlpipe, bf16). On a CPU both loops run
-    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is what `precision: auto` picks),
-    tlpipe's bf16 also with its shapes unrounded; on a GPU, bf16 alone."""
+    in fp32 and in bf16 (the Trainer's default is fp32; tlpipe's is what `precision: auto`
+    picks); for the `masked_lm` loss tlpipe's bf16 also with its shapes unrounded, and with
+    `compiled` its encoder under torch.compile. On a GPU, bf16 alone."""
     if runtime.device.type == "cuda":
         return {"trainer_bf16": ("trainer", True), "tlpipe": ("tlpipe", True)}
     sides = {"trainer": ("trainer", False), "tlpipe_fp32": ("tlpipe", False)}
@@ -216,16 +229,22 @@ def sides_for(runtime: Runtime) -> dict[str, tuple[str, bool]]:
         sides |= {
             "trainer_bf16": ("trainer", True),
             "tlpipe": ("tlpipe", True),
-            "tlpipe_unbucketed": ("tlpipe", True),
         }
+        if masked_lm:
+            sides["tlpipe_unbucketed"] = ("tlpipe", True)
+        if masked_lm and compiled:
+            sides["tlpipe_compiled"] = ("tlpipe", True)
     return sides
 
 
 def side_runtime(device: torch.device, name: str, bf16: bool) -> Runtime:
     """The runtime a tlpipe side trains with: `tlpipe_unbucketed` is bf16 with its batch
-    shapes left unrounded (what the shape buckets give)."""
+    shapes left unrounded (what the shape buckets give); `tlpipe_compiled` draws dropout
+    with torch (host masks would break the compiled graph at every dropout)."""
     rt = Runtime(device, bf16)
-    return rt.without("shape_buckets") if name == "tlpipe_unbucketed" else rt
+    if name == "tlpipe_unbucketed":
+        return rt.without("shape_buckets")
+    return rt.without("host_dropout") if name == "tlpipe_compiled" else rt
 
 
 def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
@@ -246,7 +265,7 @@ def summary(sides: dict[str, Side], unit: str, quality: str) -> dict[str, Any]:
 
 
 def bench_mlm(
-    runtime: Runtime, steps: int, window: int, repeats: int, batch_size: int | None
+    runtime: Runtime, steps: int, window: int, repeats: int, batch_size: int | None, compiled: bool = False
 ) -> dict[str, Any]:
     params = load_params()
     p = params.pretrain
@@ -275,6 +294,10 @@ def bench_mlm(
             return trainer_run(
                 model, features, collator, optim, steps, window, runtime.device, bf16, "tokens"
             ), model
+        if name == "tlpipe_compiled":
+            # In place, so the loop and the scoring see the same module; shapes dynamic, so
+            # length buckets do not each compile a graph.
+            mlm_head(model)[0].compile(dynamic=True)
         run = train_mlm(
             model, train_ids, special, steps=steps, optim=optim, mask_prob=p.mask_prob, seed=p.seed,
             log_every=window, runtime=side_runtime(runtime.device, name, bf16), desc=f"mlm {name}",
@@ -282,7 +305,7 @@ def bench_mlm(
         return [(0, 0.0)] + [(h["tokens"], h["seconds"]) for h in run.history], model
 
     sides = interleaved(
-        sides_for(runtime),
+        sides_for(runtime, masked_lm=True, compiled=compiled),
         train,
         lambda m: mlm_eval_loss(m, eval_ids, special, **eval_kw),
         repeats,
@@ -401,7 +424,8 @@ def ablate_fast_paths(
     one optimizer train on, a block of `block` steps per configuration (all on, each one off,
     all off), the configuration's fast paths entered around its block, for `rounds` rounds
     of turns (`in_turns`)."""
-    paths = tuple(f for f in FAST_PATHS if runtime.uses(f))
+    # Shape buckets round masked-LM batches only (see tlpipe.train).
+    paths = tuple(f for f in FAST_PATHS if runtime.uses(f) and f != "shape_buckets")
     configs = {"all on": (), **{f"{f} off": (f,) for f in paths}, "all off": paths}
     rates: dict[str, list[float]] = {name: [] for name in configs}
     model = copy.deepcopy(initial)
@@ -413,9 +437,7 @@ def ablate_fast_paths(
     labels = torch.as_tensor(train_y, device=runtime.device)
 
     def step(rt: Runtime, idx: np.ndarray) -> None:
-        seqs = [train_ids[i] for i in idx]
-        padded = pad_batch(seqs, pad, rt.length_multiple, model.config.max_position_embeddings)
-        input_ids, mask = (t.to(rt.device) for t in padded)
+        input_ids, mask = (t.to(rt.device) for t in pad_batch([train_ids[i] for i in idx], pad))
         with rt.autocast():
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), labels[idx])
@@ -454,6 +476,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved")
     parser.add_argument("--batch-size", type=int, default=None, help="masked-LM batch (default: params)")
     parser.add_argument("--only", choices=["mlm", "finetune"], default=None)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time masked-LM with the encoder under torch.compile"
+    )
     parser.add_argument("--ablate-rounds", type=int, default=8, help="fast-path ablation rounds")
     parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
@@ -462,10 +487,17 @@ def main() -> None:
     runtime = Runtime.pick(args.device)
     threads = threads_from_env()
     pin_threads(threads)
-    section = f"train-{runtime.device.type}" + (f"-b{args.batch_size}" if args.batch_size else "")
+    section = (
+        f"train-{runtime.device.type}"
+        + (f"-b{args.batch_size}" if args.batch_size else "")
+        + ("-compile" if args.compile else "")
+    )
     out: dict[str, Any] = {"threads": threads, "device": runtime.device.type}
+    if args.only:  # the other half stays as this machine kind last measured it
+        kept = same_machine_section(section, args.results)
+        out |= {k: kept[k] for k in ("mlm", "finetune") if k != args.only and k in kept}
     if args.only in (None, "mlm"):
-        out["mlm"] = bench_mlm(runtime, args.steps, args.window, args.repeats, args.batch_size)
+        out["mlm"] = bench_mlm(runtime, args.steps, args.window, args.repeats, args.batch_size, args.compile)
         print(f"mlm: {out['mlm']['speedup_same_precision']:.2f}x the Trainer", flush=True)
     if args.only in (None, "finetune"):
         out["finetune"] = bench_finetune(runtime, args.steps, args.window, args.repeats, args.ablate_rounds)

@@ -106,3 +106,17 @@ def test_the_generation_benchmark_times_every_side_and_engine(sample_csv: Path) 
             "onnxruntime_no_cache",
             "pytorch",
         }
+
+
+@pytest.mark.slow
+def test_the_levers_benchmark_times_every_configuration(prepared: Path) -> None:
+    """bench.levers on a few steps: every configuration timed in every round, bf16 weights
+    stepping its fp32 masters, the fused projection against three."""
+    from bench.levers import bench_fused_qkv, bench_steps
+
+    found = bench_steps(steps=2, rounds=2, batch_size=8, prepare=prepared)
+    assert "fp32" in found["configs"] and found["ratio"][found["vs"]] == 1.0
+    for name, rate in found["configs"].items():
+        assert rate["median"] > 0 and rate["reps"] == 2, name
+    qkv = bench_fused_qkv(tokens=64, hidden=32)
+    assert qkv["three"]["median"] > 0 and qkv["fused"]["median"] > 0

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import tiny_params, train_tiny
 from tlpipe import train
-from tlpipe.batching import pad_arrays, round_up
+from tlpipe.batching import round_up
 from tlpipe.fastpath import ATTENTION
 from tlpipe.params import EncoderConfig, OptimParams, parse_params
 from tlpipe.precision import bf16_pays
@@ -71,7 +71,7 @@ def test_shape_buckets_leave_the_mlm_loss_and_gradients_as_they_were() -> None:
     model, ids, special = _mlm()
     encoder, head = mlm_head(model)
     input_ids, mask = pad_batch(ids[:16], special.pad)
-    assert input_ids.shape[1] % 8 and mask.sum() * 0.15 % 32  # rounding has work to do
+    assert input_ids.shape[1] % 8  # the length has rounding to do
     model.eval()  # no dropout: the two passes see the same network
     found = []
     for rt in (Runtime(CPU, bf16=True), Runtime(CPU, bf16=True).without("shape_buckets")):
@@ -88,11 +88,8 @@ def test_shape_buckets_leave_the_mlm_loss_and_gradients_as_they_were() -> None:
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
 
 
-def test_padding_rounds_up_within_the_limit() -> None:
+def test_rounding_up_stays_within_the_limit() -> None:
     assert [round_up(13, 8), round_up(16, 8), round_up(13, 8, 14), round_up(13, 8, 10)] == [16, 16, 14, 13]
-    ids, mask = pad_arrays([np.arange(5), np.arange(13)], 0, multiple=8, limit=64)
-    assert ids.shape == mask.shape == (2, 16)
-    assert mask.sum(1).tolist() == [5, 13] and (ids[1, 13:] == 0).all()
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left alone

@@ -37,12 +37,9 @@ def round_up(n: int, multiple: int, limit: int | None = None) -> int:
     return max(n, min(rounded, limit)) if limit is not None else rounded
 
 
-def pad_arrays(
-    seqs: Sequence[np.ndarray], pad_id: int, multiple: int = 1, limit: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to the longest sequence, its length rounded up to a multiple of `multiple`
-    (at most `limit`): input_ids (B, T) and attention_mask (B, T), int64."""
-    width = round_up(max(len(s) for s in seqs), multiple, limit)
+def pad_arrays(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest sequence: input_ids (B, T) and attention_mask (B, T), int64."""
+    width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):

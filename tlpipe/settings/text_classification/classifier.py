@@ -67,12 +67,10 @@ class ClassifierTask:
         return length_batches(self._lengths, self.batch_size, rng)
 
     def loss(self, model: nn.Module, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        rt = self.runtime
-        seqs = [self.ids[i] for i in idx]
-        padded = pad_batch(seqs, self.pad, rt.length_multiple, model.config.max_position_embeddings)
-        input_ids, mask = (t.to(rt.device) for t in padded)
+        device = self.runtime.device
+        input_ids, mask = (t.to(device) for t in pad_batch([self.ids[i] for i in idx], self.pad))
         logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, C)
-        loss = F.cross_entropy(logits.float(), self._labels[torch.from_numpy(idx).to(rt.device)])
+        loss = F.cross_entropy(logits.float(), self._labels[torch.from_numpy(idx).to(device)])
         src = self.source_mlm
         if src is None:
             return loss
@@ -81,7 +79,7 @@ class ClassifierTask:
         src_ids, src_mask = pad_batch([src.ids[i] for i in self._source_batches.pop()], self.pad)
         source_loss, _ = mlm_loss(
             model.base_model, src.head, src_ids, src_mask, src.special,
-            model.config.vocab_size, src.mask_prob, self._gen, rt,
+            model.config.vocab_size, src.mask_prob, self._gen, self.runtime,
         )  # fmt: skip
         return (1 - src.alpha) * loss + src.alpha * source_loss
 
@@ -115,9 +113,7 @@ def predict_logits(
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     device = next(model.parameters()).device
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    multiple = runtime.length_multiple if runtime else 1
-    order = length_batches(lengths, batch_size, None)
-    batches = iterate_batches(ids, order, pad_id, multiple, model.config.max_position_embeddings)
+    batches = iterate_batches(ids, length_batches(lengths, batch_size, None), pad_id)
     with first_token_only(model):
         for idx, input_ids, mask in batches:
             with runtime.autocast() if runtime else contextlib.nullcontext():

@@ -21,24 +21,17 @@ from tlpipe.settings.text_classification.text import SpecialIds
 from tlpipe.train import CPU_FP32, Runtime, clip_and_step, make_optimizer, quiet
 
 
-def pad_batch(
-    seqs: Sequence[np.ndarray], pad_id: int, multiple: int = 1, limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence, rounded up to a multiple of `multiple` (at most
-    `limit`): input_ids (B, T) and attention_mask (B, T)."""
-    ids, mask = pad_arrays(seqs, pad_id, multiple, limit)
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids (B, T) and attention_mask (B, T)."""
+    ids, mask = pad_arrays(seqs, pad_id)
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def iterate_batches(
-    ids: Sequence[np.ndarray],
-    batches: Iterable[np.ndarray],
-    pad_id: int,
-    multiple: int = 1,
-    limit: int | None = None,
+    ids: Sequence[np.ndarray], batches: Iterable[np.ndarray], pad_id: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     for idx in batches:
-        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id, multiple, limit)
+        input_ids, mask = pad_batch([ids[i] for i in idx], pad_id)
         yield idx, input_ids, mask
 
 
