@@ -40,12 +40,8 @@ def machine() -> dict[str, Any]:
 
     from tlpipe.precision import cpu_identity
 
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    ident = cpu_identity()
+    cpu = ident["cpu"] if ident["cpu"] != "unknown" else platform.processor() or platform.machine()
     with open("/proc/meminfo") as f:
         mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     info: dict[str, Any] = {
@@ -56,7 +52,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "gpu": None,
     }
-    info["cpu_flags"] = cpu_identity()["flags"]
+    info["cpu_flags"] = ident["flags"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
