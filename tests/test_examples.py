@@ -147,6 +147,10 @@ def tiny_image(raw: dict[str, Any]) -> dict[str, Any]:
     raw["evaluate"].update({"sizes": [20, 40], "gate_size": 40, "min_gain": -1.0, "forgetting_rows": 100})
     raw["evaluate"]["scratch_lrs"] = [1e-3, 3e-3]
     raw["export"]["batch_size"] = 16
+    # Eight steps leave the classifier near chance, where one of 60 test images changing its
+    # label under int8 (1.7 points) decides the gate, and which one changes depends on the
+    # CPU's kernels: the gate is tested in test_export; here int8 must ship and serve.
+    raw["export"]["int8_max_drop"] = 1.0
     raw["publish"]["bucket"] = "tlpipe-test"
     return raw
 
