@@ -59,7 +59,14 @@ def test_the_image_benchmark_times_every_side_and_engine(tmp_path: Path) -> None
     assert {"plain", "tlpipe_fp32"} <= training["sides"].keys()
     for name, side in training["sides"].items():
         assert side["images_per_s"]["median"] > 0 and side["images_per_s"]["reps"] == 2, name
-        assert 0 < training["hardware"][name]["fraction_of_conv_rate"] < 2, name
+        # The accounting, not the machine: a rate measured on the CI machine bounds nothing.
+        hw = training["hardware"][name]
+        conv = training["conv_rate"]["bf16" if name in ("tlpipe", "plain_bf16") else "fp32"]
+        assert hw["useful_flops"] == pytest.approx(
+            training["training_flops_per_image"] * side["images_per_s"]["median"]
+        ), name
+        share = hw["useful_flops"] / conv["flops"]["median"]
+        assert hw["fraction_of_conv_rate"] == pytest.approx(share) and share > 0, name
     assert training["speedup_vs_plain"]["plain"] == 1.0
     assert training["training_flops_per_image"] > 1e6
 
