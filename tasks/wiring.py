@@ -8,16 +8,19 @@ without importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tlpipe.curve import CurvePoint
-from tlpipe.errors import TlpipeError
+from tlpipe.errors import GateFailed, TlpipeError
+from tlpipe.files import next_dir, replacing
 from tlpipe.params import Params, ParamsError, load_params, stage_dir
 from tlpipe.setting import get_exporter, get_setting, row_rules, validation_suite
 
@@ -107,20 +110,57 @@ CURVE_POINT = Wiring(
 CURVE_FINISH = Wiring("tasks.evaluate:finish", _evaluate_inputs)
 
 
+def _rebased(result: Any, work: Path, out: Path) -> Any:
+    """`result` with each path it holds under `work` moved to the same place under `out`."""
+    if not dataclasses.is_dataclass(result) or isinstance(result, type):
+        return result
+    moved = {
+        f.name: out / value.relative_to(work)
+        for f in dataclasses.fields(result)
+        if isinstance(value := getattr(result, f.name), Path) and value.is_relative_to(work)
+    }
+    return dataclasses.replace(result, **moved)
+
+
+@contextlib.contextmanager
+def _named_where_kept(out: Path) -> Iterator[None]:
+    """A failed gate's message names its report where the report now is, under `out`."""
+    work = next_dir(out)
+    try:
+        yield
+    except GateFailed as err:
+        if str(work) not in str(err):
+            raise
+        raise GateFailed(str(err).replace(str(work), str(out))) from err
+
+
 def run_stage(stage: str, params: Params) -> Any:
-    """Run one stage on `params`, writing under outputs/<stage>/."""
+    """Run one stage on `params`. Its outputs are built beside outputs/<stage>/ and take its
+    place only when the stage returns (or fails a gate after writing its report): a stage
+    that fails leaves the previous outputs as they were."""
     wiring = STAGES[stage]
-    return wiring.resolve()(*wiring.inputs(params), stage_dir(stage))
+    out = stage_dir(stage)
+    with _named_where_kept(out), replacing(out, keep=(GateFailed,)) as work:
+        result = wiring.resolve()(*wiring.inputs(params), work)
+    return _rebased(result, work, out)
+
+
+def curve_runs_dir() -> Path:
+    """Where the flow's mapped curve runs write, inside evaluate's next outputs."""
+    return next_dir(stage_dir("evaluate")) / "runs"
 
 
 def run_curve_point(point: CurvePoint, params: Params) -> dict[str, Any]:
-    """One run of evaluate's curve (writes outputs/evaluate/runs/<key>.json)."""
-    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), stage_dir("evaluate") / "runs")
+    """One run of evaluate's curve (writes `curve_runs_dir()/<key>.json`)."""
+    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), curve_runs_dir())
 
 
 def finish_evaluate(params: Params, points: list[dict[str, Any]]) -> Any:
-    """evaluate's summary, gate and report over the curve's finished runs."""
-    return CURVE_FINISH.resolve()(*CURVE_FINISH.inputs(params), stage_dir("evaluate"), points)
+    """evaluate's summary, gate and report over the curve's finished runs; the folder the
+    runs were written in then replaces outputs/evaluate/ as `run_stage` does."""
+    out = stage_dir("evaluate")
+    with _named_where_kept(out), replacing(out, keep=(GateFailed,), fresh=False) as work:
+        return CURVE_FINISH.resolve()(*CURVE_FINISH.inputs(params), work, points)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -132,6 +132,34 @@ def test_interrupted_upload_is_never_a_release(
     fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")
 
 
+def test_a_failed_publish_keeps_the_last_release_record(
+    staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the wiring `tlpipe run` uses: release.json (what `tlpipe status` reads) is
+    replaced only once a publish has finished."""
+    import contextlib
+
+    import tasks.publish as publish_module
+    from tasks.wiring import run_stage
+
+    root = _copy(staged, tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(publish_module, "open_store", lambda bucket: contextlib.nullcontext(store))
+    params = parse_params(tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": "kept"}))
+    first = run_stage("publish", params)
+    assert first.uri.startswith(f"s3://{store.bucket}/releases/kept/")
+    record = (root / "outputs/publish/release.json").read_text()
+
+    def refused(*args, **kw):
+        raise StoreError("connection reset (injected)")
+
+    monkeypatch.setattr(publish_module, "upload_file", refused)
+    with pytest.raises(StoreError, match="injected"):
+        run_stage("publish", params)
+    assert (root / "outputs/publish/release.json").read_text() == record
+    assert sorted(p.name for p in (root / "outputs").iterdir()) == ["evaluate", "export", "publish"]
+
+
 def test_pretrain_starts_from_an_s3_checkpoint(
     store, pretrained: Path, prepared: Path, tmp_path: Path
 ) -> None:
