@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -245,7 +247,8 @@ def test_listens_on_loopback_only(running: Running) -> None:
 
 def test_a_second_server_on_the_same_root_is_refused(running: Running) -> None:
     before = _weed_children()
-    with pytest.raises(StoreError, match="in use"):
+    holder = f"in use by tlpipe pid {os.getpid()} .*SeaweedFS is pid {running.pid}"
+    with pytest.raises(StoreError, match=holder):
         EmbeddedStore(running.root).start()
     assert _weed_children() == before
 
@@ -405,6 +408,74 @@ def test_embedded_store_persists_across_restart_and_always_stops(
     assert _weed_children() == before
 
 
+def _run_killed(root: Path, *, die_with_parent: bool) -> psutil.Process:
+    """Start a store in a child process, SIGKILL the child once the store answers, and return
+    the child's weed server."""
+    code = (
+        "import sys, time\n"
+        "import tlpipe.store as store\n"
+        + ("" if die_with_parent else "store._die_with_parent = lambda: []\n")
+        + f"s = store.EmbeddedStore({str(root)!r})\n"
+        "s.start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENDPOINT_ENV}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = child.stdout.readline() if child.stdout else ""
+        assert line.strip().isdigit(), f"the child did not start its store (exit {child.poll()})"
+        weed = psutil.Process(int(line))
+    finally:
+        child.kill()
+        child.wait()
+    return weed
+
+
+@pytest.mark.slow
+def test_a_killed_run_takes_its_server_with_it(tmp_path: Path) -> None:
+    weed = _run_killed(tmp_path / "store", die_with_parent=True)
+    try:
+        weed.wait(store_module.STOP_TIMEOUT_S + 10)
+    except psutil.TimeoutExpired:
+        weed.kill()
+        pytest.fail("SeaweedFS outlived the run that started it")
+    with EmbeddedStore(tmp_path / "store") as again:
+        assert again.client().list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+@pytest.mark.slow
+def test_a_server_left_behind_is_stopped_and_its_root_taken_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where nothing stopped it with its parent (a server started without setpriv)."""
+    weed = _run_killed(tmp_path / "store", die_with_parent=False)
+    try:
+        time.sleep(1)
+        assert weed.is_running() and weed.status() != psutil.STATUS_ZOMBIE
+        with caplog.at_level(logging.WARNING, "tlpipe.store"), EmbeddedStore(tmp_path / "store") as again:
+            assert again.pid != weed.pid and not weed.is_running()
+            assert f"SeaweedFS pid {weed.pid} outlived the run that started it" in caplog.text
+        assert not (tmp_path / "store" / "owner.json").exists()
+    finally:
+        with contextlib.suppress(psutil.Error):
+            weed.kill()
+
+
+def test_a_dead_owner_with_its_server_gone_is_not_taken_over(tmp_path: Path) -> None:
+    """A lock held by some other process, under an owner record whose processes are gone
+    (their pids reused, or the record stale), is refused, never stopped blindly."""
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "owner.json").write_text(
+        json.dumps({"pid": os.getpid(), "started": 1.0, "weed_pid": os.getpid(), "weed_started": 1.0})
+    )
+    with (root / "lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(StoreError, match="locked by an unknown process"):
+            EmbeddedStore(root).start()
+
+
 def test_s3_inputs_are_mirrored_under_data_and_read_by_prepare(
     running: Running, via_env: dict[str, str], tmp_path: Path, sample_csv: Path
 ) -> None:
@@ -446,3 +517,31 @@ def test_s3_inputs_are_mirrored_under_data_and_read_by_prepare(
     missing = parse_params(tiny_params(**{"data.target.path": f"s3://{BUCKET}/inputs/nope.csv"}))
     with pytest.raises(DataError, match=r"s3://tlpipe-store-test/inputs/nope.csv: no such object"):
         materialize_inputs(missing.data, tmp_path)
+
+
+def test_only_what_a_retry_can_fix_is_transient() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from tlpipe.store import StoreUnavailable, is_transient
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError(
+            {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+        )
+
+    def wrapped(cause: BaseException) -> StoreError:
+        try:
+            raise StoreError("cannot upload") from cause
+        except StoreError as err:
+            return err
+
+    assert is_transient(wrapped(EndpointConnectionError(endpoint_url="http://127.0.0.1:9")))
+    assert is_transient(wrapped(ReadTimeoutError(endpoint_url="http://127.0.0.1:9")))
+    assert is_transient(wrapped(client_error("InternalError", 500)))
+    assert is_transient(wrapped(client_error("SlowDown", 503)))
+    assert is_transient(StoreUnavailable("SeaweedFS not ready after 60 s"))
+    assert not is_transient(wrapped(client_error("AccessDenied", 403)))
+    assert not is_transient(wrapped(client_error("InvalidBucketName", 400)))
+    assert not is_transient(wrapped(client_error("PreconditionFailed", 412)))
+    assert not is_transient(StoreError("s3://b/k already exists; refusing to overwrite it"))
+    assert not is_transient(DataError("data/raw/x.csv has no rows"))

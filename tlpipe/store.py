@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import psutil
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 from tqdm import tqdm
 
@@ -43,6 +45,9 @@ ENDPOINT_ENV = "TLPIPE_S3_ENDPOINT"
 DEFAULT_ROOT = Path(".tlpipe/store")
 CONFIG_NAME = "s3.json"
 LOG_NAME = "weed.log"
+# Who holds the root: the tlpipe process and its weed server, each with its start time, so
+# a reused pid is never taken for them.
+OWNER_NAME = "owner.json"
 START_TIMEOUT_S = 60.0
 # On SIGTERM weed's filer waits a fixed 15 s for its in-process gRPC streams to end before
 # the volume server and master close; a clean stop takes about that long.
@@ -68,6 +73,38 @@ _PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer
 
 class S3UriError(StoreError, ValueError):
     """A string that is not an s3://bucket[/key] URI."""
+
+
+class StoreUnavailable(StoreError):
+    """The store did not come up in time: a later attempt may find it ready."""
+
+
+# S3 error codes that say "not now" rather than "never".
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
+)
+
+
+_TRANSIENT_ERRORS = (StoreUnavailable, BotoConnectionError, HTTPClientError, RetriesExceededError)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a retry can succeed where `err` (or an error it was raised from) failed: no
+    connection, a connection cut or timed out, a 5xx or throttling answer, a store not ready
+    in time. A refusal (403, 400, a bucket name the server rejects, a missing key) is not."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current, StoreUnavailable | BotoConnectionError | HTTPClientError | RetriesExceededError
+        ):
+            return True
+        if isinstance(current, ClientError):
+            status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return status >= 500 or _error_code(current) in _TRANSIENT_CODES
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def region() -> str:
@@ -174,16 +211,99 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _lock_root(root: Path) -> int:
+def _started(pid: int) -> float | None:
+    """When process `pid` started (None: no such process, or only its zombie is left)."""
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(pid: int, started: float | None) -> bool:
+    return started is not None and _started(pid) == started
+
+
+def _command(pid: int) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(psutil.Process(pid).cmdline())[:200]
+    return "?"
+
+
+def _read_owner(root: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads((root / OWNER_NAME).read_text())
+        return owner if {"pid", "started", "weed_pid", "weed_started"} <= owner.keys() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _stop_stranger(pid: int, started: float | None, timeout: float) -> None:
+    """SIGTERM a process that is not our child, SIGKILL it after `timeout`; returns once it
+    is gone (its parent, init or a subreaper, reaps it)."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not _alive(pid, started):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while _alive(pid, started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if _alive(pid, started):
+        raise StoreError(f"SeaweedFS pid {pid} did not stop on SIGKILL")
+
+
+def _lock_root(root: Path, stop_timeout: float) -> int:
+    """Lock `root` for this process. A server whose run was killed (its tlpipe process is
+    gone, the server still holds the lock) is stopped and the root taken over; a root held
+    by a live run is refused, naming it."""
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        owner = _read_owner(root)
+        if owner is None:
+            raise StoreError(
+                f"{root} is in use by another SeaweedFS (one starting now, or one with no owner "
+                f"record: find it with `pgrep -af 'weed server.*{root}'`)"
+            )
+        if _alive(owner["pid"], owner["started"]):
+            raise StoreError(
+                f"{root} is in use by tlpipe pid {owner['pid']} ({_command(owner['pid'])}), whose "
+                f"SeaweedFS is pid {owner['weed_pid']}; wait for it to finish"
+            )
+        if not _alive(owner["weed_pid"], owner["weed_started"]):
+            raise StoreError(
+                f"{root} is locked by an unknown process (its last owner, tlpipe pid {owner['pid']}, "
+                f"and its SeaweedFS pid {owner['weed_pid']} are gone)"
+            )
+        log.warning(
+            "%s: SeaweedFS pid %d outlived the run that started it (tlpipe pid %d); stopping it",
+            root, owner["weed_pid"], owner["pid"],
+        )  # fmt: skip
+        _stop_stranger(owner["weed_pid"], owner["weed_started"], stop_timeout)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"{root} is still locked after SeaweedFS pid {owner['weed_pid']} stopped"
+            ) from None
+        return fd
+    except BaseException:
         os.close(fd)
-        raise StoreError(
-            f"{root} is in use by another SeaweedFS (a running tlpipe, or a weed server left behind)"
-        ) from None
-    return fd
+        raise
+
+
+def _die_with_parent() -> list[str]:
+    """A command prefix under which the server gets SIGTERM when the thread that started it
+    dies, even by SIGKILL (util-linux setpriv sets the kernel's parent-death signal, which
+    exec keeps); empty where setpriv is missing, and a server left behind is then stopped by
+    the next run that needs the root (`_lock_root`)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -214,10 +334,13 @@ class EmbeddedStore:
 
     Entering starts `weed server -s3` on free ports and returns once the S3 API answers an
     authenticated request; leaving stops it (SIGTERM, then SIGKILL after `stop_timeout`),
-    also when the `with` body raises. `root` holds data/, the identity config s3.json
-    (0600) and weed.log, and is locked while the server runs. Raises StoreError when weed is
-    missing, the root is in use, or the server exits or is not ready within
-    `start_timeout`, with the tail of weed.log.
+    also when the `with` body raises. The server also gets SIGTERM when the thread that
+    started it dies, killed or not, so it lives no longer than the thread holding the `with`.
+    `root` holds data/, the identity config s3.json (0600), weed.log and owner.json, and is
+    locked while the server runs; a server left behind by a killed run is stopped and the
+    root taken over. Raises StoreError when weed is missing, the root is in use by a live
+    run (named), or the server exits or is not ready within `start_timeout`, with the tail
+    of weed.log.
     """
 
     def __init__(
@@ -275,7 +398,7 @@ class EmbeddedStore:
         weed = weed_binary()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / "data").mkdir(exist_ok=True)
-        self._lock_fd = lock_fd = _lock_root(self.root)
+        self._lock_fd = lock_fd = _lock_root(self.root, self.stop_timeout)
         try:
             self._credentials = load_or_create_credentials(self.root / CONFIG_NAME)
             # Ports are picked free, then bound by weed: another process can take one in
@@ -296,7 +419,7 @@ class EmbeddedStore:
         with log_path.open("ab") as log_file:
             log_offset = log_file.tell()
             self._proc = subprocess.Popen(
-                self._args(weed),
+                [*_die_with_parent(), *self._args(weed)],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -308,6 +431,10 @@ class EmbeddedStore:
                 start_new_session=True,
             )
         self._finalizer = weakref.finalize(self, _terminate, self._proc, self.stop_timeout)
+        owner = {"pid": os.getpid(), "started": _started(os.getpid()), "weed_pid": self._proc.pid}
+        _write_private(
+            self.root / OWNER_NAME, json.dumps({**owner, "weed_started": _started(self._proc.pid)}) + "\n"
+        )
         probe = make_client(self.endpoint_url, "us-east-1", self._credentials, config=_PROBE_CONFIG)
         deadline = started + self.start_timeout
         last_error: Exception | None = None
@@ -328,7 +455,7 @@ class EmbeddedStore:
                 last_error = err
             if time.monotonic() > deadline:
                 tail = self._log_tail(log_offset)
-                raise StoreError(
+                raise StoreUnavailable(
                     f"SeaweedFS not ready after {self.start_timeout:.0f} s (last error: {last_error}); "
                     f"{log_path} ends:\n{tail}"
                 )
@@ -409,6 +536,7 @@ class EmbeddedStore:
                 log.info("SeaweedFS (pid %d) stopped in %.1f s", proc.pid, time.monotonic() - began)
         finally:
             if self._lock_fd is not None:
+                (self.root / OWNER_NAME).unlink(missing_ok=True)
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
