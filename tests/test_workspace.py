@@ -4,6 +4,7 @@ keeps in step with the project's files."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,33 @@ def test_the_projects_own_params_run_in_the_project(project: Path) -> None:
     with workspace(project, project / "params.yaml", None) as root:
         assert root == project.resolve()
     assert not (project / WORKSPACES).exists()
+
+
+def test_one_run_at_a_time_holds_the_project(project: Path) -> None:
+    """A second run in the project refuses at once, naming the run that holds it; the lock
+    goes with its holder however that ends."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tlpipe.workspace import workspace\n"
+        "with workspace(Path(sys.argv[1]), None, None):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(project)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        holder = f"another run holds this project: tlpipe pid {child.pid} (`-c {project}`), running since"
+        with pytest.raises(WorkspaceError, match=re.escape(holder)), workspace(project, None, None):
+            pytest.fail("a second run entered the project")
+    finally:
+        child.kill()
+        child.wait()
+    with workspace(project, None, None) as root:
+        assert root == project.resolve()
 
 
 def test_a_workspace_leaves_the_project_and_shares_its_cache(

@@ -7,7 +7,8 @@ own: the project's commit is the code it runs) that shares the project's DVC cac
 stage whose params, code and data are those of a run already cached is restored, not
 computed again. Its `.tlpipe` is the project's: releases go to the same embedded store, and
 timings to the same run records. The same params always reuse the same workspace, which
-keeps its own dvc.lock between runs; one run at a time holds it.
+keeps its own dvc.lock between runs; one run at a time holds it, as one run at a time holds
+the project itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,43 @@ EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class WorkspaceError(TlpipeError):
-    """A workspace could not be made or is held by another run."""
+    """A workspace could not be made, or it (or the project) is held by another run."""
+
+
+# Held by a run in the project itself (a run in a workspace holds the workspace's lock).
+PROJECT_LOCK = Path(".tlpipe/run.lock")
+
+
+def _holder(fd: int) -> str:
+    try:
+        who = json.loads(os.pread(fd, 4096, 0))
+        return f"tlpipe pid {who['pid']} (`{who['command']}`), running since {who['since']}"
+    except (OSError, ValueError, LookupError, TypeError):
+        return "a run that has not recorded itself yet"
+
+
+@contextlib.contextmanager
+def held(lock_path: Path, refusal: str) -> Iterator[None]:
+    """Hold `lock_path` for the duration, recording in it who holds it. A second holder
+    fails at once with WorkspaceError: `refusal` and who holds it. The kernel drops the lock
+    with the process however it ends, so a killed run never leaves it held."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkspaceError(f"{refusal}: {_holder(fd)}; wait for it to finish, or stop it") from None
+        who = {
+            "pid": os.getpid(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(who).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def with_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,21 +247,17 @@ def workspace(
     project: Path, params_file: Path | str | None, overrides: Mapping[str, Any] | None
 ) -> Iterator[Path]:
     """The workspace for these params, synced, checked out and held for one run (a second
-    run on the same params fails at once, naming the workspace). Yields its path; for the
-    project's own params, the project itself, as it is."""
+    run on the same params fails at once, naming the workspace and its holder). Yields its
+    path; for the project's own params, the project itself, as it is, held the same way."""
     project = project.resolve()
     plan = _plan(project, params_file, overrides)
     if plan is None:
-        yield project
+        with held(project / PROJECT_LOCK, f"{project}: another run holds this project"):
+            yield project
         return
     ws, resolved = plan
     ws.mkdir(parents=True, exist_ok=True)
-    lock = os.open(ws.parent / f"{ws.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WorkspaceError(f"{ws}: another run on the same params holds this workspace") from None
+    with held(ws.parent / f"{ws.name}.lock", f"{ws}: another run on the same params holds this workspace"):
         sync(project, ws)
         text = yaml.safe_dump(resolved, sort_keys=False)
         if not (ws / "params.yaml").is_file() or (ws / "params.yaml").read_text() != text:
@@ -231,5 +266,3 @@ def workspace(
         _link_state(project, ws)
         _checkout(ws)
         yield ws
-    finally:
-        os.close(lock)
