@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,29 @@ def test_bad_value_is_named() -> None:
         parse_params(tiny_params(**{"pretrain.model.num_heads": 3}))
     with pytest.raises(ParamsError, match=r"publish\.bucket"):
         parse_params(tiny_params(**{"publish.bucket": "Not_A_Bucket"}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("publish.model_name", "../../escape"),
+        ("publish.model_name", "a/b"),
+        ("publish.model_name", ".hidden"),
+        ("publish.prefix", "/releases"),
+        ("publish.prefix", "releases/../other"),
+        ("publish.prefix", "releases//x"),
+        ("publish.dvc_remote_path", "cache/"),
+        ("publish.dvc_remote_path", "c\\ache"),
+    ],
+)
+def test_store_keys_that_would_leave_their_place_are_refused(key: str, value: str) -> None:
+    with pytest.raises(ParamsError, match=re.escape(key)):
+        parse_params(tiny_params(**{key: value}))
+
+
+def test_store_keys_may_nest() -> None:
+    p = parse_params(tiny_params(**{"publish.prefix": "team-a/releases", "publish.model_name": "sent.v2_x"}))
+    assert (p.publish.prefix, p.publish.model_name) == ("team-a/releases", "sent.v2_x")
 
 
 def test_params_are_frozen() -> None:

@@ -532,6 +532,32 @@ class PublishParams(_Section):
             raise ValueError("must be a valid S3 bucket name (3-63 chars of a-z, 0-9, '.', '-')")
         return v
 
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v) or ".." in v:
+            raise ValueError(
+                "must be one key part: 1-128 of A-Z, a-z, 0-9, '.', '_', '-', starting alphanumeric, no '..'"
+            )
+        return v
+
+    @field_validator("prefix", "dvc_remote_path")
+    @classmethod
+    def _key_path(cls, v: str) -> str:
+        import re
+
+        parts = v.split("/")
+        if not all(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", part) and ".." not in part for part in parts
+        ):
+            raise ValueError(
+                "must be key parts joined by '/': each of A-Z, a-z, 0-9, '.', '_', '-', starting "
+                "alphanumeric, with no '..', no empty part and no leading or trailing '/'"
+            )
+        return v
+
 
 class Params(_Section):
     setting: Setting = "text-classification"
