@@ -230,6 +230,13 @@ def test_command_line_exits_non_zero_naming_the_rule(project: Path) -> None:
     assert out.returncode == 1
     assert "validation failed" in out.stderr and BAD_ROWS["text_too_short"][1] in out.stderr
     assert not Path("outputs/pretrain").exists() and not (project / ".tlpipe/store").exists()
+    # The failure once, no traceback; the traceback in the log file the last line names.
+    assert "Traceback" not in out.stderr and out.stderr.count("validation failed") == 1, out.stderr
+    assert "see outputs/validate/report.json" in out.stderr
+    last = out.stderr.strip().splitlines()[-2:]
+    (named,) = [line for line in last if line.startswith("tlpipe: tracebacks in ")]
+    log_file = project / named.split()[3]
+    assert "Traceback" in log_file.read_text() and "GateFailed: validation failed" in log_file.read_text()
 
 
 def _proc(pid: int, name: str) -> str:
@@ -321,3 +328,48 @@ def test_an_export_failing_beside_the_curve_fails_the_run_and_publishes_nothing(
     lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
     assert "evaluate" in lock and "export" not in lock and "publish" not in lock
     assert not Path("outputs/publish").exists() and not (project / ".tlpipe/store").exists()
+
+
+@pytest.mark.parametrize(
+    ("failure", "attempts"),
+    [("refused", 1), ("bad-bucket", 1), ("unreachable", 3), ("throttled", 3)],
+)
+def test_publish_retries_only_what_a_retry_can_fix(
+    harness: None, failure: str, attempts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 403 or a bucket name the server rejects fails at once; no connection or a 503
+    SlowDown is tried again (the flow's own publish task, its delays set to zero)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from prefect import flow
+
+    import flows.pipeline as pipeline
+    from tlpipe.errors import StoreError
+
+    causes = {
+        "refused": ClientError(
+            {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Put"
+        ),
+        "bad-bucket": ClientError(
+            {"Error": {"Code": "InvalidBucketName"}, "ResponseMetadata": {"HTTPStatusCode": 400}}, "Head"
+        ),
+        "unreachable": EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+        "throttled": ClientError(
+            {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Put"
+        ),
+    }
+    calls: list[str] = []
+
+    def failing(stage: str) -> None:
+        calls.append(stage)
+        raise StoreError(f"cannot upload: {failure}") from causes[failure]
+
+    monkeypatch.setattr(pipeline, "_run_stage", failing)
+    publish = pipeline.publish.with_options(retry_delay_seconds=0)
+
+    @flow
+    def only_publish() -> None:
+        publish()
+
+    state = only_publish(return_state=True)
+    assert state.is_failed()
+    assert calls == ["publish"] * attempts

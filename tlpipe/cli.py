@@ -53,6 +53,9 @@ def run(
         list[str] | None,
         typer.Option("--set", help="override one param, KEY=VALUE (e.g. finetune.optim.lr=3e-5); repeatable"),
     ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show tracebacks on the console, not only in the run's log file")
+    ] = False,
 ) -> None:
     """Run the whole flow (or one stage); stages DVC finds up to date are skipped. When every
     stage is up to date and the report exists, the flow is not started at all.
@@ -92,13 +95,16 @@ def run(
     # The embedded server's usage telemetry stays off unless asked for: on a machine without
     # internet access every attempt logs an ERROR into an otherwise clean run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from tlpipe.logs import configure
+    from tlpipe.timing import RUN_ID, summarise
+
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    log_file = configure(project, run_id, debug)
     from prefect.states import State
 
     from flows.pipeline import pipeline, single_stage
-    from tlpipe.timing import RUN_ID, summarise
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     os.environ[RUN_ID] = run_id
     start = time.perf_counter()
     args = {"params_file": str(params_file) if params_file else None, "overrides": overrides or None}
@@ -112,6 +118,10 @@ def run(
             state.result()
         except Exception as err:  # the failing stage's own message
             typer.echo(f"tlpipe: run failed after {seconds:.0f} s: {err}", err=True)
+        if not debug:
+            typer.echo(
+                f"tlpipe: tracebacks in {log_file.relative_to(project)} (or run again with --debug)", err=True
+            )
         raise typer.Exit(1)
     result = state.result()
     if isinstance(result, str):
