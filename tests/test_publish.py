@@ -84,6 +84,36 @@ def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_
     assert [p["label"] in ("negative", "neutral", "positive") for p in preds] == [True, True]
 
 
+def test_a_file_changed_in_the_cache_is_refused_and_downloaded_again(
+    staged: Path, store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    root = _copy(staged, tmp_path)
+    _publish(root, store, **{"publish.model_name": "cached"})
+    uri = f"s3://{store.bucket}/releases/cached"
+    folder = fetch_release(store, uri, tmp_path / "cache")
+    onnx = next(folder.glob("*.onnx"))
+    shipped = onnx.read_bytes()
+    assert fetch_release(store, uri, tmp_path / "cache") == folder  # a verified copy is reused
+
+    onnx.write_bytes(shipped[:-1] + bytes([shipped[-1] ^ 1]))  # one bit flipped
+    with caplog.at_level(logging.WARNING, "tlpipe.release"):
+        assert fetch_release(store, uri, tmp_path / "cache") == folder
+    assert onnx.read_bytes() == shipped and f"{onnx.name} SHA-256 differs" in caplog.text
+
+    # A forged copy: the file and the cached manifest rewritten to agree with each other.
+    caplog.clear()
+    onnx.write_bytes(b"not the model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][onnx.name]["sha256"] = hashlib.sha256(b"not the model").hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, "tlpipe.release"):
+        fetch_release(store, uri, tmp_path / "cache")
+    assert onnx.read_bytes() == shipped and "manifest.json is not the store's" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]
+
+
 def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:
     root = _copy(staged, tmp_path)
     before = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)

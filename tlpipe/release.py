@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+from botocore.exceptions import ClientError
 
 from tlpipe.data import sha256_file
 from tlpipe.errors import StoreError
 from tlpipe.store import StoreSession, download_prefix, object_exists, parse_s3_uri
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 def resolve_release(store: StoreSession, uri: str) -> str:
@@ -29,18 +37,42 @@ def resolve_release(store: StoreSession, uri: str) -> str:
 
 
 def fetch_release(store: StoreSession, uri: str, cache_dir: Path) -> Path:
-    """Download a release into `cache_dir/<version>` and verify it against its manifest.
+    """The release `uri` names, in `cache_dir/<prefix>`, verified against the store's
+    manifest on every call.
 
-    A folder already verified is reused. Raises StoreError when the release is incomplete
-    or any file's SHA-256 differs from the manifest.
+    A cached copy is used only when its manifest is byte for byte the store's and every file
+    still has the manifest's SHA-256; otherwise it is deleted (with a warning saying why) and
+    downloaded again. A download goes to a folder of its own and takes the cache's place only
+    once verified, so the cache never holds part of a release. Raises StoreError when the
+    release is incomplete or a downloaded file's SHA-256 differs from the manifest.
     """
     prefix = resolve_release(store, uri)
     dest = cache_dir / prefix.replace("/", "__")
-    if (dest / ".verified").is_file():
-        return dest
-    download_prefix(store.client, store.bucket, prefix + "/", dest)
-    verify_release(dest)
-    (dest / ".verified").write_text("ok\n")
+    manifest_key = f"{prefix}/{MANIFEST}"
+    try:
+        manifest = store.client.get_object(Bucket=store.bucket, Key=manifest_key)["Body"].read()
+    except ClientError as err:
+        raise StoreError(f"s3://{store.bucket}/{manifest_key}: cannot read it ({err})") from err
+    if dest.is_dir():
+        try:
+            if (dest / MANIFEST).read_bytes() != manifest:
+                raise StoreError(f"{dest / MANIFEST} is not the store's")
+            verify_release(dest)
+            return dest
+        except (OSError, ValueError, StoreError) as err:
+            log.warning("%s: %s; downloading it again", dest, err)
+            shutil.rmtree(dest)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=cache_dir))
+    try:
+        download_prefix(store.client, store.bucket, prefix + "/", partial)
+        if (partial / MANIFEST).read_bytes() != manifest:
+            raise StoreError(f"s3://{store.bucket}/{manifest_key} changed during the download")
+        verify_release(partial)
+        os.rename(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return dest
 
 
