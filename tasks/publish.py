@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed, StoreError
@@ -19,7 +20,8 @@ from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import Params, PublishParams
 from tlpipe.report import describe_input
 from tlpipe.setting import report_sections, spec
-from tlpipe.store import StoreSession, object_exists, open_store, upload_file
+from tlpipe.signing import SIGNATURE, sign, signing_key
+from tlpipe.store import StoreSession, object_exists, open_store, read_object, upload_file
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +131,41 @@ def push_dvc_cache(root: Path, store: StoreSession, remote_path: str) -> None:
     log.info("dvc push: %s objects to %s", pushed, url)
 
 
+def _sign(
+    store: StoreSession,
+    manifest_key: str,
+    signature_key: str,
+    digests: dict[str, str],
+    signer: Ed25519PrivateKey,
+    out_dir: Path,
+) -> None:
+    """Sign the manifest as the store holds it, last: a release is complete once signed. A
+    manifest left by an interrupted attempt is signed only if it lists exactly these files."""
+    body = read_object(store.client, store.bucket, manifest_key)
+    if body is None:
+        raise StoreError(f"s3://{store.bucket}/{manifest_key} is gone; publish again")
+    listed = {name: entry["sha256"] for name, entry in json.loads(body)["files"].items()}
+    if listed != digests:
+        raise StoreError(
+            f"s3://{store.bucket}/{manifest_key} lists other files than this release; not signing it"
+        )
+    path = out_dir / SIGNATURE
+    path.write_bytes(sign(body, signer))
+    upload_file(store.client, path, store.bucket, signature_key, if_none_match=True)
+
+
 def publish(
     params: Params, root: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path, store: StoreSession
 ) -> PublishResult:
     """Gate, push the DVC cache, then upload the release under a content-addressed version.
 
-    Files go up first, each with a conditional write that never overwrites; manifest.json
-    (SHA-256 of every file, git commit, dvc.lock output hashes, params) goes last, so a
-    release without a manifest is incomplete and is never read as one. Publishing the same
-    content again finds its manifest and uploads nothing. Writes `out_dir/release.json`.
-    Raises GateFailed when a gate file says the model is not fit to ship, StoreError when
-    the store refuses a write.
+    Files go up first, each with a conditional write that never overwrites; then
+    manifest.json (SHA-256 of every file, git commit, dvc.lock output hashes, params); last
+    its ed25519 signature (tlpipe.signing), so a release without a signed manifest is
+    incomplete and is never read as one. Publishing the same content again finds it signed
+    and uploads nothing. Writes `out_dir/release.json`. Raises GateFailed when a gate file
+    says the model is not fit to ship, StoreError when the store refuses a write,
+    SignatureError when the signing key cannot be read.
     """
     p = params.publish
     check_gates(
@@ -169,9 +195,11 @@ def publish(
     digests["README.md"] = sha256_file(card)
 
     manifest_key = f"{prefix}/{MANIFEST}"
+    signature_key = f"{prefix}/{SIGNATURE}"
+    signer = signing_key()
     already = object_exists(store.client, store.bucket, manifest_key)
     if already:
-        log.info("publish: %s is already complete; nothing uploaded", uri)
+        log.info("publish: %s has its manifest already; no file uploaded", uri)
     else:
         for name, path in files.items():
             key = f"{prefix}/{name}"
@@ -201,7 +229,11 @@ def publish(
         manifest_path = out_dir / MANIFEST
         write_json(manifest_path, manifest)
         upload_file(store.client, manifest_path, store.bucket, manifest_key, if_none_match=True)
-        log.info("publish: released %s", uri)
+    signed = object_exists(store.client, store.bucket, signature_key)
+    if not signed:
+        _sign(store, manifest_key, signature_key, digests, signer, out_dir)
+    already = already and signed
+    log.info("publish: %s %s", "already released:" if already else "released", uri)
     # Promotion: the pointer moves only to a complete, gated release.
     latest = out_dir / "latest.json"
     write_json(latest, {"version": version, "manifest": f"s3://{store.bucket}/{manifest_key}"})

@@ -24,6 +24,13 @@ AIRLINES = r"@(?:united|americanair|usairways|southwestair|jetblue|virginamerica
 os.environ.setdefault("TLPIPE_PROGRESS", "0")
 # The precision probe's verdicts (tlpipe.precision) stay out of the user's own cache.
 os.environ.setdefault("TLPIPE_CACHE_DIR", str(REPO / ".pytest_cache" / "tlpipe"))
+# Releases the tests publish are signed with a key of their own, never a project's.
+TEST_KEY = REPO / ".pytest_cache" / "tlpipe" / "release.key"
+if not TEST_KEY.exists():
+    from tlpipe.signing import create_key
+
+    create_key(TEST_KEY)
+os.environ.setdefault("TLPIPE_SIGNING_KEY", str(TEST_KEY))
 
 
 def tiny_params(**overrides: Any) -> dict[str, Any]:

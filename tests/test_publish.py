@@ -114,6 +114,41 @@ def test_a_file_changed_in_the_cache_is_refused_and_downloaded_again(
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]
 
 
+def test_a_forged_or_unsigned_release_is_never_loaded(staged: Path, store, tmp_path: Path) -> None:
+    """Write access to the bucket is not enough: a manifest rewritten to match a replaced
+    file fails its signature, and a release whose signature is gone is incomplete until a
+    publish signs it again."""
+    from tlpipe.signing import SIGNATURE, SignatureError
+
+    root = _copy(staged, tmp_path)
+    done = _publish(root, store, **{"publish.model_name": "signed"})
+    prefix = done.uri.split("/", 3)[3]
+    uri = f"s3://{store.bucket}/releases/signed"
+    original = store.client.get_object(Bucket=store.bucket, Key=prefix + "manifest.json")["Body"].read()
+    manifest = json.loads(original)
+    name = sorted(n for n in manifest["files"] if n.endswith(".onnx"))[0]
+    shipped = manifest["files"][name]["sha256"]
+    forged = b"a model of the attacker's"
+    store.client.put_object(Bucket=store.bucket, Key=prefix + name, Body=forged)
+    manifest["files"][name]["sha256"] = hashlib.sha256(forged).hexdigest()
+    body = json.dumps(manifest).encode()
+    store.client.put_object(Bucket=store.bucket, Key=prefix + "manifest.json", Body=body)
+    with pytest.raises(SignatureError, match="does not match manifest.json"):
+        fetch_release(store, uri, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+    store.client.put_object(Bucket=store.bucket, Key=prefix + "manifest.json", Body=original)
+    store.client.delete_object(Bucket=store.bucket, Key=prefix + SIGNATURE)
+    with pytest.raises(SignatureError, match="an unsigned release"):
+        fetch_release(store, uri, tmp_path / "cache")
+    # A publish cut short between its manifest and its signature: the next one signs it.
+    model = (root / "outputs/export/bundle" / name).read_bytes()
+    store.client.put_object(Bucket=store.bucket, Key=prefix + name, Body=model, Metadata={"sha256": shipped})
+    again = _publish(root, store, **{"publish.model_name": "signed"})
+    assert again.version == done.version and not again.already_published
+    assert load_bundle(fetch_release(store, uri, tmp_path / "cache")) is not None
+
+
 def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:
     root = _copy(staged, tmp_path)
     before = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)

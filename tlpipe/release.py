@@ -9,11 +9,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from botocore.exceptions import ClientError
-
 from tlpipe.data import sha256_file
 from tlpipe.errors import StoreError
-from tlpipe.store import StoreSession, download_prefix, object_exists, parse_s3_uri
+from tlpipe.signing import SIGNATURE, SignatureError, trusted_keys, verify
+from tlpipe.store import StoreSession, download_prefix, object_exists, parse_s3_uri, read_object
 
 MANIFEST = "manifest.json"
 
@@ -37,22 +36,28 @@ def resolve_release(store: StoreSession, uri: str) -> str:
 
 
 def fetch_release(store: StoreSession, uri: str, cache_dir: Path) -> Path:
-    """The release `uri` names, in `cache_dir/<prefix>`, verified against the store's
-    manifest on every call.
+    """The release `uri` names, in `cache_dir/<prefix>`, verified on every call: first the
+    store's manifest against its signature (a key trusted here, tlpipe.signing), then every
+    file against the manifest.
 
     A cached copy is used only when its manifest is byte for byte the store's and every file
     still has the manifest's SHA-256; otherwise it is deleted (with a warning saying why) and
     downloaded again. A download goes to a folder of its own and takes the cache's place only
     once verified, so the cache never holds part of a release. Raises StoreError when the
-    release is incomplete or a downloaded file's SHA-256 differs from the manifest.
+    release is incomplete or a downloaded file's SHA-256 differs from the manifest,
+    SignatureError when the manifest is unsigned or its signature is not good.
     """
     prefix = resolve_release(store, uri)
     dest = cache_dir / prefix.replace("/", "__")
     manifest_key = f"{prefix}/{MANIFEST}"
-    try:
-        manifest = store.client.get_object(Bucket=store.bucket, Key=manifest_key)["Body"].read()
-    except ClientError as err:
-        raise StoreError(f"s3://{store.bucket}/{manifest_key}: cannot read it ({err})") from err
+    where = f"s3://{store.bucket}/{prefix}"
+    manifest = read_object(store.client, store.bucket, manifest_key)
+    if manifest is None:
+        raise StoreError(f"{where}: no {MANIFEST}; the release is incomplete")
+    signature = read_object(store.client, store.bucket, f"{prefix}/{SIGNATURE}")
+    if signature is None:
+        raise SignatureError(f"{where}: no {SIGNATURE}, an unsigned release (its publish was cut short)")
+    verify(manifest, signature, trusted_keys(), where)
     if dest.is_dir():
         try:
             if (dest / MANIFEST).read_bytes() != manifest:

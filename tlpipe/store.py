@@ -697,6 +697,19 @@ def object_exists(client: S3Client, bucket: str, key: str) -> bool:
         raise StoreError(f"cannot check s3://{bucket}/{key}: {err}") from err
 
 
+def read_object(client: S3Client, bucket: str, key: str) -> bytes | None:
+    """The bytes of s3://bucket/key (a small object: read whole), None when there is none;
+    StoreError when the store cannot say (denied, down)."""
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        if _error_code(err) in _NOT_FOUND:
+            return None
+        raise StoreError(f"cannot read s3://{bucket}/{key}: {_describe(err)}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot read s3://{bucket}/{key}: {err}") from err
+
+
 def _progress(total: int, desc: str) -> tqdm:
     quiet = total <= PROGRESS_MIN_BYTES or os.environ.get("TLPIPE_PROGRESS") == "0"
     # disable=None lets tqdm hide itself when stderr is not a terminal.
