@@ -238,11 +238,50 @@ def test_put_get_roundtrip(session: StoreSession) -> None:
 
 
 def test_listens_on_loopback_only(running: Running) -> None:
-    listening = [
-        c.laddr for c in psutil.Process(running.pid).net_connections("inet") if c.status == psutil.CONN_LISTEN
-    ]
-    assert {addr.ip for addr in listening} == {"127.0.0.1"}, listening
-    assert int(running.session.endpoint_url.rsplit(":", 1)[1]) in {addr.port for addr in listening}
+    if os.readlink(f"/proc/{running.pid}/ns/net") == os.readlink("/proc/self/ns/net"):  # not isolated
+        process = psutil.Process(running.pid)
+        listening = [c.laddr.ip for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and set(listening) == {"127.0.0.1"}, listening
+        return
+    # In its own network namespace, every listening TCP socket there is the server's.
+    listening = []
+    for table in ("tcp", "tcp6"):
+        rows = [row.split() for row in Path(f"/proc/{running.pid}/net/{table}").read_text().splitlines()[1:]]
+        listening += [(table, row[1].split(":")[0]) for row in rows if row[3] == "0A"]  # 0A: LISTEN
+    assert len(listening) >= 8 and set(listening) == {("tcp", "0100007F")}, listening  # 127.0.0.1
+
+
+def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running: Running) -> None:
+    """SeaweedFS's master, volume and filer answer without credentials: they run in a
+    network namespace of their own, and the host reaches the S3 gateway alone."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from tlpipe.isolation import namespace_prefix
+
+    if not namespace_prefix():
+        pytest.skip("this machine allows no user namespaces (the store runs without isolation)")
+    assert os.readlink(f"/proc/{running.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    flags = (arg.lstrip("-").partition("=") for arg in psutil.Process(running.pid).cmdline())
+    ports = {
+        flag: int(value)
+        for flag, _, value in flags
+        if flag.endswith((".port", ".port.grpc")) and value.isdigit() and value != "0"
+    }
+    assert len(ports) == 8, ports  # master, volume, filer, s3: HTTP and gRPC each
+    for name, port in ports.items():
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pytest.fail(f"SeaweedFS {name} port {port} answers on the host")
+    for path in ("/", f"/{BUCKET}", f"/{BUCKET}/any-key"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(running.session.endpoint_url + path, timeout=5)
+        assert refused.value.code == 403, path
+    put = urllib.request.Request(running.session.endpoint_url + f"/{BUCKET}/planted", data=b"x", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(put, timeout=5)
+    assert refused.value.code == 403
+    assert not object_exists(running.session.client, BUCKET, "planted")
 
 
 def test_a_second_server_on_the_same_root_is_refused(running: Running) -> None:
@@ -545,3 +584,19 @@ def test_only_what_a_retry_can_fix_is_transient() -> None:
     assert not is_transient(wrapped(client_error("PreconditionFailed", 412)))
     assert not is_transient(StoreError("s3://b/k already exists; refusing to overwrite it"))
     assert not is_transient(DataError("data/raw/x.csv has no rows"))
+
+
+@pytest.mark.slow
+def test_without_namespaces_the_store_runs_on_the_hosts_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the machine allows no user namespaces, as before isolation: reachable and
+    working, its S3 port the endpoint."""
+    monkeypatch.setattr(store_module, "namespace_prefix", lambda: ())
+    with EmbeddedStore(tmp_path / "store") as server:
+        assert os.readlink(f"/proc/{server.pid}/ns/net") == os.readlink("/proc/self/ns/net")
+        assert server.endpoint_url == f"http://127.0.0.1:{server.ports['s3']}"
+        client = server.client()
+        client.create_bucket(Bucket="plain-loopback")
+        client.put_object(Bucket="plain-loopback", Key="k", Body=b"v")
+        assert client.get_object(Bucket="plain-loopback", Key="k")["Body"].read() == b"v"

@@ -22,6 +22,7 @@ import stat
 import string
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,7 @@ from s3transfer.exceptions import RetriesExceededError
 from tqdm import tqdm
 
 from tlpipe.errors import StoreError
+from tlpipe.isolation import UnixForwarder, namespace_prefix
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ _PROBE_CONFIG = CLIENT_CONFIG.merge(
     Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=5)
 )
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
+# sun_path holds 108 bytes with its terminating NUL.
+_SOCKET_PATH_MAX = 107
 _PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 
 
@@ -360,6 +364,8 @@ class EmbeddedStore:
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
         self._lock_fd: int | None = None
+        self._forwarder: UnixForwarder | None = None
+        self._socket_dir: Path | None = None
 
     def __repr__(self) -> str:
         return f"EmbeddedStore(root={str(self.root)!r}, endpoint_url={self.endpoint_url!r}, pid={self.pid})"
@@ -411,15 +417,35 @@ class EmbeddedStore:
             self.stop()
             raise
 
+    def _socket_path(self) -> Path:
+        """Where the S3 gateway's unix socket goes: in the root (0700, locked by us), unless
+        its path is too long for a socket address; then in a private temporary folder."""
+        in_root = self.root / "s3.sock"
+        in_root.unlink(missing_ok=True)  # left by a server that was killed
+        if len(os.fsencode(in_root)) < _SOCKET_PATH_MAX:
+            return in_root
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="tlpipe-s3-"))
+        return self._socket_dir / "s3.sock"
+
     def _start_once(self, weed: Path, lock_fd: int) -> bool:
         self.ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
-        self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
+        isolate = namespace_prefix()
+        args = self._args(weed)
+        if isolate:
+            # In a namespace of its own the server is reached through its S3 socket alone.
+            socket_path = self._socket_path()
+            args.append(f"-s3.localSocket={socket_path}")
+            self._forwarder = UnixForwarder(socket_path)
+            self.endpoint_url = f"http://127.0.0.1:{self._forwarder.port}"
+        else:
+            self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         log_path = self.root / LOG_NAME
         started = time.monotonic()
         with log_path.open("ab") as log_file:
             log_offset = log_file.tell()
             self._proc = subprocess.Popen(
-                [*_die_with_parent(), *self._args(weed)],
+                # unshare first: entering a user namespace clears a parent-death signal.
+                [*isolate, *_die_with_parent(), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -431,6 +457,8 @@ class EmbeddedStore:
                 start_new_session=True,
             )
         self._finalizer = weakref.finalize(self, _terminate, self._proc, self.stop_timeout)
+        if self._forwarder is not None:
+            self._forwarder.start()
         owner = {"pid": os.getpid(), "started": _started(os.getpid()), "weed_pid": self._proc.pid}
         _write_private(
             self.root / OWNER_NAME, json.dumps({**owner, "weed_started": _started(self._proc.pid)}) + "\n"
@@ -520,8 +548,15 @@ class EmbeddedStore:
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
+        if self._forwarder is not None:
+            self._forwarder.close()
+            self._forwarder = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
         if proc is not None:
             _remove_sockets(list(self.ports.values()))
+            (self.root / "s3.sock").unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after `stop_timeout`) and unlock the root.
