@@ -21,7 +21,7 @@ from tlpipe.params import Params, PublishParams
 from tlpipe.report import describe_input
 from tlpipe.setting import report_sections, spec
 from tlpipe.signing import SIGNATURE, sign, signing_key
-from tlpipe.store import StoreSession, object_exists, open_store, read_object, upload_file
+from tlpipe.store import AlreadyExists, StoreSession, object_exists, open_store, read_object, upload_file
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,26 @@ def _sign(
         )
     path = out_dir / SIGNATURE
     path.write_bytes(sign(body, signer))
-    upload_file(store.client, path, store.bucket, signature_key, if_none_match=True)
+    try:
+        upload_file(store.client, path, store.bucket, signature_key, if_none_match=True)
+    except AlreadyExists:
+        log.info("publish: another publisher signed %s first", manifest_key)
+
+
+def _put_once(store: StoreSession, path: Path, key: str, sha256: str) -> None:
+    """Upload `path` to `key` unless the key holds this content already (left by an
+    interrupted attempt at this same content-addressed version, or written by a concurrent
+    one); StoreError when it holds other contents."""
+    try:
+        if not object_exists(store.client, store.bucket, key):
+            meta = {"sha256": sha256}
+            upload_file(store.client, path, store.bucket, key, if_none_match=True, metadata=meta)
+            return
+    except AlreadyExists:
+        pass
+    remote = store.client.head_object(Bucket=store.bucket, Key=key)
+    if remote.get("Metadata", {}).get("sha256") != sha256:
+        raise StoreError(f"s3://{store.bucket}/{key} exists with other contents")
 
 
 def publish(
@@ -202,16 +221,7 @@ def publish(
         log.info("publish: %s has its manifest already; no file uploaded", uri)
     else:
         for name, path in files.items():
-            key = f"{prefix}/{name}"
-            if object_exists(store.client, store.bucket, key):
-                # Left by an interrupted attempt at this same content-addressed version.
-                remote = store.client.head_object(Bucket=store.bucket, Key=key)
-                if remote.get("Metadata", {}).get("sha256") != digests[name]:
-                    raise StoreError(f"s3://{store.bucket}/{key} exists with other contents")
-                continue
-            upload_file(
-                store.client, path, store.bucket, key, if_none_match=True, metadata={"sha256": digests[name]}
-            )
+            _put_once(store, path, f"{prefix}/{name}", digests[name])
         manifest = {
             "name": p.model_name,
             "version": version,
@@ -228,7 +238,11 @@ def publish(
         }
         manifest_path = out_dir / MANIFEST
         write_json(manifest_path, manifest)
-        upload_file(store.client, manifest_path, store.bucket, manifest_key, if_none_match=True)
+        try:
+            upload_file(store.client, manifest_path, store.bucket, manifest_key, if_none_match=True)
+        except AlreadyExists:
+            # A publisher of this same content got there first; `_sign` checks its manifest.
+            log.info("publish: another publisher wrote %s first", manifest_key)
     signed = object_exists(store.client, store.bucket, signature_key)
     if not signed:
         _sign(store, manifest_key, signature_key, digests, signer, out_dir)

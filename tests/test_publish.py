@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from tasks.export import export
 from tasks.publish import publish
-from tests.conftest import tiny_params
+from tests.conftest import REPO, tiny_params
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
 from tlpipe.release import fetch_release
@@ -147,6 +148,60 @@ def test_a_forged_or_unsigned_release_is_never_loaded(staged: Path, store, tmp_p
     again = _publish(root, store, **{"publish.model_name": "signed"})
     assert again.version == done.version and not again.already_published
     assert load_bundle(fetch_release(store, uri, tmp_path / "cache")) is not None
+
+
+PUBLISHER = """
+import json, sys, time
+from pathlib import Path
+from tasks.publish import publish
+from tests.conftest import REPO, tiny_params
+from tlpipe.params import parse_params
+from tlpipe.store import open_store
+
+root, bucket, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+params = parse_params(tiny_params(**{"publish.bucket": bucket, "publish.model_name": "concurrent"}))
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+with open_store(bucket) as store:
+    out = root / "outputs"
+    done = publish(params, root, out / "export", out / "evaluate", out / "publish", store)
+print(json.dumps({"version": done.version, "already": done.already_published}), flush=True)
+"""
+
+
+def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
+    staged: Path, store, tmp_path: Path
+) -> None:
+    """Eight processes publish the same content at once against the real server: every one
+    succeeds, and the bucket holds exactly one version, complete, signed and loadable."""
+    go = tmp_path / "go"
+    env = {**os.environ, **store.env, "PYTHONPATH": str(REPO)}
+    publishers = []
+    for i in range(8):
+        root = shutil.copytree(staged, tmp_path / f"proj{i}")
+        command = [sys.executable, "-c", PUBLISHER, str(root), store.bucket, str(go)]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        publishers.append(subprocess.Popen(command, env=env, cwd=root, **pipes))
+    for proc in publishers:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    go.touch()
+    results = []
+    for proc in publishers:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert len({r["version"] for r in results}) == 1
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix="releases/concurrent/")["Contents"]
+    versions = {o["Key"].split("/")[2] for o in listed if o["Key"].count("/") == 3}
+    assert versions == {results[0]["version"]}
+    folder = fetch_release(store, f"s3://{store.bucket}/releases/concurrent", tmp_path / "cache")
+    assert (folder / "manifest.json.sig").is_file()
+    assert load_bundle(folder).predict(["@united lost my bag again"])[0]["label"] in (
+        "negative",
+        "neutral",
+        "positive",
+    )
 
 
 def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:

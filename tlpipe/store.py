@@ -79,6 +79,10 @@ class S3UriError(StoreError, ValueError):
     """A string that is not an s3://bucket[/key] URI."""
 
 
+class AlreadyExists(StoreError):
+    """A conditional write found its key taken (HTTP 412): the store keeps what is there."""
+
+
 class StoreUnavailable(StoreError):
     """The store did not come up in time: a later attempt may find it ready."""
 
@@ -772,8 +776,8 @@ def upload_file(
 
     Files over 1 MiB go up as a multipart upload in 8 MiB parts behind a byte progress bar.
     With `if_none_match` the write is conditional (If-None-Match: *), so an existing key is
-    never overwritten: StoreError says it exists. Raises StoreError on any other refusal or
-    failure of the store, and OSError when the file cannot be read.
+    never overwritten: AlreadyExists says it exists. Raises StoreError on any other refusal
+    or failure of the store, and OSError when the file cannot be read.
     """
     size = path.stat().st_size
     extra: dict[str, Any] = {"Metadata": dict(metadata)} if metadata else {}
@@ -786,11 +790,11 @@ def upload_file(
             if if_none_match and object_exists(client, bucket, key):
                 # Refuse before sending the parts; the conditional completion still guards
                 # against a writer that gets there first.
-                raise StoreError(f"s3://{bucket}/{key} already exists; refusing to overwrite it")
+                raise AlreadyExists(f"s3://{bucket}/{key} already exists; refusing to overwrite it")
             etag = _upload_parts(client, path, size, bucket, key, extra, cond)
     except ClientError as err:
         if _error_code(err) in ("PreconditionFailed", "412"):
-            raise StoreError(f"s3://{bucket}/{key} already exists; refusing to overwrite it") from err
+            raise AlreadyExists(f"s3://{bucket}/{key} already exists; refusing to overwrite it") from err
         raise StoreError(f"cannot upload {path} to s3://{bucket}/{key}: {_describe(err)}") from err
     except BotoCoreError as err:
         raise StoreError(f"cannot upload {path} to s3://{bucket}/{key}: {err}") from err
