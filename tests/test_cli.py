@@ -81,6 +81,14 @@ def test_run_refuses_bad_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "finetune.epochs" in result.output
 
 
+def test_status_names_a_broken_params_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _project(tmp_path, "finetune: [oops\n", monkeypatch)
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 1
+    assert "params.yaml: not valid YAML" in result.output and "line 1" in result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) < 10
+
+
 def test_run_refuses_unknown_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _project(tmp_path, "{}\n", monkeypatch)
     result = runner.invoke(app, ["run", "--only", "train"])
