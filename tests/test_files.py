@@ -44,6 +44,7 @@ def test_a_finished_body_replaces_the_folder(
     assert _siblings(out) == []
 
 
+@pytest.mark.faults
 def test_a_failed_body_leaves_the_previous_outputs(out: Path) -> None:
     before = _tree(out)
     with pytest.raises(RuntimeError, match="killed mid-epoch"), replacing(out) as work:
@@ -53,6 +54,7 @@ def test_a_failed_body_leaves_the_previous_outputs(out: Path) -> None:
     assert _siblings(out) == []
 
 
+@pytest.mark.faults
 def test_a_failed_gate_still_shows_its_report(out: Path) -> None:
     with pytest.raises(GateFailed), replacing(out, keep=(GateFailed,)) as work:
         (work / "report.md").write_text("gain -0.02 below the gate")
@@ -68,6 +70,7 @@ def test_contents_begun_earlier_are_kept(out: Path) -> None:
     assert _tree(out) == {"metrics.json": b'{"gain": 0.1}', "runs/transfer-40-0.json": b"{}"}
 
 
+@pytest.mark.faults
 def test_a_replacement_cut_between_its_renames_is_undone(out: Path) -> None:
     before = _tree(out)
     # What a kill between the fallback's two renames leaves: the outputs moved aside.
@@ -83,6 +86,7 @@ def test_a_replacement_cut_between_its_renames_is_undone(out: Path) -> None:
     assert _tree(out) == {"metrics.json": b'{"new": 1}'} and _siblings(out) == []
 
 
+@pytest.mark.faults
 def test_a_stage_that_fails_keeps_its_previous_outputs(
     tmp_path: Path, sample_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

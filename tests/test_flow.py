@@ -202,6 +202,7 @@ def _assert_stopped_at_validate(project: Path, message: str, words: str) -> None
     assert "validate" not in lock and "pretrain" not in lock
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("rule", sorted(BAD_ROWS))
 def test_each_bad_row_rule_stops_the_run(harness: None, project: Path, rule: str) -> None:
     row, words = BAD_ROWS[rule]
@@ -221,6 +222,7 @@ def test_each_count_rule_stops_the_run(harness: None, project: Path, rule: str) 
     _assert_stopped_at_validate(project, _run_failing(), words)
 
 
+@pytest.mark.faults
 def test_command_line_exits_non_zero_naming_the_rule(project: Path) -> None:
     csv = Path("data/raw/sample.csv")
     csv.write_text(csv.read_text() + BAD_ROWS["text_too_short"][0] + "\n")
@@ -260,6 +262,7 @@ def _alive(pid: int) -> bool:
     return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.faults
 def test_sigterm_stops_the_run_and_its_api_server(project: Path) -> None:
     """A scheduler stopping a run with SIGTERM: tlpipe exits non-zero, leaves no Prefect API
     server running, and publishes nothing."""
@@ -312,6 +315,7 @@ def test_bad_data_stops_before_pretrain(harness: None, project: Path) -> None:
     assert os.environ.get("TLPIPE_S3_ENDPOINT") is None
 
 
+@pytest.mark.faults
 def test_an_export_failing_beside_the_curve_fails_the_run_and_publishes_nothing(
     harness: None, project: Path
 ) -> None:
@@ -330,6 +334,7 @@ def test_an_export_failing_beside_the_curve_fails_the_run_and_publishes_nothing(
     assert not Path("outputs/publish").exists() and not (project / ".tlpipe/store").exists()
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     ("failure", "attempts"),
     [("refused", 1), ("bad-bucket", 1), ("unreachable", 3), ("throttled", 3)],

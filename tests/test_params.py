@@ -26,6 +26,7 @@ def test_bad_value_is_named() -> None:
         parse_params(tiny_params(**{"publish.bucket": "Not_A_Bucket"}))
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     ("key", "value"),
     [

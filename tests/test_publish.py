@@ -85,6 +85,7 @@ def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_
     assert [p["label"] in ("negative", "neutral", "positive") for p in preds] == [True, True]
 
 
+@pytest.mark.faults
 def test_a_file_changed_in_the_cache_is_refused_and_downloaded_again(
     staged: Path, store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -115,6 +116,7 @@ def test_a_file_changed_in_the_cache_is_refused_and_downloaded_again(
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]
 
 
+@pytest.mark.faults
 def test_a_forged_or_unsigned_release_is_never_loaded(staged: Path, store, tmp_path: Path) -> None:
     """Write access to the bucket is not enough: a manifest rewritten to match a replaced
     file fails its signature, and a release whose signature is gone is incomplete until a
@@ -170,6 +172,7 @@ print(json.dumps({"version": done.version, "already": done.already_published}), 
 """
 
 
+@pytest.mark.faults
 def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
     staged: Path, store, tmp_path: Path
 ) -> None:
@@ -217,6 +220,7 @@ def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> No
         _publish(root, store)
 
 
+@pytest.mark.faults
 def test_interrupted_upload_is_never_a_release(
     staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,6 +256,7 @@ def test_interrupted_upload_is_never_a_release(
     fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")
 
 
+@pytest.mark.faults
 def test_a_failed_publish_keeps_the_last_release_record(
     staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

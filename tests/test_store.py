@@ -175,6 +175,7 @@ class _HostileS3(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("bad", ["rel/../../escape.txt", "rel/sub/../x", "rel/./x", "rel//x"])
 def test_download_prefix_refuses_keys_leaving_dest(bad: str, tmp_path: Path) -> None:
     _HostileS3.keys, _HostileS3.gets = ("rel/ok.txt", bad), []
@@ -251,6 +252,7 @@ def test_listens_on_loopback_only(running: Running) -> None:
     assert len(listening) >= 8 and set(listening) == {("tcp", "0100007F")}, listening  # 127.0.0.1
 
 
+@pytest.mark.faults
 def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running: Running) -> None:
     """SeaweedFS's master, volume and filer answer without credentials: they run in a
     network namespace of their own, and the host reaches the S3 gateway alone."""
@@ -284,6 +286,7 @@ def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running:
     assert not object_exists(running.session.client, BUCKET, "planted")
 
 
+@pytest.mark.faults
 def test_a_second_server_on_the_same_root_is_refused(running: Running) -> None:
     before = _weed_children()
     holder = f"in use by tlpipe pid {os.getpid()} .*SeaweedFS is pid {running.pid}"
@@ -471,6 +474,7 @@ def _run_killed(root: Path, *, die_with_parent: bool) -> psutil.Process:
     return weed
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_killed_run_takes_its_server_with_it(tmp_path: Path) -> None:
     weed = _run_killed(tmp_path / "store", die_with_parent=True)
@@ -483,6 +487,7 @@ def test_a_killed_run_takes_its_server_with_it(tmp_path: Path) -> None:
         assert again.client().list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_server_left_behind_is_stopped_and_its_root_taken_over(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -501,6 +506,7 @@ def test_a_server_left_behind_is_stopped_and_its_root_taken_over(
             weed.kill()
 
 
+@pytest.mark.faults
 def test_a_dead_owner_with_its_server_gone_is_not_taken_over(tmp_path: Path) -> None:
     """A lock held by some other process, under an owner record whose processes are gone
     (their pids reused, or the record stale), is refused, never stopped blindly."""
@@ -558,6 +564,7 @@ def test_s3_inputs_are_mirrored_under_data_and_read_by_prepare(
         materialize_inputs(missing.data, tmp_path)
 
 
+@pytest.mark.faults
 def test_only_what_a_retry_can_fix_is_transient() -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 

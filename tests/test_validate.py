@@ -263,6 +263,7 @@ def test_command_line_exits_1_naming_the_failure(tmp_path: Path) -> None:
     assert report["checks"]["train"]["text_not_null"]["unexpected_count"] == 2
 
 
+@pytest.mark.faults
 def test_pool_labels_and_class_minimums_are_checked(tmp_path: Path) -> None:
     splits = good_splits()
     splits["pool"].loc[0, "label"] = "joy"

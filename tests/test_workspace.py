@@ -64,6 +64,7 @@ def test_the_projects_own_params_run_in_the_project(project: Path) -> None:
     assert not (project / WORKSPACES).exists()
 
 
+@pytest.mark.faults
 def test_one_run_at_a_time_holds_the_project(project: Path) -> None:
     """A second run in the project refuses at once, naming the run that holds it; the lock
     goes with its holder however that ends."""
