@@ -57,6 +57,24 @@ def _task_states(flow_state) -> dict[str, str]:
     return asyncio.run(fetch())
 
 
+def _artifact_texts(flow_state) -> list[bytes]:
+    """Every Prefect artifact the flow run recorded, as bytes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def fetch():
+        async with get_client() as client:
+            run_id = flow_state.state_details.flow_run_id
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
+            return [str(a.data).encode() + str(a.description or "").encode() for a in found]
+
+    import asyncio
+
+    return asyncio.run(fetch())
+
+
 def _task_run_names(flow_state) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -119,6 +137,21 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
             store.client.get_object(Bucket=store.bucket, Key="releases/tiny/latest.json")["Body"].read()
         )
         assert latest["version"] == release["version"]
+        # No secret leaves where it is kept: the store's secret key and the signing key's
+        # private half are in no output, record, Prefect artifact or object.
+        identity = json.loads((project / ".tlpipe/store/s3.json").read_text())["identities"][0]
+        pem = Path(os.environ["TLPIPE_SIGNING_KEY"]).read_text().splitlines()
+        secrets = {identity["credentials"][0]["secretKey"].encode(), "".join(pem[1:-1]).encode()}
+        seen = _artifact_texts(state)
+        assert seen, "the run recorded no Prefect artifact"
+        files = [p for root in ("outputs", ".tlpipe/logs") for p in Path(root).rglob("*") if p.is_file()]
+        seen += [p.read_bytes() for p in [*files, Path("dvc.lock"), Path("params.yaml")]]
+        paginator = store.client.get_paginator("list_objects_v2")
+        keys = [
+            o["Key"] for page in paginator.paginate(Bucket=store.bucket) for o in page.get("Contents", [])
+        ]
+        seen += [store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read() for key in keys]
+        assert len(keys) > 10 and not [s for s in secrets for body in seen if s in body]
 
     first_lock = Path("dvc.lock").read_text()
     again = pipeline(return_state=True)
