@@ -207,6 +207,109 @@ def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
     )
 
 
+class CuttingProxy:
+    """A TCP proxy to the store that cuts the first connection to carry more than
+    `cut_after` bytes upstream, once: a connection reset in the middle of an upload."""
+
+    def __init__(self, upstream: str, cut_after: int) -> None:
+        import socket
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.cut_after, self.cuts = cut_after, 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source, sink, counted: bool) -> None:
+        import socket
+
+        sent = 0
+        try:
+            while data := source.recv(1 << 16):
+                sent += len(data)
+                if counted and sent > self.cut_after:
+                    with self._lock:
+                        cut = self.cuts == 0
+                        self.cuts += cut
+                    if cut:
+                        for s in (source, sink):  # a reset, not a clean close
+                            s.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                            )
+                            s.close()
+                        return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            for s in (source, sink):
+                s.close()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.faults
+def test_a_connection_cut_mid_upload_is_retried_and_the_release_completes(
+    staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _copy(staged, tmp_path)
+    proxy = CuttingProxy(store.endpoint_url, cut_after=64 << 10)
+    try:
+        for name, value in store.env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("TLPIPE_S3_ENDPOINT", proxy.url)
+        params = parse_params(tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": "cut"}))
+        with open_store(store.bucket) as through:
+            done = publish(
+                params,
+                root,
+                root / "outputs/export",
+                root / "outputs/evaluate",
+                root / "outputs/publish",
+                through,
+            )
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1 and not done.already_published
+    assert fetch_release(store, f"s3://{store.bucket}/releases/cut", tmp_path / "cache").is_dir()
+
+
+@pytest.mark.faults
+def test_a_store_that_is_down_fails_publish_as_worth_a_retry_and_publishes_nothing(
+    staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from tlpipe.store import is_transient
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        closed = s.getsockname()[1]  # free once closed: nothing listens there
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TLPIPE_S3_ENDPOINT", f"http://127.0.0.1:{closed}")
+    before = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)
+    with pytest.raises(StoreError, match=f"127.0.0.1:{closed}") as failed, open_store(store.bucket) as down:
+        _publish(_copy(staged, tmp_path), down)  # not reached: the store is checked first
+    assert is_transient(failed.value)  # so the flow's publish task tries again
+    assert store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0) == before
+
+
 def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:
     root = _copy(staged, tmp_path)
     before = store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0)
