@@ -91,8 +91,6 @@ class StoreUnavailable(StoreError):
 _TRANSIENT_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable"}
 )
-
-
 _TRANSIENT_ERRORS = (StoreUnavailable, BotoConnectionError, HTTPClientError, RetriesExceededError)
 
 
@@ -104,9 +102,7 @@ def is_transient(err: BaseException) -> bool:
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(
-            current, StoreUnavailable | BotoConnectionError | HTTPClientError | RetriesExceededError
-        ):
+        if isinstance(current, _TRANSIENT_ERRORS):
             return True
         if isinstance(current, ClientError):
             status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
