@@ -9,6 +9,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+# DVC sets up its log handler when first imported, writing to the sys.stderr of that
+# moment: imported here, not first inside a CliRunner call whose captured stderr is closed
+# once the call returns (every later DVC log line would then fail).
+import dvc  # noqa: F401
 import pytest
 import yaml
 

@@ -155,16 +155,18 @@ def report(
 def status() -> None:
     """What is stale, and what was last published."""
     _project_root()
-    from dvc.exceptions import DvcException
-
     from tlpipe.params import ParamsError, load_params
-    from tlpipe.stages import stale_stages
 
     try:
         load_params()
-        stale = stale_stages()
     except ParamsError as err:
         _fail(err)
+    from dvc.exceptions import DvcException
+
+    from tlpipe.stages import stale_stages
+
+    try:
+        stale = stale_stages()
     except DvcException as err:
         _fail(f"DVC cannot read this project: {err}")
     for stage in STAGES:
