@@ -91,6 +91,7 @@ def _task_run_names(flow_state) -> list[str]:
     return asyncio.run(fetch())
 
 
+@pytest.mark.faults  # its secret scan
 def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     from flows.pipeline import pipeline
     from tlpipe.store import open_store
