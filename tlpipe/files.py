@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import logging
 import os
@@ -45,17 +46,22 @@ def _old_dir(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """The C library's renameat2, looked up once (find_library may run ldconfig), or None."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one rename (Linux renameat2); False where the C library
     or the filesystem does not offer it."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()

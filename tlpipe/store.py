@@ -719,17 +719,24 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _unless_absent(err: ClientError | BotoCoreError, doing: str) -> None:
+    """Return when `err` says the object is not there; raise any other error as a
+    StoreError saying what was being done."""
+    if isinstance(err, ClientError):
+        if _error_code(err) in _NOT_FOUND:
+            return
+        raise StoreError(f"{doing}: {_describe(err)}") from err
+    raise StoreError(f"{doing}: {err}") from err
+
+
 def object_exists(client: S3Client, bucket: str, key: str) -> bool:
     """Whether s3://bucket/key exists; StoreError when the store cannot say (denied, down)."""
     try:
         client.head_object(Bucket=bucket, Key=key)
         return True
-    except ClientError as err:
-        if _error_code(err) in _NOT_FOUND:
-            return False
-        raise StoreError(f"cannot check s3://{bucket}/{key}: {_describe(err)}") from err
-    except BotoCoreError as err:
-        raise StoreError(f"cannot check s3://{bucket}/{key}: {err}") from err
+    except (ClientError, BotoCoreError) as err:
+        _unless_absent(err, f"cannot check s3://{bucket}/{key}")
+        return False
 
 
 def read_object(client: S3Client, bucket: str, key: str) -> bytes | None:
@@ -737,12 +744,9 @@ def read_object(client: S3Client, bucket: str, key: str) -> bytes | None:
     StoreError when the store cannot say (denied, down)."""
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as err:
-        if _error_code(err) in _NOT_FOUND:
-            return None
-        raise StoreError(f"cannot read s3://{bucket}/{key}: {_describe(err)}") from err
-    except BotoCoreError as err:
-        raise StoreError(f"cannot read s3://{bucket}/{key}: {err}") from err
+    except (ClientError, BotoCoreError) as err:
+        _unless_absent(err, f"cannot read s3://{bucket}/{key}")
+        return None
 
 
 def _progress(total: int, desc: str) -> tqdm:
