@@ -37,6 +37,7 @@ from tlpipe.data import read_split
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
+from tlpipe.resume import Resume
 from tlpipe.setting import Metric, Setting, primary_metric, spec
 from tlpipe.train import Runtime, fit
 
@@ -85,13 +86,19 @@ def run_point(
     source_dir: Path,
     prepare_dir: Path,
     runs_dir: Path,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
     """Train one arm on `point.size` rows drawn with `point.seed`; score it on test, or, for
-    a tuning run, keep its best validation scores alone.
+    a tuning run, keep its best validation scores alone. With `resume`, a run that finished
+    there before is taken as it is, and training resumes from the state it saved there.
 
     Writes and returns `runs_dir/<key>.json`: rows, every test (or validation) metric of
     the setting, steps, time.
     """
+    if resume is not None and (done := resume.result(point.key)) is not None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        write_json(runs_dir / f"{point.key}.json", done)
+        return done
     seed_everything(point.seed)
     target = labelled_target(prepare_dir)
     units = setting.units(target, source_dir)
@@ -100,7 +107,7 @@ def run_point(
     val, test = read_split(prepare_dir, "val"), read_split(prepare_dir, "test")
     if point.arm == "reference":
         metrics, training = setting.reference(rows, val, test, data, source_dir)
-        return _write_run(runs_dir, point, len(rows), drawn, metrics, training)
+        return _write_run(runs_dir, point, len(rows), drawn, metrics, training, resume)
     run_ft = ft.model_copy(update={"seed": point.seed})
     if point.arm == "transfer":
         arm = setting.transfer_arm(run_ft, data, source_dir, prepare_dir)
@@ -111,7 +118,9 @@ def run_point(
         run_ft = scratch_params(run_ft, point.lr)
         arm = setting.scratch_arm(data, source_dir, p.scratch_models[point.model])
     runtime = Runtime.pick(ft.device, ft.precision)
-    run, _ = fit(setting, arm, rows, val, run_ft, data, source_dir, runtime=runtime, desc=point.key)
+    run, _ = fit(
+        setting, arm, rows, val, run_ft, data, source_dir, runtime=runtime, resume=resume, desc=point.key
+    )
     training: dict[str, Any] = {"best_step": run.best_step, "steps": run.steps, "train_seconds": run.seconds}
     if point.tune:
         metrics = {f"val_{key}": run.best()[f"val_{key}"] for key in setting.metrics}
@@ -123,7 +132,7 @@ def run_point(
             examples = setting.examples(arm.model, test, ft, source_dir)
             if examples is not None:
                 training["examples"] = examples
-    return _write_run(runs_dir, point, len(rows), drawn, metrics, training)
+    return _write_run(runs_dir, point, len(rows), drawn, metrics, training, resume)
 
 
 def _write_run(
@@ -133,11 +142,15 @@ def _write_run(
     units: int,
     metrics: dict[str, float],
     training: dict[str, Any],
+    resume: Resume | None,
 ) -> dict[str, Any]:
-    """`units`: what the rows count toward the size (their tokens, or the rows themselves)."""
+    """`units`: what the rows count toward the size (their tokens, or the rows themselves).
+    The run is recorded as finished in `resume` too."""
     result = {**asdict(point), "rows": rows, "units": units, **metrics, **training}
     runs_dir.mkdir(parents=True, exist_ok=True)
     write_json(runs_dir / f"{point.key}.json", result)
+    if resume is not None:
+        resume.finished(point.key, result)
     log.info("%s: %d rows, %s", point.key, rows, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return result
 
@@ -306,11 +319,14 @@ def evaluate(
     finetune_dir: Path,
     prepare_dir: Path,
     out_dir: Path,
+    resume: Resume | None = None,
 ) -> EvaluateResult:
-    """Every curve run over a pool of worker processes (`out_dir/runs/*.json`), then `finish`.
-    The Prefect flow runs the same points as separate task runs on the same kind of pool."""
+    """Every curve run over a pool of worker processes (`out_dir/runs/*.json`), each taken
+    from `resume` when it finished there before or resumed from its saved state, then
+    `finish`. The Prefect flow runs the same points as separate task runs on the same kind
+    of pool."""
     fresh_dir(out_dir)
-    args = (setting, p, ft, data, source_dir, prepare_dir, out_dir / "runs")
+    args = (setting, p, ft, data, source_dir, prepare_dir, out_dir / "runs", resume)
     metric = primary_metric(setting, p.metric)
     with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.errors import GateFailed
+from tlpipe.faults import failpoint
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import ExportParams
 from tlpipe.serve import BUNDLE_JSON, load_bundle
@@ -68,6 +69,7 @@ def export(
     fp32 = bundle_dir / "model.onnx"
     exporter.write(bundle_dir, p.opset)
     _bundle_json(bundle_dir, setting=exporter.setting)
+    failpoint("export.write")
 
     inputs = exporter.parity_inputs(bundle_dir, prepare_dir)
     torch_out = exporter.torch_outputs(inputs, p.batch_size)

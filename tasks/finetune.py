@@ -11,6 +11,7 @@ from tlpipe.checkpoint import seed_everything
 from tlpipe.data import read_split, sha256_file
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, FinetuneParams
+from tlpipe.resume import Resume
 from tlpipe.setting import Setting
 from tlpipe.train import Runtime, TrainResult, fit
 
@@ -35,14 +36,20 @@ def write_history(path: Path, run: TrainResult) -> None:
 
 
 def finetune(
-    setting: Setting, p: FinetuneParams, data: DataParams, source_dir: Path, prepare_dir: Path, out_dir: Path
+    setting: Setting,
+    p: FinetuneParams,
+    data: DataParams,
+    source_dir: Path,
+    prepare_dir: Path,
+    out_dir: Path,
+    resume: Resume | None = None,
 ) -> FinetuneResult:
     """Fine-tune the checkpoint in `source_dir` on train under `p`'s strategy, keeping the
-    weights of the best validation score.
+    weights of the best validation score; training resumes from the state it saved in
+    `resume`.
 
     Writes `out_dir/model` (a self-contained checkpoint with its preprocessor and label
-    map), `metrics.json`, `history.csv` (per validation), `timing.json` and
-    `checkpoints/last.pt` (full training state after the latest validation).
+    map), `metrics.json`, `history.csv` (per validation) and `timing.json`.
     """
     seed_everything(p.seed)
     fresh_dir(out_dir)
@@ -51,7 +58,7 @@ def finetune(
     runtime = Runtime.pick(p.device, p.precision)
     run, task = fit(
         setting, arm, train_rows, val_rows, p, data, source_dir,
-        runtime=runtime, checkpoint_dir=out_dir / "checkpoints",
+        runtime=runtime, resume=resume,
     )  # fmt: skip
     log.info("finetune: best step %d, val %s %.4f", run.best_step, task.selection.label, run.best_score)
 

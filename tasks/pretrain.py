@@ -14,6 +14,7 @@ from tlpipe.checkpoint import META_FILE, seed_everything
 from tlpipe.data import read_split, sha256_file, source_split
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, PretrainParams, pretrain_objective
+from tlpipe.resume import Resume
 from tlpipe.setting import Setting, spec
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,12 @@ class PretrainResult:
 
 
 def pretrain(
-    setting: Setting, p: PretrainParams, data: DataParams, prepare_dir: Path, out_dir: Path
+    setting: Setting,
+    p: PretrainParams,
+    data: DataParams,
+    prepare_dir: Path,
+    out_dir: Path,
+    resume: Resume | None = None,
 ) -> PretrainResult:
     """Train or continue a source model on `prepare_dir/source.parquet` with the objective
     `pretrain_objective` picks (for text: masked-LM on the source text, or a classifier on
@@ -40,8 +46,9 @@ def pretrain(
 
     Writes `out_dir/model` (a self-contained checkpoint), `metrics.json` (held-out source
     metrics, or `source: none`), `history.csv` (per logged step or validation) and
-    `timing.json`. Raises FileNotFoundError when `init_from` names no checkpoint, DataError
-    when a supervised source row has no label from the source's label set.
+    `timing.json`; training resumes from the state it saved in `resume`. Raises
+    FileNotFoundError when `init_from` names no checkpoint, DataError when a supervised
+    source row has no label from the source's label set.
     """
     seed_everything(p.seed)
     source_file = prepare_dir / "source.parquet"
@@ -62,7 +69,7 @@ def pretrain(
     held_out, train = source_split(read_split(prepare_dir, "source"))
     with tempfile.TemporaryDirectory() as download:
         init_dir = setting.resolve_init(p.init_from, p, Path(download)) if p.init_from is not None else None
-        run = setting.pretrain(p, objective, labels, train, held_out, init_dir)
+        run = setting.pretrain(p, objective, labels, train, held_out, init_dir, resume)
 
     if objective == "supervised":
         meta["labels"] = list(labels)

@@ -22,6 +22,7 @@ from tlpipe.curve import CurvePoint
 from tlpipe.errors import GateFailed, TlpipeError
 from tlpipe.files import next_dir, replacing
 from tlpipe.params import Params, ParamsError, load_params, stage_dir
+from tlpipe.resume import Resume, clear_stage, stage_resume
 from tlpipe.setting import get_exporter, get_setting, row_rules, validation_suite
 
 ROOT = Path(".")
@@ -29,26 +30,53 @@ ROOT = Path(".")
 
 @dataclass(frozen=True)
 class Wiring:
-    """`function` (module:name) called with `inputs(params)` and then its output folder."""
+    """`function` (module:name) called with `inputs(params)` and then its output folder;
+    for a stage that trains, also `resume=`, where its runs resume from on the inputs
+    `resumes_on(params)` names (`tlpipe.resume`)."""
 
     function: str
     inputs: Callable[[Params], tuple[Any, ...]]
+    resumes_on: Callable[[Params], tuple[Any, ...]] | None = None
+
+    def resume(self, stage: str, params: Params) -> dict[str, Resume]:
+        """The `resume=` argument the stage takes, if it trains."""
+        if self.resumes_on is None:
+            return {}
+        return {"resume": stage_resume(stage, self.resumes_on(params))}
 
     def resolve(self) -> Callable[..., Any]:
         module, name = self.function.split(":")
         return getattr(importlib.import_module(module), name)
 
 
-def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
+def _pretrain_inputs(params: Params) -> tuple[Any, ...]:
+    return (get_setting(params.setting), params.pretrain, params.data, stage_dir("prepare"))
+
+
+def _finetune_inputs(params: Params) -> tuple[Any, ...]:
+    return (
+        get_setting(params.setting),
+        params.finetune,
+        params.data,
+        stage_dir("pretrain") / "model",
+        stage_dir("prepare"),
+    )
+
+
+def _curve_point_inputs(params: Params) -> tuple[Any, ...]:
     return (
         get_setting(params.setting),
         params.evaluate,
         params.finetune,
         params.data,
         stage_dir("pretrain") / "model",
-        stage_dir("finetune"),
         stage_dir("prepare"),
     )
+
+
+def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
+    *curve_inputs, prepare_dir = _curve_point_inputs(params)
+    return (*curve_inputs, stage_dir("finetune"), prepare_dir)
 
 
 STAGES: dict[str, Wiring] = {
@@ -65,21 +93,9 @@ STAGES: dict[str, Wiring] = {
             stage_dir("prepare"),
         ),
     ),
-    "pretrain": Wiring(
-        "tasks.pretrain:pretrain",
-        lambda params: (get_setting(params.setting), params.pretrain, params.data, stage_dir("prepare")),
-    ),
-    "finetune": Wiring(
-        "tasks.finetune:finetune",
-        lambda params: (
-            get_setting(params.setting),
-            params.finetune,
-            params.data,
-            stage_dir("pretrain") / "model",
-            stage_dir("prepare"),
-        ),
-    ),
-    "evaluate": Wiring("tasks.evaluate:evaluate", _evaluate_inputs),
+    "pretrain": Wiring("tasks.pretrain:pretrain", _pretrain_inputs, _pretrain_inputs),
+    "finetune": Wiring("tasks.finetune:finetune", _finetune_inputs, _finetune_inputs),
+    "evaluate": Wiring("tasks.evaluate:evaluate", _evaluate_inputs, _curve_point_inputs),
     "export": Wiring(
         "tasks.export:export",
         lambda params: (
@@ -96,17 +112,7 @@ STAGES: dict[str, Wiring] = {
 }
 # The evaluate stage in parts, for a flow that maps the curve's runs over workers: each run
 # alone, then the summary over all of them.
-CURVE_POINT = Wiring(
-    "tasks.evaluate:run_point",
-    lambda params: (
-        get_setting(params.setting),
-        params.evaluate,
-        params.finetune,
-        params.data,
-        stage_dir("pretrain") / "model",
-        stage_dir("prepare"),
-    ),
-)
+CURVE_POINT = Wiring("tasks.evaluate:run_point", _curve_point_inputs, _curve_point_inputs)
 CURVE_FINISH = Wiring("tasks.evaluate:finish", _evaluate_inputs)
 
 
@@ -137,11 +143,13 @@ def _named_where_kept(out: Path) -> Iterator[None]:
 def run_stage(stage: str, params: Params) -> Any:
     """Run one stage on `params`. Its outputs are built beside outputs/<stage>/ and take its
     place only when the stage returns (or fails a gate after writing its report): a stage
-    that fails leaves the previous outputs as they were."""
+    that fails leaves the previous outputs as they were, and the training states it saved
+    (`tlpipe.resume`) for the next try; a stage that returns drops them."""
     wiring = STAGES[stage]
     out = stage_dir(stage)
     with _named_where_kept(out), replacing(out, keep=(GateFailed,)) as work:
-        result = wiring.resolve()(*wiring.inputs(params), work)
+        result = wiring.resolve()(*wiring.inputs(params), work, **wiring.resume(stage, params))
+    clear_stage(stage)
     return _rebased(result, work, out)
 
 
@@ -151,8 +159,10 @@ def curve_runs_dir() -> Path:
 
 
 def run_curve_point(point: CurvePoint, params: Params) -> dict[str, Any]:
-    """One run of evaluate's curve (writes `curve_runs_dir()/<key>.json`)."""
-    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), curve_runs_dir())
+    """One run of evaluate's curve (writes `curve_runs_dir()/<key>.json`), taken from or
+    resumed from what an interrupted try of evaluate left."""
+    resume = CURVE_POINT.resume("evaluate", params)
+    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), curve_runs_dir(), **resume)
 
 
 def finish_evaluate(params: Params, points: list[dict[str, Any]]) -> Any:
@@ -160,7 +170,9 @@ def finish_evaluate(params: Params, points: list[dict[str, Any]]) -> Any:
     runs were written in then replaces outputs/evaluate/ as `run_stage` does."""
     out = stage_dir("evaluate")
     with _named_where_kept(out), replacing(out, keep=(GateFailed,), fresh=False) as work:
-        return CURVE_FINISH.resolve()(*CURVE_FINISH.inputs(params), work, points)
+        result = CURVE_FINISH.resolve()(*CURVE_FINISH.inputs(params), work, points)
+    clear_stage("evaluate")
+    return result
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -116,6 +116,8 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     tuning = [name for name in _task_run_names(state) if name.startswith("curve-tune-scratch-40-lr")]
     assert len(tuning) == 2
     assert len(list(Path("outputs/evaluate/runs").glob("*.json"))) == 17 + 2
+    # Every stage that trained finished, so none left a state to resume from.
+    assert not list(Path(".tlpipe/resume").glob("*/*/*")), list(Path(".tlpipe/resume").rglob("*"))
     page = Path("outputs/report.html").read_text()
     assert "Data-efficiency curve" in page and "data:image/png;base64," in page and "Lineage" in page
 

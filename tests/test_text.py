@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
-from tlpipe.settings.text_classification.text import encode, load_tokenizer, truncated_share
+from tlpipe.settings.text_classification.text import SPECIAL_TOKENS, encode, load_tokenizer, truncated_share
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +45,29 @@ def test_unknown_truncation_is_named(long_and_short: tuple) -> None:
     tok, texts = long_and_short
     with pytest.raises(ValueError, match="head or head_tail, not 'tail'"):
         encode(tok, texts, 32, "tail")
+
+
+_TRAIN = """
+import sys
+import pandas as pd
+from tlpipe.params import TokenizerParams
+from tlpipe.settings.text_classification.text import train_wordpiece
+texts = pd.read_csv(sys.argv[1], dtype=str)["text"].tolist()
+print(train_wordpiece(texts, TokenizerParams(vocab_size=400, min_frequency=2)).to_str())
+"""
+
+
+def test_wordpiece_training_gives_one_vocabulary_in_every_process(sample_csv: Path) -> None:
+    """The trainer's own order changes from process to process (a new hash seed each time)."""
+    made = {
+        subprocess.run(
+            [sys.executable, "-c", _TRAIN, str(sample_csv)], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(4)
+    }
+    assert len(made) == 1
+    tok = Tokenizer.from_str(made.pop())
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    # The word-inner pieces named up front are vocabulary, not special tokens.
+    assert {t.content for t in tok.get_added_tokens_decoder().values()} == set(SPECIAL_TOKENS)
+    assert tok.encode("delayed ##e").tokens[-4:] == ["#", "#", "e", "[SEP]"]

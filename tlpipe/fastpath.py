@@ -72,10 +72,10 @@ AttentionMaskInterface.register(ATTENTION, eager_mask)  # the additive float mas
 
 
 @contextlib.contextmanager
-def host_dropout(model: nn.Module, seed: int) -> Iterator[None]:
-    """Swap every `nn.Dropout` in `model` for a `HostDropout` drawing from one seeded
-    generator, and back on exit."""
-    rng = np.random.default_rng(seed)
+def host_dropout(model: nn.Module, seed: int | np.random.Generator) -> Iterator[None]:
+    """Swap every `nn.Dropout` in `model` for a `HostDropout` drawing from one generator
+    (seeded by `seed`, or `seed` itself when it is one), and back on exit."""
+    rng = np.random.default_rng(seed)  # a Generator given is returned as it is
     swapped = []
     for parent in model.modules():
         for name, child in parent.named_children():

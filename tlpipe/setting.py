@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         ValidateParams,
     )
     from tlpipe.report import Block, Section
+    from tlpipe.resume import Resume
     from tlpipe.train import Runtime
     from tlpipe.transfer import LayerGroups
 
@@ -96,8 +97,20 @@ class TrainTask(Protocol):
         """Parameters outside the model the loss trains (a tied source head), else none."""
         ...
 
-    def fast_paths(self, model: nn.Module, runtime: Runtime, seed: int) -> contextlib.ExitStack:
-        """The setting's fast paths for training `model` on `runtime`, active until closed."""
+    def fast_paths(
+        self, model: nn.Module, runtime: Runtime, seed: int | np.random.Generator
+    ) -> contextlib.ExitStack:
+        """The setting's fast paths for training `model` on `runtime`, active until closed
+        (`seed`: host dropout's seed, or the generator it draws from)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the task draws from or holds between steps (its generators, a joint loss's
+        pending source batches), saved with the loop's state; `{}` when nothing."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned."""
         ...
 
 
@@ -170,10 +183,11 @@ class Setting(Protocol):
         train: pd.DataFrame,
         held_out: pd.DataFrame,
         init_dir: Path | None,
+        resume: Resume | None = None,
     ) -> SourceRun:
         """The source model: `init_dir` continued, or a new one, trained with `objective`
         (`pretrain_objective`: masked-LM, supervised on the source's `labels`) on `train`,
-        scored on `held_out`."""
+        scored on `held_out`; its training resumed from `resume` where it saved a state."""
         ...
 
     def save_source(self, run: SourceRun, model_dir: Path, meta: dict[str, Any]) -> None:

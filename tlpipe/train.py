@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -30,8 +33,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout
+from tlpipe.faults import failpoint
 from tlpipe.params import FinetuneParams, OptimParams, PretrainParams
 from tlpipe.precision import bf16_pays
+from tlpipe.resume import Resume
 from tlpipe.transfer import (
     L2SP,
     NO_DECAY,
@@ -139,11 +144,14 @@ class Runtime:
         if self.device.type == "cpu" and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(ATTENTION)
 
-    def fast_paths(self, model: nn.Module, seed: int, *, row_grads: bool = False) -> contextlib.ExitStack:
+    def fast_paths(
+        self, model: nn.Module, seed: int | np.random.Generator, *, row_grads: bool = False
+    ) -> contextlib.ExitStack:
         """The shared fast paths for training `model`, active until the returned stack
-        closes: host dropout seeded by `seed`; if `row_grads` (nothing outside `model`
-        shares its input embedding, and nothing adds to every row of its gradient), the
-        row-sparse embedding gradient. A setting's task adds its own."""
+        closes: host dropout seeded by `seed` (or drawing from the generator given); if
+        `row_grads` (nothing outside `model` shares its input embedding, and nothing adds to
+        every row of its gradient), the row-sparse embedding gradient. A setting's task adds
+        its own."""
         stack = contextlib.ExitStack()
         if self.uses("host_dropout"):
             stack.enter_context(host_dropout(model, seed))
@@ -232,7 +240,7 @@ def train_model(
     groups: LayerGroups,
     *,
     transferred: set[str] | None = None,
-    checkpoint_dir: Path | None = None,
+    resume: Resume | None = None,
     runtime: Runtime = CPU_FP32,
     desc: str = "finetune",
 ) -> TrainResult:
@@ -241,8 +249,10 @@ def train_model(
 
     `groups` are the model's layer groups (what freezing and layer-wise rates act on);
     `transferred` names the parameters that came from the source model (the L2-SP anchors).
-    After each validation the full training state (weights, optimizer, scheduler, RNG) is
-    written to `checkpoint_dir/last.pt` when given.
+    With `resume`, the run named `desc` continues from the state it saved there, and saves
+    its whole state (weights, optimizer, schedule, every generator, the epoch's remaining
+    batches, the best weights so far, the history) at validations `resume.every_s` apart:
+    on a CPU, a run killed and resumed ends with the weights of a run never stopped.
     """
     device = runtime.device
     runtime.place(model)
@@ -259,73 +269,214 @@ def train_model(
     scheduler = LambdaLR(optimizer, schedule_factor(p.optim, plan.total_steps))
     l2sp = L2SP.anchor(model, anchored, p.l2sp) if anchored else None
 
-    rng = np.random.default_rng(p.seed)
+    loop = _Loop(np.random.default_rng(p.seed), np.random.default_rng(p.seed), task.selection.worst)
+    fingerprint = run_fingerprint(desc, p, model, extra) if resume is not None else ""
+    saved = resume.load(desc, fingerprint) if resume is not None else None
+    if saved is not None:
+        loop.restore(saved, model, extra, optimizer, scheduler, task)
+        if p.strategy == "gradual_unfreeze" and loop.epoch:
+            apply_freezing(model, groups, trainable_from(p, groups.blocks, loop.epoch))
+        log.info("%s: resumed at step %d of %d", desc, loop.step, plan.total_steps)
     selection = task.selection
-    best_score, best_step, best_state, stale = selection.worst, 0, None, 0
-    result = TrainResult(best_step=0, best_score=0.0, steps=0, seconds=0.0, examples=0)
-    batches: list[np.ndarray] = []
-    running, seen, epoch = torch.zeros((), device=device), 0, 0
-    start, validating = time.perf_counter(), 0.0
+    result = TrainResult(best_step=0, best_score=0.0, steps=0, seconds=0.0, examples=loop.examples)
+    result.history = loop.history
+    running, seen = torch.zeros((), device=device), 0
+    start = time.perf_counter() - loop.clock
+    last_save = time.perf_counter()
     model.train()
-    bar = tqdm(total=plan.total_steps, desc=desc, unit="step", leave=False, disable=quiet())
+    bar = tqdm(
+        total=plan.total_steps, initial=loop.step, desc=desc, unit="step", leave=False, disable=quiet()
+    )
     # L2-SP adds to every row of the embedding's gradient, which leaves nothing row-sparse.
     fast = runtime.without("embedding_row_grads") if l2sp is not None else runtime
-    with task.fast_paths(model, fast, p.seed):
-        for step in range(1, plan.total_steps + 1):
-            if not batches:
-                batches, epoch = task.epoch(rng), epoch + 1
+    with task.fast_paths(model, fast, loop.dropout):
+        while loop.step < plan.total_steps and not loop.stopped:
+            loop.step += 1
+            if not loop.batches:
+                loop.batches, loop.epoch = task.epoch(loop.rng), loop.epoch + 1
                 if p.strategy == "gradual_unfreeze":
-                    apply_freezing(model, groups, trainable_from(p, groups.blocks, epoch))
-            idx = batches.pop()
+                    apply_freezing(model, groups, trainable_from(p, groups.blocks, loop.epoch))
+            idx = loop.batches.pop()
             with runtime.autocast():
-                loss = task.loss(model, idx, rng)
+                loss = task.loss(model, idx, loop.rng)
             loss.backward()
             if l2sp is not None:
                 l2sp.add_to_grads()
             clip_and_step(optimizer, trainable, p.optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            failpoint("train.step")
             running += loss.detach() * len(idx)
             seen += len(idx)
             bar.update()
-            if step % plan.eval_every and step != plan.total_steps:
+            if loop.step % plan.eval_every and loop.step != plan.total_steps:
                 continue
-            result.examples += seen
+            loop.examples += seen
             train_loss = float(running) / max(1, seen)  # the host sync, once a validation
             paused = time.perf_counter()
             scores = task.validate(model)
-            result.history.append(
+            loop.history.append(
                 {
-                    "step": step,
-                    "epoch": epoch,
+                    "step": loop.step,
+                    "epoch": loop.epoch,
                     "train_loss": train_loss,
                     **scores,
-                    "examples": result.examples,
-                    "seconds": paused - start - validating,
+                    "examples": loop.examples,
+                    "seconds": paused - start - loop.validating,
                 }
             )
             running.zero_()
             seen = 0
             score = scores[f"val_{selection.key}"]
-            if selection.better(score, best_score):
-                best_score, best_step, stale = score, step, 0
-                best_state = copy.deepcopy(model.state_dict())
+            if selection.better(score, loop.best_score):
+                loop.best_score, loop.best_step, loop.stale = score, loop.step, 0
+                loop.best_state = copy.deepcopy(model.state_dict())
             else:
-                stale += 1
-            if checkpoint_dir is not None:
-                _save_training_state(checkpoint_dir, model, optimizer, scheduler, rng, step)
-            validating += time.perf_counter() - paused
-            if stale >= p.patience:
-                break
+                loop.stale += 1
+            loop.stopped = loop.stale >= p.patience
+            now = time.perf_counter()
+            more = loop.step < plan.total_steps and not loop.stopped
+            if resume is not None and more and now - last_save >= resume.every_s:
+                loop.clock = now - start
+                resume.save(desc, fingerprint, loop.snapshot(model, extra, optimizer, scheduler, task))
+                last_save = time.perf_counter()
+            loop.validating += time.perf_counter() - paused
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
     for q in model.parameters():
         q.requires_grad_(True)
     model.eval()
-    result.best_step, result.best_score, result.steps = best_step, best_score, step
+    result.best_step, result.best_score, result.steps = loop.best_step, loop.best_score, loop.step
+    result.examples = loop.examples
     result.seconds = time.perf_counter() - start
     return result
+
+
+@dataclass
+class _Loop:
+    """What the loop carries from step to step, besides the model and the optimizer."""
+
+    rng: np.random.Generator  # the batches and the task's draws
+    dropout: np.random.Generator  # host dropout's masks
+    best_score: float
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    stopped: bool = False
+    step: int = 0
+    epoch: int = 0
+    batches: list[np.ndarray] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    examples: int = 0
+    clock: float = 0.0  # seconds since the run began, when last saved
+    validating: float = 0.0
+
+    def best_is_current(self) -> bool:
+        return self.best_state is not None and self.best_step == self.step
+
+    def snapshot(
+        self,
+        model: nn.Module,
+        extra: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler: LambdaLR,
+        task: TrainTask,
+    ) -> dict[str, Any]:
+        """The whole state at a validation (the running loss was just reset): a resumed run
+        draws, steps and keeps exactly what this one would have. The best weights are saved
+        apart only when they are not the current ones."""
+        return {
+            "loop": {
+                "best_score": self.best_score,
+                "best_step": self.best_step,
+                "stale": self.stale,
+                "stopped": self.stopped,
+                "step": self.step,
+                "epoch": self.epoch,
+                "history": self.history,
+                "examples": self.examples,
+                "clock": self.clock,
+                "validating": self.validating,
+            },
+            "batches": [torch.from_numpy(b) for b in self.batches],
+            "best": None if self.best_is_current() else self.best_state,
+            "best_is_current": self.best_is_current(),
+            "model": model.state_dict(),
+            "extra": [q.detach() for q in extra],
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "task": task.state_dict(),
+            "generators": generator_states(rng=self.rng, dropout=self.dropout),
+        }
+
+    def restore(
+        self,
+        state: dict[str, Any],
+        model: nn.Module,
+        extra: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler: LambdaLR,
+        task: TrainTask,
+    ) -> None:
+        for key, value in state["loop"].items():
+            setattr(self, key, value)
+        self.batches = [b.numpy() for b in state["batches"]]
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for q, value in zip(extra, state["extra"], strict=True):
+                q.copy_(value)
+        self.best_state = copy.deepcopy(model.state_dict()) if state["best_is_current"] else state["best"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        task.load_state_dict(state["task"])
+        restore_generators(state["generators"], rng=self.rng, dropout=self.dropout)
+
+
+def run_fingerprint(run: str, settings: Any, model: nn.Module, extra: Iterable[torch.Tensor] = ()) -> str:
+    """A training run's identity: its name, what it was asked (params, JSON-able) and its
+    starting weights."""
+    asked = (
+        settings.model_dump_json()
+        if hasattr(settings, "model_dump_json")
+        else json.dumps(settings, sort_keys=True)
+    )
+    h = hashlib.sha256(f"{run}\0{asked}\0".encode())
+    tensors = [*model.state_dict().items(), *((f"extra.{i}", q) for i, q in enumerate(extra))]
+    for name, tensor in tensors:
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def generator_states(**generators: np.random.Generator | torch.Generator) -> dict[str, Any]:
+    """The states of `generators` and of the global ones (Python's, numpy's, torch's on the
+    CPU and on every CUDA device), in a form `torch.load(weights_only=True)` reads."""
+    legacy = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [legacy[0], torch.from_numpy(legacy[1].astype(np.int64)), *legacy[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    for name, gen in generators.items():
+        states[name] = gen.get_state() if isinstance(gen, torch.Generator) else gen.bit_generator.state
+    return states
+
+
+def restore_generators(states: dict[str, Any], **generators: np.random.Generator | torch.Generator) -> None:
+    """Put back what `generator_states` saved."""
+    random.setstate(states["python"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, gen in generators.items():
+        if isinstance(gen, torch.Generator):
+            gen.set_state(states[name])
+        else:
+            gen.bit_generator.state = states[name]
 
 
 def fit(
@@ -338,7 +489,7 @@ def fit(
     source_dir: Path,
     *,
     runtime: Runtime,
-    checkpoint_dir: Path | None = None,
+    resume: Resume | None = None,
     desc: str = "finetune",
 ) -> tuple[TrainResult, TrainTask]:
     """`train_model` on an arm of `setting`: trained on `rows`, validated on `val`, the
@@ -351,7 +502,7 @@ def fit(
         p,
         setting.layer_groups(arm.model),
         transferred=arm.transferred,
-        checkpoint_dir=checkpoint_dir,
+        resume=resume,
         runtime=runtime,
         desc=desc,
     )
@@ -383,11 +534,12 @@ def train_supervised_source(
     p: PretrainParams,
     groups: LayerGroups,
     held_out_rows: int,
+    resume: Resume | None = None,
 ) -> SourceRun:
     """Supervised pretraining as every setting runs it: `model` trained on the task
     `make_task(plan, runtime)` builds for `source_plan(p)` (source rows, validated on
-    held-out ones, the best kept), recorded with the best held-out scores, one history row
-    per validation and the examples trained per second. A task that cannot be built (a
+    held-out ones, the best kept, resumed from `resume`), recorded with the best held-out
+    scores, one history row per validation and the examples trained per second. A task that cannot be built (a
     source row without a label from the set) is a DataError that says so."""
     from tlpipe.errors import DataError
     from tlpipe.setting import SourceRun
@@ -398,7 +550,7 @@ def train_supervised_source(
         task = make_task(plan, runtime)
     except DataError as err:
         raise DataError(f"supervised pretraining needs a source label on every source row: {err}") from None
-    run = train_model(model, task, plan, groups, runtime=runtime, desc="pretrain (supervised)")
+    run = train_model(model, task, plan, groups, runtime=runtime, resume=resume, desc="pretrain (supervised)")
     best = run.best()
     log.info(
         "pretrain: %d supervised steps, held-out source accuracy %.4f (step %d)",
@@ -422,30 +574,6 @@ def train_supervised_source(
         ("step", "loss", "val_accuracy"),
         {"examples_per_second": run.examples / max(run.seconds, 1e-9)},
     )
-
-
-def _save_training_state(
-    ckpt_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LambdaLR,
-    rng: np.random.Generator,
-    step: int,
-) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / ".last.pt.tmp"
-    torch.save(
-        {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "numpy_rng": rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp,
-    )
-    os.replace(tmp, ckpt_dir / "last.pt")
 
 
 def quiet() -> bool:

@@ -147,10 +147,18 @@ class ImageTask:
     def extra_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def fast_paths(self, model: nn.Module, runtime: Runtime, seed: int) -> contextlib.ExitStack:
+    def fast_paths(
+        self, model: nn.Module, runtime: Runtime, seed: int | np.random.Generator
+    ) -> contextlib.ExitStack:
         stack = runtime.fast_paths(model, seed)
         stack.enter_context(batch_norm_statistics(model, self.update_batch_norm))
         return stack
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self._gen.get_state()}  # the augmentation's draws
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._gen.set_state(state["gen"])
 
 
 @torch.no_grad()

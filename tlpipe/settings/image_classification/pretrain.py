@@ -13,6 +13,7 @@ import pandas as pd
 
 from tlpipe import checkpoint
 from tlpipe.params import PretrainParams
+from tlpipe.resume import Resume
 from tlpipe.setting import Arm, SourceRun
 from tlpipe.settings.image_classification import backbones
 from tlpipe.settings.image_classification.classifier import image_task, pixels
@@ -58,6 +59,7 @@ def train_source(
     train: pd.DataFrame,
     held_out: pd.DataFrame,
     init_dir: Path | None,
+    resume: Resume | None = None,
 ) -> SourceRun:
     """A classifier on the source's `labels` (`objective` is supervised: params refuse any
     other for images), continued from `init_dir` (a new head when its labels differ) or a
@@ -80,6 +82,7 @@ def train_source(
         p,
         model.layer_groups(),
         len(held_out),
+        resume,
     )
 
 

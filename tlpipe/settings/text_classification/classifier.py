@@ -91,10 +91,22 @@ class ClassifierTask:
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.source_mlm.head.parameters()) if self.source_mlm is not None else []
 
-    def fast_paths(self, model: nn.Module, runtime: Runtime, seed: int) -> contextlib.ExitStack:
+    def fast_paths(
+        self, model: nn.Module, runtime: Runtime, seed: int | np.random.Generator
+    ) -> contextlib.ExitStack:
         # The joint loss reads every position of the last layer and shares the embedding
         # with the source head: the [CLS]-only and row-sparse paths do not apply.
         return classifier_fast_paths(runtime, model, seed, logits_only=self.source_mlm is None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "gen": self._gen.get_state(),
+            "source_batches": [torch.from_numpy(b) for b in self._source_batches],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._gen.set_state(state["gen"])
+        self._source_batches = [b.numpy() for b in state["source_batches"]]
 
 
 @torch.no_grad()

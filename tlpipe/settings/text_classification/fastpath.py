@@ -11,6 +11,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -21,10 +22,10 @@ from tlpipe.train import Runtime
 
 
 def classifier_fast_paths(
-    runtime: Runtime, model: PreTrainedModel, seed: int, *, logits_only: bool = True
+    runtime: Runtime, model: PreTrainedModel, seed: int | np.random.Generator, *, logits_only: bool = True
 ) -> contextlib.ExitStack:
     """The fast paths for training a classifier on `runtime`, active until the stack
-    closes: host dropout seeded by `seed`; if `logits_only` (the loss reads the logits
+    closes: host dropout seeded by `seed` (or drawing from it); if `logits_only` (the loss reads the logits
     alone, and nothing outside `model` shares its embedding), the [CLS]-only last layer and
     the row-sparse embedding gradient."""
     stack = runtime.fast_paths(model, seed, row_grads=logits_only)

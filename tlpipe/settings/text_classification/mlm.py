@@ -3,6 +3,7 @@ pretraining loop, held-out loss, and the source side of the joint objective."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,10 +16,23 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tlpipe.batching import length_batches, pad_arrays, round_up
+from tlpipe.faults import failpoint
 from tlpipe.params import OptimParams
+from tlpipe.resume import Resume
 from tlpipe.settings.text_classification.model import mlm_head
 from tlpipe.settings.text_classification.text import SpecialIds
-from tlpipe.train import CPU_FP32, Runtime, clip_and_step, make_optimizer, quiet
+from tlpipe.train import (
+    CPU_FP32,
+    Runtime,
+    clip_and_step,
+    generator_states,
+    make_optimizer,
+    quiet,
+    restore_generators,
+    run_fingerprint,
+)
+
+log = logging.getLogger(__name__)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,25 +151,51 @@ def train_mlm(
     seed: int,
     log_every: int,
     runtime: Runtime = CPU_FP32,
+    resume: Resume | None = None,
     desc: str = "pretrain",
 ) -> MlmResult:
-    """Masked-LM training for `steps` optimizer steps over `ids`, epoch after epoch."""
+    """Masked-LM training for `steps` optimizer steps over `ids`, epoch after epoch. With
+    `resume`, the run named `desc` continues from the state it saved there and saves its
+    whole state at logged steps `resume.every_s` apart (as `train_model` does)."""
     device = runtime.device
     runtime.place(model)
     encoder, head = mlm_head(model)
     vocab = model.config.vocab_size
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
-    rng = np.random.default_rng(seed)
+    rng, dropout = np.random.default_rng(seed), np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     optimizer, scheduler = make_optimizer(model, optim, steps)
-    model.train()
     result = MlmResult(steps=steps, tokens=0, seconds=0.0)
-    running = torch.zeros((), device=device)
-    start = time.perf_counter()
     batches: list[np.ndarray] = []
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=quiet())
-    with runtime.fast_paths(model, seed):
-        for step in range(steps):
+    done, clock = 0, 0.0
+    fingerprint = run_fingerprint(
+        desc,
+        {
+            "steps": steps,
+            "optim": optim.model_dump(),
+            "mask_prob": mask_prob,
+            "seed": seed,
+            "log_every": log_every,
+        },
+        model,
+    )
+    saved = resume.load(desc, fingerprint) if resume is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_generators(saved["generators"], rng=rng, dropout=dropout, gen=gen)
+        batches = [b.numpy() for b in saved["batches"]]
+        done, clock, result.tokens = saved["step"], saved["clock"], saved["tokens"]
+        result.history = saved["history"]
+        log.info("%s: resumed at step %d of %d", desc, done, steps)
+    model.train()
+    running = torch.zeros((), device=device)
+    start = time.perf_counter() - clock
+    last_save = time.perf_counter()
+    bar = tqdm(total=steps, initial=done, desc=desc, unit="step", disable=quiet())
+    with runtime.fast_paths(model, dropout):
+        for step in range(done, steps):
             if not batches:
                 batches = length_batches(lengths, optim.batch_size, rng)
             input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
@@ -166,22 +206,38 @@ def train_mlm(
             clip_and_step(optimizer, model.parameters(), optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            failpoint("train.step")
             running += loss.detach()
             bar.update()
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 n = (step % log_every) + 1
                 avg = float(running) / n  # the one host sync, every log_every steps
                 running.zero_()
+                now = time.perf_counter()
                 result.history.append(
                     {
                         "step": step + 1,
                         "loss": avg,
                         "lr": scheduler.get_last_lr()[0],
                         "tokens": result.tokens,
-                        "seconds": time.perf_counter() - start,
+                        "seconds": now - start,
                     }
                 )
                 bar.set_postfix(loss=f"{avg:.3f}")
+                if resume is not None and step + 1 < steps and now - last_save >= resume.every_s:
+                    state = {
+                        "step": step + 1,
+                        "clock": now - start,
+                        "tokens": result.tokens,
+                        "history": result.history,
+                        "batches": [torch.from_numpy(b) for b in batches],
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "generators": generator_states(rng=rng, dropout=dropout, gen=gen),
+                    }
+                    resume.save(desc, fingerprint, state)
+                    last_save = time.perf_counter()
     bar.close()
     result.seconds = time.perf_counter() - start
     model.eval()

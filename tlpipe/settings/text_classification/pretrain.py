@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from tlpipe.data import texts
 from tlpipe.params import PretrainParams
+from tlpipe.resume import Resume
 from tlpipe.setting import Arm, SourceRun
 from tlpipe.settings.text_classification.classifier import classifier_task
 from tlpipe.settings.text_classification.layers import layer_groups
@@ -47,6 +48,7 @@ def train_source(
     train: pd.DataFrame,
     held_out: pd.DataFrame,
     init_dir: Path | None,
+    resume: Resume | None = None,
 ) -> SourceRun:
     """Continue `init_dir` (its tokenizer kept) or build a new encoder (a WordPiece
     tokenizer trained on the source text) with `objective`, masked-LM or supervised."""
@@ -56,12 +58,17 @@ def train_source(
     else:
         tok = train_wordpiece([t for t in texts(train) if t.strip()], p.tokenizer)
     if objective == "supervised":
-        return _supervised(p, labels, tok, init_dir, train, held_out)
-    return _mlm(p, tok, init_dir, train, held_out)
+        return _supervised(p, labels, tok, init_dir, train, held_out, resume)
+    return _mlm(p, tok, init_dir, train, held_out, resume)
 
 
 def _mlm(
-    p: PretrainParams, tok: Tokenizer, init_dir: Path | None, train: pd.DataFrame, held_out: pd.DataFrame
+    p: PretrainParams,
+    tok: Tokenizer,
+    init_dir: Path | None,
+    train: pd.DataFrame,
+    held_out: pd.DataFrame,
+    resume: Resume | None,
 ) -> SourceRun:
     """Masked-LM on the source text; held-out loss before (a loaded checkpoint) and after."""
     special = SpecialIds.of(tok)
@@ -84,6 +91,7 @@ def _mlm(
         seed=p.seed,
         log_every=p.log_every,
         runtime=Runtime.pick(p.device, p.precision),
+        resume=resume,
     )
     log.info("pretrain: %d steps, %d tokens, %.0f tokens/s", run.steps, run.tokens, run.tokens_per_second)
     after = mlm_eval_loss(model, eval_ids, special, **eval_kw) if eval_ids else float("nan")
@@ -104,6 +112,7 @@ def _supervised(
     init_dir: Path | None,
     train: pd.DataFrame,
     held_out: pd.DataFrame,
+    resume: Resume | None,
 ) -> SourceRun:
     """A classifier on the source labels, validated on held-out source rows (best kept)."""
     if init_dir is not None:
@@ -118,6 +127,7 @@ def _supervised(
         p,
         layer_groups(model),
         len(held_out),
+        resume,
     )
 
 

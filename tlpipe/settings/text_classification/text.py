@@ -26,20 +26,43 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def train_wordpiece(texts: Iterable[str], p: TokenizerParams) -> Tokenizer:
-    """A BERT-style WordPiece tokenizer trained on `texts` ([CLS] text [SEP])."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
+    """A BERT-style WordPiece tokenizer trained on `texts` ([CLS] text [SEP]); the same
+    texts and params give the same vocabulary in every process."""
+    texts = list(texts)
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=p.lowercase
     )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers the word-inner pieces ("##e") in hash-map order, which changes from
+    # process to process, and breaks ties between equally frequent merges by those numbers,
+    # so the vocabulary itself changed from run to run (huggingface/tokenizers#1794). Named
+    # up front, in sorted order, they are numbered the same every time.
+    inner = sorted(
+        {
+            c
+            for t in texts
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))
+            for c in word[1:]
+        }
+    )
     trainer = trainers.WordPieceTrainer(
         vocab_size=p.vocab_size,
         min_frequency=p.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in inner)],
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizer
+    trained.train_from_iterator(texts, trainer=trainer)
+    # The same vocabulary, with only the real special tokens special: "##e" in a text is text.
+    tok = Tokenizer(
+        models.WordPiece(
+            trained.get_vocab(with_added_tokens=False), unk_token="[UNK]", max_input_chars_per_word=100
+        )
+    )
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

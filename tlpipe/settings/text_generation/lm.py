@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,10 +159,18 @@ class LanguageModelTask:
     def extra_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def fast_paths(self, model: nn.Module, runtime: Runtime, seed: int) -> contextlib.ExitStack:
+    def fast_paths(
+        self, model: nn.Module, runtime: Runtime, seed: int | np.random.Generator
+    ) -> contextlib.ExitStack:
         # Both architectures tie the output projection to the embedding: its gradient is
         # dense, so the row-sparse embedding path does not apply.
         return runtime.fast_paths(model, seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # every draw comes from the loop's generators (an LSTM's dropout: torch's)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from torch import nn
 
 from tlpipe.data import texts
 from tlpipe.params import PretrainParams
+from tlpipe.resume import Resume
 from tlpipe.setting import SourceRun
 from tlpipe.settings.text_generation.lm import LanguageModelTask, scores, stream_nll
 from tlpipe.settings.text_generation.model import (
@@ -59,6 +60,7 @@ def train_source(
     train: pd.DataFrame,
     held_out: pd.DataFrame,
     init_dir: Path | None,
+    resume: Resume | None = None,
 ) -> SourceRun:
     """Continue `init_dir` (its tokenizer kept) or build `p.lm` over a byte-level BPE
     tokenizer trained on the source text; `p.steps` steps of the next-token loss on
@@ -76,7 +78,13 @@ def train_source(
     task = LanguageModelTask(stream, val, p.max_length, p.optim.batch_size, 64, runtime, p.seed)
     before = scores(stream_nll(model, val, task.block, 64)) if init_dir is not None else None
     run = train_model(
-        model, task, source_plan(p), layer_groups(model), runtime=runtime, desc="pretrain (causal LM)"
+        model,
+        task,
+        source_plan(p),
+        layer_groups(model),
+        runtime=runtime,
+        resume=resume,
+        desc="pretrain (causal LM)",
     )
     best = run.best()
     log.info(
