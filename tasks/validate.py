@@ -19,7 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from tlpipe.data import SPLITS, read_split
+from tlpipe.curve import CurveNeed
+from tlpipe.data import SPLITS, read_split, texts
 from tlpipe.errors import GateFailed
 from tlpipe.expectations import DOCS_SITE, Check, Frame, Spec, gx_context, quiet_gx, run_frame
 from tlpipe.params import DataParams, ValidateParams
@@ -47,9 +48,11 @@ def validate(
     data: DataParams,
     prepare_dir: Path,
     out_dir: Path,
+    curve: CurveNeed | None = None,
 ) -> ValidateResult:
     """Validate prepare_dir/{train,val,test,pool,source}.parquet with Great Expectations,
-    each input with the suite the setting's `suite` builds for it, plus the quarantine's.
+    each input with the suite the setting's `suite` builds for it, plus the quarantine's,
+    and, given the `curve`'s need, that train + pool hold its largest size.
 
     Writes out_dir/report.json, out_dir/report.md and Data Docs under out_dir/data_docs/, then
     raises GateFailed naming every failed expectation (split, column, rows) if any failed.
@@ -61,6 +64,8 @@ def validate(
     frames = suite(p, data, splits)
     if p.rows == "quarantine":
         frames += _quarantine_frames(p, data, prepare_dir)
+    if curve is not None and curve.largest is not None:
+        frames.append(_curve_frame(curve, splits))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / "data_docs"
@@ -113,6 +118,37 @@ def _quarantine_frames(p: ValidateParams, data: DataParams, prepare_dir: Path) -
         )
         frames.append(Frame(f"{name}_quarantine", f"{name}_quarantine", rows, (spec,)))
     return frames
+
+
+def _curve_frame(curve: CurveNeed, splits: dict[str, pd.DataFrame]) -> Frame:
+    """train + pool hold the curve's largest size, so a size beyond the data fails here and
+    not in the middle of evaluate. Tokens are not known before pretrain trains the
+    tokenizer: a text makes at most one per UTF-8 byte, a leading space and its end-of-text,
+    so a size beyond that bound fails here, and one between it and the real count fails when
+    evaluate draws it, saying so the same way."""
+    import great_expectations.expectations as gxe
+
+    need, unit = curve.largest, curve.unit
+    rows = pd.concat([splits["train"], splits["pool"]], ignore_index=True)
+    if unit == "rows":
+        data = pd.DataFrame({"row": range(len(rows))})
+        expectation = gxe.ExpectTableRowCountToBeBetween(min_value=need)
+        holds = "hold"
+    else:
+        data = pd.DataFrame({"at_most": [len(t.encode()) + 2 for t in texts(rows)]})
+        expectation = gxe.ExpectColumnSumToBeBetween(column="at_most", min_value=need)
+        holds = "make at most"
+
+    def counts(r: dict[str, Any]) -> tuple[int, int]:
+        n = int(r["result"]["observed_value"])
+        return max(0, need - n), n
+
+    def explain(r: dict[str, Any], u: int, n: int) -> str:
+        asked = f"{curve.key} asks for {need} training {unit}; train + pool {holds} {n}"
+        return asked + (f" ({u} short): lower it or add target rows" if u else "")
+
+    spec = Spec("curve_sizes", None, f"train + pool hold {need} {unit}", expectation, explain, counts)
+    return Frame("curve", "train+pool", data, (spec,))
 
 
 def _write_report(result: ValidateResult) -> None:

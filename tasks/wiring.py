@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlpipe.curve import CurvePoint
+from tlpipe.curve import CurvePoint, curve_need
 from tlpipe.errors import GateFailed, TlpipeError
 from tlpipe.files import next_dir, replacing
 from tlpipe.params import Params, ParamsError, load_params, stage_dir
 from tlpipe.resume import Resume, clear_stage, stage_resume
-from tlpipe.setting import get_exporter, get_setting, row_rules, validation_suite
+from tlpipe.setting import get_exporter, get_setting, row_rules, spec, validation_suite
 
 ROOT = Path(".")
 
@@ -37,6 +37,8 @@ class Wiring:
     function: str
     inputs: Callable[[Params], tuple[Any, ...]]
     resumes_on: Callable[[Params], tuple[Any, ...]] | None = None
+    # Keyword inputs, after the output folder.
+    options: Callable[[Params], dict[str, Any]] = lambda params: {}
 
     def resume(self, stage: str, params: Params) -> dict[str, Resume]:
         """The `resume=` argument the stage takes, if it trains."""
@@ -63,20 +65,22 @@ def _finetune_inputs(params: Params) -> tuple[Any, ...]:
     )
 
 
-def _curve_point_inputs(params: Params) -> tuple[Any, ...]:
+def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
     return (
         get_setting(params.setting),
         params.evaluate,
         params.finetune,
         params.data,
         stage_dir("pretrain") / "model",
+        stage_dir("finetune"),
         stage_dir("prepare"),
     )
 
 
-def _evaluate_inputs(params: Params) -> tuple[Any, ...]:
-    *curve_inputs, prepare_dir = _curve_point_inputs(params)
-    return (*curve_inputs, stage_dir("finetune"), prepare_dir)
+def _curve_point_inputs(params: Params) -> tuple[Any, ...]:
+    """evaluate's inputs but the fine-tuned model, which a curve run does not read."""
+    *inputs, _finetune_dir, prepare_dir = _evaluate_inputs(params)
+    return (*inputs, prepare_dir)
 
 
 STAGES: dict[str, Wiring] = {
@@ -92,6 +96,7 @@ STAGES: dict[str, Wiring] = {
             params.data,
             stage_dir("prepare"),
         ),
+        options=lambda params: {"curve": curve_need(params.evaluate, spec(params.setting).size_unit)},
     ),
     "pretrain": Wiring("tasks.pretrain:pretrain", _pretrain_inputs, _pretrain_inputs),
     "finetune": Wiring("tasks.finetune:finetune", _finetune_inputs, _finetune_inputs),
@@ -148,7 +153,8 @@ def run_stage(stage: str, params: Params) -> Any:
     wiring = STAGES[stage]
     out = stage_dir(stage)
     with _named_where_kept(out), replacing(out, keep=(GateFailed,)) as work:
-        result = wiring.resolve()(*wiring.inputs(params), work, **wiring.resume(stage, params))
+        options = wiring.options(params) | wiring.resume(stage, params)
+        result = wiring.resolve()(*wiring.inputs(params), work, **options)
     clear_stage(stage)
     return _rebased(result, work, out)
 

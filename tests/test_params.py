@@ -45,6 +45,67 @@ def test_store_keys_that_would_leave_their_place_are_refused(key: str, value: st
         parse_params(tiny_params(**{key: value}))
 
 
+# A wrong value in each kind of place, and the words its error must hold: the key, and the
+# rule it breaks. Every one is refused when params load, before any stage runs.
+BAD_PARAMS = {
+    "unknown key": ({"finetune.epochz": 3}, "finetune.epochz: Extra inputs are not permitted"),
+    "wrong type": ({"finetune.epochs": "three"}, "finetune.epochs: Input should be a valid integer"),
+    "out of range": ({"finetune.optim.lr": -1.0}, "finetune.optim.lr: Input should be greater than 0"),
+    "inconsistent budget": (
+        {"finetune.min_steps": 10, "finetune.max_steps": 5},
+        "max_steps (5) is below min_steps",
+    ),
+    "unknown setting": ({"setting": "audio"}, "setting: Input should be 'text-classification'"),
+    "unknown strategy": ({"finetune.strategy": "magic"}, "finetune.strategy: Input should be 'full'"),
+    "gate size off the curve": ({"evaluate.gate_size": 33}, "gate_size 33 is not one of sizes"),
+    "one seed": ({"evaluate.seeds": [0]}, "evaluate.seeds: needs at least two distinct seeds"),
+    "size below two rows": ({"evaluate.sizes": [0, 40, "all"]}, "every size must be at least 2 rows"),
+    "metric of another setting": ({"evaluate.metric": "perplexity"}, "evaluate.metric 'perplexity' is not"),
+    "unknown device": (
+        {"finetune.device": "tpu"},
+        "finetune.device: Input should be 'auto', 'cpu' or 'cuda'",
+    ),
+    "repeated labels": (
+        {"data.target.labels": ["negative", "negative", "positive"]},
+        "data.target.labels: needs at least two distinct labels",
+    ),
+    "invalid regex": (
+        {"data.target.select.pattern": "(unclosed"},
+        "data.target.select.pattern: not a",
+    ),
+    "empty path": ({"data.target.path": " "}, "data.target.path: must name a file"),
+    "bounds reversed": (
+        {"validate.min_chars": 500, "validate.max_chars": 10},
+        "max_chars (10) is below min_chars",
+    ),
+    "invalid bucket": (
+        {"publish.bucket": "Bad_Bucket!"},
+        "publish.bucket: must be a valid S3 bucket",
+    ),
+    "columns the setting lacks": (
+        {"setting": "image-classification"},
+        "  data.target.columns needs the image-classification roles ['image']",
+    ),
+    "an objective the setting lacks": (
+        {"pretrain.objective": "causal_lm"},
+        "pretrain objective 'causal_lm' is not one text-classification trains with (mlm, supervised)",
+    ),
+    "a transfer the setting lacks": (
+        {"finetune.transfer": "embeddings"},
+        "finetune.transfer: text-classification transfers the whole source model (all)",
+    ),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", sorted(BAD_PARAMS))
+def test_each_bad_param_is_refused_naming_its_key_and_rule(case: str) -> None:
+    overrides, words = BAD_PARAMS[case]
+    with pytest.raises(ParamsError) as err:
+        parse_params(tiny_params(**overrides))
+    assert words in str(err.value), str(err.value)
+
+
 def test_store_keys_may_nest() -> None:
     p = parse_params(tiny_params(**{"publish.prefix": "team-a/releases", "publish.model_name": "sent.v2_x"}))
     assert (p.publish.prefix, p.publish.model_name) == ("team-a/releases", "sent.v2_x")

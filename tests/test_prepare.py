@@ -42,18 +42,21 @@ def test_other_seed_other_split(tmp_path: Path, sample_csv: Path) -> None:
     assert sha256_file(root / "a/test.parquet") != sha256_file(root / "b/test.parquet")
 
 
+@pytest.mark.faults
 def test_missing_column_is_named(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"data.target.columns": {"text": "tweet", "label": "sentiment"}})
     with pytest.raises(DataError, match=r"\['tweet'\] not found \(data.target.columns"):
         prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
+@pytest.mark.faults
 def test_sha256_pin_is_enforced(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"data.target.sha256": "0" * 64})
     with pytest.raises(DataError, match="does not match data.target.sha256"):
         prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
+@pytest.mark.faults
 def test_sha256_on_a_folder_is_named(tmp_path: Path, sample_csv: Path) -> None:
     root, _ = _setup(tmp_path, sample_csv)
     folder = root / "data/raw/parts"
@@ -66,6 +69,7 @@ def test_sha256_on_a_folder_is_named(tmp_path: Path, sample_csv: Path) -> None:
         prepare(ROWS, p.prepare, p.data, p.validate_, root, root / "out")
 
 
+@pytest.mark.faults
 def test_target_too_small_says_by_how_much(tmp_path: Path, sample_csv: Path) -> None:
     root, p = _setup(tmp_path, sample_csv, **{"prepare.split.test": 5000})
     with pytest.raises(DataError, match=r"has \d+ rows after de-duplication, but .* need 5100"):
@@ -232,6 +236,7 @@ def test_an_unlabelled_source_keeps_its_text_alone(tmp_path: Path, sample_csv: P
     assert list(pd.read_parquet(root / "out/source.parquet").columns) == ["text"]
 
 
+@pytest.mark.faults
 def test_unreadable_inputs_are_named(tmp_path: Path, sample_csv: Path) -> None:
     root, _ = _setup(tmp_path, sample_csv)
     raw = (root / "data/raw/sample.csv").read_text()
@@ -279,6 +284,7 @@ def _mangled(root: Path) -> Path:
     return path
 
 
+@pytest.mark.faults
 def test_quarantine_sets_bad_rows_aside_with_their_rule(tmp_path: Path, sample_csv: Path) -> None:
     root, _ = _setup(tmp_path, sample_csv)
     raw = _mangled(root)
@@ -309,6 +315,7 @@ def test_quarantine_sets_bad_rows_aside_with_their_rule(tmp_path: Path, sample_c
     assert sha256_file(raw) == before  # the raw file stays as it was
 
 
+@pytest.mark.faults
 def test_undecodable_bytes_name_their_rows(tmp_path: Path, sample_csv: Path) -> None:
     root, _ = _setup(tmp_path, sample_csv)
     _mangled(root)

@@ -207,17 +207,22 @@ def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
     )
 
 
-class CuttingProxy:
-    """A TCP proxy to the store that cuts the first connection to carry more than
-    `cut_after` bytes upstream, once: a connection reset in the middle of an upload."""
+class StoreProxy:
+    """A TCP proxy in front of a store, for the faults between tlpipe and its storage: it
+    cuts the first connection to carry more than `cut_after` bytes upstream (a reset in the
+    middle of an upload), holds back the next `slow` responses by `delay_s` each (a store
+    slower than the client's timeout), and resets the next `refuse` connections (a store
+    not answering yet after a restart); `upstream` may be moved to a restarted store's new
+    address."""
 
-    def __init__(self, upstream: str, cut_after: int) -> None:
+    def __init__(self, upstream: str, cut_after: int | None = None) -> None:
         import socket
         import threading
 
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream = (host, int(port))
+        self.upstream = upstream
         self.cut_after, self.cuts = cut_after, 0
+        self.delay_s, self.slow, self.delayed = 0.0, 0.0, 0
+        self.refuse, self.refused = 0, 0
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
         self._lock = threading.Lock()
@@ -232,27 +237,42 @@ class CuttingProxy:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.upstream)
+            host, port = self.upstream.removeprefix("http://").split(":")
+            try:
+                with self._lock:
+                    refused = self.refuse > 0
+                    self.refuse -= refused
+                    self.refused += refused
+                if refused:
+                    raise ConnectionRefusedError
+                upstream = socket.create_connection((host, int(port)))
+            except OSError:
+                _reset(client)
+                continue
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-    def _pipe(self, source, sink, counted: bool) -> None:
+    def _pipe(self, source, sink, upward: bool) -> None:
         import socket
+        import time
 
         sent = 0
         try:
             while data := source.recv(1 << 16):
+                if not upward and sent == 0:
+                    with self._lock:
+                        held = self.slow > 0
+                        self.slow -= held
+                        self.delayed += held
+                    if held:
+                        time.sleep(self.delay_s)
                 sent += len(data)
-                if counted and sent > self.cut_after:
+                if upward and self.cut_after is not None and sent > self.cut_after:
                     with self._lock:
                         cut = self.cuts == 0
                         self.cuts += cut
                     if cut:
-                        for s in (source, sink):  # a reset, not a clean close
-                            s.setsockopt(
-                                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                            )
-                            s.close()
+                        _reset(source, sink)
                         return
                 sink.sendall(data)
             sink.shutdown(socket.SHUT_WR)
@@ -264,12 +284,21 @@ class CuttingProxy:
         self._server.close()
 
 
+def _reset(*sockets) -> None:
+    """Close with a reset (RST), not a clean FIN."""
+    import socket
+
+    for s in sockets:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+
+
 @pytest.mark.faults
 def test_a_connection_cut_mid_upload_is_retried_and_the_release_completes(
     staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = _copy(staged, tmp_path)
-    proxy = CuttingProxy(store.endpoint_url, cut_after=64 << 10)
+    proxy = StoreProxy(store.endpoint_url, cut_after=64 << 10)
     try:
         for name, value in store.env.items():
             monkeypatch.setenv(name, value)
@@ -408,3 +437,176 @@ def test_pretrain_starts_from_an_s3_checkpoint(
     raw["pretrain"]["init_from"] = f"s3://{store.bucket}/checkpoints/none"
     with store.environ(), pytest.raises(StoreError, match="no objects under this prefix"):
         pretrain(SETTING, parse_params(raw).pretrain, parse_params(raw).data, prepared, tmp_path / "q")
+
+
+# The bucket the storage-fault tests publish to, on a store of their own whose second
+# identity may read, write and list but not create buckets (as a scoped IAM user).
+LIMITED = "tlpipe-limited"
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory):
+    """(store, admin keys, writer keys): a SeaweedFS with two identities."""
+    from tlpipe.store import CONFIG_NAME, EmbeddedStore, ensure_bucket
+
+    root = tmp_path_factory.mktemp("limited-store")
+    admin, writer = (
+        ("TLPADMINKEY000000001", "admin-secret-0001"),
+        ("TLPWRITERKEY00000001", "writer-secret-0001"),
+    )
+    identities = [
+        {
+            "name": "admin",
+            "credentials": [dict(zip(("accessKey", "secretKey"), admin, strict=True))],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        },
+        {
+            "name": "writer",
+            "credentials": [dict(zip(("accessKey", "secretKey"), writer, strict=True))],
+            "actions": ["Read", "Write", "List", "Tagging"],
+        },
+    ]
+    (root / CONFIG_NAME).write_text(json.dumps({"identities": identities}))
+    (root / CONFIG_NAME).chmod(0o600)
+    server = EmbeddedStore(root)
+    server.start()
+    ensure_bucket(server.client(), LIMITED, server.endpoint_url)
+    yield server, admin, writer
+    server.stop()
+
+
+def _as(monkeypatch: pytest.MonkeyPatch, endpoint: str, keys: tuple[str, str], **env: str) -> None:
+    """Point tlpipe at `endpoint` as an external store, with `keys`."""
+    monkeypatch.setenv("TLPIPE_S3_ENDPOINT", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys[1])
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def _versions(client, bucket: str, name: str) -> set[str]:
+    """The release versions under releases/<name>/ that have a signed manifest."""
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"releases/{name}/").get("Contents", [])
+    keys = {o["Key"] for o in listed}
+    return {k.split("/")[2] for k in keys if k.endswith("/manifest.json") and f"{k}.sig" in keys}
+
+
+def _publish_through(root: Path, name: str):
+    params = parse_params(tiny_params(**{"publish.bucket": LIMITED, "publish.model_name": name}))
+    with open_store(LIMITED) as session:
+        return publish(
+            params,
+            root,
+            root / "outputs/export",
+            root / "outputs/evaluate",
+            root / "outputs/publish",
+            session,
+        )
+
+
+@pytest.mark.faults
+def test_wrong_credentials_fail_at_once_naming_the_refusal(limited, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlpipe.store import is_transient
+
+    server, admin, _ = limited
+    before = server.client().list_objects_v2(Bucket=LIMITED).get("KeyCount", 0)
+    for keys in ((admin[0], "not-the-secret"), ("TLPNOSUCHKEY00000000", admin[1])):
+        _as(monkeypatch, server.endpoint_url, keys)
+        refused = f"cannot access bucket '{LIMITED}' at {server.endpoint_url}: 403.*the credentials are wrong"
+        with pytest.raises(StoreError, match=refused) as err, open_store(LIMITED):
+            pass
+        assert not is_transient(err.value), "a refusal is not worth a retry"
+    assert server.client().list_objects_v2(Bucket=LIMITED).get("KeyCount", 0) == before
+
+
+@pytest.mark.faults
+def test_a_missing_bucket_it_may_not_create_is_named_and_once_made_gets_one_version(
+    limited, staged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlpipe.store import ensure_bucket, is_transient
+
+    server, _, writer = limited
+    absent = "tlpipe-absent"
+    _as(monkeypatch, server.endpoint_url, writer)
+    params = parse_params(tiny_params(**{"publish.bucket": absent, "publish.model_name": "absent"}))
+    with (
+        pytest.raises(StoreError, match=f"cannot create bucket '{absent}' at .*AccessDenied") as err,
+        open_store(absent),
+    ):
+        pass
+    assert not is_transient(err.value)
+    assert absent not in {b["Name"] for b in server.client().list_buckets()["Buckets"]}
+    # The fault cleared (an admin makes the bucket): the writer publishes exactly one version.
+    ensure_bucket(server.client(), absent, server.endpoint_url)
+    root = _copy(staged, tmp_path)
+    with open_store(absent) as session:
+        publish(
+            params,
+            root,
+            root / "outputs/export",
+            root / "outputs/evaluate",
+            root / "outputs/publish",
+            session,
+        )
+    assert len(_versions(server.client(), absent, "absent")) == 1
+
+
+@pytest.mark.faults
+def test_responses_slower_than_the_client_timeout_are_retried_and_then_named(
+    limited, staged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tlpipe.store import is_transient
+
+    server, admin, _ = limited
+    proxy = StoreProxy(server.endpoint_url)
+    proxy.delay_s, proxy.slow = 2.0, float("inf")
+    _as(monkeypatch, proxy.url, admin, TLPIPE_S3_TIMEOUT_S="0.5")
+    root = _copy(staged, tmp_path)
+    try:
+        with pytest.raises(StoreError, match="Read timeout") as err:
+            _publish_through(root, "slow")
+        assert is_transient(err.value), "a timeout is worth a retry (the flow's publish task tries again)"
+        assert not _versions(server.client(), LIMITED, "slow")
+        # Two slow answers, then a store that keeps up: the client's own retries carry it.
+        proxy.slow, proxy.delayed = 2, 0
+        done = _publish_through(root, "slow")
+    finally:
+        proxy.close()
+    assert proxy.delayed == 2 and not done.already_published
+    assert len(_versions(server.client(), LIMITED, "slow")) == 1
+
+
+@pytest.mark.faults
+def test_a_store_restarted_in_the_middle_of_a_publish_ends_with_one_whole_version(
+    limited, staged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two uploads the store stops, starts again on another port and refuses the
+    first connections after: the pooled connections die, the client reconnects, and the
+    release completes, every file whole."""
+    import tasks.publish as publish_module
+
+    server, admin, _ = limited
+    proxy = StoreProxy(server.endpoint_url)
+    _as(monkeypatch, proxy.url, admin)
+    real, calls = publish_module.upload_file, {"n": 0}
+
+    def restarting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            server.stop()
+            server.start()
+            proxy.upstream, proxy.refuse = server.endpoint_url, 2
+        return real(*args, **kw)
+
+    monkeypatch.setattr(publish_module, "upload_file", restarting)
+    try:
+        done = _publish_through(_copy(staged, tmp_path), "restarted")
+    finally:
+        proxy.close()
+    assert calls["n"] > 3 and proxy.refused == 2 and not done.already_published
+    assert len(_versions(server.client(), LIMITED, "restarted")) == 1
+    _as(monkeypatch, server.endpoint_url, admin)
+    with open_store(LIMITED) as session:
+        assert fetch_release(session, f"s3://{LIMITED}/releases/restarted", tmp_path / "cache").is_dir()

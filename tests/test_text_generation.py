@@ -365,6 +365,7 @@ def generation_run(tmp_path_factory: pytest.TempPathFactory, sample_csv: Path) -
     return root / "prepare", result.model_dir
 
 
+@pytest.mark.faults
 def test_a_text_in_two_splits_fails_validation(generation_run, tmp_path: Path) -> None:
     import shutil
 

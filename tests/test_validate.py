@@ -16,6 +16,7 @@ import yaml
 
 from tasks.validate import validate
 from tests.conftest import tiny_params
+from tlpipe.curve import CurveNeed, curve_need
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.images import encode_png
 from tlpipe.params import Params, ValidateParams, parse_params
@@ -113,6 +114,7 @@ def test_same_inputs_give_the_same_report(tmp_path: Path) -> None:
     assert (tmp_path / "a/report.json").read_bytes() == (tmp_path / "b/report.json").read_bytes()
 
 
+@pytest.mark.faults
 def test_missing_column(tmp_path: Path) -> None:
     splits = good_splits()
     splits["train"] = splits["train"].drop(columns="label")
@@ -124,6 +126,7 @@ def test_missing_column(tmp_path: Path) -> None:
     assert "label_in_set" not in report["checks"]["train"]
 
 
+@pytest.mark.faults
 def test_null_text(tmp_path: Path) -> None:
     splits = good_splits()
     splits["val"].loc[[0, 4, 8], "text"] = None
@@ -133,6 +136,7 @@ def test_null_text(tmp_path: Path) -> None:
     assert_only_failure(message, report, "val", "text_not_null", 3)
 
 
+@pytest.mark.faults
 def test_blank_text(tmp_path: Path) -> None:
     splits = good_splits()
     splits["test"].loc[[1, 2], "text"] = ["    ", " \t\n "]
@@ -142,6 +146,7 @@ def test_blank_text(tmp_path: Path) -> None:
     assert_only_failure(message, report, "test", "text_not_blank", 2)
 
 
+@pytest.mark.faults
 def test_empty_text_also_breaks_the_length_bound(tmp_path: Path) -> None:
     splits = good_splits()
     splits["test"].loc[3, "text"] = ""
@@ -153,6 +158,7 @@ def test_empty_text_also_breaks_the_length_bound(tmp_path: Path) -> None:
     assert report["checks"]["test"]["text_length"]["unexpected_count"] == 1
 
 
+@pytest.mark.faults
 def test_text_length_bounds(tmp_path: Path) -> None:
     splits = good_splits()
     splits["train"].loc[[0, 5], "text"] = ["ab", "x" * (P.max_chars + 1)]
@@ -162,6 +168,7 @@ def test_text_length_bounds(tmp_path: Path) -> None:
     assert_only_failure(message, report, "train", "text_length", 2)
 
 
+@pytest.mark.faults
 def test_unknown_label(tmp_path: Path) -> None:
     splits = good_splits()
     splits["source"].loc[[3, 7], "label"] = ["joy", "Positive"]
@@ -172,6 +179,7 @@ def test_unknown_label(tmp_path: Path) -> None:
     assert_only_failure(message, report, "source", "label_in_set", 2)
 
 
+@pytest.mark.faults
 def test_null_label(tmp_path: Path) -> None:
     splits = good_splits()
     splits["source"].loc[5, "label"] = None
@@ -181,6 +189,7 @@ def test_null_label(tmp_path: Path) -> None:
     assert_only_failure(message, report, "source", "label_not_null", 1)
 
 
+@pytest.mark.faults
 def test_too_few_examples_of_a_class(tmp_path: Path) -> None:
     splits = good_splits()
     # val holds 3 of each label; relabel two neutrals so only one is left.
@@ -191,6 +200,7 @@ def test_too_few_examples_of_a_class(tmp_path: Path) -> None:
     assert_only_failure(message, report, "val", "min_per_class", 1)
 
 
+@pytest.mark.faults
 def test_too_few_source_rows(tmp_path: Path) -> None:
     p = P.model_copy(update={"min_source_rows": 50})
     message, report = fail(tmp_path, good_splits(), p)
@@ -200,6 +210,7 @@ def test_too_few_source_rows(tmp_path: Path) -> None:
     assert report["checks"]["source"]["min_source_rows"]["element_count"] == 40
 
 
+@pytest.mark.faults
 def test_leakage_between_train_and_test(tmp_path: Path) -> None:
     splits = good_splits()
     # Equal once lowercased, whitespace collapsed and stripped.
@@ -211,6 +222,7 @@ def test_leakage_between_train_and_test(tmp_path: Path) -> None:
     assert_only_failure(message, report, "all", "no_leakage", 2)
 
 
+@pytest.mark.faults
 def test_leakage_between_source_and_test(tmp_path: Path) -> None:
     splits = good_splits()
     splits["test"].loc[[3, 4], "text"] = splits["source"].loc[[10, 20], "text"].to_numpy()
@@ -220,6 +232,7 @@ def test_leakage_between_source_and_test(tmp_path: Path) -> None:
     assert_only_failure(message, report, "all", "no_leakage", 4)
 
 
+@pytest.mark.faults
 def test_every_failure_is_named(tmp_path: Path) -> None:
     splits = good_splits()
     splits["train"].loc[0, "text"] = None
@@ -231,6 +244,7 @@ def test_every_failure_is_named(tmp_path: Path) -> None:
     assert report["failed"] == 2
 
 
+@pytest.mark.faults
 def test_missing_split_file(tmp_path: Path) -> None:
     prepare_dir = write(tmp_path / "prepare", good_splits())
     (prepare_dir / "val.parquet").unlink()
@@ -239,7 +253,8 @@ def test_missing_split_file(tmp_path: Path) -> None:
 
 
 def test_command_line_exits_1_naming_the_failure(tmp_path: Path) -> None:
-    params = tiny_params(validate=P.model_dump())
+    # The curve's sizes fit in these splits' train + pool (18 rows).
+    params = tiny_params(validate=P.model_dump(), **{"evaluate.sizes": [10, "all"], "evaluate.gate_size": 10})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     splits = good_splits()
     splits["train"].loc[[0, 1], "text"] = None
@@ -319,6 +334,7 @@ def test_no_source_says_so_and_checks_the_target(tmp_path: Path) -> None:
     assert "no source" in (out / "report.md").read_text()
 
 
+@pytest.mark.faults
 def test_quarantine_share_is_gated_and_reported(tmp_path: Path) -> None:
     from tasks.prepare import prepare
 
@@ -391,6 +407,7 @@ def _digit_folders(root: Path, n: int = 30) -> None:
             (root / "data/raw/digits" / label / f"{i:03d}.png").write_bytes(encode_png(pixels))
 
 
+@pytest.mark.faults
 def test_images_are_validated_by_what_decoding_finds(tmp_path: Path) -> None:
     from tasks.prepare import prepare
     from tlpipe.settings.image_classification.rows import ROWS as IMAGE_ROWS
@@ -432,6 +449,7 @@ def test_images_are_validated_by_what_decoding_finds(tmp_path: Path) -> None:
     assert "image_decodes" in str(err.value)
 
 
+@pytest.mark.faults
 def test_bad_images_are_quarantined_with_their_rule(tmp_path: Path) -> None:
     from tasks.prepare import prepare
     from tlpipe.settings.image_classification.rows import ROWS as IMAGE_ROWS
@@ -450,3 +468,41 @@ def test_bad_images_are_quarantined_with_their_rule(tmp_path: Path) -> None:
     aside = pd.read_parquet(root / "prepare/quarantine.parquet")
     assert sorted(Path(f).name for f in aside["file"]) == ["broken.png", "tiny.png"]
     assert sum(sum(c.values()) for s, c in result.counts.items() if s != "source") == 60
+
+
+@pytest.mark.faults
+def test_a_curve_size_beyond_train_and_pool_fails_here_not_in_evaluate(tmp_path: Path) -> None:
+    splits = good_splits()  # train 12 + pool 6 rows
+    out = tmp_path / "validate"
+    with pytest.raises(GateFailed) as err:
+        validate(SUITE, P, DATA, write(tmp_path / "prepare", splits), out, CurveNeed(40, "rows"))
+    assert "evaluate.sizes asks for 40 training rows; train + pool hold 18 (22 short)" in str(err.value)
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed"] == 1 and report["checks"]["train+pool"]["curve_sizes"]["unexpected_count"] == 22
+    fits = validate(SUITE, P, DATA, tmp_path / "prepare", tmp_path / "fits", CurveNeed(18, "rows"))
+    assert fits.success and len(fits.checks) == CHECKS + 1
+
+
+@pytest.mark.faults
+def test_a_token_size_beyond_what_the_text_can_make_fails_here(tmp_path: Path) -> None:
+    splits = good_splits()
+    # A text makes at most a token per UTF-8 byte, a leading space and its end-of-text.
+    bound = sum(len(t.encode()) + 2 for name in ("train", "pool") for t in splits[name]["text"])
+    prepare_dir = write(tmp_path / "prepare", splits)
+    need = CurveNeed(bound + 1, "tokens", "evaluate.tune_size")
+    with pytest.raises(GateFailed) as err:
+        validate(SUITE, P, DATA, prepare_dir, tmp_path / "validate", need)
+    assert (
+        f"evaluate.tune_size asks for {bound + 1} training tokens; train + pool make at most {bound}"
+        in str(err.value)
+    )
+    assert validate(SUITE, P, DATA, prepare_dir, tmp_path / "ok", CurveNeed(bound, "tokens")).success
+
+
+def test_the_curve_need_is_the_largest_size_asked() -> None:
+    p = parse_params(tiny_params()).evaluate
+    assert curve_need(p, "rows") == CurveNeed(40, "rows", "evaluate.sizes")
+    assert curve_need(p.model_copy(update={"tune_size": 50}), "tokens") == CurveNeed(
+        50, "tokens", "evaluate.tune_size"
+    )
+    assert curve_need(p.model_copy(update={"sizes": ("all",), "gate_size": "all"}), "rows").largest is None

@@ -125,3 +125,23 @@ def curve_plan(p: EvaluateParams, scratch: tuple[float, int]) -> list[CurvePoint
         for arm in arms
         if seed == p.seeds[0] or not one_fit(arm, size)
     ]
+
+
+@dataclass(frozen=True)
+class CurveNeed:
+    """How much labelled target data (train + pool) the curve draws at most: its largest
+    size (None when every size is `all`), counted in the setting's unit (rows, or a text's
+    tokens), and the params key that asks for it. validate checks the data holds it."""
+
+    largest: int | None
+    unit: str = "rows"
+    key: str = "evaluate.sizes"
+
+
+def curve_need(p: EvaluateParams, unit: str) -> CurveNeed:
+    """The largest size `p` asks for: one of `sizes`, or `tune_size` when larger."""
+    sizes = [s for s in p.sizes if isinstance(s, int)]
+    largest = max(sizes, default=None)
+    if isinstance(p.tune_size, int) and (largest is None or p.tune_size > largest):
+        return CurveNeed(p.tune_size, unit, "evaluate.tune_size")
+    return CurveNeed(largest, unit)

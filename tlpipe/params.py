@@ -107,6 +107,8 @@ class InputParams(_Section):
             missing = [s for s in TARGET_SPLITS if s not in v]
             if missing:
                 raise ValueError(f"split files need train, val and test; missing {missing}")
+        if any(not path.strip() for path in (v.values() if isinstance(v, dict) else [v])):
+            raise ValueError("must name a file, a folder or an s3:// URI, not an empty string")
         return v
 
     @model_validator(mode="after")
@@ -644,10 +646,15 @@ def pretrain_objective(p: PretrainParams, data: DataParams, objectives: tuple[st
 
 
 def _format_error(err: ValidationError, source: str) -> str:
+    """One line per error: the key, the rule, and the value given where it is one value (a
+    whole section's check names the keys it compares, so its input is left out)."""
     lines = [f"{source}: {err.error_count()} invalid value(s)"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        line = f"{key}: {msg}" if key else msg
+        lines.append(f"  {line}" if isinstance(given, dict) else f"  {line} (got {given!r})")
     return "\n".join(lines)
 
 

@@ -65,6 +65,25 @@ CLIENT_CONFIG = Config(
     s3={"addressing_style": "path"},
     signature_version="s3v4",
 )
+# Seconds a connection may take to open, and a response to start arriving, before the
+# client gives the attempt up (and retries it); botocore's own 60 unless set.
+TIMEOUT_ENV = "TLPIPE_S3_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def client_config() -> Config:
+    """CLIENT_CONFIG with the timeouts `TLPIPE_S3_TIMEOUT_S` sets. Raises StoreError on a
+    value that is not a positive number of seconds."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise StoreError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return CLIENT_CONFIG.merge(Config(connect_timeout=seconds, read_timeout=seconds))
+
+
 # Readiness probes fail fast and are retried by the caller's loop, not by botocore.
 _PROBE_CONFIG = CLIENT_CONFIG.merge(
     Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=5)
@@ -121,9 +140,10 @@ def make_client(
     region_name: str,
     credentials: tuple[str, str] | None = None,
     *,
-    config: Config = CLIENT_CONFIG,
+    config: Config | None = None,
 ) -> S3Client:
-    """A boto3 S3 client (path-style, SigV4, 5 standard retries).
+    """A boto3 S3 client (path-style, SigV4, 5 standard retries, `client_config()`'s
+    timeouts unless `config` is given).
 
     `credentials` is (access key, secret key); None uses the standard AWS credential chain.
     Raises StoreError when the client cannot be built (e.g. AWS_PROFILE names no profile).
@@ -133,7 +153,7 @@ def make_client(
         keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
     try:
         return boto3.session.Session(region_name=region_name).client(
-            "s3", endpoint_url=endpoint_url, config=config, **keys
+            "s3", endpoint_url=endpoint_url, config=config or client_config(), **keys
         )
     except BotoCoreError as err:
         raise StoreError(f"cannot build an S3 client for {endpoint_url or 'AWS S3'}: {err}") from err
@@ -637,6 +657,13 @@ def _describe(err: ClientError) -> str:
     return f"{code} ({message})" if message and message != code else code
 
 
+# A HEAD answer has no body to say why it was refused.
+_REFUSED_HINT = (
+    "; the credentials are wrong or may not list the bucket (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; see docs/reliability.md for the permissions)"
+)
+
+
 def ensure_bucket(
     client: S3Client, bucket: str, endpoint_url: str | None, region_name: str = "us-east-1"
 ) -> None:
@@ -651,7 +678,8 @@ def ensure_bucket(
         return
     except ClientError as err:
         if _error_code(err) not in _NOT_FOUND:
-            raise StoreError(f"cannot access bucket {bucket!r} at {where}: {_describe(err)}") from err
+            hint = _REFUSED_HINT if _error_code(err) in ("403", "AccessDenied") else ""
+            raise StoreError(f"cannot access bucket {bucket!r} at {where}: {_describe(err)}{hint}") from err
     except BotoCoreError as err:
         raise StoreError(f"cannot access bucket {bucket!r} at {where}: {err}") from err
     extra: dict[str, Any] = {}
@@ -696,7 +724,7 @@ def _external_session(endpoint_url: str, bucket: str, region_name: str) -> Store
         session = boto3.session.Session(region_name=region_name)
         found = session.get_credentials()
         frozen = found.get_frozen_credentials() if found is not None else None
-        client = session.client("s3", endpoint_url=endpoint_url, config=CLIENT_CONFIG)
+        client = session.client("s3", endpoint_url=endpoint_url, config=client_config())
     except BotoCoreError as err:
         raise StoreError(f"cannot load AWS credentials or build a client for {endpoint_url}: {err}") from err
     ensure_bucket(client, bucket, endpoint_url, region_name)
