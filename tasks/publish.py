@@ -18,6 +18,7 @@ from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import Params, PublishParams
+from tlpipe.registry import CANDIDATE, PRODUCTION, move_alias
 from tlpipe.report import describe_input
 from tlpipe.setting import report_sections, spec
 from tlpipe.signing import SIGNATURE, sign, signing_key
@@ -35,10 +36,17 @@ class PublishResult:
     uri: str
     manifest_uri: str
     already_published: bool
+    # The registry's aliases that name this version once published.
+    aliases: tuple[str, ...] = ()
+
+
+def model_prefix(p: PublishParams) -> str:
+    """Where the model's versions and aliases live in the bucket."""
+    return f"{p.prefix}/{p.model_name}"
 
 
 def release_prefix(p: PublishParams, version: str) -> str:
-    return f"{p.prefix}/{p.model_name}/{version}"
+    return f"{model_prefix(p)}/{version}"
 
 
 def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_diff: float) -> None:
@@ -225,7 +233,7 @@ def publish(
         manifest = {
             "name": p.model_name,
             "version": version,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "files": {n: {"sha256": digests[n], "bytes": files[n].stat().st_size} for n in sorted(files)},
             "git": _git_commit(root),
             "dvc_lock": _lock_hashes(root / "dvc.lock"),
@@ -248,11 +256,8 @@ def publish(
         _sign(store, manifest_key, signature_key, digests, signer, out_dir)
     already = already and signed
     log.info("publish: %s %s", "already released:" if already else "released", uri)
-    # Promotion: the pointer moves only to a complete, gated release.
-    latest = out_dir / "latest.json"
-    write_json(latest, {"version": version, "manifest": f"s3://{store.bucket}/{manifest_key}"})
-    upload_file(store.client, latest, store.bucket, f"{p.prefix}/{p.model_name}/latest.json")
-    result = PublishResult(version, uri, f"s3://{store.bucket}/{manifest_key}", already)
+    aliases = move_aliases(store, model_prefix(p), version, _git_commit(root), signer)
+    result = PublishResult(version, uri, f"s3://{store.bucket}/{manifest_key}", already, aliases)
     write_json(
         out_dir / "release.json",
         {
@@ -260,9 +265,25 @@ def publish(
             "uri": uri,
             "manifest": result.manifest_uri,
             "files": sorted(digests),
+            "aliases": list(aliases),
         },
     )
     return result
+
+
+def move_aliases(
+    store: StoreSession, model: str, version: str, git: dict[str, Any], signer: Ed25519PrivateKey
+) -> tuple[str, ...]:
+    """Point `candidate` at the complete, gated release just published; `production` too
+    when no release holds it yet (the first one). A production model is replaced only by
+    `tlpipe promote`, never by a retrain that merely passed its gates. Returns the aliases
+    that now name `version`."""
+    why = f"published from commit {git['commit'][:12]}" if git.get("commit") else "published"
+    move_alias(store, model, CANDIDATE, version, why, signer)
+    production = move_alias(
+        store, model, PRODUCTION, version, f"the first release; {why}", signer, if_unset=True
+    )
+    return (CANDIDATE, PRODUCTION) if production.version == version else (CANDIDATE,)
 
 
 def publish_to_store(

@@ -94,6 +94,7 @@ def _task_run_names(flow_state) -> list[str]:
 @pytest.mark.faults  # its secret scan
 def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     from flows.pipeline import pipeline
+    from tlpipe.registry import read_alias
     from tlpipe.store import open_store
 
     state = pipeline(return_state=True)
@@ -136,10 +137,11 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
         assert manifest["dvc_lock"]["finetune"]
         cache = store.client.list_objects_v2(Bucket=store.bucket, Prefix="dvc-cache/")
         assert cache.get("KeyCount", 0) > 0
-        latest = json.loads(
-            store.client.get_object(Bucket=store.bucket, Key="releases/tiny/latest.json")["Body"].read()
-        )
-        assert latest["version"] == release["version"]
+        # The first release: both aliases name it, each move signed and recorded.
+        for alias in ("candidate", "production"):
+            named = read_alias(store, "releases/tiny", alias)
+            assert named is not None and named.version == release["version"] and named.sequence == 1
+        assert release["aliases"] == ["candidate", "production"]
         # No secret leaves where it is kept: the store's secret key and the signing key's
         # private half are in no output, record, Prefect artifact or object.
         identity = json.loads((project / ".tlpipe/store/s3.json").read_text())["identities"][0]

@@ -17,6 +17,7 @@ from tasks.publish import publish
 from tests.conftest import REPO, tiny_params
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
+from tlpipe.registry import RegistryError, read_alias
 from tlpipe.release import fetch_release
 from tlpipe.serve import load_bundle
 from tlpipe.settings.text_classification.export import EXPORTER
@@ -196,8 +197,12 @@ def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert len({r["version"] for r in results}) == 1
     listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix="releases/concurrent/")["Contents"]
-    versions = {o["Key"].split("/")[2] for o in listed if o["Key"].count("/") == 3}
+    versions = {o["Key"].split("/")[2] for o in listed if o["Key"].count("/") == 3} - {"aliases"}
     assert versions == {results[0]["version"]}
+    # Each alias moved once, by whichever publisher got there first; the others found it set.
+    for alias in ("candidate", "production"):
+        named = read_alias(store, "releases/concurrent", alias)
+        assert named is not None and (named.version, named.sequence) == (results[0]["version"], 1)
     folder = fetch_release(store, f"s3://{store.bucket}/releases/concurrent", tmp_path / "cache")
     assert (folder / "manifest.json.sig").is_file()
     assert load_bundle(folder).predict(["@united lost my bag again"])[0]["label"] in (
@@ -378,8 +383,8 @@ def test_interrupted_upload_is_never_a_release(
             "Contents", []
         )
     ]
-    assert keys and not any(k.endswith(("manifest.json", "latest.json")) for k in keys)
-    with pytest.raises(StoreError, match="no manifest.json"):
+    assert keys and not any(k.endswith("manifest.json") or "/aliases/" in k for k in keys)
+    with pytest.raises(RegistryError, match="the alias 'production' is not set"):
         fetch_release(store, f"s3://{store.bucket}/releases/interrupted", tmp_path / "cache")
 
     monkeypatch.setattr(publish_module, "upload_file", real)
@@ -410,7 +415,8 @@ def test_a_failed_publish_keeps_the_last_release_record(
     def refused(*args, **kw):
         raise StoreError("connection reset (injected)")
 
-    monkeypatch.setattr(publish_module, "upload_file", refused)
+    # The same content again uploads nothing; its last write, the alias move, fails.
+    monkeypatch.setattr(publish_module, "move_alias", refused)
     with pytest.raises(StoreError, match="injected"):
         run_stage("publish", params)
     assert (root / "outputs/publish/release.json").read_text() == record
@@ -610,3 +616,47 @@ def test_a_store_restarted_in_the_middle_of_a_publish_ends_with_one_whole_versio
     _as(monkeypatch, server.endpoint_url, admin)
     with open_store(LIMITED) as session:
         assert fetch_release(session, f"s3://{LIMITED}/releases/restarted", tmp_path / "cache").is_dir()
+
+
+@pytest.mark.faults
+def test_a_retrain_moves_candidate_and_only_promote_moves_production(
+    staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first release becomes production; a later one, though it passed every gate, is
+    only the candidate until `tlpipe promote`; `tlpipe rollback` puts production back."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tlpipe.cli import app
+
+    root = _copy(staged, tmp_path)
+    first = _publish(root, store, **{"publish.model_name": "aliased"})
+    assert first.aliases == ("candidate", "production")
+    parity = root / "outputs/export/parity.json"  # other content: another version
+    parity.write_text(json.dumps({**json.loads(parity.read_text()), "note": "retrained"}))
+    second = _publish(root, store, **{"publish.model_name": "aliased"})
+    assert second.version != first.version and second.aliases == ("candidate",)
+    assert read_alias(store, "releases/aliased", "production").version == first.version
+
+    raw = tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": "aliased"})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(root)
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TLPIPE_S3_ENDPOINT", store.endpoint_url)
+    cli = CliRunner()
+    listed = cli.invoke(app, ["releases"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.strip().splitlines()
+    assert [line.split()[0] for line in lines] == [first.version, second.version]
+    assert lines[0].endswith("production") and lines[1].endswith("candidate")
+    promoted = cli.invoke(app, ["promote", second.version, "--why", "beats the champion"])
+    assert promoted.exit_code == 0, promoted.output
+    assert f"production: {first.version} -> {second.version} (move 2, beats the champion)" in promoted.output
+    back = cli.invoke(app, ["rollback"])
+    assert back.exit_code == 0 and f"-> {first.version} (move 3" in back.output
+    history = read_alias(store, "releases/aliased", "production").history
+    assert [h["to"] for h in history] == [first.version, second.version, first.version]
+    refused = cli.invoke(app, ["promote", "0123456789abcdef"])
+    assert refused.exit_code == 1 and "no such release" in refused.output

@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -178,6 +179,81 @@ def status() -> None:
         typer.echo(f"last published: {release['uri']} (version {release['version']})")
     else:
         typer.echo("last published: nothing yet")
+
+
+def _registry_session() -> tuple[str, Any]:
+    """(the model's key prefix, a store session on its bucket) for the registry commands."""
+    from tlpipe.params import load_params
+    from tlpipe.store import open_store
+
+    p = load_params().publish
+    return f"{p.prefix}/{p.model_name}", open_store(p.bucket)
+
+
+@app.command()
+def releases() -> None:
+    """Every complete release of the model params.yaml publishes, oldest first, with its
+    metrics and the aliases that name it."""
+    _project_root()
+    from tlpipe.errors import TlpipeError
+    from tlpipe.params import ParamsError
+    from tlpipe.registry import list_versions
+
+    try:
+        model, session = _registry_session()
+        with session as store:
+            found = list_versions(store, model)
+    except (TlpipeError, ParamsError) as err:
+        _fail(err)
+    if not found:
+        typer.echo(f"no releases under s3://{store.bucket}/{model}/")
+    for v in found:
+        scores = ", ".join(f"{k} {val:.4f}" for k, val in v.metrics.items() if isinstance(val, float))
+        typer.echo(f"{v.version}  {v.created}  {scores}  {' '.join(v.aliases)}".rstrip())
+
+
+@app.command()
+def promote(
+    version: Annotated[
+        str, typer.Argument(help="the release version (16 hex digits, see `tlpipe releases`)")
+    ],
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "production",
+    why: Annotated[str, typer.Option(help="recorded in the alias's history")] = "promoted by hand",
+) -> None:
+    """Point an alias at a complete, signed release (a conditional write; the move is kept
+    in the alias's history)."""
+    _project_root()
+    from tlpipe.registry import move_alias
+
+    _move(lambda store, model, key: move_alias(store, model, alias, version, why, key))
+
+
+@app.command()
+def rollback(
+    alias: Annotated[str, typer.Option(help="the alias to move back")] = "production",
+    why: Annotated[str, typer.Option(help="recorded in the alias's history")] = "rolled back by hand",
+) -> None:
+    """Point an alias back at the release it named before its last move."""
+    _project_root()
+    from tlpipe.registry import rollback as roll_back
+
+    _move(lambda store, model, key: roll_back(store, model, alias, why, key))
+
+
+def _move(move: Callable[..., Any]) -> None:
+    """Run `move(store, model prefix, signing key)` on the registry and say what moved."""
+    from tlpipe.errors import TlpipeError
+    from tlpipe.params import ParamsError
+    from tlpipe.signing import signing_key
+
+    try:
+        model, session = _registry_session()
+        with session as store:
+            moved = move(store, model, signing_key())
+    except (TlpipeError, ParamsError) as err:
+        _fail(err)
+    last = moved.history[-1]
+    typer.echo(f"{moved.name}: {last['from']} -> {moved.version} (move {moved.sequence}, {last['why']})")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tlpipe.data import sha256_file
 from tlpipe.errors import StoreError
+from tlpipe.registry import PRODUCTION, resolve_alias
 from tlpipe.signing import SIGNATURE, SignatureError, trusted_keys, verify
 from tlpipe.store import StoreSession, download_prefix, object_exists, parse_s3_uri, read_object
 
@@ -19,26 +20,28 @@ MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
-def resolve_release(store: StoreSession, uri: str) -> str:
-    """The key prefix of a complete release: `uri` names a version folder, or a model folder
-    whose latest.json points at one."""
+def resolve_release(store: StoreSession, uri: str, seen_dir: Path) -> str:
+    """The key prefix of the release `uri` names: a version folder
+    (`s3://bucket/<prefix>/<model>/<version>`), or a model folder and an alias
+    (`s3://bucket/<prefix>/<model>@candidate`; a model folder alone means its `production`),
+    the alias verified and never older than this reader saw before (`tlpipe.registry`,
+    which keeps what it saw under `seen_dir`)."""
     bucket, key = parse_s3_uri(uri)
     if bucket != store.bucket:
         raise StoreError(f"{uri}: bucket {bucket!r} is not the session's bucket {store.bucket!r}")
-    prefix = key.rstrip("/")
-    if object_exists(store.client, bucket, f"{prefix}/{MANIFEST}"):
-        return prefix
-    if object_exists(store.client, bucket, f"{prefix}/latest.json"):
-        body = store.client.get_object(Bucket=bucket, Key=f"{prefix}/latest.json")["Body"].read()
-        _, manifest_key = parse_s3_uri(json.loads(body)["manifest"])
-        return manifest_key.rsplit("/", 1)[0]
-    raise StoreError(f"{uri}: no {MANIFEST} (an incomplete or missing release) and no latest.json")
+    model, at, alias = key.rstrip("/").partition("@")
+    model = model.rstrip("/")
+    if not at and object_exists(store.client, bucket, f"{model}/{MANIFEST}"):
+        return model
+    found = resolve_alias(store, model, alias if at else PRODUCTION, seen_dir)
+    return f"{model}/{found.version}"
 
 
 def fetch_release(store: StoreSession, uri: str, cache_dir: Path) -> Path:
-    """The release `uri` names, in `cache_dir/<prefix>`, verified on every call: first the
-    store's manifest against its signature (a key trusted here, tlpipe.signing), then every
-    file against the manifest.
+    """The release `uri` names (`resolve_release`; the aliases it has read are remembered in
+    the `aliases` folder beside `cache_dir`), in `cache_dir/<prefix>`, verified on every
+    call: first the store's manifest against its signature (a key trusted here,
+    tlpipe.signing), then every file against the manifest.
 
     A cached copy is used only when its manifest is byte for byte the store's and every file
     still has the manifest's SHA-256; otherwise it is deleted (with a warning saying why) and
@@ -47,7 +50,7 @@ def fetch_release(store: StoreSession, uri: str, cache_dir: Path) -> Path:
     release is incomplete or a downloaded file's SHA-256 differs from the manifest,
     SignatureError when the manifest is unsigned or its signature is not good.
     """
-    prefix = resolve_release(store, uri)
+    prefix = resolve_release(store, uri, cache_dir.parent / "aliases")
     dest = cache_dir / prefix.replace("/", "__")
     manifest_key = f"{prefix}/{MANIFEST}"
     where = f"s3://{store.bucket}/{prefix}"

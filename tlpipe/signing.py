@@ -125,14 +125,21 @@ def sign(manifest: bytes, key: Ed25519PrivateKey) -> bytes:
     return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
 
 
-def verify(manifest: bytes, signature: bytes, trusted: dict[str, Ed25519PublicKey], where: str) -> str:
-    """Check `signature` (a `sign` object) over the manifest's exact bytes with a trusted
-    key; returns that key's id. Raises SignatureError saying what is wrong, naming `where`."""
+def verify(
+    manifest: bytes,
+    signature: bytes,
+    trusted: dict[str, Ed25519PublicKey],
+    where: str,
+    signed: str = MANIFEST_NAME,
+) -> str:
+    """Check `signature` (a `sign` object) over the exact bytes of `manifest` (or of what
+    `signed` names) with a trusted key; returns that key's id. Raises SignatureError saying
+    what is wrong, naming `where`."""
     try:
         record = json.loads(signature)
         algorithm, kid, sig = record["algorithm"], record["key_id"], base64.b64decode(record["signature"])
     except (ValueError, LookupError, TypeError) as err:
-        raise SignatureError(f"{where}: {SIGNATURE} is not a signature record ({err})") from err
+        raise SignatureError(f"{where}: the signature of {signed} is not a signature record ({err})") from err
     if algorithm != ALGORITHM:
         raise SignatureError(f"{where}: signed with {algorithm!r}, not {ALGORITHM}")
     public = trusted.get(kid)
@@ -144,7 +151,5 @@ def verify(manifest: bytes, signature: bytes, trusted: dict[str, Ed25519PublicKe
     try:
         public.verify(sig, manifest)
     except InvalidSignature:
-        raise SignatureError(
-            f"{where}: the signature does not match manifest.json (forged or altered)"
-        ) from None
+        raise SignatureError(f"{where}: the signature does not match {signed} (forged or altered)") from None
     return kid

@@ -1,0 +1,308 @@
+"""The model registry on S3: immutable, content-addressed versions (what publish uploads)
+and aliases (`candidate`, `production`, any name a user picks) that each point at one.
+
+    <prefix>/<model>/<version>/manifest.json (+ .sig)   a version (tasks.publish)
+    <prefix>/<model>/aliases/<alias>.json               an alias
+
+An alias object holds the version it points at, its whole history (every move: from, to,
+by, at, why; oldest first) and a sequence number (the history's length), signed with the
+publisher's ed25519 key (tlpipe.signing) over all of it. A move reads the alias and its
+ETag, appends to the history and writes with If-Match on that ETag (If-None-Match for a new
+alias): a mover that loses the race (412, or AWS's 409 ConditionalRequestConflict) reads
+again and tries again, so no move is lost and no reader sees half of one. An alias moves
+only to a complete version (its manifest signed by a trusted key). A reader checks the
+signature, that the object is the alias it was read as, and that its sequence never goes
+back from what this reader saw before: an older alias object written back over the newer
+one (a rollback by anyone who may write to the bucket) is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from tlpipe.errors import StoreError, TlpipeError
+from tlpipe.files import write_json
+from tlpipe.signing import ALGORITHM, SIGNATURE, SignatureError, key_id, trusted_keys, verify
+from tlpipe.store import StoreSession, read_object
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ALIASES = "aliases"
+CANDIDATE, PRODUCTION = "candidate", "production"
+ALIAS_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# A mover that loses this many races in a row gives up (a store that never lets a
+# conditional write through, not a busy one: eight movers at once need a handful).
+MOVE_ATTEMPTS = 64
+_CONFLICT = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+class RegistryError(TlpipeError):
+    """An alias cannot be moved or read: an unknown or incomplete version, no previous
+    holder to roll back to, an alias object that is not what it claims, or one older than
+    this reader has seen."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    """An alias as read from (or written to) the store; `etag` is what a move's If-Match
+    names."""
+
+    model: str
+    name: str
+    version: str
+    sequence: int
+    history: tuple[dict[str, Any], ...]
+    etag: str
+
+    @property
+    def previous(self) -> str | None:
+        """The version this alias pointed at before its last move."""
+        return self.history[-1]["from"] if self.history else None
+
+
+def check_alias_name(alias: str) -> str:
+    if not ALIAS_NAME.fullmatch(alias):
+        raise RegistryError(
+            f"alias {alias!r} must be 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )
+    return alias
+
+
+def alias_key(model: str, alias: str) -> str:
+    """The object key of `alias` of the model at key prefix `model` (`<prefix>/<name>`)."""
+    return f"{model}/{ALIASES}/{check_alias_name(alias)}.json"
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _signed(body: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
+    record = {
+        "body": body,
+        "signature": {
+            "algorithm": ALGORITHM,
+            "key_id": key_id(key.public_key()),
+            "signature": base64.b64encode(key.sign(_canonical(body))).decode(),
+        },
+    }
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _parse(raw: bytes, model: str, alias: str, trusted: dict[str, Ed25519PublicKey], where: str) -> dict:
+    """The body of a signed alias object, checked: signed by a trusted key, and naming this
+    model and alias (an alias object copied to another name is refused)."""
+    try:
+        record = json.loads(raw)
+        body, signature = record["body"], json.dumps(record["signature"]).encode()
+    except (ValueError, LookupError, TypeError) as err:
+        raise RegistryError(f"{where}: not a signed alias object ({err})") from err
+    verify(_canonical(body), signature, trusted, where, signed="the alias")
+    if body.get("model") != model or body.get("alias") != alias:
+        raise RegistryError(
+            f"{where}: the object is alias {body.get('alias')!r} of {body.get('model')!r}, "
+            f"not {alias!r} of {model!r}"
+        )
+    return body
+
+
+def read_alias(
+    store: StoreSession, model: str, alias: str, trusted: dict[str, Ed25519PublicKey] | None = None
+) -> Alias | None:
+    """`alias` as the store holds it now, verified; None when it was never set."""
+    key = alias_key(model, alias)
+    where = f"s3://{store.bucket}/{key}"
+    try:
+        got = store.client.get_object(Bucket=store.bucket, Key=key)
+        raw = got["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise StoreError(f"cannot read {where}: {err}") from err
+    except BotoCoreError as err:
+        raise StoreError(f"cannot read {where}: {err}") from err
+    body = _parse(raw, model, alias, trusted if trusted is not None else trusted_keys(), where)
+    return Alias(
+        model, alias, body["version"], int(body["sequence"]), tuple(body["history"]), got["ETag"].strip('"')
+    )
+
+
+def check_version(
+    store: StoreSession, model: str, version: str, trusted: dict[str, Ed25519PublicKey] | None = None
+) -> dict[str, Any]:
+    """The manifest of a complete version (signed by a trusted key); RegistryError when the
+    version is missing or incomplete, SignatureError when its signature is not good."""
+    where = f"s3://{store.bucket}/{model}/{version}"
+    if not re.fullmatch(r"[0-9a-f]{16}", version):
+        raise RegistryError(f"{version!r} is not a release version (16 hex digits)")
+    manifest = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST}")
+    if manifest is None:
+        raise RegistryError(f"{where}: no such release (no {MANIFEST})")
+    signature = read_object(store.client, store.bucket, f"{model}/{version}/{SIGNATURE}")
+    if signature is None:
+        raise RegistryError(f"{where}: an unsigned release (its publish was cut short); publish it again")
+    verify(manifest, signature, trusted if trusted is not None else trusted_keys(), where)
+    return json.loads(manifest)
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def move_alias(
+    store: StoreSession,
+    model: str,
+    alias: str,
+    version: str,
+    why: str,
+    key: Ed25519PrivateKey,
+    *,
+    expect: str | None = None,
+    if_unset: bool = False,
+) -> Alias:
+    """Point `alias` at `version` (a complete release), appending the move to its history;
+    a move to the version it already names changes nothing. With `expect`, the move happens
+    only while the alias still names that version (RegistryError otherwise); with
+    `if_unset`, only when the alias names nothing yet (else it is returned as it is). Raises
+    RegistryError or SignatureError when the version is not a complete signed release,
+    StoreError when the store refuses the write or keeps refusing it."""
+    trusted = trusted_keys() | {key_id(key.public_key()): key.public_key()}
+    check_version(store, model, version, trusted)
+    target = alias_key(model, alias)
+    for attempt in range(MOVE_ATTEMPTS):
+        current = read_alias(store, model, alias, trusted)
+        held = current.version if current is not None else None
+        if expect is not None and held != expect:
+            raise RegistryError(f"alias {alias} of {model} now names {held}, not {expect}; not moved")
+        if current is not None and (held == version or if_unset):
+            return current
+        entry = {"from": held, "to": version, "by": _actor(), "at": _now(), "why": why}
+        history = (*(current.history if current is not None else ()), entry)
+        body = {
+            "model": model,
+            "alias": alias,
+            "version": version,
+            "sequence": len(history),
+            "history": history,
+        }
+        condition = {"IfMatch": f'"{current.etag}"'} if current is not None else {"IfNoneMatch": "*"}
+        try:
+            put = store.client.put_object(
+                Bucket=store.bucket,
+                Key=target,
+                Body=_signed(body, key),
+                ContentType="application/json",
+                **condition,
+            )
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") not in _CONFLICT:
+                raise StoreError(f"cannot move alias s3://{store.bucket}/{target}: {err}") from err
+            # Another mover got there first: read what it wrote and try again, after a
+            # random pause that grows with the tries (so movers do not collide in step).
+            time.sleep(random.uniform(0, min(0.5, 0.005 * 2**attempt)))
+            continue
+        except BotoCoreError as err:
+            raise StoreError(f"cannot move alias s3://{store.bucket}/{target}: {err}") from err
+        log.info("alias %s of %s: %s -> %s (%s)", alias, model, held, version, why)
+        return Alias(model, alias, version, len(history), history, put["ETag"].strip('"'))
+    raise StoreError(
+        f"alias s3://{store.bucket}/{target}: {MOVE_ATTEMPTS} conditional writes in a row lost to other "
+        "writers; the store may not honour If-Match"
+    )
+
+
+def rollback(store: StoreSession, model: str, alias: str, why: str, key: Ed25519PrivateKey) -> Alias:
+    """Point `alias` back at the version it named before its last move (itself a move, kept
+    in the history). RegistryError when it was never moved."""
+    current = read_alias(store, model, alias, trusted_keys() | {key_id(key.public_key()): key.public_key()})
+    if current is None or current.previous is None:
+        raise RegistryError(f"alias {alias} of {model} has no previous version to roll back to")
+    return move_alias(store, model, alias, current.previous, why, key, expect=current.version)
+
+
+def resolve_alias(store: StoreSession, model: str, alias: str, seen_dir: Path) -> Alias:
+    """`alias` verified, and never older than this reader has seen: its sequence is kept
+    under `seen_dir`, and an alias object with a lower one (an older object written back
+    over the newer one) is refused. RegistryError when the alias is not set."""
+    found = read_alias(store, model, alias)
+    where = f"s3://{store.bucket}/{alias_key(model, alias)}"
+    if found is None:
+        raise RegistryError(f"{where}: the alias {alias!r} is not set for {model}")
+    record = seen_dir / store.bucket / model / f"{alias}.json"
+    seen = json.loads(record.read_text()) if record.is_file() else {"sequence": 0}
+    if found.sequence < seen["sequence"]:
+        raise SignatureError(
+            f"{where}: sequence {found.sequence} ({found.version}) is older than the {seen['sequence']} "
+            f"({seen['version']}) read here before: an old alias object written back; refused"
+        )
+    if found.sequence > seen["sequence"]:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, {"sequence": found.sequence, "version": found.version})
+    return found
+
+
+@dataclass(frozen=True)
+class Version:
+    """A complete release of a model, with what its manifest says and the aliases on it."""
+
+    version: str
+    created: str
+    metrics: dict[str, Any]
+    aliases: tuple[str, ...]
+
+
+def list_versions(store: StoreSession, model: str) -> list[Version]:
+    """Every version of the model with a manifest, oldest first, with its aliases."""
+    paginator = store.client.get_paginator("list_objects_v2")
+    versions, aliases = [], {}
+    try:
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{model}/", Delimiter="/"):
+            versions += [p["Prefix"][len(model) + 1 : -1] for p in page.get("CommonPrefixes", [])]
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{model}/{ALIASES}/"):
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[1].removesuffix(".json")
+                if ALIAS_NAME.fullmatch(name) and (found := read_alias(store, model, name)) is not None:
+                    aliases.setdefault(found.version, []).append(name)
+    except (ClientError, BotoCoreError) as err:
+        raise StoreError(f"cannot list s3://{store.bucket}/{model}/: {err}") from err
+    found_versions = []
+    for version in versions:
+        if version == ALIASES:
+            continue
+        body = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST}")
+        if body is None:
+            continue  # an upload cut short: not a release
+        manifest = json.loads(body)
+        found_versions.append(
+            Version(
+                version,
+                manifest.get("created", ""),
+                manifest.get("metrics", {}),
+                tuple(sorted(aliases.get(version, []))),
+            )
+        )
+    return sorted(found_versions, key=lambda v: (v.created, v.version))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
