@@ -261,9 +261,12 @@ def test_each_count_rule_stops_the_run(harness: None, project: Path, rule: str) 
 
 
 @pytest.mark.faults
-def test_command_line_exits_non_zero_naming_the_rule(project: Path) -> None:
+def test_command_line_exits_non_zero_naming_the_rule_then_publishes_once_the_data_is_fixed(
+    project: Path,
+) -> None:
     csv = Path("data/raw/sample.csv")
-    csv.write_text(csv.read_text() + BAD_ROWS["text_too_short"][0] + "\n")
+    good = csv.read_text()
+    csv.write_text(good + BAD_ROWS["text_too_short"][0] + "\n")
     tlpipe = Path(sys.executable).parent / "tlpipe"
     env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
     out = subprocess.run([str(tlpipe), "run"], cwd=project, capture_output=True, text=True, env=env)
@@ -277,6 +280,18 @@ def test_command_line_exits_non_zero_naming_the_rule(project: Path) -> None:
     (named,) = [line for line in last if line.startswith("tlpipe: tracebacks in ")]
     log_file = project / named.split()[3]
     assert "Traceback" in log_file.read_text() and "GateFailed: validation failed" in log_file.read_text()
+
+    # The fault cleared, the next run completes and publishes exactly one version.
+    csv.write_text(good)
+    again = subprocess.run([str(tlpipe), "run"], cwd=project, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    from tlpipe.registry import list_versions, read_alias
+    from tlpipe.store import open_store
+
+    with open_store("tlpipe-test", root=project / ".tlpipe/store") as store:
+        (only,) = list_versions(store, "releases/tiny")
+        assert only.aliases == ("candidate", "production")
+        assert read_alias(store, "releases/tiny", "production").sequence == 1
 
 
 def _proc(pid: int, name: str) -> str:

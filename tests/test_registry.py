@@ -58,6 +58,7 @@ def _status(err: ClientError) -> int:
     return err.response["ResponseMetadata"]["HTTPStatusCode"]
 
 
+@pytest.mark.faults
 def test_the_store_honours_if_none_match_and_if_match_under_concurrency(store) -> None:
     """Eight writers at once: one creates a key with If-None-Match, the rest get 412; eight
     writers holding the same ETag: one replaces it with If-Match, the rest get 412."""
@@ -82,6 +83,7 @@ def test_the_store_honours_if_none_match_and_if_match_under_concurrency(store) -
     assert store.client.head_object(Bucket=store.bucket, Key=key)["ETag"] != etag
 
 
+@pytest.mark.faults
 def test_eight_concurrent_promoters_lose_no_move_and_never_tear_an_alias(store, tmp_path: Path) -> None:
     model = "releases/race"
     moves_each = 4
@@ -127,6 +129,7 @@ def test_eight_concurrent_promoters_lose_no_move_and_never_tear_an_alias(store, 
     assert all(r.version in versions for r in reads)
 
 
+@pytest.mark.faults
 def test_an_alias_moves_only_to_a_complete_signed_version(store) -> None:
     key = signing_key()
     unsigned = _version(store, 20, signed=False)
@@ -155,6 +158,7 @@ def test_rollback_returns_to_the_previous_holder_as_a_move_of_its_own(store) -> 
     assert move_alias(store, MODEL, "staging", a, "again", key).sequence == 3
 
 
+@pytest.mark.faults
 def test_an_old_alias_object_written_back_is_refused_by_a_reader_that_saw_the_newer(
     store, tmp_path: Path
 ) -> None:
@@ -172,6 +176,7 @@ def test_an_old_alias_object_written_back_is_refused_by_a_reader_that_saw_the_ne
         resolve_alias(store, MODEL, "served", tmp_path / "seen")
 
 
+@pytest.mark.faults
 def test_an_alias_object_altered_or_copied_to_another_name_is_refused(store) -> None:
     key = signing_key()
     move_alias(store, MODEL, "blue", _version(store, 50), "first", key)
