@@ -499,17 +499,10 @@ def _versions(client, bucket: str, name: str) -> set[str]:
     return {k.split("/")[2] for k in keys if k.endswith("/manifest.json") and f"{k}.sig" in keys}
 
 
-def _publish_through(root: Path, name: str):
-    params = parse_params(tiny_params(**{"publish.bucket": LIMITED, "publish.model_name": name}))
-    with open_store(LIMITED) as session:
-        return publish(
-            params,
-            root,
-            root / "outputs/export",
-            root / "outputs/evaluate",
-            root / "outputs/publish",
-            session,
-        )
+def _publish_through(root: Path, name: str, bucket: str = LIMITED):
+    """Publish as `name` to `bucket` on the store the environment points at."""
+    with open_store(bucket) as session:
+        return _publish(root, session, **{"publish.model_name": name})
 
 
 @pytest.mark.faults
@@ -536,7 +529,6 @@ def test_a_missing_bucket_it_may_not_create_is_named_and_once_made_gets_one_vers
     server, _, writer = limited
     absent = "tlpipe-absent"
     _as(monkeypatch, server.endpoint_url, writer)
-    params = parse_params(tiny_params(**{"publish.bucket": absent, "publish.model_name": "absent"}))
     with (
         pytest.raises(StoreError, match=f"cannot create bucket '{absent}' at .*AccessDenied") as err,
         open_store(absent),
@@ -546,16 +538,7 @@ def test_a_missing_bucket_it_may_not_create_is_named_and_once_made_gets_one_vers
     assert absent not in {b["Name"] for b in server.client().list_buckets()["Buckets"]}
     # The fault cleared (an admin makes the bucket): the writer publishes exactly one version.
     ensure_bucket(server.client(), absent, server.endpoint_url)
-    root = _copy(staged, tmp_path)
-    with open_store(absent) as session:
-        publish(
-            params,
-            root,
-            root / "outputs/export",
-            root / "outputs/evaluate",
-            root / "outputs/publish",
-            session,
-        )
+    _publish_through(_copy(staged, tmp_path), "absent", absent)
     assert len(_versions(server.client(), absent, "absent")) == 1
 
 
