@@ -278,8 +278,6 @@ def train_model(
             apply_freezing(model, groups, trainable_from(p, groups.blocks, loop.epoch))
         log.info("%s: resumed at step %d of %d", desc, loop.step, plan.total_steps)
     selection = task.selection
-    result = TrainResult(best_step=0, best_score=0.0, steps=0, seconds=0.0, examples=loop.examples)
-    result.history = loop.history
     running, seen = torch.zeros((), device=device), 0
     start = time.perf_counter() - loop.clock
     last_save = time.perf_counter()
@@ -347,10 +345,9 @@ def train_model(
     for q in model.parameters():
         q.requires_grad_(True)
     model.eval()
-    result.best_step, result.best_score, result.steps = loop.best_step, loop.best_score, loop.step
-    result.examples = loop.examples
-    result.seconds = time.perf_counter() - start
-    return result
+    return TrainResult(
+        loop.best_step, loop.best_score, loop.step, time.perf_counter() - start, loop.examples, loop.history
+    )
 
 
 @dataclass
