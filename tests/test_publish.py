@@ -643,3 +643,26 @@ def test_a_retrain_moves_candidate_and_only_promote_moves_production(
     assert [h["to"] for h in history] == [first.version, second.version, first.version]
     refused = cli.invoke(app, ["promote", "0123456789abcdef"])
     assert refused.exit_code == 1 and "no such release" in refused.output
+
+
+@pytest.mark.faults
+def test_a_connection_cut_inside_a_multipart_upload_is_retried_to_a_whole_object(
+    limited, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 20 MiB file goes up in 8 MiB parts; the proxy resets the connection in the middle
+    of the second part: the part is sent again, the object is whole, no upload is left open."""
+    from tlpipe.store import make_client, upload_file
+
+    server, admin, _ = limited
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(20 << 20))
+    proxy = StoreProxy(server.endpoint_url, cut_after=12 << 20)
+    try:
+        client = make_client(proxy.url, "us-east-1", admin)
+        upload_file(client, path, LIMITED, "multipart/big.bin", if_none_match=True)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    body = server.client().get_object(Bucket=LIMITED, Key="multipart/big.bin")["Body"].read()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(path.read_bytes()).digest()
+    assert not server.client().list_multipart_uploads(Bucket=LIMITED).get("Uploads")
