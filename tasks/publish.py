@@ -18,7 +18,7 @@ from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import Params, PublishParams
-from tlpipe.registry import CANDIDATE, PRODUCTION, move_alias
+from tlpipe.registry import CANDIDATE, PRODUCTION, model_prefix, move_alias
 from tlpipe.report import describe_input
 from tlpipe.setting import report_sections, spec
 from tlpipe.signing import SIGNATURE, sign, signing_key
@@ -38,11 +38,6 @@ class PublishResult:
     already_published: bool
     # The registry's aliases that name this version once published.
     aliases: tuple[str, ...] = ()
-
-
-def model_prefix(p: PublishParams) -> str:
-    """Where the model's versions and aliases live in the bucket."""
-    return f"{p.prefix}/{p.model_name}"
 
 
 def release_prefix(p: PublishParams, version: str) -> str:

@@ -184,10 +184,11 @@ def status() -> None:
 def _registry_session() -> tuple[str, Any]:
     """(the model's key prefix, a store session on its bucket) for the registry commands."""
     from tlpipe.params import load_params
+    from tlpipe.registry import model_prefix
     from tlpipe.store import open_store
 
     p = load_params().publish
-    return f"{p.prefix}/{p.model_name}", open_store(p.bucket)
+    return model_prefix(p), open_store(p.bucket)
 
 
 @app.command()

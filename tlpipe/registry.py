@@ -37,12 +37,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from tlpipe.errors import StoreError, TlpipeError
 from tlpipe.files import write_json
-from tlpipe.signing import ALGORITHM, SIGNATURE, SignatureError, key_id, trusted_keys, verify
+from tlpipe.params import PublishParams
+from tlpipe.signing import ALGORITHM, MANIFEST_NAME, SIGNATURE, SignatureError, key_id, trusted_keys, verify
 from tlpipe.store import StoreSession, read_object
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 ALIASES = "aliases"
 CANDIDATE, PRODUCTION = "candidate", "production"
 ALIAS_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -74,6 +74,16 @@ class Alias:
     def previous(self) -> str | None:
         """The version this alias pointed at before its last move."""
         return self.history[-1]["from"] if self.history else None
+
+
+def model_prefix(p: PublishParams) -> str:
+    """Where the model `p` publishes keeps its versions and aliases in the bucket."""
+    return f"{p.prefix}/{p.model_name}"
+
+
+def _trusting(key: Ed25519PrivateKey) -> dict[str, Ed25519PublicKey]:
+    """The keys trusted here, and the public half of the key that signs the moves."""
+    return trusted_keys() | {key_id(key.public_key()): key.public_key()}
 
 
 def check_alias_name(alias: str) -> str:
@@ -151,9 +161,9 @@ def check_version(
     where = f"s3://{store.bucket}/{model}/{version}"
     if not re.fullmatch(r"[0-9a-f]{16}", version):
         raise RegistryError(f"{version!r} is not a release version (16 hex digits)")
-    manifest = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST}")
+    manifest = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST_NAME}")
     if manifest is None:
-        raise RegistryError(f"{where}: no such release (no {MANIFEST})")
+        raise RegistryError(f"{where}: no such release (no {MANIFEST_NAME})")
     signature = read_object(store.client, store.bucket, f"{model}/{version}/{SIGNATURE}")
     if signature is None:
         raise RegistryError(f"{where}: an unsigned release (its publish was cut short); publish it again")
@@ -186,7 +196,7 @@ def move_alias(
     `if_unset`, only when the alias names nothing yet (else it is returned as it is). Raises
     RegistryError or SignatureError when the version is not a complete signed release,
     StoreError when the store refuses the write or keeps refusing it."""
-    trusted = trusted_keys() | {key_id(key.public_key()): key.public_key()}
+    trusted = _trusting(key)
     check_version(store, model, version, trusted)
     target = alias_key(model, alias)
     for attempt in range(MOVE_ATTEMPTS):
@@ -234,7 +244,7 @@ def move_alias(
 def rollback(store: StoreSession, model: str, alias: str, why: str, key: Ed25519PrivateKey) -> Alias:
     """Point `alias` back at the version it named before its last move (itself a move, kept
     in the history). RegistryError when it was never moved."""
-    current = read_alias(store, model, alias, trusted_keys() | {key_id(key.public_key()): key.public_key()})
+    current = read_alias(store, model, alias, _trusting(key))
     if current is None or current.previous is None:
         raise RegistryError(f"alias {alias} of {model} has no previous version to roll back to")
     return move_alias(store, model, alias, current.previous, why, key, expect=current.version)
@@ -289,7 +299,7 @@ def list_versions(store: StoreSession, model: str) -> list[Version]:
     for version in versions:
         if version == ALIASES:
             continue
-        body = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST}")
+        body = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST_NAME}")
         if body is None:
             continue  # an upload cut short: not a release
         manifest = json.loads(body)
