@@ -61,14 +61,17 @@ def _status(err: ClientError) -> int:
 @pytest.mark.faults
 def test_the_store_honours_if_none_match_and_if_match_under_concurrency(store) -> None:
     """Eight writers at once: one creates a key with If-None-Match, the rest get 412; eight
-    writers holding the same ETag: one replaces it with If-Match, the rest get 412."""
+    writers holding the same ETag: one replaces it with If-Match, the rest get 412. Every
+    body differs from every other, in both rounds: a replacement that wrote the bytes the
+    key already held would keep its ETag, and a second If-Match would then rightly pass."""
     key = "conditions/probe.json"
     barrier = threading.Barrier(8)
 
     def put(i: int, **condition: str) -> int:
+        body = f"{'creator' if 'IfNoneMatch' in condition else 'replacer'} {i}".encode()
         barrier.wait()
         try:
-            store.client.put_object(Bucket=store.bucket, Key=key, Body=f"writer {i}".encode(), **condition)
+            store.client.put_object(Bucket=store.bucket, Key=key, Body=body, **condition)
             return 200
         except ClientError as err:
             return _status(err)
