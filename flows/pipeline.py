@@ -25,6 +25,7 @@ from tasks.wiring import curve_runs_dir, finish_evaluate, run_curve_point, run_s
 from tlpipe.bundled import materialize_inputs
 from tlpipe.curve import CurvePoint, curve_workers, one_thread
 from tlpipe.files import fresh_dir
+from tlpipe.gates import PromotionHeld
 from tlpipe.params import load_params
 from tlpipe.report import REPORT, write_report
 from tlpipe.setting import primary_metric, spec
@@ -178,6 +179,17 @@ def report() -> str:
     return markdown
 
 
+def refuse_held(published: Any) -> None:
+    """Fail the run, once its report is written, when publish kept production from the
+    version it published (a Prefect failure: what a failed-run automation acts on)."""
+    held = getattr(published, "held", ())  # a PublishResult; nothing when publish was up to date
+    if held:
+        raise PromotionHeld(
+            f"{published.version} is published and named candidate, but production was not moved: "
+            + "; ".join(held)
+        )
+
+
 STAGE_TASKS = {
     "prepare": prepare,
     "validate": validate,
@@ -221,8 +233,10 @@ def pipeline(params_file: str | None = None, overrides: dict[str, Any] | None = 
         evaluate(tuning, curve_point.map(curve_plan(stale, tuning), unmapped(root)))
         # .result() raises export's own error here: a failed export is never recorded.
         export(exporting.result() if exporting is not None else None)
-        publish()
-        return report()
+        published = publish()
+        markdown = report()
+        refuse_held(published)
+        return markdown
 
 
 @flow(name="tlpipe-stage")

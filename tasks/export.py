@@ -19,7 +19,7 @@ from tlpipe.errors import GateFailed
 from tlpipe.faults import failpoint
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import ExportParams
-from tlpipe.serve import BUNDLE_JSON, load_bundle
+from tlpipe.serve import BUNDLE_JSON, SERVING, load_bundle, to_wire
 from tlpipe.setting import Exporter
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ def export(
     PyTorch over the whole test split.
 
     With `p.optimize` the setting's fused graph ships when it passes the parity gate, else
-    the plain one. Writes `parity.json`; raises GateFailed unless max |Δlogit| <=
+    the plain one. Writes `parity.json`, and `serving.json`: the shipped bundle's
+    predictions on the exporter's serving inputs (what publish's serving check asks the
+    downloaded bundle for again); raises GateFailed unless max |Δlogit| <=
     p.max_abs_diff and the argmax agrees on every row, when one of the setting's own checks
     (`Exporter.checks`) fails, or when the int8 model's test score is more than
     `p.int8_max_drop` worse than the fp32 model's.
@@ -131,6 +133,11 @@ def export(
                 f"more than export.int8_max_drop {p.int8_max_drop} "
                 "(set export.int8: false to ship fp32 alone)"
             )
+    served = exporter.serving_inputs(prepare_dir)
+    write_json(
+        out_dir / SERVING,
+        {"inputs": [to_wire(x) for x in served], "predictions": load_bundle(bundle_dir).predict(served)},
+    )
     write_json(
         out_dir / "parity.json",
         {

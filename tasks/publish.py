@@ -14,19 +14,23 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tlpipe.data import sha256_file
+from tlpipe.data import read_split, sha256_file
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.files import fresh_dir, write_json
+from tlpipe.gates import Gate, champion_check, serving_check
 from tlpipe.params import Params, PublishParams
-from tlpipe.registry import CANDIDATE, PRODUCTION, model_prefix, move_alias
+from tlpipe.registry import CANDIDATE, PRODUCTION, RegistryError, model_prefix, move_alias, read_alias
 from tlpipe.report import describe_input
-from tlpipe.setting import report_sections, spec
+from tlpipe.serve import SERVING
+from tlpipe.setting import primary_metric, report_sections, spec
 from tlpipe.signing import SIGNATURE, sign, signing_key
 from tlpipe.store import AlreadyExists, StoreSession, object_exists, open_store, read_object, upload_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# The promotion gates' outcome, beside release.json.
+GATES = "gates.json"
 LOCKED_STAGES = ("prepare", "validate", "pretrain", "finetune", "evaluate", "export")
 
 
@@ -38,6 +42,9 @@ class PublishResult:
     already_published: bool
     # The registry's aliases that name this version once published.
     aliases: tuple[str, ...] = ()
+    # Why `production` was kept from this version: each failed gate, named, with its figures
+    # (empty when production names it, or when publish.promote is false).
+    held: tuple[str, ...] = ()
 
 
 def release_prefix(p: PublishParams, version: str) -> str:
@@ -177,17 +184,28 @@ def _put_once(store: StoreSession, path: Path, key: str, sha256: str) -> None:
 
 
 def publish(
-    params: Params, root: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path, store: StoreSession
+    params: Params,
+    root: Path,
+    prepare_dir: Path,
+    export_dir: Path,
+    evaluate_dir: Path,
+    out_dir: Path,
+    store: StoreSession,
 ) -> PublishResult:
-    """Gate, push the DVC cache, then upload the release under a content-addressed version.
+    """Gate, push the DVC cache, upload the release under a content-addressed version, move
+    `candidate` to it, and `production` too when it passes the promotion gates.
 
     Files go up first, each with a conditional write that never overwrites; then
     manifest.json (SHA-256 of every file, git commit, dvc.lock output hashes, params); last
     its ed25519 signature (tlpipe.signing), so a release without a signed manifest is
     incomplete and is never read as one. Publishing the same content again finds it signed
-    and uploads nothing. Writes `out_dir/release.json`. Raises GateFailed when a gate file
-    says the model is not fit to ship, StoreError when the store refuses a write,
-    SignatureError when the signing key cannot be read.
+    and uploads nothing. Then `promote` (tlpipe.gates: the champion check on
+    `prepare_dir`'s test split, the serving check on export's serving.json).
+
+    Writes `out_dir/release.json` and `out_dir/gates.json`. Raises GateFailed when a stage's
+    gate file says the model is not fit to ship, StoreError when the store refuses a write,
+    SignatureError when the signing key cannot be read. A version kept from production is
+    not an error here: the result's `held` says why (the flow fails the run on it).
     """
     p = params.publish
     check_gates(
@@ -251,8 +269,16 @@ def publish(
         _sign(store, manifest_key, signature_key, digests, signer, out_dir)
     already = already and signed
     log.info("publish: %s %s", "already released:" if already else "released", uri)
-    aliases = move_aliases(store, model_prefix(p), version, _git_commit(root), signer)
-    result = PublishResult(version, uri, f"s3://{store.bucket}/{manifest_key}", already, aliases)
+    git = _git_commit(root)
+    why = f"published from commit {git['commit'][:12]}" if git.get("commit") else "published"
+    model = model_prefix(p)
+    move_alias(store, model, CANDIDATE, version, why, signer)
+    promotion = promote(params, store, model, version, bundle, prepare_dir, export_dir, root, why, signer)
+    aliases = (CANDIDATE, PRODUCTION) if promotion.after == version else (CANDIDATE,)
+    result = PublishResult(
+        version, uri, f"s3://{store.bucket}/{manifest_key}", already, aliases, promotion.held
+    )
+    write_json(out_dir / GATES, promotion.to_json(version, p.promote))
     write_json(
         out_dir / "release.json",
         {
@@ -263,31 +289,77 @@ def publish(
             "aliases": list(aliases),
         },
     )
+    if promotion.held:
+        log.warning("publish: production stays on %s: %s", promotion.after, "; ".join(promotion.held))
     return result
 
 
-def move_aliases(
-    store: StoreSession, model: str, version: str, git: dict[str, Any], signer: Ed25519PrivateKey
-) -> tuple[str, ...]:
-    """Point `candidate` at the complete, gated release just published; `production` too
-    when no release holds it yet (the first one). A production model is replaced only by
-    `tlpipe promote`, never by a retrain that merely passed its gates. Returns the aliases
-    that now name `version`."""
-    why = f"published from commit {git['commit'][:12]}" if git.get("commit") else "published"
-    move_alias(store, model, CANDIDATE, version, why, signer)
-    production = move_alias(
-        store, model, PRODUCTION, version, f"the first release; {why}", signer, if_unset=True
-    )
-    return (CANDIDATE, PRODUCTION) if production.version == version else (CANDIDATE,)
+@dataclass(frozen=True)
+class Promotion:
+    """The promotion gates' outcome: production before and after, and why it did not move
+    to the version when a gate failed (`held`)."""
+
+    gates: tuple[Gate, ...]
+    before: str | None
+    after: str | None
+    held: tuple[str, ...]
+
+    def to_json(self, version: str, enabled: bool) -> dict[str, Any]:
+        return {
+            "version": version,
+            "promote": enabled,
+            "production": {"before": self.before, "after": self.after, "moved": self.after != self.before},
+            "passed": all(g.passed for g in self.gates),
+            "gates": [g.to_json() for g in self.gates],
+            "held": list(self.held),
+        }
+
+
+def promote(
+    params: Params,
+    store: StoreSession,
+    model: str,
+    version: str,
+    bundle: Path,
+    prepare_dir: Path,
+    export_dir: Path,
+    root: Path,
+    why: str,
+    signer: Ed25519PrivateKey,
+) -> Promotion:
+    """Run the champion and serving checks on `version` (`bundle` is its content) and move
+    `production` to it when both pass and `publish.promote` allows: with If-Match on the
+    production model the champion check scored, so a production move made meanwhile by
+    anyone else is never overwritten (the version is then held, saying so)."""
+    p = params.publish
+    metric = primary_metric(spec(params.setting), params.evaluate.metric)
+    test = read_split(prepare_dir, "test")
+    champion = champion_check(store, model, version, bundle, test, metric, p.champion_tolerance)
+    candidate = f"s3://{store.bucket}/{model}@{CANDIDATE}"
+    serving = serving_check(store, candidate, version, export_dir / SERVING, root)
+    gates = (champion.gate, serving)
+    before = champion.version
+    failed = tuple(f"{g.name} gate: {g.detail}" for g in gates if not g.passed)
+    if failed or not p.promote:
+        return Promotion(gates, before, before, failed)
+    condition: dict[str, Any] = {"expect": before} if before is not None else {"if_unset": True}
+    try:
+        moved = move_alias(store, model, PRODUCTION, version, f"passed its gates; {why}", signer, **condition)
+    except RegistryError as err:
+        current = read_alias(store, model, PRODUCTION)
+        return Promotion(gates, before, current.version if current else None, (f"production: {err}",))
+    if moved.version != version:
+        return Promotion(gates, before, moved.version, (f"production was set to {moved.version} meanwhile",))
+    return Promotion(gates, before, version, ())
 
 
 def publish_to_store(
-    params: Params, root: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path
+    params: Params, root: Path, prepare_dir: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path
 ) -> PublishResult:
     """`publish` to the store `publish.bucket` names (TLPIPE_S3_ENDPOINT, or the embedded
     one, started for the duration of the call)."""
     with open_store(params.publish.bucket) as store:
-        return publish(params, root, export_dir, evaluate_dir, out_dir, store)
+        return publish(params, root, prepare_dir, export_dir, evaluate_dir, out_dir, store)
 
 
 if __name__ == "__main__":

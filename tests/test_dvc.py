@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,11 @@ def _imports(path: Path, *, everywhere: bool) -> set[str]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    # A module run in a child process: `[sys.executable, "-m", "tlpipe.servecheck", ...]`.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List | ast.Tuple):
+            values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            names |= {b for a, b in itertools.pairwise(values) if a == "-m" and isinstance(b, str)}
     files = (_module_file(name) for name in names if name.split(".")[0] in PACKAGES)
     return {f for f in files if f is not None}
 

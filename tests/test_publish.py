@@ -36,6 +36,7 @@ def staged(
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
     p = parse_params(tiny_params())
     shutil.copytree(evaluated, root / "outputs/evaluate")
+    shutil.copytree(prepared, root / "outputs/prepare")
     export(EXPORTER, p.export, finetuned, prepared, root / "outputs/export")
     return root
 
@@ -59,9 +60,8 @@ def _copy(staged: Path, tmp_path: Path) -> Path:
 
 def _publish(root: Path, store, **overrides):
     params = parse_params(tiny_params(**{"publish.bucket": store.bucket, **overrides}))
-    return publish(
-        params, root, root / "outputs/export", root / "outputs/evaluate", root / "outputs/publish", store
-    )
+    out = root / "outputs"
+    return publish(params, root, out / "prepare", out / "export", out / "evaluate", out / "publish", store)
 
 
 def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ while not go.exists():
     time.sleep(0.01)
 with open_store(bucket) as store:
     out = root / "outputs"
-    done = publish(params, root, out / "export", out / "evaluate", out / "publish", store)
+    done = publish(params, root, out / "prepare", out / "export", out / "evaluate", out / "publish", store)
 print(json.dumps({"version": done.version, "already": done.already_published}), flush=True)
 """
 
@@ -313,6 +313,7 @@ def test_a_connection_cut_mid_upload_is_retried_and_the_release_completes(
             done = publish(
                 params,
                 root,
+                root / "outputs/prepare",
                 root / "outputs/export",
                 root / "outputs/evaluate",
                 root / "outputs/publish",
@@ -602,11 +603,12 @@ def test_a_store_restarted_in_the_middle_of_a_publish_ends_with_one_whole_versio
 
 
 @pytest.mark.faults
-def test_a_retrain_moves_candidate_and_only_promote_moves_production(
+def test_without_promote_a_retrain_moves_only_candidate_until_tlpipe_promote(
     staged: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first release becomes production; a later one, though it passed every gate, is
-    only the candidate until `tlpipe promote`; `tlpipe rollback` puts production back."""
+    """The first release passes its gates and becomes production; a later one published
+    with publish.promote false, though it passes every gate too, is only the candidate until
+    `tlpipe promote`; `tlpipe rollback` puts production back."""
     import yaml
     from typer.testing import CliRunner
 
@@ -617,8 +619,10 @@ def test_a_retrain_moves_candidate_and_only_promote_moves_production(
     assert first.aliases == ("candidate", "production")
     parity = root / "outputs/export/parity.json"  # other content: another version
     parity.write_text(json.dumps({**json.loads(parity.read_text()), "note": "retrained"}))
-    second = _publish(root, store, **{"publish.model_name": "aliased"})
-    assert second.version != first.version and second.aliases == ("candidate",)
+    second = _publish(root, store, **{"publish.model_name": "aliased", "publish.promote": False})
+    assert second.version != first.version and second.aliases == ("candidate",) and not second.held
+    gates = json.loads((root / "outputs/publish/gates.json").read_text())
+    assert gates["passed"] and not gates["production"]["moved"]
     assert read_alias(store, "releases/aliased", "production").version == first.version
 
     raw = tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": "aliased"})
@@ -666,3 +670,88 @@ def test_a_connection_cut_inside_a_multipart_upload_is_retried_to_a_whole_object
     body = server.client().get_object(Bucket=LIMITED, Key="multipart/big.bin")["Body"].read()
     assert hashlib.sha256(body).digest() == hashlib.sha256(path.read_bytes()).digest()
     assert not server.client().list_multipart_uploads(Bucket=LIMITED).get("Uploads")
+
+
+def _worse_export(finetuned: Path, prepared: Path, out: Path) -> Path:
+    """export of a deliberately worse model: the fine-tuned one with its classifier head
+    zeroed and its bias on the rarest test label, so it always predicts that label."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = out / "finetune"
+    shutil.copytree(finetuned, model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir / "model")
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    counts = pd.read_parquet(prepared / "test.parquet")["label"].value_counts()
+    rarest = counts.reindex(labels).fillna(0).idxmin()
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([5.0 if label == rarest else 0.0 for label in labels]))
+    model.save_pretrained(model_dir / "model")
+    export(EXPORTER, parse_params(tiny_params()).export, model_dir, prepared, out / "export")
+    return out / "export"
+
+
+@pytest.mark.faults
+def test_production_moves_only_through_the_champion_and_serving_gates(
+    staged: Path, finetuned: Path, prepared: Path, store, tmp_path: Path
+) -> None:
+    """A worse first release becomes production (there is no champion); the fine-tuned
+    model beats it on the re-scored test split and replaces it; the worse model published
+    again is the candidate, but production stays; a served prediction that differs from
+    export's holds production too. Every held run's gates.json names the gate and figures."""
+    from flows.pipeline import refuse_held
+    from tlpipe.gates import PromotionHeld
+
+    model = "releases/champ"
+    good = _copy(staged, tmp_path)
+    worse = tmp_path / "worse"
+    shutil.copytree(good, worse)
+    shutil.rmtree(worse / "outputs/export")
+    shutil.copytree(_worse_export(finetuned, prepared, tmp_path / "worse-stages"), worse / "outputs/export")
+
+    def gates(root: Path) -> dict:
+        return json.loads((root / "outputs/publish/gates.json").read_text())
+
+    first = _publish(worse, store, **{"publish.model_name": "champ"})
+    assert first.aliases == ("candidate", "production") and not first.held
+    serving = gates(worse)["gates"][1]
+    assert serving["name"] == "serving" and serving["passed"], serving
+    assert serving["figures"]["torch_loaded"] is False and serving["figures"]["rows"] == 16
+
+    second = _publish(good, store, **{"publish.model_name": "champ"})
+    champion = gates(good)["gates"][0]
+    assert second.aliases == ("candidate", "production") and not second.held, champion
+    assert champion["passed"] and champion["figures"]["champion"] == first.version
+    assert champion["figures"]["candidate_score"] > champion["figures"]["champion_score"]
+    assert gates(good)["production"] == {"before": first.version, "after": second.version, "moved": True}
+
+    third = _publish(worse, store, **{"publish.model_name": "champ"})
+    assert third.version == first.version and third.already_published
+    assert third.aliases == ("candidate",)
+    assert read_alias(store, model, "production").version == second.version
+    held = gates(worse)
+    assert not held["passed"] and not held["production"]["moved"]
+    assert held["gates"][0]["name"] == "champion" and not held["gates"][0]["passed"]
+    assert held["gates"][0]["figures"]["gain"] < -0.01
+    assert third.held == (f"champion gate: {held['gates'][0]['detail']}",)
+    assert "beyond publish.champion_tolerance 0.01" in third.held[0]
+    with pytest.raises(PromotionHeld, match="production was not moved: champion gate: test accuracy"):
+        refuse_held(third)
+
+    # The good model again, but export's record says another label for one input.
+    recorded = good / "outputs/export/serving.json"
+    body = json.loads(recorded.read_text())
+    body["predictions"][0]["label"] = "not-a-label"
+    recorded.write_text(json.dumps(body))
+    parity = good / "outputs/export/parity.json"  # other content: another version
+    parity.write_text(json.dumps({**json.loads(parity.read_text()), "note": "retrained"}))
+    fourth = _publish(good, store, **{"publish.model_name": "champ"})
+    assert fourth.aliases == ("candidate",)
+    assert read_alias(store, model, "production").version == second.version
+    assert fourth.held == (
+        f"serving gate: s3://{store.bucket}/{model}@candidate: 1 of 16 predictions differ from export's",
+    )
+    assert gates(good)["gates"][1]["figures"]["differ"] == [0]

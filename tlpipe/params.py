@@ -524,6 +524,12 @@ class PublishParams(_Section):
     prefix: str = "releases"
     model_name: str = "model"
     dvc_remote_path: str = "dvc-cache"
+    # Whether publish moves `production` to a version that passes every gate (tlpipe.gates);
+    # false: publish moves `candidate` alone and production moves by `tlpipe promote`.
+    promote: bool = True
+    # How much worse than the production model, on the primary metric and in its units, a
+    # candidate may score on the same test split and still replace it.
+    champion_tolerance: float = Field(0.01, ge=0)
 
     @field_validator("bucket")
     @classmethod

@@ -63,7 +63,13 @@ def pct(x: float) -> str:
 def build(params: Params, root: Path = Path(".")) -> list[Section]:
     """The report's sections from the outputs under `root`; missing stages say so."""
     out = root / "outputs"
-    sections = [_data(params, root), _validation(out), *_evaluation(params, out), _lineage(params, root)]
+    sections = [
+        _data(params, root),
+        _validation(out),
+        *_evaluation(params, out),
+        _promotion(out),
+        _lineage(params, root),
+    ]
     return [s for s in sections if s.blocks]
 
 
@@ -345,6 +351,36 @@ def _evaluation(params: Params, out: Path) -> list[Section]:
         )
 
     return [curve, gate, shipped, strategy, setting.forgetting(m["forgetting"])]
+
+
+def _promotion(out: Path) -> Section:
+    """publish's promotion gates (gates.json): each gate's verdict and figures, and where
+    production stands."""
+    section = Section("Promotion")
+    g = read_json(out / "publish" / "gates.json")
+    if not g:
+        return section
+    production = g["production"]
+    if g["held"]:
+        verdict = (
+            f"**Production was not moved**: it stays on {production['after'] or 'nothing'}; "
+            f"version {g['version']} is published and named `candidate`."
+        )
+    elif production["after"] == g["version"]:
+        moved = "moved to" if production["moved"] else "already named"
+        verdict = f"Production {moved} version {g['version']}: every gate passed."
+    else:
+        verdict = (
+            f"Every gate passed; publish.promote is false, so production stays on "
+            f"{production['after'] or 'nothing'} until `tlpipe promote {g['version']}`."
+        )
+    section.blocks.append(verdict)
+    rows = [[x["name"], "passed" if x["passed"] else "FAILED", x["detail"]] for x in g["gates"]]
+    section.blocks.append(Table(["gate", "result", "figures"], rows))
+    # A reason beyond the gates: production moved by someone else while this run checked.
+    named = tuple(f"{x['name']} gate:" for x in g["gates"])
+    section.blocks.extend(h for h in g["held"] if not h.startswith(named))
+    return section
 
 
 def _lineage(params: Params, root: Path) -> Section:

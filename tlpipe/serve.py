@@ -8,19 +8,27 @@ classifier's, as every bundle was before settings were named).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from tlpipe.setting import Predictor, predictor
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 BUNDLE_JSON = "bundle.json"
 DEFAULT_SETTING = "text-classification"
+# How many test inputs export records the bundle's predictions on (`Exporter.serving_inputs`).
+SERVING_ROWS = 16
+# export's record of those inputs and predictions (outputs/export/serving.json).
+SERVING = "serving.json"
 
 # onnxruntime's CPU SkipLayerNormalization kernel (residual add + layer norm in one op) is a
 # scalar loop with a divide per element, where an Add and the LayerNormalization kernel are
@@ -60,6 +68,26 @@ def top_labels(logits: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]
     probs = shifted / shifted.sum(axis=1, keepdims=True)
     best = probs.argmax(axis=1)
     return [{"label": labels[b], "score": float(probs[i, b])} for i, b in enumerate(best)]
+
+
+def label_scores(logits: np.ndarray, rows: pd.DataFrame, labels: Sequence[str]) -> dict[str, float]:
+    """A classifier's accuracy and macro-F1 from its logits (N, C) on `rows`, whose `label`
+    column must hold labels of the bundle's set (DataError names any other)."""
+    from tlpipe.data import label_ids
+    from tlpipe.metrics import classification_metrics
+
+    y = label_ids(rows, tuple(labels))
+    found = classification_metrics(y, logits.argmax(1), len(labels))
+    return {"accuracy": found["accuracy"], "macro_f1": found["macro_f1"]}
+
+
+def to_wire(value: Any) -> Any:
+    """A raw input as JSON can carry it: bytes (an encoded image) as {"base64": ...}."""
+    return {"base64": base64.b64encode(value).decode("ascii")} if isinstance(value, bytes) else value
+
+
+def from_wire(value: Any) -> Any:
+    return base64.b64decode(value["base64"]) if isinstance(value, dict) and "base64" in value else value
 
 
 def require_files(path: Path, names: tuple[str, ...]) -> None:

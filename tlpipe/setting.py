@@ -338,6 +338,12 @@ class Exporter(Protocol):
         """`quality_metric` of `outputs` on the test split."""
         ...
 
+    def serving_inputs(self, prepare_dir: Path) -> list[Any]:
+        """Real test inputs, raw as a client sends them (texts, encoded images, prompts):
+        export records the bundle's predictions on them, and publish's serving check asks
+        the downloaded bundle for the same ones."""
+        ...
+
     def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
         """The setting's own parity checks of the bundle beyond its outputs (a language
         model's greedy continuations): (what parity.json records, each failure)."""
@@ -357,6 +363,11 @@ class Predictor(Protocol):
 
     def predict(self, rows: Sequence[Any], batch_size: int = 64) -> list[dict[str, Any]]:
         """One prediction (a JSON-ready dict) per raw input row."""
+        ...
+
+    def score(self, rows: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
+        """Every metric of the setting (`SettingSpec.metrics`) on a prepared split's rows,
+        the way the bundle serves them: what the champion check compares."""
         ...
 
     @staticmethod

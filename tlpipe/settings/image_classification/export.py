@@ -16,7 +16,7 @@ import torch
 from tlpipe.data import label_ids, read_split
 from tlpipe.files import write_json
 from tlpipe.quantize import quantize_static_int8
-from tlpipe.serve import BUNDLE_JSON
+from tlpipe.serve import BUNDLE_JSON, SERVING_ROWS
 from tlpipe.setting import Metric
 from tlpipe.settings.image_classification import METRICS, SPEC
 from tlpipe.settings.image_classification.classifier import predict_logits
@@ -74,6 +74,9 @@ class ImageExporter:
             images += list(read_split(prepare_dir, split)["image"][: CALIBRATION_ROWS - len(images)])
         calibration = self.preprocessor.normalise(self.preprocessor.batch_pixels(images))
         return quantize_static_int8(src, dst, INPUT_NAME, calibration)
+
+    def serving_inputs(self, prepare_dir: Path) -> list[Any]:
+        return list(read_split(prepare_dir, "test")["image"].head(SERVING_ROWS))
 
     def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
         """Nothing beyond the outputs' parity: a classifier's outputs are its logits."""

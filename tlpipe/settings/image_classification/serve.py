@@ -12,14 +12,17 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlpipe.images import IMAGE_SUFFIXES, image_files
-from tlpipe.serve import BUNDLE_JSON, precision_session, require_files, top_labels
+from tlpipe.serve import BUNDLE_JSON, label_scores, precision_session, require_files, top_labels
 from tlpipe.settings.image_classification.preprocess import FILE as PREPROCESSOR_FILE
 from tlpipe.settings.image_classification.preprocess import Preprocessor
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BUNDLE_FILES = ("model.onnx", PREPROCESSOR_FILE, BUNDLE_JSON)
 INPUT_NAME = "pixel_values"
@@ -74,6 +77,12 @@ class ImageBundle:
         """Label and softmax score per encoded image."""
         logits = self.outputs(self.prepare(rows), batch_size)
         return top_labels(logits, self.spec.labels)
+
+    def score(self, rows: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and macro-F1 on labelled rows (an `image` column of encoded images and a
+        `label` column)."""
+        logits = self.outputs(self.prepare(rows["image"].tolist()), batch_size)
+        return label_scores(logits, rows, self.spec.labels)
 
     @staticmethod
     def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[bytes]]:

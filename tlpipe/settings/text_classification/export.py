@@ -18,7 +18,7 @@ from tlpipe.checkpoint import read_meta
 from tlpipe.data import label_ids, read_split, texts
 from tlpipe.files import write_json
 from tlpipe.quantize import quantize_dynamic_int8
-from tlpipe.serve import BUNDLE_JSON
+from tlpipe.serve import BUNDLE_JSON, SERVING_ROWS
 from tlpipe.setting import Metric
 from tlpipe.settings.text_classification import METRICS, SPEC
 from tlpipe.settings.text_classification.classifier import predict_logits
@@ -125,6 +125,9 @@ class ClassifierExporter:
 
     def quantize(self, src: Path, dst: Path, prepare_dir: Path) -> dict[str, Any]:
         return quantize_dynamic_int8(src, dst)
+
+    def serving_inputs(self, prepare_dir: Path) -> list[Any]:
+        return texts(read_split(prepare_dir, "test").head(SERVING_ROWS))
 
     def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
         """Nothing beyond the outputs' parity: a classifier's outputs are its logits."""

@@ -11,13 +11,16 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlpipe.batching import length_batches, pad_arrays
-from tlpipe.serve import BUNDLE_JSON, precision_session, read_texts, require_files, top_labels
+from tlpipe.serve import BUNDLE_JSON, label_scores, precision_session, read_texts, require_files, top_labels
 from tlpipe.settings.text_classification.text import encode, load_tokenizer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BUNDLE_FILES = ("model.onnx", "tokenizer.json", BUNDLE_JSON)
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -86,6 +89,11 @@ class ClassifierBundle:
         """Label and softmax score per text."""
         logits = self.outputs(self.encode(rows), batch_size)
         return top_labels(logits, self.spec.labels)
+
+    def score(self, rows: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and macro-F1 on labelled rows (a `text` and a `label` column)."""
+        logits = self.outputs(self.encode(rows["text"].astype(str).tolist()), batch_size)
+        return label_scores(logits, rows, self.spec.labels)
 
     @staticmethod
     def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:

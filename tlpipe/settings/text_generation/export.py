@@ -31,6 +31,7 @@ from tlpipe.settings.text_generation.serve import (
     STATE_OUT,
     BundleSpec,
     LanguageModelBundle,
+    next_token_nll,
 )
 from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE, eos_id, load_tokenizer, token_stream
 
@@ -202,17 +203,17 @@ class LanguageModelExporter:
 
     def quality(self, outputs: np.ndarray, prepare_dir: Path) -> float:
         """The mean loss per token of `outputs` (N, block, V) on the test blocks' next tokens."""
-        targets = self._test_blocks(prepare_dir)[:, 1:]
-        shifted = outputs - outputs.max(-1, keepdims=True)
-        log_z = np.log(np.exp(shifted).sum(-1))
-        picked = np.take_along_axis(shifted, targets[..., None], -1)[..., 0]
-        return float((log_z - picked).mean())
+        return float(next_token_nll(outputs, self._test_blocks(prepare_dir)[:, 1:]).mean())
+
+    def serving_inputs(self, prepare_dir: Path) -> list[Any]:
+        """The first words of PARITY_PROMPTS test texts, as prompts."""
+        return [" ".join(t.split()[:3]) for t in texts(read_split(prepare_dir, "test"))[:PARITY_PROMPTS]]
 
     def checks(self, bundle_dir: Path, prepare_dir: Path) -> tuple[dict[str, Any], list[str]]:
         """onnxruntime and PyTorch continue the same prompts with the same greedy tokens."""
         bundle = LanguageModelBundle(bundle_dir)
         s = Sampling(greedy=True, max_new_tokens=PARITY_NEW_TOKENS)
-        prompts = [" ".join(t.split()[:3]) for t in texts(read_split(prepare_dir, "test"))[:PARITY_PROMPTS]]
+        prompts = self.serving_inputs(prepare_dir)
         differ = []
         tokens = 0
         for prompt in prompts:

@@ -12,21 +12,29 @@ not the whole text.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from tlpipe.serve import BUNDLE_JSON, precision_session, read_texts, require_files
 from tlpipe.settings.text_generation.sampling import Sampling, new_tokens, next_token
-from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE
+from tlpipe.settings.text_generation.tokenizer import TOKENIZER_FILE, token_stream
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BUNDLE_FILES = ("model.onnx", TOKENIZER_FILE, BUNDLE_JSON)
 INPUT_NAME = "input_ids"
 LOGITS = "logits"
+# How `score` reads a text stream: blocks of this many tokens (or the model's most
+# positions), this many blocks per call.
+SCORE_BLOCK = 128
+SCORE_BATCH = 8
 # The graph's state inputs; each output is the same name with this suffix.
 STATE_OUT = "_out"
 
@@ -86,6 +94,27 @@ class LanguageModelBundle:
         s = Sampling(greedy=True)
         return [{"prompt": prompt, "continuation": self.generate(prompt, s)} for prompt in rows]
 
+    def score(self, rows: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
+        """Loss per token and perplexity on the rows' `text` column as one token stream (each
+        text read from a text boundary, as evaluate reads it), in blocks of up to SCORE_BLOCK
+        tokens, each from a fresh state. Both are per token of this bundle's tokenizer."""
+        stream = token_stream(self.tokenizer, rows["text"].astype(str).tolist()).astype(np.int64)
+        block = min(SCORE_BLOCK, self.spec.max_positions or SCORE_BLOCK)
+        starts = np.arange(0, max(len(stream) - 1, 0), block)
+        full = starts[starts + block + 1 <= len(stream)]
+        nll = [
+            next_token_nll(self.step(windows[:, :-1])[0], windows[:, 1:])
+            for i in range(0, len(full), SCORE_BATCH)
+            for windows in [stream[full[i : i + SCORE_BATCH, None] + np.arange(block + 1)]]
+        ]
+        if len(full) < len(starts):  # the shorter last block
+            window = stream[None, int(starts[len(full)]) :]
+            nll.append(next_token_nll(self.step(window[:, :-1])[0], window[:, 1:]))
+        if not nll:
+            raise ValueError(f"{len(rows)} rows hold too little text to score (under two tokens)")
+        loss = float(np.concatenate(nll).mean())
+        return {"loss": loss, "perplexity": math.exp(loss)}
+
     @staticmethod
     def read_inputs(path: Path, column: str, chunk_rows: int) -> Iterator[list[str]]:
         """Prompts from a CSV / TSV / JSONL / Parquet file's `column` or a text file's lines."""
@@ -134,6 +163,13 @@ class LanguageModelBundle:
 
     def generate(self, prompt: str, s: Sampling) -> str:
         return "".join(self.stream(prompt, s))
+
+
+def next_token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The negative log-likelihood (nats) of each target (B, T) under logits (B, T, V)."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(-1))
+    return (log_z - np.take_along_axis(shifted, targets[..., None], -1)[..., 0]).ravel()
 
 
 def decoded_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
