@@ -123,7 +123,7 @@ def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, r
         start = time.perf_counter()
         try:
             done = subprocess.run(
-                command, cwd=root, env=_child_env(store), capture_output=True, text=True,
+                command, cwd=root, env={**os.environ, **store.env}, capture_output=True, text=True,
                 timeout=SERVING_TIMEOUT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -163,10 +163,6 @@ def same_prediction(served: dict[str, Any], recorded: dict[str, Any]) -> bool:
         elif got != value:
             return False
     return True
-
-
-def _child_env(store: StoreSession) -> dict[str, str]:
-    return {**os.environ, **store.env}
 
 
 class PromotionHeld(TlpipeError):

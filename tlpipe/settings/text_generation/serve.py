@@ -102,11 +102,10 @@ class LanguageModelBundle:
         block = min(SCORE_BLOCK, self.spec.max_positions or SCORE_BLOCK)
         starts = np.arange(0, max(len(stream) - 1, 0), block)
         full = starts[starts + block + 1 <= len(stream)]
-        nll = [
-            next_token_nll(self.step(windows[:, :-1])[0], windows[:, 1:])
-            for i in range(0, len(full), SCORE_BATCH)
-            for windows in [stream[full[i : i + SCORE_BATCH, None] + np.arange(block + 1)]]
-        ]
+        nll = []
+        for i in range(0, len(full), SCORE_BATCH):
+            windows = stream[full[i : i + SCORE_BATCH, None] + np.arange(block + 1)]  # (B, block + 1)
+            nll.append(next_token_nll(self.step(windows[:, :-1])[0], windows[:, 1:]))
         if len(full) < len(starts):  # the shorter last block
             window = stream[None, int(starts[len(full)]) :]
             nll.append(next_token_nll(self.step(window[:, :-1])[0], window[:, 1:]))
