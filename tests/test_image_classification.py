@@ -222,6 +222,10 @@ def test_the_exported_bundle_serves_without_torch_at_parity(
     assert (ort_out.argmax(1) == torch_out.argmax(1)).all()
     np.testing.assert_allclose(served.outputs(inputs, 1), ort_out, atol=1e-5)  # the batch axis is dynamic
     assert exporter.quality(torch_out, prepare_dir) > 0.7
+    # The champion check's score: raw test rows through the bundle, as served.
+    scored = served.score(test)
+    assert scored["accuracy"] == pytest.approx(exporter.quality(ort_out, prepare_dir))
+    assert 0 < scored["macro_f1"] <= 1
 
     # Static int8: every convolution runs on int8 activations calibrated on train, then val,
     # images (never test); no ConvInteger, which onnxruntime runs without vectorisation.

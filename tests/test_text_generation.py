@@ -320,6 +320,21 @@ def test_streamed_pieces_are_whole_characters(lm_bundle, tok) -> None:
     assert "".join(bundle.stream("@united", s)) == bundle.generate("@united", s)
 
 
+def test_the_bundle_scores_text_as_evaluate_does_in_pytorch(lm_bundle, tok, corpora) -> None:
+    """The champion check's score (onnxruntime, each block from a fresh state) is the loss
+    per token evaluate computes in PyTorch over the same stream and blocks."""
+    from tlpipe.settings.text_generation.serve import SCORE_BLOCK
+
+    bundle_dir, model = lm_bundle
+    bundle = LanguageModelBundle(bundle_dir)
+    texts = list(corpora[1][:60])
+    got = bundle.score(pd.DataFrame({"text": texts}))
+    block = min(SCORE_BLOCK, bundle.spec.max_positions or SCORE_BLOCK)
+    want = scores(stream_nll(model, token_stream(tok, texts), block, 8))
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-4)
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+
+
 def test_a_language_model_bundle_generates_without_torch(lm_bundle) -> None:
     script = (
         "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
