@@ -12,12 +12,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from tlpipe.checkpoint import WEIGHTS, read_meta
+from tlpipe.data import sha256_file
 from tlpipe.errors import GateFailed
 from tlpipe.faults import failpoint
 from tlpipe.files import fresh_dir, write_json
+from tlpipe.lineage import LINEAGE
 from tlpipe.params import ExportParams
 from tlpipe.serve import BUNDLE_JSON, SERVING, load_bundle, to_wire
 from tlpipe.setting import Exporter
@@ -48,13 +52,29 @@ def _bundle_json(bundle_dir: Path, **fields: object) -> None:
     write_json(path, {**json.loads(path.read_text()), **fields})
 
 
+def lineage(model_dir: Path, bundle_dir: Path) -> dict[str, Any]:
+    """Where the bundle's graphs came from, for the release manifest: the source model (its
+    inputs, starting checkpoint and weights), the fine-tuned checkpoint (its inputs,
+    strategy and weights) and the SHA-256 of every ONNX file exported from it."""
+    meta = read_meta(model_dir)
+    return {
+        "source_model": meta.get("source"),
+        "finetuned": {
+            "inputs": meta.get("inputs"),
+            "strategy": meta.get("params", {}).get("strategy"),
+            "weights": sha256_file(model_dir / WEIGHTS),
+        },
+        "onnx": {f.name: sha256_file(f) for f in sorted(bundle_dir.glob("*.onnx"))},
+    }
+
+
 def export(
     exporter_of: type[Exporter], p: ExportParams, finetune_dir: Path, prepare_dir: Path, out_dir: Path
 ) -> ExportResult:
     """Export `finetune_dir/model` through the setting's `exporter_of` to `out_dir/bundle`
     (model.onnx, with `p.int8` model.int8.onnx, the preprocessor's files, bundle.json
-    naming the setting) and compare onnxruntime, through the bundle's own predictor, with
-    PyTorch over the whole test split.
+    naming the setting; `lineage.json` beside it) and compare onnxruntime, through the
+    bundle's own predictor, with PyTorch over the whole test split.
 
     With `p.optimize` the setting's fused graph ships when it passes the parity gate, else
     the plain one. Writes `parity.json`, and `serving.json`: the shipped bundle's
@@ -133,6 +153,7 @@ def export(
                 f"more than export.int8_max_drop {p.int8_max_drop} "
                 "(set export.int8: false to ship fp32 alone)"
             )
+    write_json(out_dir / LINEAGE, lineage(finetune_dir / "model", bundle_dir))
     served = exporter.serving_inputs(prepare_dir)
     write_json(
         out_dir / SERVING,

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlpipe.checkpoint import seed_everything
+from tlpipe.checkpoint import WEIGHTS, seed_everything, source_lineage
 from tlpipe.data import read_split, sha256_file
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, FinetuneParams
@@ -73,8 +73,9 @@ def finetune(
             "params": p.model_dump(mode="json"),
             "labels": list(data.labels),
             "inputs": {name: sha256_file(prepare_dir / f"{name}.parquet") for name in ("train", "val")}
-            | {"source_model": sha256_file(source_dir / "model.safetensors")},
+            | {"source_model": sha256_file(source_dir / WEIGHTS)},
             "max_length": p.max_length,
+            "source": source_lineage(source_dir),
         },
     )
     write_json(

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlpipe.checkpoint import META_FILE, seed_everything
+from tlpipe.checkpoint import META_FILE, init_record, seed_everything
 from tlpipe.data import read_split, sha256_file, source_split
 from tlpipe.files import fresh_dir, write_json
 from tlpipe.params import DataParams, PretrainParams, pretrain_objective
@@ -69,6 +69,7 @@ def pretrain(
     held_out, train = source_split(read_split(prepare_dir, "source"))
     with tempfile.TemporaryDirectory() as download:
         init_dir = setting.resolve_init(p.init_from, p, Path(download)) if p.init_from is not None else None
+        meta["init"] = init_record(p.init_from, init_dir)
         run = setting.pretrain(p, objective, labels, train, held_out, init_dir, resume)
 
     if objective == "supervised":
@@ -97,7 +98,9 @@ def _use_as_is(
     """No source, or steps: 0: the checkpoint unchanged."""
     assert p.init_from is not None
     with tempfile.TemporaryDirectory() as download:
-        setting.copy_checkpoint(setting.resolve_init(p.init_from, p, Path(download)), model_dir)
+        init_dir = setting.resolve_init(p.init_from, p, Path(download))
+        setting.copy_checkpoint(init_dir, model_dir)
+        meta["init"] = init_record(p.init_from, init_dir)
     write_json(model_dir / META_FILE, meta)
     write_json(out_dir / "metrics.json", {"objective": None, "source": source, "steps": 0})
     (out_dir / "history.csv").write_text("step,loss,lr\n")

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tlpipe.data import read_split, sha256_file
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.files import fresh_dir, write_json
-from tlpipe.gates import Gate, champion_check, serving_check
+from tlpipe.gates import Champion, Gate, champion_check, serving_check
+from tlpipe.lineage import release_lineage
 from tlpipe.params import Params, PublishParams
 from tlpipe.registry import CANDIDATE, PRODUCTION, RegistryError, model_prefix, move_alias, read_alias
 from tlpipe.report import describe_input
@@ -71,12 +72,65 @@ def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_d
         )
 
 
-def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], version: str) -> str:
+def model_card(
+    params: Params,
+    metrics: dict[str, Any],
+    parity: dict[str, Any],
+    version: str,
+    lineage: dict[str, Any],
+    champion: Gate,
+) -> str:
+    """The release's README.md, a Hugging Face-style model card: YAML front matter
+    (license, pipeline tag, base model, the input data sets with their hashes, and a
+    model-index of the test scores: this model, the from-scratch control, the trivial
+    baseline and the production model it was compared with) over what the model is, how it
+    compares, its intended use and limits, and how to run it."""
     g, baseline = metrics["gate"], metrics["baseline"]
     what, shipped = report_sections(params.setting).card(params, metrics)
     source = params.data.source
+    split = {"name": f"{describe_input(params.data.target)} test split", "type": params.data.target.path}
+    at = f"at {g['rows']} {g['unit']}"
+    scores = [
+        *(
+            {"type": key, "value": metrics["shipped"][key], "name": f"test {key}"}
+            for key in spec(params.setting).metrics
+        ),
+        {"type": g["metric"], "value": g["scratch"], "name": f"from-scratch control {at}"},
+        {"type": g["metric"], "value": g["transfer"], "name": f"transfer {at}"},
+        {"type": g["metric"], "value": baseline["scores"][g["metric"]], "name": baseline["predictor"]},
+    ]
+    figures = champion.figures
+    if "champion_score" in figures:
+        name = f"production {figures['champion']}"
+        scores.append({"type": figures["metric"], "value": figures["champion_score"], "name": name})
+    front: dict[str, Any] = {
+        "license": params.publish.license,
+        "library_name": "onnx",
+        "pipeline_tag": params.setting,
+        "tags": ["tlpipe", "onnx", "transfer-learning"],
+    }
+    if params.pretrain.init_from is not None:
+        front["base_model"] = params.pretrain.init_from
+    inputs = {role: entry for role, entry in lineage["inputs"].items() if entry}  # no source: None
+    front["datasets"] = [entry["path"] for entry in inputs.values()]
+    front["dataset_hashes"] = {
+        role: {"path": entry["path"], "rows": entry["rows"], "sha256": entry["files"]}
+        for role, entry in inputs.items()
+    }
+    front["model-index"] = [
+        {
+            "name": params.publish.model_name,
+            "results": [
+                {"task": {"type": params.setting}, "dataset": {**split, "split": "test"}, "metrics": scores}
+            ],
+        }
+    ]
     return "\n".join(
         [
+            "---",
+            yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+            "---",
+            "",
             f"# {params.publish.model_name} {version}",
             "",
             what,
@@ -88,16 +142,28 @@ def model_card(params: Params, metrics: dict[str, Any], parity: dict[str, Any], 
             "",
             shipped,
             "",
-            f"Transfer vs a from-scratch control at {g['rows']} training rows ({g['seeds']} seeds), "
+            f"Transfer vs a from-scratch control at {g['rows']} training {g['unit']} ({g['seeds']} seeds), "
             f"test {g['metric']}: {g['transfer']:.4f} vs {g['scratch']:.4f}, gain {g['gain']:+.4f} "
             f"({g['confidence']:.0%} interval [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]).",
+            "",
+            f"Against the production model when this version was first published: {champion.detail}.",
             "",
             f"ONNX parity on the test split: max |Δlogit| {parity['max_abs_diff']:.2e}, "
             f"argmax agreement {parity['argmax_agreement']:.2%}.",
             "",
-            "Run it with onnxruntime alone: `tlpipe predict --bundle <this prefix> --input FILE`.",
-            "Every file's SHA-256 is in manifest.json, which is written last: "
-            "a release without it is incomplete.",
+            "## Intended use and limitations",
+            "",
+            f"For data like its target, {describe_input(params.data.target)}: every score above is "
+            "measured on test rows drawn from that input, so none of them says how it fares on another "
+            "domain, another period or another population; measure it there before relying on it. "
+            "It inherits what its source data and starting model hold, biases included.",
+            "",
+            "## How to run it",
+            "",
+            "With onnxruntime alone, no PyTorch: `tlpipe predict --bundle "
+            f"s3://{params.publish.bucket}/{release_prefix(params.publish, version)} "
+            "--input FILE`, or `tlpipe lineage` for where it came from. Every file's SHA-256 is in "
+            "manifest.json, signed last: a release without a good signature is incomplete and is never read.",
             "",
         ]
     )
@@ -195,12 +261,13 @@ def publish(
     """Gate, push the DVC cache, upload the release under a content-addressed version, move
     `candidate` to it, and `production` too when it passes the promotion gates.
 
-    Files go up first, each with a conditional write that never overwrites; then
-    manifest.json (SHA-256 of every file, git commit, dvc.lock output hashes, params); last
-    its ed25519 signature (tlpipe.signing), so a release without a signed manifest is
-    incomplete and is never read as one. Publishing the same content again finds it signed
-    and uploads nothing. Then `promote` (tlpipe.gates: the champion check on
-    `prepare_dir`'s test split, the serving check on export's serving.json).
+    The champion check (tlpipe.gates, on `prepare_dir`'s test split) runs first: the model
+    card (README.md) reports it. Files go up next, each with a conditional write that never
+    overwrites; then manifest.json (SHA-256 of every file, git commit, dvc.lock output
+    hashes, params, the lineage from the input data to the ONNX files); last its ed25519
+    signature (tlpipe.signing), so a release without a signed manifest is incomplete and is
+    never read as one. Publishing the same content again finds it signed and uploads
+    nothing. Then `promote` (the serving check on export's serving.json).
 
     Writes `out_dir/release.json` and `out_dir/gates.json`. Raises GateFailed when a stage's
     gate file says the model is not fit to ship, StoreError when the store refuses a write,
@@ -228,9 +295,20 @@ def publish(
     fresh_dir(out_dir)
 
     push_dvc_cache(root, store, p.dvc_remote_path)
+    model = model_prefix(p)
+    metric = primary_metric(spec(params.setting), params.evaluate.metric)
+    test = read_split(prepare_dir, "test")
+    champion = champion_check(store, model, version, bundle, test, metric, p.champion_tolerance)
+    lineage = release_lineage(prepare_dir, export_dir)
 
+    # The card is part of the release: one an earlier attempt at this version uploaded is
+    # kept (it says how the version compared when first published).
     card = out_dir / "README.md"
-    card.write_text(model_card(params, metrics, parity, version))
+    stored_card = read_object(store.client, store.bucket, f"{prefix}/README.md")
+    if stored_card is not None:
+        card.write_bytes(stored_card)
+    else:
+        card.write_text(model_card(params, metrics, parity, version, lineage, champion.gate))
     files["README.md"] = card
     digests["README.md"] = sha256_file(card)
 
@@ -252,6 +330,7 @@ def publish(
             "dvc_lock": _lock_hashes(root / "dvc.lock"),
             "params": params.as_dict(),
             "setting": params.setting,
+            "lineage": lineage,
             "metrics": {
                 **{key: metrics["shipped"][key] for key in spec(params.setting).metrics},
                 "gate": metrics["gate"],
@@ -271,9 +350,8 @@ def publish(
     log.info("publish: %s %s", "already released:" if already else "released", uri)
     git = _git_commit(root)
     why = f"published from commit {git['commit'][:12]}" if git.get("commit") else "published"
-    model = model_prefix(p)
     move_alias(store, model, CANDIDATE, version, why, signer)
-    promotion = promote(params, store, model, version, bundle, prepare_dir, export_dir, root, why, signer)
+    promotion = promote(params, store, model, version, champion, export_dir, root, why, signer)
     aliases = (CANDIDATE, PRODUCTION) if promotion.after == version else (CANDIDATE,)
     result = PublishResult(
         version, uri, f"s3://{store.bucket}/{manifest_key}", already, aliases, promotion.held
@@ -320,21 +398,17 @@ def promote(
     store: StoreSession,
     model: str,
     version: str,
-    bundle: Path,
-    prepare_dir: Path,
+    champion: Champion,
     export_dir: Path,
     root: Path,
     why: str,
     signer: Ed25519PrivateKey,
 ) -> Promotion:
-    """Run the champion and serving checks on `version` (`bundle` is its content) and move
-    `production` to it when both pass and `publish.promote` allows: with If-Match on the
-    production model the champion check scored, so a production move made meanwhile by
-    anyone else is never overwritten (the version is then held, saying so)."""
+    """Run the serving check on `version` and move `production` to it when that and the
+    `champion` check passed and `publish.promote` allows: with If-Match on the production
+    model the champion check scored, so a production move made meanwhile by anyone else is
+    never overwritten (the version is then held, saying so)."""
     p = params.publish
-    metric = primary_metric(spec(params.setting), params.evaluate.metric)
-    test = read_split(prepare_dir, "test")
-    champion = champion_check(store, model, version, bundle, test, metric, p.champion_tolerance)
     candidate = f"s3://{store.bucket}/{model}@{CANDIDATE}"
     serving = serving_check(store, candidate, version, export_dir / SERVING, root)
     gates = (champion.gate, serving)

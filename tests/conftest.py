@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from tlpipe.bundled import materialize
 from tlpipe.params import Params, parse_params
 from tlpipe.setting import get_exporter, get_setting
 from tlpipe.settings.text_classification.rows import ROWS
+from tlpipe.store import StoreSession, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
@@ -172,6 +176,62 @@ def evaluated(
     out = tmp_path_factory.mktemp("evaluate") / "evaluate"
     evaluate(get_setting(p.setting), p.evaluate, p.finetune, p.data, pretrained, finetuned, prepared, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def staged(
+    evaluated: Path, finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A git + DVC project folder holding prepare, evaluate and export outputs (what
+    publish reads)."""
+    from tasks.export import export
+
+    root = tmp_path_factory.mktemp("publish-project")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    p = parse_params(tiny_params())
+    shutil.copytree(evaluated, root / "outputs/evaluate")
+    shutil.copytree(prepared, root / "outputs/prepare")
+    export(get_exporter(p.setting), p.export, finetuned, prepared, root / "outputs/export")
+    return root
+
+
+@contextlib.contextmanager
+def embedded_store(bucket: str, root: Path) -> Iterator[StoreSession]:
+    """A session on a SeaweedFS of its own under `root`, whatever TLPIPE_S3_ENDPOINT says
+    (restored afterwards)."""
+    saved = os.environ.pop("TLPIPE_S3_ENDPOINT", None)
+    try:
+        with open_store(bucket, root=root) as session:
+            yield session
+    finally:
+        if saved is not None:
+            os.environ["TLPIPE_S3_ENDPOINT"] = saved
+
+
+def worse_export(finetuned: Path, prepared: Path, out: Path) -> Path:
+    """export of a deliberately worse model: the fine-tuned one with its classifier head
+    zeroed and its bias on the rarest test label, so it always predicts that label."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.export import export
+
+    model_dir = out / "finetune"
+    shutil.copytree(finetuned, model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir / "model")
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    counts = pd.read_parquet(prepared / "test.parquet")["label"].value_counts()
+    rarest = counts.reindex(labels).fillna(0).idxmin()
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([5.0 if label == rarest else 0.0 for label in labels]))
+    model.save_pretrained(model_dir / "model")
+    p = parse_params(tiny_params())
+    export(get_exporter(p.setting), p.export, model_dir, prepared, out / "export")
+    return out / "export"
 
 
 def make_project(root: Path, sample_csv: Path, raw_params: dict[str, Any]) -> Path:

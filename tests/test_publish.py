@@ -12,50 +12,43 @@ from pathlib import Path
 
 import pytest
 
-from tasks.export import export
 from tasks.publish import publish
-from tests.conftest import REPO, tiny_params
+from tests.conftest import REPO, embedded_store, tiny_params, worse_export
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
 from tlpipe.registry import RegistryError, read_alias
 from tlpipe.release import fetch_release
 from tlpipe.serve import load_bundle
-from tlpipe.settings.text_classification.export import EXPORTER
 from tlpipe.store import open_store
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def staged(
-    evaluated: Path, finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A git + DVC project folder holding evaluate and export outputs."""
-    root = tmp_path_factory.mktemp("publish-project")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
-    p = parse_params(tiny_params())
-    shutil.copytree(evaluated, root / "outputs/evaluate")
-    shutil.copytree(prepared, root / "outputs/prepare")
-    export(EXPORTER, p.export, finetuned, prepared, root / "outputs/export")
-    return root
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
-    import os
-
-    saved = os.environ.pop("TLPIPE_S3_ENDPOINT", None)
-    with open_store("tlpipe-publish", root=tmp_path_factory.mktemp("store")) as session:
+    with embedded_store("tlpipe-publish", tmp_path_factory.mktemp("store")) as session:
         yield session
-    if saved is not None:
-        os.environ["TLPIPE_S3_ENDPOINT"] = saved
 
 
 def _copy(staged: Path, tmp_path: Path) -> Path:
     root = tmp_path / "proj"
     shutil.copytree(staged, root)
     return root
+
+
+def _cli_project(root: Path, store, monkeypatch: pytest.MonkeyPatch, **overrides) -> None:
+    """Make `root` a project the `tlpipe` commands run in (params.yaml naming the store's
+    bucket and `overrides`), reaching `store`."""
+    import yaml
+
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(tiny_params(**{"publish.bucket": store.bucket, **overrides}))
+    )
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(root)
+    for key, value in store.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TLPIPE_S3_ENDPOINT", store.endpoint_url)
 
 
 def _publish(root: Path, store, **overrides):
@@ -157,7 +150,7 @@ PUBLISHER = """
 import json, sys, time
 from pathlib import Path
 from tasks.publish import publish
-from tests.conftest import REPO, tiny_params
+from tests.conftest import REPO, embedded_store, tiny_params, worse_export
 from tlpipe.params import parse_params
 from tlpipe.store import open_store
 
@@ -610,7 +603,6 @@ def test_without_promote_a_retrain_moves_only_candidate_until_tlpipe_promote(
     """The first release passes its gates and becomes production; a later one published
     with publish.promote false, though it passes every gate too, is only the candidate until
     `tlpipe promote`; `tlpipe rollback` puts production back."""
-    import yaml
     from typer.testing import CliRunner
 
     from tlpipe.cli import app
@@ -626,13 +618,7 @@ def test_without_promote_a_retrain_moves_only_candidate_until_tlpipe_promote(
     assert gates["passed"] and not gates["production"]["moved"]
     assert read_alias(store, "releases/aliased", "production").version == first.version
 
-    raw = tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": "aliased"})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    monkeypatch.chdir(root)
-    for name, value in store.env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("TLPIPE_S3_ENDPOINT", store.endpoint_url)
+    _cli_project(root, store, monkeypatch, **{"publish.model_name": "aliased"})
     cli = CliRunner()
     listed = cli.invoke(app, ["releases"])
     assert listed.exit_code == 0, listed.output
@@ -673,28 +659,6 @@ def test_a_connection_cut_inside_a_multipart_upload_is_retried_to_a_whole_object
     assert not server.client().list_multipart_uploads(Bucket=LIMITED).get("Uploads")
 
 
-def _worse_export(finetuned: Path, prepared: Path, out: Path) -> Path:
-    """export of a deliberately worse model: the fine-tuned one with its classifier head
-    zeroed and its bias on the rarest test label, so it always predicts that label."""
-    import pandas as pd
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    model_dir = out / "finetune"
-    shutil.copytree(finetuned, model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir / "model")
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    counts = pd.read_parquet(prepared / "test.parquet")["label"].value_counts()
-    rarest = counts.reindex(labels).fillna(0).idxmin()
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(torch.tensor([5.0 if label == rarest else 0.0 for label in labels]))
-    model.save_pretrained(model_dir / "model")
-    export(EXPORTER, parse_params(tiny_params()).export, model_dir, prepared, out / "export")
-    return out / "export"
-
-
 @pytest.mark.faults
 def test_production_moves_only_through_the_champion_and_serving_gates(
     staged: Path, finetuned: Path, prepared: Path, store, tmp_path: Path
@@ -711,7 +675,7 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
     worse = tmp_path / "worse"
     shutil.copytree(good, worse)
     shutil.rmtree(worse / "outputs/export")
-    shutil.copytree(_worse_export(finetuned, prepared, tmp_path / "worse-stages"), worse / "outputs/export")
+    shutil.copytree(worse_export(finetuned, prepared, tmp_path / "worse-stages"), worse / "outputs/export")
 
     def gates(root: Path) -> dict:
         return json.loads((root / "outputs/publish/gates.json").read_text())
@@ -756,3 +720,85 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
         f"serving gate: s3://{store.bucket}/{model}@candidate: 1 of 16 predictions differ from export's",
     )
     assert gates(good)["gates"][1]["figures"]["differ"] == [0]
+
+
+@pytest.mark.faults
+def test_lineage_traces_a_release_from_its_input_hashes_to_its_aliases_and_gc_spares_it(
+    staged: Path, pretrained: Path, finetuned: Path, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tlpipe lineage` reads back, from the signed manifest, the input files' SHA-256s
+    prepare saw, the source model's weights and inputs, the fine-tuned weights and the ONNX
+    files, and every alias move; the model card's front matter carries the same hashes and
+    the scores, the champion's among them. `tlpipe gc --keep 0` then deletes only the
+    release no alias needs."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tlpipe.cli import app
+    from tlpipe.data import sha256_file
+
+    root = _copy(staged, tmp_path)
+    name = {"publish.model_name": "traced"}
+    first = _publish(root, store, **name)
+    parity = root / "outputs/export/parity.json"
+    published = []
+    for n in range(3):  # other content: other versions; the last one promoted
+        parity.write_text(json.dumps({**json.loads(parity.read_text()), "note": f"retrained {n}"}))
+        published.append(_publish(root, store, **name, **{"publish.promote": n == 2}).version)
+    unneeded, rollback_of_candidate, last = published
+    assert read_alias(store, "releases/traced", "production").version == last
+
+    _cli_project(root, store, monkeypatch, **name)
+    cli = CliRunner()
+    shown = cli.invoke(app, ["lineage", last, "--json"])
+    assert shown.exit_code == 0, shown.output
+    record = json.loads(shown.output)
+    summary = json.loads((root / "outputs/prepare/summary.json").read_text())
+    chain = record["lineage"]
+    assert chain["inputs"]["target"]["files"] == summary["inputs"]["target"]["files"]
+    assert chain["inputs"]["target"]["files"] and chain["inputs"]["source"]["rows"] > 0
+    assert chain["source_model"]["weights"] == sha256_file(pretrained / "model.safetensors")
+    assert chain["source_model"]["inputs"] == {
+        "source.parquet": sha256_file(staged / "outputs/prepare/source.parquet")
+    }
+    assert chain["source_model"]["init"] is None  # the tiny source model starts new
+    assert chain["finetuned"]["weights"] == sha256_file(finetuned / "model/model.safetensors")
+    assert chain["finetuned"]["inputs"]["source_model"] == chain["source_model"]["weights"]
+    assert chain["onnx"]["model.onnx"] == record["files"]["model.onnx"]
+    assert record["aliases"] == ["candidate", "production"]
+    assert [(m["alias"], m["from"]) for m in record["moves"]] == [
+        ("candidate", rollback_of_candidate),
+        ("production", first.version),
+    ]
+    text = cli.invoke(app, ["lineage", first.version])
+    assert text.exit_code == 0, text.output
+    assert "started from a new, randomly initialised model" in text.output
+    assert f"production: None -> {first.version}" in text.output
+    assert f"production: {first.version} -> {last}" in text.output
+
+    card = (root / "outputs/publish/README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["pipeline_tag"] == "text-classification" and front["library_name"] == "onnx"
+    assert front["dataset_hashes"]["target"]["sha256"] == summary["inputs"]["target"]["files"]
+    scores = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    evaluated = json.loads((root / "outputs/evaluate/metrics.json").read_text())
+    assert scores["test accuracy"] == evaluated["shipped"]["accuracy"]
+    assert scores[f"from-scratch control at {evaluated['gate']['rows']} rows"] == evaluated["gate"]["scratch"]
+    champion = json.loads((root / "outputs/publish/gates.json").read_text())["gates"][0]["figures"]
+    assert scores[f"production {champion['champion']}"] == champion["champion_score"]
+
+    dry = cli.invoke(app, ["gc", "--keep", "0", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    objects = len(record["files"]) + 2  # with the manifest and its signature
+    assert (
+        dry.output.strip().splitlines()[-1] == f"tlpipe: would delete 1 version ({objects} objects), kept 3"
+    )
+    assert f"keep    {first.version}  (production rollback)" in dry.output
+    assert f"keep    {rollback_of_candidate}  (candidate rollback)" in dry.output
+    assert f"delete  {unneeded}" in dry.output
+    assert len(_versions(store.client, store.bucket, "traced")) == 4
+    collected = cli.invoke(app, ["gc", "--keep", "0"])
+    assert collected.exit_code == 0, collected.output
+    assert _versions(store.client, store.bucket, "traced") == {first.version, rollback_of_candidate, last}
+    gone = cli.invoke(app, ["lineage", unneeded])
+    assert gone.exit_code == 1 and "no such release" in gone.output

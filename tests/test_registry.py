@@ -208,3 +208,70 @@ def test_releases_lists_complete_versions_with_their_aliases(store) -> None:
     listed = list_versions(store, model)
     assert [(v.version, v.aliases) for v in listed] == [(first, ("production",)), (second, ("candidate",))]
     assert listed[1].metrics == {"accuracy": 0.52}
+
+
+def _complete(store, model: str, version: str) -> bool:
+    keys = store.client.list_objects_v2(Bucket=store.bucket, Prefix=f"{model}/{version}/").get("KeyCount", 0)
+    return keys == 2
+
+
+def test_gc_deletes_only_versions_no_alias_needs(store) -> None:
+    """Six versions: production moved 1 -> 2 -> 3 and rolled back to 2; candidate moved along
+    every publish to 6; one publish cut short. With --keep 1, only 4 goes: 1 and 3 stay
+    (production named them), 2 and 6 (named now), 5 (candidate's rollback; its older
+    history is only a list of publishes). A dry run deletes nothing; the incomplete version
+    stays until it is older than incomplete_after."""
+    from tlpipe.registry import collect_garbage
+
+    model, key = "releases/collected", signing_key()
+    v = [_version(store, n, model=model) for n in range(1, 7)]
+    for version in v:
+        move_alias(store, model, "candidate", version, "published", key)
+    for version in v[:3]:
+        move_alias(store, model, "production", version, "promoted", key)
+    rollback(store, model, "production", "worse", key)
+    cut = _version(store, 7, signed=False, model=model)
+
+    dry = collect_garbage(store, model, 1, dry_run=True, grace=0)
+    assert dry.dry_run and dry.deleted == (v[3],) and dry.objects == 2
+    assert all(_complete(store, model, version) for version in v)
+
+    done = collect_garbage(store, model, 1, grace=0)
+    assert done.deleted == (v[3],) and done.objects == 2 and not done.dry_run
+    assert done.kept == {
+        v[0]: "production history",
+        v[1]: "production",
+        v[2]: "production rollback",
+        v[4]: "candidate rollback",
+        v[5]: "candidate",
+    }
+    assert [x.version for x in list_versions(store, model)] == [v[0], v[1], v[2], v[4], v[5], cut]
+    assert store.client.list_objects_v2(Bucket=store.bucket, Prefix=f"{model}/{v[3]}/")["KeyCount"] == 0
+    assert collect_garbage(store, model, 0, grace=0).deleted == ()
+    assert collect_garbage(store, model, 0, grace=0, incomplete_after=0).deleted == (cut,)
+    with pytest.raises(RegistryError, match="keep at least 0"):
+        collect_garbage(store, model, -1)
+
+
+@pytest.mark.faults
+def test_gc_keeps_a_version_promoted_while_it_was_being_collected(
+    store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mover that checked the version just before gc took its signature away writes the
+    alias while gc waits: gc reads the aliases again, puts the signature back and keeps it,
+    whole and verifiable."""
+    import tlpipe.registry as registry
+
+    model, key = "releases/raced", signing_key()
+    old, new = _version(store, 1, model=model), _version(store, 2, model=model)
+    move_alias(store, model, "candidate", new, "published", key)
+
+    def promote_meanwhile(seconds: float) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(registry, "check_version", lambda *a, **k: {})  # its check came earlier
+            move_alias(store, model, "production", old, "promoted by hand", key)
+
+    monkeypatch.setattr(registry.time, "sleep", promote_meanwhile)
+    done = registry.collect_garbage(store, model, 0, grace=1)
+    assert done.deleted == () and done.kept[old] == "production (named while collecting)"
+    assert registry.check_version(store, model, old)["version"] == old

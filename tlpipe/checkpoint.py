@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 META_FILE = "tlpipe.json"
+# Every setting's checkpoint keeps its weights in this file.
+WEIGHTS = "model.safetensors"
 PACKAGE_PREFIX = "package:"
 
 
@@ -37,6 +39,30 @@ def resolve_init(init_from: str, download_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"pretrain.init_from {init_from!r}: no config.json in {path}")
     return path
+
+
+def init_record(init_from: str | None, init_dir: Path | None) -> dict[str, Any] | None:
+    """What a source model started from, for its lineage: `pretrain.init_from` as params
+    name it and the SHA-256 of every file of the checkpoint it resolved to (None: a new
+    model)."""
+    if init_from is None or init_dir is None:
+        return None
+    from tlpipe.data import sha256_file
+
+    files = sorted(f for f in init_dir.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    return {"from": init_from, "files": {f.relative_to(init_dir).as_posix(): sha256_file(f) for f in files}}
+
+
+def source_lineage(source_dir: Path) -> dict[str, Any]:
+    """What the source model in `source_dir` came from (its stage, objective, input hashes
+    and starting checkpoint, as its tlpipe.json says) and the SHA-256 of its weights: what
+    a fine-tuned checkpoint records of its source."""
+    from tlpipe.data import sha256_file
+
+    meta = read_meta(source_dir)
+    return {key: meta.get(key) for key in ("stage", "objective", "inputs", "init")} | {
+        "weights": sha256_file(source_dir / WEIGHTS)
+    }
 
 
 def read_meta(model_dir: Path) -> dict[str, Any]:

@@ -241,6 +241,57 @@ def rollback(
     _move(lambda store, model, key: roll_back(store, model, alias, why, key))
 
 
+@app.command()
+def lineage(
+    version: Annotated[str, typer.Argument(help="the release version (see `tlpipe releases`)")],
+    as_json: Annotated[bool, typer.Option("--json", help="the whole record as JSON")] = False,
+) -> None:
+    """Where a release came from and where it went: the input data sets' hashes, the source
+    model and the checkpoint it started from, the fine-tuned weights, the ONNX files, the
+    git commit, and every alias move that named it."""
+    _project_root()
+    from tlpipe.errors import TlpipeError
+    from tlpipe.lineage import describe
+    from tlpipe.params import ParamsError
+    from tlpipe.registry import lineage as read_lineage
+
+    try:
+        model, session = _registry_session()
+        with session as store:
+            record = read_lineage(store, model, version)
+    except (TlpipeError, ParamsError) as err:
+        _fail(err)
+    typer.echo(json.dumps(record, indent=2) if as_json else "\n".join(describe(record)))
+
+
+@app.command()
+def gc(
+    keep: Annotated[int, typer.Option(min=0, help="how many of the newest complete versions to keep")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would go; delete nothing")] = False,
+) -> None:
+    """Delete old releases no alias needs: every version but the KEEP newest, except those an
+    alias names now or a rollback returns to, and those any alias but `candidate` ever named;
+    and releases whose publish was cut short more than a day ago."""
+    _project_root()
+    from tlpipe.errors import TlpipeError
+    from tlpipe.params import ParamsError
+    from tlpipe.registry import collect_garbage
+
+    try:
+        model, session = _registry_session()
+        with session as store:
+            done = collect_garbage(store, model, keep, dry_run=dry_run)
+    except (TlpipeError, ParamsError) as err:
+        _fail(err)
+    for version, why in sorted(done.kept.items()):
+        typer.echo(f"keep    {version}  ({why})")
+    verb = "would delete" if done.dry_run else "deleted"
+    for version in done.deleted:
+        typer.echo(f"{verb.split()[-1]:7s} {version}")
+    count = f"{len(done.deleted)} version{'' if len(done.deleted) == 1 else 's'}"
+    typer.echo(f"tlpipe: {verb} {count} ({done.objects} objects), kept {len(done.kept)}")
+
+
 def _move(move: Callable[..., Any]) -> None:
     """Run `move(store, model prefix, signing key)` on the registry and say what moved."""
     from tlpipe.errors import TlpipeError

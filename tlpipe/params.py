@@ -530,6 +530,8 @@ class PublishParams(_Section):
     # How much worse than the production model, on the primary metric and in its units, a
     # candidate may score on the same test split and still replace it.
     champion_tolerance: float = Field(0.01, ge=0)
+    # The license the model card declares, as the Hugging Face Hub names licenses.
+    license: str = Field("other", pattern=r"^[a-z0-9][a-z0-9.+-]{0,63}$")
 
     @field_validator("bucket")
     @classmethod

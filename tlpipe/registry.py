@@ -49,6 +49,12 @@ ALIAS_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # A mover that loses this many races in a row gives up (a store that never lets a
 # conditional write through, not a busy one: eight movers at once need a handful).
 MOVE_ATTEMPTS = 64
+# How long `collect_garbage` waits, once it has made the versions it deletes incomplete,
+# before it reads the aliases again: longer than any move's check-then-write takes.
+GC_GRACE_SECONDS = 5.0
+# An incomplete version (no signed manifest) untouched this long is a publish cut short, not
+# one under way: `collect_garbage` deletes it.
+INCOMPLETE_AFTER_SECONDS = 24 * 3600.0
 _CONFLICT = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 
@@ -197,7 +203,6 @@ def move_alias(
     RegistryError or SignatureError when the version is not a complete signed release,
     StoreError when the store refuses the write or keeps refusing it."""
     trusted = _trusting(key)
-    check_version(store, model, version, trusted)
     target = alias_key(model, alias)
     for attempt in range(MOVE_ATTEMPTS):
         current = read_alias(store, model, alias, trusted)
@@ -206,6 +211,9 @@ def move_alias(
             raise RegistryError(f"alias {alias} of {model} now names {held}, not {expect}; not moved")
         if current is not None and (held == version or if_unset):
             return current
+        # Checked right before every write: `collect_garbage` makes a version incomplete
+        # before it looks for the aliases that need it one last time.
+        check_version(store, model, version, trusted)
         entry = {"from": held, "to": version, "by": _actor(), "at": _now(), "why": why}
         history = (*(current.history if current is not None else ()), entry)
         body = {
@@ -281,24 +289,62 @@ class Version:
     aliases: tuple[str, ...]
 
 
-def list_versions(store: StoreSession, model: str) -> list[Version]:
-    """Every version of the model with a manifest, oldest first, with its aliases."""
+def _listing(store: StoreSession, model: str) -> tuple[dict[str, datetime], list[str]]:
+    """The model's version folders (each with the time its newest object was written) and
+    the names of its aliases."""
     paginator = store.client.get_paginator("list_objects_v2")
-    versions, aliases = [], {}
+    versions: dict[str, datetime] = {}
+    names = []
     try:
-        for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{model}/", Delimiter="/"):
-            versions += [p["Prefix"][len(model) + 1 : -1] for p in page.get("CommonPrefixes", [])]
-        for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{model}/{ALIASES}/"):
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{model}/"):
             for obj in page.get("Contents", []):
-                name = obj["Key"].rsplit("/", 1)[1].removesuffix(".json")
-                if ALIAS_NAME.fullmatch(name) and (found := read_alias(store, model, name)) is not None:
-                    aliases.setdefault(found.version, []).append(name)
+                folder, _, rest = obj["Key"][len(model) + 1 :].partition("/")
+                if folder == ALIASES:
+                    name = rest.removesuffix(".json")
+                    if rest.endswith(".json") and ALIAS_NAME.fullmatch(name):
+                        names.append(name)
+                elif rest:
+                    versions[folder] = max(versions.get(folder, obj["LastModified"]), obj["LastModified"])
     except (ClientError, BotoCoreError) as err:
         raise StoreError(f"cannot list s3://{store.bucket}/{model}/: {err}") from err
+    return versions, names
+
+
+def read_aliases(store: StoreSession, model: str, names: list[str] | None = None) -> list[Alias]:
+    """Every alias of the model (or those `names`), each verified."""
+    names = _listing(store, model)[1] if names is None else names
+    return [found for name in names if (found := read_alias(store, model, name)) is not None]
+
+
+def references(aliases: list[Alias]) -> dict[str, list[str]]:
+    """Each version the aliases need, with why: the version an alias names now, the one its
+    rollback returns to, and every version any alias but `candidate` ever named (a record
+    of what was deliberately promoted). `candidate` moves on every publish, so its history
+    is the list of publishes and keeps nothing beyond its rollback target."""
+    needed: dict[str, list[str]] = {}
+
+    def need(version: str | None, why: str) -> None:
+        if version and why not in needed.setdefault(version, []):
+            needed[version].append(why)
+
+    for alias in aliases:
+        need(alias.version, alias.name)
+        need(alias.previous, f"{alias.name} rollback")
+        if alias.name != CANDIDATE:
+            for entry in alias.history:
+                if entry["to"] not in (alias.version, alias.previous):
+                    need(entry["to"], f"{alias.name} history")
+    return needed
+
+
+def list_versions(store: StoreSession, model: str) -> list[Version]:
+    """Every version of the model with a manifest, oldest first, with its aliases."""
+    folders, names = _listing(store, model)
+    aliases: dict[str, list[str]] = {}
+    for found in read_aliases(store, model, names):
+        aliases.setdefault(found.version, []).append(found.name)
     found_versions = []
-    for version in versions:
-        if version == ALIASES:
-            continue
+    for version in folders:
         body = read_object(store.client, store.bucket, f"{model}/{version}/{MANIFEST_NAME}")
         if body is None:
             continue  # an upload cut short: not a release
@@ -312,6 +358,148 @@ def list_versions(store: StoreSession, model: str) -> list[Version]:
             )
         )
     return sorted(found_versions, key=lambda v: (v.created, v.version))
+
+
+def lineage(store: StoreSession, model: str, version: str) -> dict[str, Any]:
+    """Where `version` came from and where it went: its verified manifest's lineage (input
+    data hashes, source model, fine-tuned weights, ONNX files), its git commit and dvc.lock
+    hashes, and every alias move that named it."""
+    manifest = check_version(store, model, version)
+    moves = []
+    named_by = []
+    for alias in read_aliases(store, model):
+        if alias.version == version:
+            named_by.append(alias.name)
+        moves += [
+            {"alias": alias.name, **entry}
+            for entry in alias.history
+            if version in (entry["from"], entry["to"])
+        ]
+    return {
+        "version": version,
+        "created": manifest.get("created"),
+        "setting": manifest.get("setting"),
+        "git": manifest.get("git"),
+        "dvc_lock": manifest.get("dvc_lock"),
+        "lineage": manifest.get("lineage"),
+        "files": {name: entry["sha256"] for name, entry in manifest.get("files", {}).items()},
+        "aliases": sorted(named_by),
+        "moves": sorted(moves, key=lambda m: m["at"]),
+    }
+
+
+@dataclass(frozen=True)
+class Collection:
+    """What `collect_garbage` did (or, dry, would do): the versions deleted, those kept
+    with why, and the object count deleted."""
+
+    deleted: tuple[str, ...]
+    kept: dict[str, str]
+    objects: int
+    dry_run: bool
+
+
+def collect_garbage(
+    store: StoreSession,
+    model: str,
+    keep: int,
+    *,
+    dry_run: bool = False,
+    incomplete_after: float = INCOMPLETE_AFTER_SECONDS,
+    grace: float = GC_GRACE_SECONDS,
+) -> Collection:
+    """Delete the model's versions that no alias needs (`references`): all but the `keep`
+    newest complete versions, except those; and incomplete ones (no signed manifest)
+    untouched for `incomplete_after` seconds (a publish or a collection cut short; a
+    younger one may be a publish under way).
+
+    Each doomed version first loses its signature, so no alias can move to it (a move checks
+    the version right before it writes); `grace` seconds later the aliases are read again,
+    and a version one of them came to need meanwhile gets its signature back and is kept.
+    Then its files go, manifest last. RegistryError or SignatureError when an alias cannot
+    be read and verified (nothing is deleted then), StoreError when the store refuses.
+    """
+    if keep < 0:
+        raise RegistryError(f"gc --keep {keep}: keep at least 0 versions")
+    folders, names = _listing(store, model)
+    needed = references(read_aliases(store, model, names))
+    complete, stale = [], []
+    now = datetime.now(UTC)
+    for version in sorted(folders):
+        if not re.fullmatch(r"[0-9a-f]{16}", version):
+            continue  # not a folder publish writes
+        try:
+            manifest = check_version(store, model, version)
+        except (RegistryError, SignatureError):
+            if (now - folders[version]).total_seconds() >= incomplete_after:
+                stale.append(version)
+            continue
+        complete.append((manifest.get("created", ""), version))
+    complete.sort()
+    newest = {version for _, version in complete[len(complete) - keep :]} if keep else set()
+    kept: dict[str, str] = {}
+    for version in [v for _, v in complete] + stale:
+        if version in needed:
+            kept[version] = ", ".join(needed[version])
+        elif version in newest:
+            kept[version] = f"one of the {keep} newest"
+    doomed = [v for _, v in complete if v not in kept] + [v for v in stale if v not in kept]
+    if dry_run:
+        return Collection(tuple(doomed), kept, sum(len(_keys(store, model, v)) for v in doomed), True)
+    signatures = {}
+    for version in doomed:
+        sig_key = f"{model}/{version}/{SIGNATURE}"
+        signatures[version] = read_object(store.client, store.bucket, sig_key)
+        _delete(store, [sig_key])
+    if doomed:
+        time.sleep(grace)
+        needed = references(read_aliases(store, model))
+    deleted, objects = [], 0
+    for version in doomed:
+        if version in needed:
+            body, sig_key = signatures[version], f"{model}/{version}/{SIGNATURE}"
+            try:
+                if body is not None:
+                    store.client.put_object(Bucket=store.bucket, Key=sig_key, Body=body, IfNoneMatch="*")
+            except (ClientError, BotoCoreError) as err:
+                raise StoreError(
+                    f"cannot put back s3://{store.bucket}/{sig_key}, which {', '.join(needed[version])} "
+                    f"came to need while gc ran: {err}; restore it from outputs/publish/{SIGNATURE} of the "
+                    "run that published it"
+                ) from err
+            kept[version] = f"{', '.join(needed[version])} (named while collecting)"
+            log.warning("gc: %s of %s came to be needed meanwhile; kept", version, model)
+            continue
+        keys = _keys(store, model, version)
+        manifest = f"{model}/{version}/{MANIFEST_NAME}"
+        _delete(store, [k for k in keys if k != manifest] + [k for k in keys if k == manifest])
+        deleted.append(version)
+        objects += len(keys) + (signatures[version] is not None)
+        log.info("gc: deleted %s of %s (%d objects)", version, model, len(keys))
+    return Collection(tuple(deleted), kept, objects, False)
+
+
+def _keys(store: StoreSession, model: str, version: str) -> list[str]:
+    keys = []
+    try:
+        pages = store.client.get_paginator("list_objects_v2").paginate(
+            Bucket=store.bucket, Prefix=f"{model}/{version}/"
+        )
+        for page in pages:
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+    except (ClientError, BotoCoreError) as err:
+        raise StoreError(f"cannot list s3://{store.bucket}/{model}/{version}/: {err}") from err
+    return keys
+
+
+def _delete(store: StoreSession, keys: list[str]) -> None:
+    """Delete `keys` one by one, in order (the order is what keeps a half-deleted version
+    incomplete rather than torn)."""
+    for key in keys:
+        try:
+            store.client.delete_object(Bucket=store.bucket, Key=key)
+        except (ClientError, BotoCoreError) as err:
+            raise StoreError(f"cannot delete s3://{store.bucket}/{key}: {err}") from err
 
 
 def _now() -> str:
