@@ -392,6 +392,70 @@ def _bundle_folder(bundle: str) -> Path:
 
 
 @app.command()
+def serve(
+    alias: Annotated[str, typer.Option(help="the alias to serve and follow")] = "production",
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="serve this bundle folder instead (it is not followed or switched)"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    poll: Annotated[float, typer.Option(min=0.1, help="seconds between two reads of the alias")] = 30.0,
+    max_request_bytes: Annotated[int, typer.Option(min=1, help="larger requests get 413")] = 8 * 2**20,
+    max_batch: Annotated[int, typer.Option(min=1, help="requests with more inputs get 413")] = 256,
+    precision: Annotated[str, typer.Option(help="fp32, or int8 when the bundle has it")] = "fp32",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="onnxruntime threads (default: all cores)")
+    ] = None,
+) -> None:
+    """Serve the release an alias names over HTTP (the Open Inference Protocol, KServe V2,
+    and POST /predict), verified on download; when the alias moves, the new version is
+    loaded in the background and takes over at once, and one that fails to load leaves the
+    old one serving."""
+    from tlpipe.errors import TlpipeError
+    from tlpipe.params import ParamsError
+    from tlpipe.server import Watcher
+
+    try:
+        if bundle is not None:
+            name = bundle.resolve().name
+            manifest = bundle / "manifest.json"  # a fetched release names its version
+            local = json.loads(manifest.read_text())["version"] if manifest.is_file() else "local"
+            watcher = Watcher(lambda: local, lambda version: bundle, poll, threads, precision)
+            _run_server(watcher, name, host, port, max_request_bytes, max_batch)
+            return
+        _project_root()
+        from tlpipe.registry import resolve_alias
+        from tlpipe.release import fetch_release
+
+        model, session = _registry_session()
+        cache = Path.home() / ".cache" / "tlpipe" / "releases"
+        with session as store:
+            watcher = Watcher(
+                lambda: resolve_alias(store, model, alias, cache.parent / "aliases").version,
+                lambda version: fetch_release(store, f"s3://{store.bucket}/{model}/{version}", cache),
+                poll,
+                threads,
+                precision,
+            )
+            _run_server(watcher, model.rsplit("/", 1)[1], host, port, max_request_bytes, max_batch)
+    except (TlpipeError, ParamsError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+def _run_server(
+    watcher: Any, name: str, host: str, port: int, max_request_bytes: int, max_batch: int
+) -> None:
+    import uvicorn
+
+    from tlpipe.server import create_app
+
+    typer.echo(f"tlpipe: serving {name} {watcher.current.version} on http://{host}:{port}", err=True)
+    app = create_app(watcher, name, max_request_bytes, max_batch)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
 def generate(
     bundle: Annotated[str, typer.Option(help="a language model's bundle folder, or s3:// release prefix")],
     prompt: Annotated[str, typer.Option(help="the text to continue")],
