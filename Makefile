@@ -31,6 +31,7 @@ bench: $(STAMP)
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.train
 	$(VENV)/bin/python -m bench.infer
 	$(VENV)/bin/python -m bench.predict
+	$(VENV)/bin/python -m bench.serving
 	$(VENV)/bin/python -m bench.validate
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.image --efficientnet
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.generation

@@ -420,12 +420,43 @@ def levers(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def serving(section: dict[str, Any]) -> list[str]:
+    """`python -m bench.serving`: tlpipe serve against a plain FastAPI + PyTorch server."""
+    lines = [
+        "## Serving over HTTP",
+        "",
+        machine_line(section),
+        "",
+        f"`tlpipe serve` (onnxruntime, the shipped fp32 graph) against a plain FastAPI + PyTorch eager "
+        f"server on the same fine-tuned model, {section['server_threads']} thread(s) each, one uvicorn "
+        f"worker; one test tweet per `POST /predict`, {section['requests_per_level']} requests per level "
+        f"from clients sending without pause, {section['rounds']} rounds with the sides taking turns. "
+        f"The two servers' labels agree on {section['label_agreement']:.1%} of "
+        f"{section['agreement_rows']} test tweets.",
+        "",
+        "| clients | server | requests/s | p50 ms | p99 ms | errors |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for concurrency, level in section["levels"].items():
+        for side, label in (("tlpipe", "tlpipe serve"), ("fastapi_pytorch", "FastAPI + PyTorch")):
+            r = level[side]
+            lines.append(
+                f"| {concurrency} | {label} | {fmt(r['requests_per_s'])} | {fmt(r['p50_ms'], 1)} | "
+                f"{fmt(r['p99_ms'], 1)} | {r['errors']} |"
+            )
+    lines += ["", "| clients | throughput ratio | p50 ratio |", "|---:|---:|---:|"]
+    for concurrency, level in section["levels"].items():
+        lines.append(f"| {concurrency} | {level['throughput_ratio']:.2f}x | {level['p50_ratio']:.2f}x |")
+    return [*lines, ""]
+
+
 SECTIONS = {
     "inference": inference,
     "image-cpu": image,
     "generation-cpu": generation,
     "levers-cpu": levers,
     "predict": predict,
+    "serving": serving,
     "validate": validate,
     "pipeline": pipeline,
 }
