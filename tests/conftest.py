@@ -6,8 +6,12 @@ import contextlib
 import csv
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +211,66 @@ def embedded_store(bucket: str, root: Path) -> Iterator[StoreSession]:
     finally:
         if saved is not None:
             os.environ["TLPIPE_S3_ENDPOINT"] = saved
+
+
+# How long a server a test starts (Prefect's, on a loaded 2-core machine) may take to answer.
+SERVER_START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.is_file() else ""
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], log: Path, **popen: Any) -> Iterator[subprocess.Popen]:
+    """`cmd` in a session of its own, its output in `log`, stopped with everything it
+    started (a runner's flow run processes, their worker pools) when the block ends."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_healthy(api: str, proc: subprocess.Popen, log: Path) -> None:
+    """Until the Prefect server at `api` answers its health check (fails the test when its
+    process exits or the time runs out, with the end of its log)."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"prefect server exited ({proc.returncode}):\n{tail(log)}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as got:
+            if got.status == 200:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S:.0f} s:\n{tail(log)}")
+
+
+@contextlib.contextmanager
+def prefect_server(tmp: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real `prefect server start` on loopback (its scheduler, triggers and actions
+    services running, unlike the test harness's ephemeral one), its home under `tmp`:
+    (its API URL, an environment whose Prefect clients reach it)."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    log = tmp / "prefect-server.log"
+    with background([*command, "--port", str(port), "--no-ui"], log, env=env) as server:
+        wait_healthy(api, server, log)
+        yield api, {**env, "PREFECT_API_URL": api}
 
 
 def worse_export(finetuned: Path, prepared: Path, out: Path) -> Path:

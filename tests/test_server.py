@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from tasks.publish import publish
-from tests.conftest import embedded_store, tiny_params, worse_export
+from tests.conftest import embedded_store, free_port, tiny_params, worse_export
 from tlpipe.params import parse_params
 from tlpipe.registry import move_alias
 from tlpipe.serve import load_bundle
@@ -44,12 +43,6 @@ def _publish(root: Path, store, **overrides):
     )
     out = root / "outputs"
     return publish(params, root, out / "prepare", out / "export", out / "evaluate", out / "publish", store)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -104,7 +97,7 @@ def test_serve_by_alias_answers_v2_validates_and_switches_atomically_when_the_al
         yaml.safe_dump(tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": MODEL}))
     )
     (good / "dvc.yaml").write_text("stages: {}\n")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     # The publisher's key (TLPIPE_SIGNING_KEY) is the one trusted; the release cache is the
     # server's own.

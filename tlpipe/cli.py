@@ -519,5 +519,24 @@ def schedule(
     pipeline.serve(name=name, cron=cron, parameters=parameters)
 
 
+@app.command()
+def notify(
+    webhook: Annotated[str | None, typer.Option(help="a URL that takes a JSON POST")] = None,
+    slack: Annotated[str | None, typer.Option(help="a Slack incoming-webhook URL")] = None,
+) -> None:
+    """Send a notification whenever a tlpipe run fails, crashes or times out (a scheduled
+    one above all): a Prefect automation on the server PREFECT_API_URL names, through a
+    notification block saved there. Running it again replaces both."""
+    from prefect.exceptions import PrefectException
+
+    from tlpipe.notify import AUTOMATION, BLOCK, register_failure_notice
+
+    try:
+        done = register_failure_notice(webhook=webhook, slack=slack)
+    except (ValueError, PrefectException, OSError) as err:
+        _fail(err)
+    typer.echo(f"tlpipe: automation {AUTOMATION!r} ({done.automation}) notifies through block {BLOCK!r}")
+
+
 if __name__ == "__main__":
     app()
