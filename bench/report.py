@@ -437,7 +437,8 @@ def serving(section: dict[str, Any]) -> list[str]:
         "| clients | server | requests/s | p50 ms | p99 ms | errors |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for concurrency, level in section["levels"].items():
+    levels = sorted(section["levels"].items(), key=lambda item: int(item[0]))
+    for concurrency, level in levels:
         for side, label in (("tlpipe", "tlpipe serve"), ("fastapi_pytorch", "FastAPI + PyTorch")):
             r = level[side]
             lines.append(
@@ -445,7 +446,7 @@ def serving(section: dict[str, Any]) -> list[str]:
                 f"{fmt(r['p99_ms'], 1)} | {r['errors']} |"
             )
     lines += ["", "| clients | throughput ratio | p50 ratio |", "|---:|---:|---:|"]
-    for concurrency, level in section["levels"].items():
+    for concurrency, level in levels:
         lines.append(f"| {concurrency} | {level['throughput_ratio']:.2f}x | {level['p50_ratio']:.2f}x |")
     return [*lines, ""]
 
