@@ -52,13 +52,21 @@ def release_prefix(p: PublishParams, version: str) -> str:
     return f"{model_prefix(p)}/{version}"
 
 
-def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_diff: float) -> None:
-    """Promotion goes only through gates: re-read the gate files and refuse on any miss."""
-    for path in (evaluate_metrics, parity):
+def check_gates(
+    min_gain: float, validation: Path, evaluate_metrics: Path, parity: Path, max_abs_diff: float
+) -> tuple[Gate, ...]:
+    """Publishing goes only through the stage gates: re-read validate's, evaluate's and
+    export's gate files and raise GateFailed on any miss; the gates passed, with their
+    figures, otherwise."""
+    for path in (validation, evaluate_metrics, parity):
         if not path.is_file():
             raise GateFailed(f"{path} is missing: its stage has not passed")
-    metrics = json.loads(evaluate_metrics.read_text())
-    gain = metrics["gain"]
+    checked = json.loads(validation.read_text())
+    if not checked["success"]:
+        raise GateFailed(
+            f"validation failed {checked['failed']} of {checked['expectations']} expectations ({validation})"
+        )
+    gain = json.loads(evaluate_metrics.read_text())["gain"]
     if gain["ci_low"] <= min_gain:
         raise GateFailed(
             f"transfer gain in {gain['metric']} {gain['mean']:+.4f} (interval [{gain['ci_low']:+.4f}, "
@@ -70,6 +78,28 @@ def check_gates(min_gain: float, evaluate_metrics: Path, parity: Path, max_abs_d
             f"ONNX parity not met: max |Δlogit| {par['max_abs_diff']:.3e}, "
             f"argmax agreement {par['argmax_agreement']:.4f}"
         )
+    interval = f"[{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}]"
+    return (
+        Gate(
+            "validation",
+            True,
+            f"{checked['expectations']} expectations met",
+            {"expectations": checked["expectations"]},
+        ),
+        Gate(
+            "negative transfer",
+            True,
+            f"gain in {gain['metric']} {gain['mean']:+.4f}, interval {interval} above {min_gain:+.4f}",
+            {**gain, "min_gain": min_gain},
+        ),
+        Gate(
+            "ONNX parity",
+            True,
+            f"max |Δlogit| {par['max_abs_diff']:.2e} (at most {max_abs_diff:.0e}), argmax agreement "
+            f"{par['argmax_agreement']:.2%}",
+            {"max_abs_diff": par["max_abs_diff"], "argmax_agreement": par["argmax_agreement"]},
+        ),
+    )
 
 
 def model_card(
@@ -253,6 +283,7 @@ def publish(
     params: Params,
     root: Path,
     prepare_dir: Path,
+    validate_dir: Path,
     export_dir: Path,
     evaluate_dir: Path,
     out_dir: Path,
@@ -275,8 +306,9 @@ def publish(
     not an error here: the result's `held` says why (the flow fails the run on it).
     """
     p = params.publish
-    check_gates(
+    passed = check_gates(
         params.evaluate.min_gain,
+        validate_dir / "report.json",
         evaluate_dir / "metrics.json",
         export_dir / "parity.json",
         params.export.max_abs_diff,
@@ -351,7 +383,7 @@ def publish(
     git = _git_commit(root)
     why = f"published from commit {git['commit'][:12]}" if git.get("commit") else "published"
     move_alias(store, model, CANDIDATE, version, why, signer)
-    promotion = promote(params, store, model, version, champion, export_dir, root, why, signer)
+    promotion = promote(params, store, model, version, passed, champion, export_dir, root, why, signer)
     aliases = (CANDIDATE, PRODUCTION) if promotion.after == version else (CANDIDATE,)
     result = PublishResult(
         version, uri, f"s3://{store.bucket}/{manifest_key}", already, aliases, promotion.held
@@ -398,20 +430,21 @@ def promote(
     store: StoreSession,
     model: str,
     version: str,
+    stage_gates: tuple[Gate, ...],
     champion: Champion,
     export_dir: Path,
     root: Path,
     why: str,
     signer: Ed25519PrivateKey,
 ) -> Promotion:
-    """Run the serving check on `version` and move `production` to it when that and the
-    `champion` check passed and `publish.promote` allows: with If-Match on the production
-    model the champion check scored, so a production move made meanwhile by anyone else is
-    never overwritten (the version is then held, saying so)."""
+    """Run the serving check on `version` and move `production` to it when that, the
+    `champion` check and the `stage_gates` passed and `publish.promote` allows: with
+    If-Match on the production model the champion check scored, so a production move made
+    meanwhile by anyone else is never overwritten (the version is then held, saying so)."""
     p = params.publish
     candidate = f"s3://{store.bucket}/{model}@{CANDIDATE}"
     serving = serving_check(store, candidate, version, export_dir / SERVING, root)
-    gates = (champion.gate, serving)
+    gates = (*stage_gates, champion.gate, serving)
     before = champion.version
     failed = tuple(f"{g.name} gate: {g.detail}" for g in gates if not g.passed)
     if failed or not p.promote:
@@ -428,12 +461,18 @@ def promote(
 
 
 def publish_to_store(
-    params: Params, root: Path, prepare_dir: Path, export_dir: Path, evaluate_dir: Path, out_dir: Path
+    params: Params,
+    root: Path,
+    prepare_dir: Path,
+    validate_dir: Path,
+    export_dir: Path,
+    evaluate_dir: Path,
+    out_dir: Path,
 ) -> PublishResult:
     """`publish` to the store `publish.bucket` names (TLPIPE_S3_ENDPOINT, or the embedded
     one, started for the duration of the call)."""
     with open_store(params.publish.bucket) as store:
-        return publish(params, root, prepare_dir, export_dir, evaluate_dir, out_dir, store)
+        return publish(params, root, prepare_dir, validate_dir, export_dir, evaluate_dir, out_dir, store)
 
 
 if __name__ == "__main__":

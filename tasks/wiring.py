@@ -112,7 +112,14 @@ STAGES: dict[str, Wiring] = {
     ),
     "publish": Wiring(
         "tasks.publish:publish_to_store",
-        lambda params: (params, ROOT, stage_dir("prepare"), stage_dir("export"), stage_dir("evaluate")),
+        lambda params: (
+            params,
+            ROOT,
+            stage_dir("prepare"),
+            stage_dir("validate"),
+            stage_dir("export"),
+            stage_dir("evaluate"),
+        ),
     ),
 }
 # The evaluate stage in parts, for a flow that maps the curve's runs over workers: each run

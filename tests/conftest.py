@@ -25,7 +25,7 @@ import yaml
 
 from tlpipe.bundled import materialize
 from tlpipe.params import Params, parse_params
-from tlpipe.setting import get_exporter, get_setting
+from tlpipe.setting import get_exporter, get_setting, validation_suite
 from tlpipe.settings.text_classification.rows import ROWS
 from tlpipe.store import StoreSession, open_store
 
@@ -186,16 +186,19 @@ def evaluated(
 def staged(
     evaluated: Path, finetuned: Path, prepared: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """A git + DVC project folder holding prepare, evaluate and export outputs (what
-    publish reads)."""
+    """A git + DVC project folder holding prepare, validate, evaluate and export outputs
+    (what publish reads)."""
     from tasks.export import export
 
     root = tmp_path_factory.mktemp("publish-project")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    from tasks.validate import validate
+
     p = parse_params(tiny_params())
     shutil.copytree(evaluated, root / "outputs/evaluate")
     shutil.copytree(prepared, root / "outputs/prepare")
+    validate(validation_suite(p.setting), p.validate_, p.data, prepared, root / "outputs/validate")
     export(get_exporter(p.setting), p.export, finetuned, prepared, root / "outputs/export")
     return root
 
@@ -271,6 +274,16 @@ def prefect_server(tmp: Path) -> Iterator[tuple[str, dict[str, str]]]:
     with background([*command, "--port", str(port), "--no-ui"], log, env=env) as server:
         wait_healthy(api, server, log)
         yield api, {**env, "PREFECT_API_URL": api}
+
+
+def publish_staged(root: Path, store: StoreSession, **overrides: Any) -> Any:
+    """`publish` of a staged project's outputs (see `staged`) to `store`, on the tiny params
+    with `overrides`."""
+    from tasks.publish import publish
+
+    params = parse_params(tiny_params(**{"publish.bucket": store.bucket, **overrides}))
+    stages = [root / "outputs" / name for name in ("prepare", "validate", "export", "evaluate", "publish")]
+    return publish(params, root, *stages, store)
 
 
 def worse_export(finetuned: Path, prepared: Path, out: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.publish import publish
-from tests.conftest import REPO, embedded_store, tiny_params, worse_export
+from tests.conftest import REPO, embedded_store, publish_staged, tiny_params, worse_export
 from tlpipe.errors import GateFailed, StoreError
 from tlpipe.params import parse_params
 from tlpipe.registry import RegistryError, read_alias
@@ -51,10 +51,13 @@ def _cli_project(root: Path, store, monkeypatch: pytest.MonkeyPatch, **overrides
     monkeypatch.setenv("TLPIPE_S3_ENDPOINT", store.endpoint_url)
 
 
+def gate(record: dict, name: str) -> dict:
+    """The gate `name` of a gates.json record."""
+    return next(g for g in record["gates"] if g["name"] == name)
+
+
 def _publish(root: Path, store, **overrides):
-    params = parse_params(tiny_params(**{"publish.bucket": store.bucket, **overrides}))
-    out = root / "outputs"
-    return publish(params, root, out / "prepare", out / "export", out / "evaluate", out / "publish", store)
+    return publish_staged(root, store, **overrides)
 
 
 def test_release_is_complete_verifiable_and_idempotent(staged: Path, store, tmp_path: Path) -> None:
@@ -150,7 +153,7 @@ PUBLISHER = """
 import json, sys, time
 from pathlib import Path
 from tasks.publish import publish
-from tests.conftest import REPO, embedded_store, tiny_params, worse_export
+from tests.conftest import REPO, embedded_store, publish_staged, tiny_params, worse_export
 from tlpipe.params import parse_params
 from tlpipe.store import open_store
 
@@ -161,7 +164,8 @@ while not go.exists():
     time.sleep(0.01)
 with open_store(bucket) as store:
     out = root / "outputs"
-    done = publish(params, root, out / "prepare", out / "export", out / "evaluate", out / "publish", store)
+    stages = [out / name for name in ("prepare", "validate", "export", "evaluate", "publish")]
+    done = publish(params, root, *stages, store)
 print(json.dumps({"version": done.version, "already": done.already_published}), flush=True)
 """
 
@@ -307,6 +311,7 @@ def test_a_connection_cut_mid_upload_is_retried_and_the_release_completes(
                 params,
                 root,
                 root / "outputs/prepare",
+                root / "outputs/validate",
                 root / "outputs/export",
                 root / "outputs/evaluate",
                 root / "outputs/publish",
@@ -415,7 +420,7 @@ def test_a_failed_publish_keeps_the_last_release_record(
         run_stage("publish", params)
     assert (root / "outputs/publish/release.json").read_text() == record
     kept = sorted(p.name for p in (root / "outputs").iterdir())
-    assert kept == ["evaluate", "export", "prepare", "publish"]
+    assert kept == ["evaluate", "export", "prepare", "publish", "validate"]
 
 
 def test_pretrain_starts_from_an_s3_checkpoint(
@@ -682,12 +687,12 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
 
     first = _publish(worse, store, **{"publish.model_name": "champ"})
     assert first.aliases == ("candidate", "production") and not first.held
-    serving = gates(worse)["gates"][1]
+    serving = gate(gates(worse), "serving")
     assert serving["name"] == "serving" and serving["passed"], serving
     assert serving["figures"]["torch_loaded"] is False and serving["figures"]["rows"] == 16
 
     second = _publish(good, store, **{"publish.model_name": "champ"})
-    champion = gates(good)["gates"][0]
+    champion = gate(gates(good), "champion")
     assert second.aliases == ("candidate", "production") and not second.held, champion
     assert champion["passed"] and champion["figures"]["champion"] == first.version
     assert champion["figures"]["candidate_score"] > champion["figures"]["champion_score"]
@@ -699,9 +704,10 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
     assert read_alias(store, model, "production").version == second.version
     held = gates(worse)
     assert not held["passed"] and not held["production"]["moved"]
-    assert held["gates"][0]["name"] == "champion" and not held["gates"][0]["passed"]
-    assert held["gates"][0]["figures"]["gain"] < -0.01
-    assert third.held == (f"champion gate: {held['gates'][0]['detail']}",)
+    assert not gate(held, "champion")["passed"]
+    assert gate(held, "champion")["figures"]["gain"] < -0.01
+    assert all(gate(held, name)["passed"] for name in ("validation", "negative transfer", "ONNX parity"))
+    assert third.held == (f"champion gate: {gate(held, 'champion')['detail']}",)
     assert "beyond publish.champion_tolerance 0.01" in third.held[0]
     with pytest.raises(PromotionHeld, match="production was not moved: champion gate: test accuracy"):
         refuse_held(third)
@@ -719,7 +725,7 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
     assert fourth.held == (
         f"serving gate: s3://{store.bucket}/{model}@candidate: 1 of 16 predictions differ from export's",
     )
-    assert gates(good)["gates"][1]["figures"]["differ"] == [0]
+    assert gate(gates(good), "serving")["figures"]["differ"] == [0]
 
 
 @pytest.mark.faults
@@ -784,7 +790,7 @@ def test_lineage_traces_a_release_from_its_input_hashes_to_its_aliases_and_gc_sp
     evaluated = json.loads((root / "outputs/evaluate/metrics.json").read_text())
     assert scores["test accuracy"] == evaluated["shipped"]["accuracy"]
     assert scores[f"from-scratch control at {evaluated['gate']['rows']} rows"] == evaluated["gate"]["scratch"]
-    champion = json.loads((root / "outputs/publish/gates.json").read_text())["gates"][0]["figures"]
+    champion = gate(json.loads((root / "outputs/publish/gates.json").read_text()), "champion")["figures"]
     assert scores[f"production {champion['champion']}"] == champion["champion_score"]
 
     dry = cli.invoke(app, ["gc", "--keep", "0", "--dry-run"])

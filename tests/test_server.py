@@ -18,9 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from tasks.publish import publish
-from tests.conftest import embedded_store, free_port, tiny_params, worse_export
-from tlpipe.params import parse_params
+from tests.conftest import embedded_store, free_port, publish_staged, tiny_params, worse_export
 from tlpipe.registry import move_alias
 from tlpipe.serve import load_bundle
 from tlpipe.signing import signing_key
@@ -38,11 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _publish(root: Path, store, **overrides):
-    params = parse_params(
-        tiny_params(**{"publish.bucket": store.bucket, "publish.model_name": MODEL, **overrides})
-    )
-    out = root / "outputs"
-    return publish(params, root, out / "prepare", out / "export", out / "evaluate", out / "publish", store)
+    return publish_staged(root, store, **{"publish.model_name": MODEL, **overrides})
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
