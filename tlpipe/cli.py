@@ -398,6 +398,10 @@ def serve(
         Path | None,
         typer.Option(help="serve this bundle folder instead (it is not followed or switched)"),
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="the model's name in the URLs (default: publish.model_name, or the folder's name)"),
+    ] = None,
     host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     poll: Annotated[float, typer.Option(min=0.1, help="seconds between two reads of the alias")] = 30.0,
@@ -418,7 +422,7 @@ def serve(
 
     try:
         if bundle is not None:
-            name = bundle.resolve().name
+            name = name or _model_name() or bundle.resolve().name
             manifest = bundle / "manifest.json"  # a fetched release names its version
             local = json.loads(manifest.read_text())["version"] if manifest.is_file() else "local"
             watcher = Watcher(lambda: local, lambda version: bundle, poll, threads, precision)
@@ -438,9 +442,20 @@ def serve(
                 threads,
                 precision,
             )
-            _run_server(watcher, model.rsplit("/", 1)[1], host, port, max_request_bytes, max_batch)
+            _run_server(watcher, name or model.rsplit("/", 1)[1], host, port, max_request_bytes, max_batch)
     except (TlpipeError, ParamsError, FileNotFoundError, ValueError) as err:
         _fail(err)
+
+
+def _model_name() -> str | None:
+    """publish.model_name of the project here or above, if there is one."""
+    from tlpipe.params import load_params
+
+    root = Path.cwd()
+    for candidate in (root, *root.parents):
+        if (candidate / "params.yaml").is_file():
+            return load_params(candidate / "params.yaml").publish.model_name
+    return None
 
 
 def _run_server(

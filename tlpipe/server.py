@@ -4,7 +4,7 @@ It speaks the Open Inference Protocol (KServe V2) over JSON, plus a plain `POST 
 
     GET  /v2/health/live, /v2/health/ready      liveness; ready once a model is loaded
     GET  /v2                                    server metadata
-    GET  /v2/models/<name>[/ready]              model metadata (its version, inputs, outputs)
+    GET  /v2/models/<name>[/ready]              model metadata (its version, setting, input)
     POST /v2/models/<name>/infer                {"inputs": [{"name", "shape", "datatype", "data"}]}
     POST /predict                               {"inputs": [...]} -> {"version", "predictions"}
 
