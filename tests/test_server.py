@@ -224,3 +224,24 @@ def test_serve_by_alias_answers_v2_validates_and_switches_atomically_when_the_al
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_serve_a_bundle_folder_under_the_projects_model_name(staged: Path, tmp_path: Path) -> None:
+    """`tlpipe serve --bundle` serves a folder as it is, named after publish.model_name of
+    the project it runs in, its version "local" (no manifest)."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**{"publish.model_name": MODEL})))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bundle = staged / "outputs/export/bundle"
+    command = [sys.executable, "-m", "tlpipe.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
+    server = subprocess.Popen(command, cwd=project, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(url, server)
+        assert httpx.get(f"{url}/v2/models/{MODEL}").json()["versions"] == ["local"]
+        labels = _infer(url, TEXTS).json()["outputs"][0]["data"]
+        assert labels == [p["label"] for p in load_bundle(bundle).predict(TEXTS)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
