@@ -147,7 +147,7 @@ def _flat(data: Any) -> list[Any]:
     return [data]
 
 
-def v2_inputs(body: Any, role: str, setting: str, max_batch: int) -> tuple[list[Any], dict[str, Any]]:
+def v2_inputs(body: Any, role: str, setting: str, max_batch: int) -> list[Any]:
     """The raw input rows of a V2 inference request, checked: one input tensor named
     `role`, BYTES, its shape [N] or [N, 1] matching its data; an image's bytes are base64."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
@@ -187,7 +187,7 @@ def v2_inputs(body: Any, role: str, setting: str, max_batch: int) -> tuple[list[
             rows = [base64.b64decode(x, validate=True) for x in rows]
         except ValueError as err:
             raise RequestError(400, f"input 'image': an element is not base64 ({err})") from err
-    return rows, tensor
+    return rows
 
 
 def v2_outputs(predictions: list[dict[str, Any]], wanted: list[str] | None) -> list[dict[str, Any]]:
@@ -299,7 +299,7 @@ def create_app(
     async def infer(model: str, request: Request) -> dict[str, Any]:
         loaded = model_named(model)  # one version answers the whole request
         body = await read_json(request)
-        rows, _ = v2_inputs(body, loaded.role, loaded.setting, max_batch)
+        rows = v2_inputs(body, loaded.role, loaded.setting, max_batch)
         wanted = body.get("outputs")
         if wanted is not None and not (
             isinstance(wanted, list)
