@@ -165,8 +165,10 @@ def main() -> None:
     max_length = load_params().finetune.max_length
     threads = max(1, threads_from_env() - 1)
     rows = texts(read_split(PREPARE, "test"))
-    servers = {side: start(side, threads, max_length) for side in SIDES}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
+        for side in SIDES:  # inside the try: a side that fails to start stops the other
+            servers[side] = start(side, threads, max_length)
         agreement = np.mean(
             np.array(labels_of(servers["tlpipe"][1], rows[:AGREEMENT_ROWS]))
             == np.array(labels_of(servers["fastapi_pytorch"][1], rows[:AGREEMENT_ROWS]))
