@@ -232,6 +232,7 @@ def test_serve_a_bundle_folder_under_the_projects_model_name(staged: Path, tmp_p
     project = tmp_path / "proj"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(**{"publish.model_name": MODEL})))
+    (project / "dvc.yaml").write_text("stages: {}\n")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bundle = staged / "outputs/export/bundle"

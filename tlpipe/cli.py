@@ -18,12 +18,20 @@ from tlpipe.params import STAGES
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
-def _project_root() -> Path:
+def _find_project() -> Path | None:
+    """The tlpipe project (a folder with dvc.yaml and params.yaml) here or above."""
     root = Path.cwd()
     for candidate in (root, *root.parents):
         if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").is_file():
-            os.chdir(candidate)
             return candidate
+    return None
+
+
+def _project_root() -> Path:
+    found = _find_project()
+    if found is not None:
+        os.chdir(found)
+        return found
     typer.echo("tlpipe: no dvc.yaml and params.yaml here or above; run it inside a tlpipe project", err=True)
     raise typer.Exit(2)
 
@@ -451,11 +459,8 @@ def _model_name() -> str | None:
     """publish.model_name of the project here or above, if there is one."""
     from tlpipe.params import load_params
 
-    root = Path.cwd()
-    for candidate in (root, *root.parents):
-        if (candidate / "params.yaml").is_file():
-            return load_params(candidate / "params.yaml").publish.model_name
-    return None
+    found = _find_project()
+    return load_params(found / "params.yaml").publish.model_name if found is not None else None
 
 
 def _run_server(
