@@ -54,6 +54,8 @@ START_TIMEOUT_S = 60.0
 # On SIGTERM weed's filer waits a fixed 15 s for its in-process gRPC streams to end before
 # the volume server and master close; a clean stop takes about that long.
 STOP_TIMEOUT_S = 20.0
+# How long a stopped stranger's last threads may hold the root's lock.
+RELEASE_TIMEOUT_S = 10.0
 PROGRESS_MIN_BYTES = 1 << 20
 PART_BYTES = 8 << 20
 
@@ -309,13 +311,20 @@ def _lock_root(root: Path, stop_timeout: float) -> int:
             root, owner["weed_pid"], owner["pid"],
         )  # fmt: skip
         _stop_stranger(owner["weed_pid"], owner["weed_started"], stop_timeout)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(
-                f"{root} is still locked after SeaweedFS pid {owner['weed_pid']} stopped"
-            ) from None
-        return fd
+        # A multithreaded server's leader shows as a zombie while its other threads still
+        # exit and hold its files, the lock among them: wait for the last one to let go.
+        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{root} is still locked {RELEASE_TIMEOUT_S:.0f} s after SeaweedFS pid "
+                        f"{owner['weed_pid']} stopped"
+                    ) from None
+                time.sleep(0.1)
     except BaseException:
         os.close(fd)
         raise
