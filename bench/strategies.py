@@ -150,7 +150,6 @@ def main() -> None:
                     params.data,
                     source_dir,
                     prepare_dir,
-                    Path(tmp) / "runs" / name,
                 ): (name, key)
                 for name, point, params, source_dir, key in jobs
             }

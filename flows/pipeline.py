@@ -1,12 +1,12 @@
 """The tlpipe flow: one Prefect task run per stage, in order, skipping what DVC finds fresh.
 
 evaluate's data-efficiency curve runs as one task run per (arm, size, seed), mapped over
-the flow's process pool (one worker per core, one torch thread each); a distributed task
-runner (Dask, Ray) spreads them the same way. export, which needs finetune's model alone,
-is computed on the same pool beside them. Every other task runs in the flow's own process,
-and every DVC record is written there. It runs in the project root (where dvc.yaml and
-params.yaml are), or, given a params file or overrides, in that run's workspace
-(tlpipe.workspace), leaving the working tree as it is.
+the flow's task runner (`tlpipe.curve.curve_runner`: a process pool, one worker per core,
+by default; or a Dask cluster), one torch thread each; each returns its record to the flow.
+export, which needs finetune's model alone, is computed on the same workers beside them.
+Every other task runs in the flow's own process, and every DVC record is written there.
+It runs in the project root (where dvc.yaml and params.yaml are), or, given a params file
+or overrides, in that run's workspace (tlpipe.workspace), leaving the working tree as it is.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
-from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.wiring import curve_runs_dir, finish_evaluate, run_curve_point, run_stage
+from tasks.wiring import finish_evaluate, run_curve_point, run_stage
 from tlpipe.bundled import materialize_inputs
-from tlpipe.curve import CurvePoint, curve_workers, one_thread
-from tlpipe.files import fresh_dir
+from tlpipe.curve import CurvePoint, curve_runner, one_thread
 from tlpipe.gates import PromotionHeld
 from tlpipe.params import load_params
 from tlpipe.report import REPORT, write_report
@@ -89,11 +87,8 @@ def finetune() -> Any:
 
 @task(name="evaluate-stale")
 def evaluate_stale() -> bool:
-    """Whether evaluate must run; if so the folder its curve runs write in starts empty."""
-    if is_up_to_date("evaluate"):
-        return False
-    fresh_dir(curve_runs_dir().parent)
-    return True
+    """Whether evaluate must run."""
+    return not is_up_to_date("evaluate")
 
 
 @task(name="scratch-tuning-plan")
@@ -122,6 +117,7 @@ def curve_plan(stale: bool, tuning: list[dict[str, Any]]) -> list[CurvePoint]:
 def curve_point(point: CurvePoint, root: str) -> dict[str, Any]:
     """One arm at one size and seed, scored on test (an independent task run, in a worker
     process: it works in the run's root, the project or its workspace)."""
+    one_thread()
     with contextlib.chdir(root), clocked(f"curve-{point.key}"):
         return run_curve_point(point, load_params())
 
@@ -150,6 +146,7 @@ def export_stale() -> bool:
 def export_compute(root: str) -> Any:
     """export's computation in a pool worker: it needs finetune's model and the test split
     alone, so it runs beside the curve; the flow's `export` task records it."""
+    one_thread()
     with contextlib.chdir(root), clocked("export"):
         return run_stage("export", load_params())
 
@@ -212,7 +209,7 @@ def run_root(params_file: str | None, overrides: dict[str, Any] | None) -> Itera
         yield str(root)
 
 
-@flow(name="tlpipe", task_runner=ProcessPoolTaskRunner(max_workers=curve_workers(), initializer=one_thread))
+@flow(name="tlpipe", task_runner=curve_runner())
 def pipeline(params_file: str | None = None, overrides: dict[str, Any] | None = None) -> str:
     """validate → pretrain → finetune → evaluate → export → publish, each a task run (export
     computed on the pool beside evaluate's curve, which it does not depend on).

@@ -25,6 +25,7 @@ from tlpipe.checkpoint import seed_everything
 from tlpipe.curve import (
     ARMS,
     CurvePoint,
+    check_runs,
     choose_scratch,
     curve_plan,
     curve_workers,
@@ -85,19 +86,17 @@ def run_point(
     data: DataParams,
     source_dir: Path,
     prepare_dir: Path,
-    runs_dir: Path,
     resume: Resume | None = None,
 ) -> dict[str, Any]:
     """Train one arm on `point.size` rows drawn with `point.seed`; score it on test, or, for
     a tuning run, keep its best validation scores alone. With `resume`, a run that finished
     there before is taken as it is, and training resumes from the state it saved there.
 
-    Writes and returns `runs_dir/<key>.json`: rows, every test (or validation) metric of
-    the setting, steps, time.
+    Returns the run's record (rows, every test or validation metric of the setting, steps,
+    time) and writes nothing but `resume`'s state: the record travels back to whoever runs
+    `finish`, from a worker on any machine.
     """
     if resume is not None and (done := resume.result(point.key)) is not None:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        write_json(runs_dir / f"{point.key}.json", done)
         return done
     seed_everything(point.seed)
     target = labelled_target(prepare_dir)
@@ -107,7 +106,7 @@ def run_point(
     val, test = read_split(prepare_dir, "val"), read_split(prepare_dir, "test")
     if point.arm == "reference":
         metrics, training = setting.reference(rows, val, test, data, source_dir)
-        return _write_run(runs_dir, point, len(rows), drawn, metrics, training, resume)
+        return _record(point, len(rows), drawn, metrics, training, resume)
     run_ft = ft.model_copy(update={"seed": point.seed})
     if point.arm == "transfer":
         arm = setting.transfer_arm(run_ft, data, source_dir, prepare_dir)
@@ -132,11 +131,10 @@ def run_point(
             examples = setting.examples(arm.model, test, ft, source_dir)
             if examples is not None:
                 training["examples"] = examples
-    return _write_run(runs_dir, point, len(rows), drawn, metrics, training, resume)
+    return _record(point, len(rows), drawn, metrics, training, resume)
 
 
-def _write_run(
-    runs_dir: Path,
+def _record(
     point: CurvePoint,
     rows: int,
     units: int,
@@ -147,8 +145,6 @@ def _write_run(
     """`units`: what the rows count toward the size (their tokens, or the rows themselves).
     The run is recorded as finished in `resume` too."""
     result = {**asdict(point), "rows": rows, "units": units, **metrics, **training}
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    write_json(runs_dir / f"{point.key}.json", result)
     if resume is not None:
         resume.finished(point.key, result)
     log.info("%s: %d rows, %s", point.key, rows, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -250,12 +246,16 @@ def finish(
 ) -> EvaluateResult:
     """Summarise the curve runs, score the shipped model, measure forgetting, apply the gate.
 
-    Writes `metrics.json`, `curve.csv` (DVC plot), `curve.png`, `report.md` and the
-    setting's own test plots (a classifier's `confusion.csv`). Raises GateFailed, after
-    writing them, when the gate fails.
+    Writes each run's record as `runs/<key>.json`, then `metrics.json`, `curve.csv` (DVC
+    plot), `curve.png`, `report.md` and the setting's own test plots (a classifier's
+    `confusion.csv`). Raises GateFailed, after writing them, when the gate fails.
     """
-    seed_everything(ft.seed)
     metric = primary_metric(setting, p.metric)
+    check_runs(results, p, metric)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    for result in results:
+        write_json(out_dir / "runs" / f"{CurvePoint.of(result).key}.json", result)
+    seed_everything(ft.seed)
     test = read_split(prepare_dir, "test")
     model, shipped = setting.shipped(finetune_dir / "model", test, ft, data, out_dir)
     tuning = [r for r in results if r.get("tune")]
@@ -326,7 +326,7 @@ def evaluate(
     `finish`. The Prefect flow runs the same points as separate task runs on the same kind
     of pool."""
     fresh_dir(out_dir)
-    args = (setting, p, ft, data, source_dir, prepare_dir, out_dir / "runs", resume)
+    args = (setting, p, ft, data, source_dir, prepare_dir, resume)
     metric = primary_metric(setting, p.metric)
     with ProcessPoolExecutor(curve_workers(), initializer=one_thread) as pool:
 

@@ -166,23 +166,18 @@ def run_stage(stage: str, params: Params) -> Any:
     return _rebased(result, work, out)
 
 
-def curve_runs_dir() -> Path:
-    """Where the flow's mapped curve runs write, inside evaluate's next outputs."""
-    return next_dir(stage_dir("evaluate")) / "runs"
-
-
 def run_curve_point(point: CurvePoint, params: Params) -> dict[str, Any]:
-    """One run of evaluate's curve (writes `curve_runs_dir()/<key>.json`), taken from or
-    resumed from what an interrupted try of evaluate left."""
+    """One run of evaluate's curve, its record returned; taken from or resumed from what an
+    interrupted try of evaluate left."""
     resume = CURVE_POINT.resume("evaluate", params)
-    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), curve_runs_dir(), **resume)
+    return CURVE_POINT.resolve()(point, *CURVE_POINT.inputs(params), **resume)
 
 
 def finish_evaluate(params: Params, points: list[dict[str, Any]]) -> Any:
-    """evaluate's summary, gate and report over the curve's finished runs; the folder the
-    runs were written in then replaces outputs/evaluate/ as `run_stage` does."""
+    """evaluate's summary, gate and report over the records of the curve's runs, built
+    beside outputs/evaluate/ and taking its place as `run_stage` does."""
     out = stage_dir("evaluate")
-    with _named_where_kept(out), replacing(out, keep=(GateFailed,), fresh=False) as work:
+    with _named_where_kept(out), replacing(out, keep=(GateFailed,)) as work:
         result = CURVE_FINISH.resolve()(*CURVE_FINISH.inputs(params), work, points)
     clear_stage("evaluate")
     return result

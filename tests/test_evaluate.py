@@ -8,8 +8,17 @@ import torch
 
 from tasks.evaluate import evaluate, gate, interval, subsample, summarise
 from tests.conftest import tiny_params
-from tlpipe.curve import choose_scratch, curve_plan, tuning_plan
-from tlpipe.errors import DataError, GateFailed
+from tlpipe.curve import (
+    DASK_ADDRESS,
+    RUNNER,
+    CurvePoint,
+    check_runs,
+    choose_scratch,
+    curve_plan,
+    curve_runner,
+    tuning_plan,
+)
+from tlpipe.errors import CurveError, DataError, GateFailed
 from tlpipe.metrics import classification_metrics, majority_scores, probe_accuracy
 from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, parse_params
 from tlpipe.setting import Metric
@@ -73,6 +82,51 @@ def test_the_scratch_control_is_tuned_once_on_validation() -> None:
     assert choose_scratch(results, p, lower) == (1e-4, 0)
     one = p.model_copy(update={"scratch_models": (None,), "scratch_lrs": (2e-4,)})
     assert tuning_plan(one) == [] and choose_scratch([], one, METRICS["accuracy"]) == (2e-4, 0)
+
+
+def test_a_lost_repeated_or_foreign_curve_run_fails_evaluate() -> None:
+    from dataclasses import asdict
+
+    p = EvaluateParams(sizes=(50, "all"), seeds=(0, 1), gate_size=50, scratch_lrs=(1e-4, 1e-3))
+    grid = tuning_plan(p)
+    tuning = [{**asdict(pt), "val_accuracy": acc} for pt, acc in zip(grid, (0.6, 0.7), strict=True)]
+    curve = [asdict(pt) for pt in curve_plan(p, choose_scratch(tuning, p, METRICS["accuracy"]))]
+    check_runs([*tuning, *curve], p, METRICS["accuracy"])
+    with pytest.raises(
+        CurveError,
+        match=r"missing: transfer-50-seed1; recorded twice: scratch-all-seed0 \(lr 0.001, encoder 0\)$",
+    ):
+        lost = [r for r in curve if CurvePoint.of(r).key != "transfer-50-seed1"]
+        check_runs([*tuning, *lost, next(r for r in curve if r["arm"] == "scratch")], p, METRICS["accuracy"])
+    # A run of another plan: the scratch control at the cell its tuning did not choose.
+    other = {**curve[1], "lr": 1e-4} if curve[1]["arm"] == "scratch" else None
+    assert other is not None
+    with pytest.raises(
+        CurveError,
+        match=r"missing: scratch-all-seed0 \(lr 0.001, .*not in the plan: scratch-all-seed0 \(lr 0.0001",
+    ):
+        check_runs([*tuning, *curve[:1], *curve[2:], other], p, METRICS["accuracy"])
+
+
+def test_the_curve_runner_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    monkeypatch.delenv(RUNNER, raising=False)
+    monkeypatch.delenv(DASK_ADDRESS, raising=False)
+    monkeypatch.setenv("TLPIPE_CURVE_WORKERS", "3")
+    pool = curve_runner()
+    assert isinstance(pool, ProcessPoolTaskRunner) and pool._max_workers == 3
+    local = curve_runner("dask")
+    assert isinstance(local, DaskTaskRunner) and local.address is None
+    assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["threads_per_worker"] == 1
+    monkeypatch.setenv(DASK_ADDRESS, "tcp://scheduler:8786")
+    remote = curve_runner()
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://scheduler:8786"
+    assert isinstance(curve_runner("process"), ProcessPoolTaskRunner)
+    monkeypatch.setenv(RUNNER, "ray")
+    with pytest.raises(ValueError, match="runner 'ray' is not one of process, dask"):
+        curve_runner()
 
 
 def test_majority_class_scores() -> None:
@@ -247,8 +301,8 @@ def test_scratch_control_takes_its_own_size(pretrained: Path, prepared: Path, tm
         )
     )
     point = CurvePoint("scratch", 20, 0, 1e-3, 1)
-    result = run_point(point, SETTING, p.evaluate, p.finetune, p.data, pretrained, prepared, tmp_path)
-    assert result["rows"] == 20 and (tmp_path / "scratch-20-seed0.json").is_file()
+    result = run_point(point, SETTING, p.evaluate, p.finetune, p.data, pretrained, prepared)
+    assert result["rows"] == 20 and CurvePoint.of(result) == point
     from tlpipe.settings.text_classification.model import scratch_classifier
 
     model = scratch_classifier(pretrained, LABELS, p.evaluate.scratch_models[1])

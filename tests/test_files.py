@@ -62,14 +62,6 @@ def test_a_failed_gate_still_shows_its_report(out: Path) -> None:
     assert _tree(out) == {"report.md": b"gain -0.02 below the gate"}
 
 
-def test_contents_begun_earlier_are_kept(out: Path) -> None:
-    (next_dir(out) / "runs").mkdir(parents=True)
-    (next_dir(out) / "runs" / "transfer-40-0.json").write_text("{}")
-    with replacing(out, fresh=False) as work:
-        (work / "metrics.json").write_text('{"gain": 0.1}')
-    assert _tree(out) == {"metrics.json": b'{"gain": 0.1}', "runs/transfer-40-0.json": b"{}"}
-
-
 @pytest.mark.faults
 def test_a_replacement_cut_between_its_renames_is_undone(out: Path) -> None:
     before = _tree(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +205,46 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     assert lock["evaluate"]["params"]["params.yaml"]["evaluate"]["min_gain"] == -0.5
     status = runner.invoke(app, ["status"])
     assert "evaluate  up to date" in status.output and "publish   stale" in status.output
+
+
+def _curve_records() -> dict[str, dict]:
+    """Each curve run's record as evaluate kept it, less its wall time."""
+    return {
+        path.stem: {k: v for k, v in json.loads(path.read_text()).items() if k != "train_seconds"}
+        for path in Path("outputs/evaluate/runs").glob("*.json")
+    }
+
+
+def test_the_curve_on_a_dask_cluster_matches_the_process_pool(harness: None, project: Path) -> None:
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from flows.pipeline import pipeline
+    from tlpipe.curve import curve_runner
+
+    pooled = pipeline(return_state=True)
+    assert pooled.is_completed(), pooled.message
+    on_the_pool = _curve_records()
+    # evaluate stale again, nothing before it: the same curve, now on two Dask workers.
+    shutil.rmtree("outputs/evaluate")
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
+        dasked = pipeline.with_options(task_runner=curve_runner(address=cluster.scheduler_address))(
+            return_state=True
+        )
+        workers = set(cluster.scheduler_info["workers"])
+    assert dasked.is_completed(), dasked.message
+    states = _task_states(dasked)
+    assert all(states[s] == "Skipped" for s in ("prepare", "validate", "pretrain", "finetune", "export"))
+    # Each of the 17 curve runs and 2 tuning runs arrived exactly once, and the Dask workers ran them.
+    names = [n for n in _task_run_names(dasked) if n.startswith("curve-") and not n.startswith("curve-plan")]
+    assert len(names) == len(set(names)) == 19, names
+    assert sum(task["key"].startswith("curve") for task in stream.data) == 19, stream.data
+    assert len(workers) == 2 and {task["worker"] for task in stream.data} == workers
+    # Same seeds, one thread each: the same rows, steps and scores as on the process pool.
+    assert _curve_records() == on_the_pool
 
 
 TEXT, LABEL = "source.text: expect_column_", "source.label: expect_column_"

@@ -65,6 +65,19 @@ def run(
     debug: Annotated[
         bool, typer.Option("--debug", help="show tracebacks on the console, not only in the run's log file")
     ] = False,
+    runner: Annotated[
+        str | None,
+        typer.Option(
+            help="where the curve's runs go: process (a pool on this machine, the default) or dask "
+            "(a local Dask cluster, or the scheduler --dask-address names); default TLPIPE_RUNNER"
+        ),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            help="a Dask scheduler, tcp://HOST:8786 (implies --runner dask); default TLPIPE_DASK_ADDRESS"
+        ),
+    ] = None,
 ) -> None:
     """Run the whole flow (or one stage); stages DVC finds up to date are skipped. When every
     stage is up to date and the report exists, the flow is not started at all.
@@ -76,6 +89,12 @@ def run(
     if only is not None and only not in STAGES:
         typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
+    from tlpipe.curve import curve_runner
+
+    try:
+        task_runner = curve_runner(runner, dask_address)
+    except ValueError as err:
+        _fail(err)
     from tlpipe.params import ParamsError, load_params
     from tlpipe.workspace import locate, parse_override
 
@@ -118,7 +137,9 @@ def run(
     start = time.perf_counter()
     args = {"params_file": str(params_file) if params_file else None, "overrides": overrides or None}
     state: State = (
-        single_stage(only, **args, return_state=True) if only else pipeline(**args, return_state=True)
+        single_stage(only, **args, return_state=True)
+        if only
+        else pipeline.with_options(task_runner=task_runner)(**args, return_state=True)
     )
     seconds = time.perf_counter() - start
     timing = summarise(run_id, seconds)

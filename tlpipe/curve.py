@@ -9,12 +9,17 @@ before any training starts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from tlpipe.errors import CurveError
 from tlpipe.params import EvaluateParams, FinetuneParams, Size
 from tlpipe.setting import Metric
+
+if TYPE_CHECKING:
+    from prefect.task_runners import TaskRunner
 
 Arm = Literal["transfer", "scratch", "reference"]
 # The arms the gain and the gate compare; the reference (evaluate.reference) is reported beside them.
@@ -34,6 +39,11 @@ class CurvePoint:
     model: int | None = None
     tune: bool = False
 
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> CurvePoint:
+        """The point a run's record (what `tasks.evaluate.run_point` returns) is of."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
+
     @property
     def key(self) -> str:
         if self.tune:
@@ -50,6 +60,35 @@ def curve_workers() -> int:
     return max(1, int(os.environ.get("TLPIPE_CURVE_WORKERS", default)))
 
 
+RUNNER = "TLPIPE_RUNNER"
+DASK_ADDRESS = "TLPIPE_DASK_ADDRESS"
+RUNNERS = ("process", "dask")
+
+
+def curve_runner(kind: str | None = None, address: str | None = None) -> TaskRunner:
+    """The task runner the flow maps the curve's runs over (`kind`, else TLPIPE_RUNNER):
+    `process`, a pool of `curve_workers()` processes on this machine (the default); `dask`,
+    the Dask scheduler at `address` (else TLPIPE_DASK_ADDRESS; giving one implies `dask`),
+    or without one a local Dask cluster of `curve_workers()` one-thread worker processes.
+    Every runner returns the runs' records to the flow; workers on other machines need the
+    run's folder at the same path (a shared filesystem)."""
+    address = address or os.environ.get(DASK_ADDRESS) or None
+    kind = kind or os.environ.get(RUNNER) or ("dask" if address else "process")
+    if kind not in RUNNERS:
+        raise ValueError(f"runner {kind!r} is not one of {', '.join(RUNNERS)} (--runner or {RUNNER})")
+    if kind == "process":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=curve_workers())
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    # Its own scheduler and dashboard ports (":0"), so runs side by side never collide.
+    workers = {"n_workers": curve_workers(), "threads_per_worker": 1, "processes": True}
+    return DaskTaskRunner(cluster_kwargs={**workers, "scheduler_port": 0, "dashboard_address": ":0"})
+
+
 def _has_nvidia_gpu() -> bool:
     """The NVIDIA driver lists a GPU (checked without importing torch, which takes seconds)."""
     gpus = Path("/proc/driver/nvidia/gpus")
@@ -57,7 +96,7 @@ def _has_nvidia_gpu() -> bool:
 
 
 def one_thread() -> None:
-    """Process-pool initializer for curve workers."""
+    """Each curve run trains on one torch thread, whatever its worker's runner."""
     import torch
 
     torch.set_num_threads(1)
@@ -145,3 +184,29 @@ def curve_need(p: EvaluateParams, unit: str) -> CurveNeed:
     if isinstance(p.tune_size, int) and (largest is None or p.tune_size > largest):
         return CurveNeed(p.tune_size, unit, "evaluate.tune_size")
     return CurveNeed(largest, unit)
+
+
+def check_runs(results: list[dict[str, Any]], p: EvaluateParams, metric: Metric) -> None:
+    """Every run the plan names arrived exactly once and no other did (the tuning runs, then
+    the curve at the scratch cell they chose): a runner that lost, repeated or mixed in a run
+    fails evaluate instead of skewing its curve."""
+    points = [CurvePoint.of(r) for r in results]
+    tuning = [r for r in results if r["tune"]]
+    planned = {*tuning_plan(p), *curve_plan(p, choose_scratch(tuning, p, metric))}
+
+    def named(found: set[CurvePoint]) -> list[str]:
+        return sorted(
+            f"{pt.key} (lr {pt.lr:g}, encoder {pt.model})" if pt.arm == "scratch" and not pt.tune else pt.key
+            for pt in found
+        )
+
+    problems = {
+        "missing": named(planned - set(points)),
+        "recorded twice": named({pt for pt in points if points.count(pt) > 1}),
+        "not in the plan": named(set(points) - planned),
+    }
+    if any(problems.values()):
+        raise CurveError(
+            "the curve's runs are not its plan's: "
+            + "; ".join(f"{what}: {', '.join(found)}" for what, found in problems.items() if found)
+        )

@@ -15,3 +15,8 @@ class GateFailed(TlpipeError):
 
 class StoreError(TlpipeError):
     """The S3-compatible store could not be started, reached or written."""
+
+
+class CurveError(TlpipeError):
+    """The curve's finished runs are not the ones its plan names: one is missing, repeated or
+    not in the plan."""

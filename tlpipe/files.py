@@ -98,20 +98,14 @@ def replace_dir(new: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def replacing(
-    path: Path, *, keep: tuple[type[BaseException], ...] = (), fresh: bool = True
-) -> Iterator[Path]:
-    """Build `path`'s next contents in `next_dir(path)` (emptied first unless `fresh` is
-    False, for contents begun earlier) and yield it. When the body returns, the new folder
-    replaces `path` (`replace_dir`); when it raises one of `keep` (a gate that failed after
-    writing its report) it replaces `path` too and the error goes on; any other error
-    removes it and leaves `path` as it was."""
+def replacing(path: Path, *, keep: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
+    """Build `path`'s next contents in `next_dir(path)`, emptied first, and yield it. When
+    the body returns, the new folder replaces `path` (`replace_dir`); when it raises one of
+    `keep` (a gate that failed after writing its report) it replaces `path` too and the
+    error goes on; any other error removes it and leaves `path` as it was."""
     work = next_dir(path)
     recover_dir(path)
-    if fresh:
-        fresh_dir(work)
-    else:
-        work.mkdir(parents=True, exist_ok=True)
+    fresh_dir(work)
     try:
         yield work
     except keep:
