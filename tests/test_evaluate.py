@@ -16,11 +16,12 @@ from tlpipe.curve import (
     choose_scratch,
     curve_plan,
     curve_runner,
+    runner_choice,
     tuning_plan,
 )
 from tlpipe.errors import CurveError, DataError, GateFailed
 from tlpipe.metrics import classification_metrics, majority_scores, probe_accuracy
-from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, parse_params
+from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, RunsParams, parse_params
 from tlpipe.setting import Metric
 from tlpipe.settings.text_classification import METRICS
 from tlpipe.settings.text_classification.setting import SETTING
@@ -108,7 +109,9 @@ def test_a_lost_repeated_or_foreign_curve_run_fails_evaluate() -> None:
         check_runs([*tuning, *curve[:1], *curve[2:], other], p, METRICS["accuracy"])
 
 
-def test_the_curve_runner_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_curve_runner_comes_from_the_flag_the_environment_or_params(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from prefect.task_runners import ProcessPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
@@ -127,6 +130,20 @@ def test_the_curve_runner_comes_from_the_flag_or_the_environment(monkeypatch: py
     monkeypatch.setenv(RUNNER, "ray")
     with pytest.raises(ValueError, match="runner 'ray' is not one of process, dask"):
         curve_runner()
+    # params' runs come last: the flag, then the environment, come first.
+    monkeypatch.delenv(RUNNER)
+    monkeypatch.delenv(DASK_ADDRESS)
+    runs = RunsParams(dask_address="tcp://params:8786")
+    assert runner_choice(runs=runs) == ("dask", "tcp://params:8786")
+    assert runner_choice(runs=RunsParams(runner="dask")) == ("dask", None)
+    assert runner_choice(runs=RunsParams()) == ("process", None)
+    assert runner_choice("process", runs=runs) == ("process", None)
+    monkeypatch.setenv(DASK_ADDRESS, "tcp://env:8786")
+    assert runner_choice(runs=runs) == ("dask", "tcp://env:8786")
+    monkeypatch.setenv(RUNNER, "process")
+    assert runner_choice(runs=runs) == ("process", None)
+    with pytest.raises(ValueError, match="dask_address names a Dask scheduler, but runner is process"):
+        RunsParams(runner="process", dask_address="tcp://params:8786")
 
 
 def test_majority_class_scores() -> None:

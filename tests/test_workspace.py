@@ -18,6 +18,7 @@ from tlpipe.workspace import (
     WorkspaceError,
     locate,
     parse_override,
+    run_params,
     with_overrides,
     workspace,
 )
@@ -62,6 +63,17 @@ def test_the_projects_own_params_run_in_the_project(project: Path) -> None:
     with workspace(project, project / "params.yaml", None) as root:
         assert root == project.resolve()
     assert not (project / WORKSPACES).exists()
+
+
+def test_where_the_curve_runs_is_no_part_of_a_workspace(project: Path) -> None:
+    """params' runs section changes no result: the same workspace whatever it holds, and
+    the run reads it from there."""
+    ws = locate(project, None, SEEDS)
+    remote = {**SEEDS, "runs.dask_address": "tcp://scheduler:8786"}
+    assert locate(project, None, remote) == ws
+    assert run_params(project, None, remote).runs.dask_address == "tcp://scheduler:8786"
+    assert run_params(project, None, None).runs.runner is None
+    assert run_params(project, None, SEEDS).evaluate.seeds == (3, 4)
 
 
 @pytest.mark.faults

@@ -90,25 +90,21 @@ def run(
         typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
     from tlpipe.curve import curve_runner
-
-    try:
-        task_runner = curve_runner(runner, dask_address)
-    except ValueError as err:
-        _fail(err)
-    from tlpipe.params import ParamsError, load_params
-    from tlpipe.workspace import locate, parse_override
+    from tlpipe.params import ParamsError
+    from tlpipe.workspace import locate, parse_override, run_params
 
     try:
         overrides = dict(parse_override(text) for text in set_ or [])
         ws = locate(project, params_file, overrides)  # validates them
-        params = load_params() if ws is None else None
-    except ParamsError as err:
+        params = run_params(project, params_file, overrides)
+        task_runner = curve_runner(runner, dask_address, params.runs)
+    except (ParamsError, ValueError) as err:
         _fail(err)
     from tlpipe.bundled import has_remote_inputs
     from tlpipe.report import REPORT
 
     # An s3:// input is fetched by the flow's data task before DVC can compare it.
-    if params and only is None and not always and REPORT.is_file() and not has_remote_inputs(params.data):
+    if ws is None and only is None and not always and REPORT.is_file() and not has_remote_inputs(params.data):
         from tlpipe.stages import stale_stages
 
         start = time.perf_counter()
@@ -547,15 +543,22 @@ def schedule(
     """Serve the flow on a schedule (needs a Prefect server: PREFECT_API_URL). The
     deployment's parameters (params_file, overrides) can be changed per run."""
     project = _project_root()
-    from flows.pipeline import pipeline
+    from tlpipe.curve import DASK_ADDRESS, RUNNER, runner_choice
     from tlpipe.params import ParamsError
-    from tlpipe.workspace import locate, parse_override
+    from tlpipe.workspace import parse_override, run_params
 
     try:
         overrides = dict(parse_override(text) for text in set_ or [])
-        locate(project, params_file, overrides)  # bad params fail now, not at 03:00
-    except ParamsError as err:
+        params = run_params(project, params_file, overrides)  # bad params fail now, not at 03:00
+        kind, address = runner_choice(runs=params.runs)
+    except (ParamsError, ValueError) as err:
         _fail(err)
+    # Each scheduled run loads the flow afresh in a process of its own, which reads these.
+    os.environ[RUNNER] = kind
+    if address:
+        os.environ[DASK_ADDRESS] = address
+    from flows.pipeline import pipeline
+
     parameters = {"params_file": str(params_file) if params_file else None, "overrides": overrides or None}
     pipeline.serve(name=name, cron=cron, parameters=parameters)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tlpipe.errors import CurveError
-from tlpipe.params import EvaluateParams, FinetuneParams, Size
+from tlpipe.params import EvaluateParams, FinetuneParams, RunsParams, Size
 from tlpipe.setting import Metric
 
 if TYPE_CHECKING:
@@ -65,17 +65,32 @@ DASK_ADDRESS = "TLPIPE_DASK_ADDRESS"
 RUNNERS = ("process", "dask")
 
 
-def curve_runner(kind: str | None = None, address: str | None = None) -> TaskRunner:
-    """The task runner the flow maps the curve's runs over (`kind`, else TLPIPE_RUNNER):
-    `process`, a pool of `curve_workers()` processes on this machine (the default); `dask`,
-    the Dask scheduler at `address` (else TLPIPE_DASK_ADDRESS; giving one implies `dask`),
-    or without one a local Dask cluster of `curve_workers()` one-thread worker processes.
-    Every runner returns the runs' records to the flow; workers on other machines need the
-    run's folder at the same path (a shared filesystem)."""
+def runner_choice(
+    kind: str | None = None, address: str | None = None, runs: RunsParams | None = None
+) -> tuple[str, str | None]:
+    """Which runner the curve's runs go to, and the Dask scheduler's address if one is named:
+    `kind` and `address` (the command line) come first, then TLPIPE_RUNNER and
+    TLPIPE_DASK_ADDRESS, then params' `runs`; an address alone implies `dask`, and nothing
+    at all means `process`. ValueError names a runner that is not one."""
+    kind = kind or os.environ.get(RUNNER) or None
     address = address or os.environ.get(DASK_ADDRESS) or None
-    kind = kind or os.environ.get(RUNNER) or ("dask" if address else "process")
+    if kind is None and address is None and runs is not None:
+        kind, address = runs.runner, runs.dask_address
+    kind = kind or ("dask" if address else "process")
     if kind not in RUNNERS:
         raise ValueError(f"runner {kind!r} is not one of {', '.join(RUNNERS)} (--runner or {RUNNER})")
+    return kind, address if kind == "dask" else None
+
+
+def curve_runner(
+    kind: str | None = None, address: str | None = None, runs: RunsParams | None = None
+) -> TaskRunner:
+    """The task runner the flow maps the curve's runs over (chosen by `runner_choice`):
+    `process`, a pool of `curve_workers()` processes on this machine; `dask`, the Dask
+    scheduler at the address, or without one a local Dask cluster of `curve_workers()`
+    one-thread worker processes. Every runner returns the runs' records to the flow; workers
+    on other machines need the run's folder at the same path (a shared filesystem)."""
+    kind, address = runner_choice(kind, address, runs)
     if kind == "process":
         from prefect.task_runners import ProcessPoolTaskRunner
 

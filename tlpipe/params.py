@@ -569,6 +569,23 @@ class PublishParams(_Section):
         return v
 
 
+class RunsParams(_Section):
+    """Where the curve's independent runs go (`tlpipe.curve.curve_runner`): `process`, a pool
+    on this machine; `dask`, the scheduler at dask_address (tcp://HOST:8786), or without one
+    a local Dask cluster; unset, `dask` when dask_address is given, else `process`.
+    `tlpipe run --runner / --dask-address` and TLPIPE_RUNNER / TLPIPE_DASK_ADDRESS come
+    first. No result depends on it: no stage lists it, and a workspace's hash leaves it out."""
+
+    runner: Literal["process", "dask"] | None = None
+    dask_address: str | None = None
+
+    @model_validator(mode="after")
+    def _address_is_dask(self) -> RunsParams:
+        if self.runner == "process" and self.dask_address:
+            raise ValueError("dask_address names a Dask scheduler, but runner is process")
+        return self
+
+
 class Params(_Section):
     setting: Setting = "text-classification"
     data: DataParams = DataParams()
@@ -579,6 +596,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     publish: PublishParams = PublishParams()
+    runs: RunsParams = RunsParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

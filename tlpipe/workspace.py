@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from tlpipe.errors import TlpipeError
-from tlpipe.params import ParamsError, parse_params, read_params_file
+from tlpipe.params import Params, ParamsError, load_params, parse_params, read_params_file
 
 WORKSPACES = Path(".tlpipe/workspaces")
 # Files a workspace has of its own: never copied over from the project after it is made.
@@ -121,8 +121,13 @@ def resolve(params_file: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return parse_params(raw, source).as_dict()
 
 
+# Sections no result depends on: a run's workspace is the same whatever they hold.
+UNHASHED = ("runs",)
+
+
 def params_hash(resolved: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+    hashed = {k: v for k, v in resolved.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _project_files(project: Path) -> list[str]:
@@ -240,6 +245,13 @@ def locate(project: Path, params_file: Path | str | None, overrides: Mapping[str
     (ParamsError)."""
     plan = _plan(project.resolve(), params_file, overrides)
     return plan[0] if plan else None
+
+
+def run_params(project: Path, params_file: Path | str | None, overrides: Mapping[str, Any] | None) -> Params:
+    """The params a run on these arguments reads, validated (ParamsError)."""
+    project = project.resolve()
+    plan = _plan(project, params_file, overrides)
+    return load_params(project / "params.yaml") if plan is None else parse_params(plan[1])
 
 
 @contextlib.contextmanager
