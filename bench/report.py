@@ -338,6 +338,34 @@ def pipeline(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def runners(section: dict[str, Any]) -> list[str]:
+    """`python -m bench.runners`: evaluate's curve on the process pool and on Dask."""
+    r, vs = section["runners"], section["dask_vs_process"]
+    lines = [
+        "## The curve on each task runner (`runners`)",
+        "",
+        machine_line(section),
+        "",
+        f"evaluate's curve of {section['curve_runs']} runs ({'; '.join(section['overrides'])}) on "
+        f"{section['workers']} one-thread workers, the runners taking turns; every turn's run "
+        "records identical. The curve counts by its span (first run's start to last run's end); "
+        "the command includes starting the Dask cluster.",
+        "",
+        "| runner | curve s | command s |",
+        "|---|---:|---:|",
+    ]
+    for name, label in (("process", "process pool (the default)"), ("dask", "local Dask cluster")):
+        side = r[name]
+        lines.append(f"| {label} | {fmt(side['curve_seconds'], 1)} | {fmt(side['command_seconds'], 1)} |")
+    lines += [
+        "",
+        f"Dask against the process pool: {vs['curve_seconds']:.2f}x the curve's time, "
+        f"{vs['command_seconds']:.2f}x the command's.",
+        "",
+    ]
+    return lines
+
+
 GENERATION_SIDES = {
     "plain": "plain PyTorch loop, fp32",
     "plain_bf16": "plain PyTorch loop, bf16 autocast",
@@ -460,6 +488,7 @@ SECTIONS = {
     "serving": serving,
     "validate": validate,
     "pipeline": pipeline,
+    "runners": runners,
 }
 
 
