@@ -36,6 +36,7 @@ bench: $(STAMP)
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.image --efficientnet
 	TLPIPE_PROGRESS=0 $(VENV)/bin/python -m bench.generation
 	$(VENV)/bin/python -m bench.pipeline
+	$(VENV)/bin/python -m bench.runners
 	$(VENV)/bin/python -m bench.report
 
 lint: $(STAMP)
