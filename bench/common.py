@@ -143,13 +143,13 @@ def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Run `cmd` in its own process: (wall seconds, that process's peak RSS in MiB, its
-    stdout). Output goes through files, not pipes, so a chatty child never blocks; raises
-    RuntimeError with the end of its stderr when it fails."""
+def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
+    """Run `cmd` in its own process (in `cwd`): (wall seconds, that process's peak RSS in
+    MiB, its stdout). Output goes through files, not pipes, so a chatty child never blocks;
+    raises RuntimeError with the end of its stderr when it fails."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)

@@ -1,11 +1,13 @@
 """evaluate's curve on each task runner: the process pool against a local Dask cluster.
 
-Each turn deletes the run's outputs/evaluate/ and runs `tlpipe run --runner R` on the same
-params, so the earlier stages are up to date and the curve is what runs; the turns go
-process, dask, then dask, process, and so on (`bench.common.in_turns`). The run's record
-(.tlpipe/runs/<run id>.json) gives the curve's span (the first run's start to the last
-run's end, on whichever workers) and the command's wall time (the Dask cluster's start
-included). Every turn's records must equal the first's, less their training seconds.
+The run's folder is the workspace of these params (`tlpipe run --set ...` would use it),
+made once and brought up to date by an untimed run. Each turn deletes its
+outputs/evaluate/ and runs `tlpipe run --runner R` in it, so the earlier stages are up to
+date and the curve is what runs; the turns go process, dask, then dask, process, and so on
+(`bench.common.in_turns`). The run's record (.tlpipe/runs/<run id>.json) gives the curve's
+span (the first run's start to the last run's end, on whichever workers) and the command's
+wall time (the Dask cluster's start included). Every turn's records must equal the first's,
+less their training seconds.
 
     python -m bench.runners [--rounds 2] [--set KEY=VALUE ...]
 
@@ -25,7 +27,7 @@ from typing import Any
 from bench.common import in_turns, record, run_measured, stat
 from tlpipe.curve import RUNNERS, curve_workers
 from tlpipe.timing import ROOT
-from tlpipe.workspace import locate, parse_override
+from tlpipe.workspace import parse_override, workspace
 
 # A short curve: both arms and the reference at two sizes and two seeds; the control's
 # grid cut to two cells.
@@ -60,7 +62,13 @@ def main() -> None:
     args = parser.parse_args()
     sets = SHORT if args.set_ is None else args.set_
     overrides = dict(parse_override(text) for text in sets)
-    root = locate(Path.cwd(), None, overrides) or Path.cwd()
+    project = Path.cwd()
+    # A run in the workspace's own folder takes its params.yaml as it is: outputs deleted
+    # there stay deleted (a run given the overrides would check them out of the cache).
+    with workspace(project, None, overrides) as root:
+        pass
+    tlpipe = [sys.executable, "-m", "tlpipe.cli", "run"]
+    run_measured(tlpipe, cwd=root)
     curve: dict[str, list[float]] = {name: [] for name in RUNNERS}
     wall: dict[str, list[float]] = {name: [] for name in RUNNERS}
     first: dict[str, dict[str, Any]] | None = None
@@ -68,8 +76,7 @@ def main() -> None:
     for _, runner in in_turns(RUNNERS, args.rounds):
         shutil.rmtree(root / "outputs/evaluate", ignore_errors=True)
         before = run_ids()
-        cmd = [sys.executable, "-m", "tlpipe.cli", "run", "--runner", runner]
-        seconds, _, _ = run_measured([*cmd, *(f"--set={text}" for text in sets)])
+        seconds, _, _ = run_measured([*tlpipe, "--runner", runner], cwd=root)
         (new,) = run_ids() - before
         summary = json.loads((ROOT / "runs" / f"{new}.json").read_text())
         if "curve" not in summary["stage_seconds"]:
