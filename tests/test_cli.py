@@ -102,6 +102,9 @@ def test_run_refuses_a_bad_override_before_starting(tmp_path: Path, monkeypatch:
         (["--set", "finetune.epochs=-1"], "finetune.epochs"),
         (["--set", "finetune.epochs"], "expected KEY=VALUE"),
         (["--params", "examples/missing.yaml"], "no such params file"),
+        (["--runner", "ray"], "runner 'ray' is not one of process, dask"),
+        (["--set", "runs.runner=ray"], "runs.runner"),
+        (["--set", "runs.runner=process", "--set", "runs.dask_address=tcp://h:8786"], "runner is process"),
     ):
         result = runner.invoke(app, ["run", *args])
         assert result.exit_code == 1, args

@@ -89,7 +89,7 @@ def run(
     if only is not None and only not in STAGES:
         typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
-    from tlpipe.curve import curve_runner
+    from tlpipe.curve import runner_choice
     from tlpipe.params import ParamsError
     from tlpipe.workspace import locate, parse_override, run_params
 
@@ -97,7 +97,7 @@ def run(
         overrides = dict(parse_override(text) for text in set_ or [])
         ws = locate(project, params_file, overrides)  # validates them
         params = run_params(project, params_file, overrides)
-        task_runner = curve_runner(runner, dask_address, params.runs)
+        kind, address = runner_choice(runner, dask_address, params.runs)
     except (ParamsError, ValueError) as err:
         _fail(err)
     from tlpipe.bundled import has_remote_inputs
@@ -127,6 +127,10 @@ def run(
     from prefect.states import State
 
     from flows.pipeline import pipeline, single_stage
+    from tlpipe.curve import curve_runner
+
+    # Built only now: the task runner imports Prefect, whose logging `configure` set up.
+    task_runner = curve_runner(kind, address)
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     os.environ[RUN_ID] = run_id
