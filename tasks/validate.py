@@ -4,7 +4,9 @@ Each input gets the suite its setting builds for what it is (for text classifica
 tlpipe.settings.text_classification.rules); without a source the report says "no source".
 With `validate.rows: quarantine`, at most `max_quarantine_share` of each input's rows may
 have been set aside by prepare. The results go to report.json (a DVC metric), report.md and
-GX Data Docs under data_docs/.
+GX Data Docs under data_docs/; the source's own checks go to source.json too, which pretrain
+depends on: a change to the target's checks or to the curve's sizes leaves it as it is, so
+it does not retrain the source model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ def validate(
     each input with the suite the setting's `suite` builds for it, plus the quarantine's,
     and, given the `curve`'s need, that train + pool hold its largest size.
 
-    Writes out_dir/report.json, out_dir/report.md and Data Docs under out_dir/data_docs/, then
+    Writes out_dir/report.json, out_dir/source.json (the source's checks alone),
+    out_dir/report.md and Data Docs under out_dir/data_docs/, then
     raises GateFailed naming every failed expectation (split, column, rows) if any failed.
     Raises DataError if a split file is missing.
     """
@@ -151,10 +154,35 @@ def _curve_frame(curve: CurveNeed, splits: dict[str, pd.DataFrame]) -> Frame:
     return Frame("curve", "train+pool", data, (spec,))
 
 
+# The splits whose checks source.json holds: what the source model is trained on.
+SOURCE_SPLITS = ("source", "source_quarantine")
+
+
 def _write_report(result: ValidateResult) -> None:
-    """report.json: nested by split then check, so `dvc metrics` shows every count."""
+    """report.json: nested by split then check, so `dvc metrics` shows every count; and
+    source.json, the same for the source's splits alone."""
+    checks = _nested(result.checks)
+    report = {
+        "success": result.success,
+        "source": result.source,
+        "expectations": len(result.checks),
+        "failed": len(result.failed),
+        "checks": checks,
+    }
+    result.report_path.write_text(json.dumps(report, indent=2) + "\n")
+    own = [c for c in result.checks if c.split in SOURCE_SPLITS]
+    source = {
+        "success": all(c.success for c in own),
+        "source": result.source,
+        "expectations": len(own),
+        "checks": _nested(own),
+    }
+    (result.report_path.parent / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _nested(found: Iterable[Check]) -> dict[str, dict[str, dict[str, Any]]]:
     checks: dict[str, dict[str, dict[str, Any]]] = {}
-    for c in result.checks:
+    for c in found:
         checks.setdefault(c.split, {})[c.check] = {
             "success": c.success,
             "unexpected_count": c.unexpected_count,
@@ -164,14 +192,7 @@ def _write_report(result: ValidateResult) -> None:
             "description": c.description,
             "summary": c.summary,
         }
-    report = {
-        "success": result.success,
-        "source": result.source,
-        "expectations": len(result.checks),
-        "failed": len(result.failed),
-        "checks": checks,
-    }
-    result.report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return checks
 
 
 def _write_markdown(result: ValidateResult, path: Path) -> None:

@@ -484,6 +484,23 @@ def test_a_curve_size_beyond_train_and_pool_fails_here_not_in_evaluate(tmp_path:
 
 
 @pytest.mark.faults
+def test_pretrain_s_gate_holds_the_source_checks_alone(tmp_path: Path) -> None:
+    """source.json, which pretrain depends on, stays byte for byte the same when the curve's
+    sizes or the target's checks change: neither retrains the source model."""
+    prepare_dir = write(tmp_path / "prepare", good_splits())
+    validate(SUITE, P, DATA, prepare_dir, tmp_path / "a", CurveNeed(12, "rows"))
+    looser = P.model_copy(update={"min_per_class": 1})
+    validate(SUITE, looser, DATA, prepare_dir, tmp_path / "b", CurveNeed(18, "rows"))
+    a, b = (json.loads((tmp_path / name / "report.json").read_text()) for name in "ab")
+    assert a["checks"]["train"] != b["checks"]["train"]
+    assert a["checks"]["train+pool"] != b["checks"]["train+pool"]
+    assert (tmp_path / "a/source.json").read_bytes() == (tmp_path / "b/source.json").read_bytes()
+    source = json.loads((tmp_path / "a/source.json").read_text())
+    assert (source["success"], source["source"], list(source["checks"])) == (True, "labelled", ["source"])
+    assert source["checks"]["source"] == a["checks"]["source"]
+    assert source["expectations"] == len(a["checks"]["source"])
+
+
 def test_a_token_size_beyond_what_the_text_can_make_fails_here(tmp_path: Path) -> None:
     splits = good_splits()
     # A text makes at most a token per UTF-8 byte, a leading space and its end-of-text.
