@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import in_turns, record, run_measured, stat
-from tlpipe.curve import RUNNERS, curve_workers
+from flows.runners import RUNNERS
+from tlpipe.curve import curve_workers
 from tlpipe.timing import ROOT
 from tlpipe.workspace import parse_override, workspace
 

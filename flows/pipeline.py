@@ -1,7 +1,7 @@
 """The tlpipe flow: one Prefect task run per stage, in order, skipping what DVC finds fresh.
 
 evaluate's data-efficiency curve runs as one task run per (arm, size, seed), mapped over
-the flow's task runner (`tlpipe.curve.curve_runner`: a process pool, one worker per core,
+the flow's task runner (`flows.runners.curve_runner`: a process pool, one worker per core,
 by default; or a Dask cluster), one torch thread each; each returns its record to the flow.
 export, which needs finetune's model alone, is computed on the same workers beside them.
 Every other task runs in the flow's own process, and every DVC record is written there.
@@ -20,9 +20,10 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
+from flows.runners import curve_runner
 from tasks.wiring import finish_evaluate, run_curve_point, run_stage
 from tlpipe.bundled import materialize_inputs
-from tlpipe.curve import CurvePoint, curve_runner, one_thread
+from tlpipe.curve import CurvePoint, one_thread
 from tlpipe.gates import PromotionHeld
 from tlpipe.params import load_params
 from tlpipe.report import REPORT, write_report

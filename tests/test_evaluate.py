@@ -8,20 +8,10 @@ import torch
 
 from tasks.evaluate import evaluate, gate, interval, subsample, summarise
 from tests.conftest import tiny_params
-from tlpipe.curve import (
-    DASK_ADDRESS,
-    RUNNER,
-    CurvePoint,
-    check_runs,
-    choose_scratch,
-    curve_plan,
-    curve_runner,
-    runner_choice,
-    tuning_plan,
-)
+from tlpipe.curve import CurvePoint, check_runs, choose_scratch, curve_plan, tuning_plan
 from tlpipe.errors import CurveError, DataError, GateFailed
 from tlpipe.metrics import classification_metrics, majority_scores, probe_accuracy
-from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, RunsParams, parse_params
+from tlpipe.params import EncoderConfig, EvaluateParams, ParamsError, parse_params
 from tlpipe.setting import Metric
 from tlpipe.settings.text_classification import METRICS
 from tlpipe.settings.text_classification.setting import SETTING
@@ -107,43 +97,6 @@ def test_a_lost_repeated_or_foreign_curve_run_fails_evaluate() -> None:
         match=r"missing: scratch-all-seed0 \(lr 0.001, .*not in the plan: scratch-all-seed0 \(lr 0.0001",
     ):
         check_runs([*tuning, *curve[:1], *curve[2:], other], p, METRICS["accuracy"])
-
-
-def test_the_curve_runner_comes_from_the_flag_the_environment_or_params(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from prefect.task_runners import ProcessPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
-
-    monkeypatch.delenv(RUNNER, raising=False)
-    monkeypatch.delenv(DASK_ADDRESS, raising=False)
-    monkeypatch.setenv("TLPIPE_CURVE_WORKERS", "3")
-    pool = curve_runner()
-    assert isinstance(pool, ProcessPoolTaskRunner) and pool._max_workers == 3
-    local = curve_runner("dask")
-    assert isinstance(local, DaskTaskRunner) and local.address is None
-    assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["threads_per_worker"] == 1
-    monkeypatch.setenv(DASK_ADDRESS, "tcp://scheduler:8786")
-    remote = curve_runner()
-    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://scheduler:8786"
-    assert isinstance(curve_runner("process"), ProcessPoolTaskRunner)
-    monkeypatch.setenv(RUNNER, "ray")
-    with pytest.raises(ValueError, match="runner 'ray' is not one of process, dask"):
-        curve_runner()
-    # params' runs come last: the flag, then the environment, come first.
-    monkeypatch.delenv(RUNNER)
-    monkeypatch.delenv(DASK_ADDRESS)
-    runs = RunsParams(dask_address="tcp://params:8786")
-    assert runner_choice(runs=runs) == ("dask", "tcp://params:8786")
-    assert runner_choice(runs=RunsParams(runner="dask")) == ("dask", None)
-    assert runner_choice(runs=RunsParams()) == ("process", None)
-    assert runner_choice("process", runs=runs) == ("process", None)
-    monkeypatch.setenv(DASK_ADDRESS, "tcp://env:8786")
-    assert runner_choice(runs=runs) == ("dask", "tcp://env:8786")
-    monkeypatch.setenv(RUNNER, "process")
-    assert runner_choice(runs=runs) == ("process", None)
-    with pytest.raises(ValueError, match="dask_address names a Dask scheduler, but runner is process"):
-        RunsParams(runner="process", dask_address="tcp://params:8786")
 
 
 def test_majority_class_scores() -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import make_project, tiny_params
 from tlpipe.cli import app
-from tlpipe.workspace import locate
+from tlpipe.workspace import run_plan
 
 runner = CliRunner()
 
@@ -186,7 +186,8 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     restored = ("prepare", "validate", "pretrain", "finetune", "export")
     assert all(states[s] == "Skipped" for s in restored), states
     assert states["evaluate"] != "Skipped" and states["publish"] != "Skipped", states
-    ws = locate(project, None, {"evaluate.seeds": [3, 4]})
+    ws = run_plan(project, None, {"evaluate.seeds": [3, 4]}).workspace
+    assert ws is not None
     runs = {p.stem for p in (ws / "outputs/evaluate/runs").glob("*.json")}
     assert "transfer-20-seed3" in runs and not any(r.endswith("seed0") for r in runs)
     assert (ws / "outputs/report.html").is_file()
@@ -219,7 +220,7 @@ def test_the_curve_on_a_dask_cluster_matches_the_process_pool(harness: None, pro
     from distributed import Client, LocalCluster, get_task_stream
 
     from flows.pipeline import pipeline
-    from tlpipe.curve import curve_runner
+    from flows.runners import curve_runner
 
     pooled = pipeline(return_state=True)
     assert pooled.is_completed(), pooled.message

@@ -16,9 +16,8 @@ from tlpipe.stages import commit, is_up_to_date
 from tlpipe.workspace import (
     WORKSPACES,
     WorkspaceError,
-    locate,
     parse_override,
-    run_params,
+    run_plan,
     with_overrides,
     workspace,
 )
@@ -52,14 +51,14 @@ def test_command_line_overrides_read_values_as_yaml() -> None:
 
 def test_a_bad_override_is_refused_naming_the_key(project: Path) -> None:
     with pytest.raises(ParamsError, match=r"finetune\.nope"):
-        locate(project, None, {"finetune.nope": 1})
+        run_plan(project, None, {"finetune.nope": 1})
     with pytest.raises(ParamsError, match="no such params file"):
-        locate(project, "examples/none.yaml", None)
+        run_plan(project, "examples/none.yaml", None)
 
 
 def test_the_projects_own_params_run_in_the_project(project: Path) -> None:
-    assert locate(project, None, None) is None
-    assert locate(project, "params.yaml", {}) is None
+    assert run_plan(project, None, None).workspace is None
+    assert run_plan(project, "params.yaml", {}).workspace is None
     with workspace(project, project / "params.yaml", None) as root:
         assert root == project.resolve()
     assert not (project / WORKSPACES).exists()
@@ -68,12 +67,12 @@ def test_the_projects_own_params_run_in_the_project(project: Path) -> None:
 def test_where_the_curve_runs_is_no_part_of_a_workspace(project: Path) -> None:
     """params' runs section changes no result: the same workspace whatever it holds, and
     the run reads it from there."""
-    ws = locate(project, None, SEEDS)
-    remote = {**SEEDS, "runs.dask_address": "tcp://scheduler:8786"}
-    assert locate(project, None, remote) == ws
-    assert run_params(project, None, remote).runs.dask_address == "tcp://scheduler:8786"
-    assert run_params(project, None, None).runs.runner is None
-    assert run_params(project, None, SEEDS).evaluate.seeds == (3, 4)
+    seeds = run_plan(project, None, SEEDS)
+    remote = run_plan(project, None, {**SEEDS, "runs.dask_address": "tcp://scheduler:8786"})
+    assert seeds.workspace is not None and remote.workspace == seeds.workspace
+    assert remote.params.runs.dask_address == "tcp://scheduler:8786"
+    assert run_plan(project, None, None).params.runs.runner is None
+    assert seeds.params.evaluate.seeds == (3, 4)
 
 
 @pytest.mark.faults

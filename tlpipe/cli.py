@@ -89,14 +89,14 @@ def run(
     if only is not None and only not in STAGES:
         typer.echo(f"tlpipe: unknown stage {only!r}; stages are {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
-    from tlpipe.curve import runner_choice
+    from flows.runners import runner_choice
     from tlpipe.params import ParamsError
-    from tlpipe.workspace import locate, parse_override, run_params
+    from tlpipe.workspace import parse_override, run_plan
 
     try:
         overrides = dict(parse_override(text) for text in set_ or [])
-        ws = locate(project, params_file, overrides)  # validates them
-        params = run_params(project, params_file, overrides)
+        plan = run_plan(project, params_file, overrides)
+        ws, params = plan.workspace, plan.params
         kind, address = runner_choice(runner, dask_address, params.runs)
     except (ParamsError, ValueError) as err:
         _fail(err)
@@ -127,7 +127,7 @@ def run(
     from prefect.states import State
 
     from flows.pipeline import pipeline, single_stage
-    from tlpipe.curve import curve_runner
+    from flows.runners import curve_runner
 
     # Built only now: the task runner imports Prefect, whose logging `configure` set up.
     task_runner = curve_runner(kind, address)
@@ -547,13 +547,13 @@ def schedule(
     """Serve the flow on a schedule (needs a Prefect server: PREFECT_API_URL). The
     deployment's parameters (params_file, overrides) can be changed per run."""
     project = _project_root()
-    from tlpipe.curve import DASK_ADDRESS, RUNNER, runner_choice
+    from flows.runners import DASK_ADDRESS, RUNNER, runner_choice
     from tlpipe.params import ParamsError
-    from tlpipe.workspace import parse_override, run_params
+    from tlpipe.workspace import parse_override, run_plan
 
     try:
         overrides = dict(parse_override(text) for text in set_ or [])
-        params = run_params(project, params_file, overrides)  # bad params fail now, not at 03:00
+        params = run_plan(project, params_file, overrides).params  # bad params fail now, not at 03:00
         kind, address = runner_choice(runs=params.runs)
     except (ParamsError, ValueError) as err:
         _fail(err)

@@ -570,7 +570,7 @@ class PublishParams(_Section):
 
 
 class RunsParams(_Section):
-    """Where the curve's independent runs go (`tlpipe.curve.curve_runner`): `process`, a pool
+    """Where the curve's independent runs go (`flows.runners.curve_runner`): `process`, a pool
     on this machine; `dask`, the scheduler at dask_address (tcp://HOST:8786), or without one
     a local Dask cluster; unset, `dask` when dask_address is given, else `process`.
     `tlpipe run --runner / --dask-address` and TLPIPE_RUNNER / TLPIPE_DASK_ADDRESS come

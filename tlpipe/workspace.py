@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -239,19 +240,24 @@ def _plan(
     return project / WORKSPACES / params_hash(resolved), resolved
 
 
-def locate(project: Path, params_file: Path | str | None, overrides: Mapping[str, Any] | None) -> Path | None:
-    """Where a run on these params happens: None for the project itself (no params file
-    but its own params.yaml, no overrides), else the workspace's path. Validates the params
-    (ParamsError)."""
-    plan = _plan(project.resolve(), params_file, overrides)
-    return plan[0] if plan else None
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a run happens (`workspace`: None for the project itself, else the workspace's
+    path) and the params it reads."""
+
+    workspace: Path | None
+    params: Params
 
 
-def run_params(project: Path, params_file: Path | str | None, overrides: Mapping[str, Any] | None) -> Params:
-    """The params a run on these arguments reads, validated (ParamsError)."""
+def run_plan(project: Path, params_file: Path | str | None, overrides: Mapping[str, Any] | None) -> RunPlan:
+    """The plan of a run on these arguments: the project itself for no params file but its
+    own params.yaml and no overrides, else the workspace of those params. Validates the
+    params (ParamsError)."""
     project = project.resolve()
     plan = _plan(project, params_file, overrides)
-    return load_params(project / "params.yaml") if plan is None else parse_params(plan[1])
+    if plan is None:
+        return RunPlan(None, load_params(project / "params.yaml"))
+    return RunPlan(plan[0], parse_params(plan[1]))
 
 
 @contextlib.contextmanager
