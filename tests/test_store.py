@@ -456,7 +456,7 @@ def _run_killed(root: Path, *, die_with_parent: bool) -> psutil.Process:
     code = (
         "import sys, time\n"
         "import tlpipe.store as store\n"
-        + ("" if die_with_parent else "store._die_with_parent = lambda: []\n")
+        + ("" if die_with_parent else "store.die_with_parent = lambda: []\n")
         + f"s = store.EmbeddedStore({str(root)!r})\n"
         "s.start()\n"
         "print(s.pid, flush=True)\n"

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from tlpipe.errors import StoreError
 from tlpipe.isolation import UnixForwarder, namespace_prefix
+from tlpipe.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -330,15 +331,6 @@ def _lock_root(root: Path, stop_timeout: float) -> int:
         raise
 
 
-def _die_with_parent() -> list[str]:
-    """A command prefix under which the server gets SIGTERM when the thread that started it
-    dies, even by SIGKILL (util-linux setpriv sets the kernel's parent-death signal, which
-    exec keeps); empty where setpriv is missing, and a server left behind is then stopped by
-    the next run that needs the root (`_lock_root`)."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-
-
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM, wait up to `timeout`, then SIGKILL; returns only once the process is reaped."""
     try:
@@ -473,8 +465,10 @@ class EmbeddedStore:
         with log_path.open("ab") as log_file:
             log_offset = log_file.tell()
             self._proc = subprocess.Popen(
-                # unshare first: entering a user namespace clears a parent-death signal.
-                [*isolate, *_die_with_parent(), *args],
+                # unshare first: entering a user namespace clears a parent-death signal; a
+                # server left behind where setpriv is missing is stopped by the next run
+                # that needs the root (`_lock_root`).
+                [*isolate, *die_with_parent(), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
