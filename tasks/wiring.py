@@ -13,12 +13,14 @@ import dataclasses
 import importlib
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tlpipe.curve import CurvePoint, curve_need
+from tlpipe.distributed import backend_for, launch, process_group, world
 from tlpipe.errors import GateFailed, TlpipeError
 from tlpipe.files import next_dir, replacing
 from tlpipe.params import Params, ParamsError, load_params, stage_dir
@@ -32,13 +34,18 @@ ROOT = Path(".")
 class Wiring:
     """`function` (module:name) called with `inputs(params)` and then its output folder;
     for a stage that trains, also `resume=`, where its runs resume from on the inputs
-    `resumes_on(params)` names (`tlpipe.resume`)."""
+    `resumes_on(params)` names (`tlpipe.resume`), and the params section whose `distributed`
+    and `device` say on how many processes it trains."""
 
     function: str
     inputs: Callable[[Params], tuple[Any, ...]]
     resumes_on: Callable[[Params], tuple[Any, ...]] | None = None
     # Keyword inputs, after the output folder.
     options: Callable[[Params], dict[str, Any]] = lambda params: {}
+    trains: Callable[[Params], Any] | None = None
+
+    def nproc(self, params: Params) -> int:
+        return 1 if self.trains is None else self.trains(params).distributed.nproc
 
     def resume(self, stage: str, params: Params) -> dict[str, Resume]:
         """The `resume=` argument the stage takes, if it trains."""
@@ -98,8 +105,12 @@ STAGES: dict[str, Wiring] = {
         ),
         options=lambda params: {"curve": curve_need(params.evaluate, spec(params.setting).size_unit)},
     ),
-    "pretrain": Wiring("tasks.pretrain:pretrain", _pretrain_inputs, _pretrain_inputs),
-    "finetune": Wiring("tasks.finetune:finetune", _finetune_inputs, _finetune_inputs),
+    "pretrain": Wiring(
+        "tasks.pretrain:pretrain", _pretrain_inputs, _pretrain_inputs, trains=lambda params: params.pretrain
+    ),
+    "finetune": Wiring(
+        "tasks.finetune:finetune", _finetune_inputs, _finetune_inputs, trains=lambda params: params.finetune
+    ),
     "evaluate": Wiring("tasks.evaluate:evaluate", _evaluate_inputs, _curve_point_inputs),
     "export": Wiring(
         "tasks.export:export",
@@ -152,13 +163,43 @@ def _named_where_kept(out: Path) -> Iterator[None]:
         raise GateFailed(str(err).replace(str(work), str(out))) from err
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A stage that ran on `nproc` processes under torchrun; its outputs are in `out`."""
+
+    stage: str
+    nproc: int
+    out: Path
+
+
 def run_stage(stage: str, params: Params) -> Any:
     """Run one stage on `params`. Its outputs are built beside outputs/<stage>/ and take its
     place only when the stage returns (or fails a gate after writing its report): a stage
     that fails leaves the previous outputs as they were, and the training states it saved
-    (`tlpipe.resume`) for the next try; a stage that returns drops them."""
+    (`tlpipe.resume`) for the next try; a stage that returns drops them.
+
+    A stage whose params ask for more than one process starts `python -m tasks.<stage>`
+    under torchrun (whichever entry point called this), where each rank runs it again;
+    rank 0 writes the outputs, the others build theirs in a folder that is then dropped."""
     wiring = STAGES[stage]
     out = stage_dir(stage)
+    nproc = wiring.nproc(params)
+    if nproc > 1 and not world().distributed:
+        launch(f"tasks.{stage}", nproc)
+        return Launched(stage, nproc, out)
+    if world().distributed:
+        section = wiring.trains(params) if wiring.trains is not None else None
+        backend = backend_for(section.distributed.backend, section.device) if section else "gloo"
+        with process_group(backend) as w:
+            if not w.main:
+                with tempfile.TemporaryDirectory(prefix=f"tlpipe-{stage}-rank{w.rank}-") as scratch:
+                    options = wiring.options(params) | wiring.resume(stage, params)
+                    return wiring.resolve()(*wiring.inputs(params), Path(scratch), **options)
+            return _run_here(stage, wiring, params, out)
+    return _run_here(stage, wiring, params, out)
+
+
+def _run_here(stage: str, wiring: Wiring, params: Params, out: Path) -> Any:
     with _named_where_kept(out), replacing(out, keep=(GateFailed,)) as work:
         options = wiring.options(params) | wiring.resume(stage, params)
         result = wiring.resolve()(*wiring.inputs(params), work, **options)
@@ -191,8 +232,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def main(stage: str) -> None:
     """`python -m tasks.<stage>`: run it from params.yaml; a known failure exits 1 with a
-    one-line reason."""
-    setup_logging()
+    one-line reason. Among several ranks, rank 0 alone logs below warnings."""
+    setup_logging(logging.INFO if world().main else logging.WARNING)
     try:
         run_stage(stage, load_params())
     except (TlpipeError, ParamsError) as err:

@@ -323,6 +323,15 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+class DistributedParams(_Section):
+    """A training stage on `nproc` processes of this machine (torchrun --standalone, data
+    parallel: each trains on its slice of every global batch of `optim.batch_size` rows;
+    see tlpipe.distributed). `backend` auto is NCCL on a GPU, gloo on a CPU."""
+
+    nproc: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
 class PretrainParams(_Section):
     """Builds the source model.
 
@@ -360,6 +369,7 @@ class PretrainParams(_Section):
     log_every: int = Field(25, ge=1)
     device: Device = "auto"
     precision: Precision = "auto"
+    distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")
     def _scratch_needs_steps(self) -> PretrainParams:
@@ -420,6 +430,8 @@ class FinetuneParams(_Section):
     update_batch_norm: bool = True
     device: Device = "auto"
     precision: Precision = "auto"
+    # finetune's own run; the curve's runs in evaluate each train on one process.
+    distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")
     def _strategy_args(self) -> FinetuneParams:

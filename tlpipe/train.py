@@ -1,10 +1,11 @@
 """The training loop every setting shares, and where it runs.
 
-One process, plain PyTorch: a setting's `TrainTask` makes the batches, the loss and the
-validation scores; this loop owns the rest: the strategy's freezing and layer-wise learning
-rates over the model's `LayerGroups`, L2-SP, a fused AdamW with warmup and decay, periodic
-validation keeping the best weights, early stopping, the resumable training state, and no
-per-step host syncs beyond validation. The forward and backward passes run under bf16
+Plain PyTorch: a setting's `TrainTask` makes the batches, the loss and the validation
+scores; this loop owns the rest: the strategy's freezing and layer-wise learning rates over
+the model's `LayerGroups`, L2-SP, a fused AdamW with warmup and decay, periodic validation
+keeping the best weights, early stopping, the resumable training state, and no per-step
+host syncs beyond validation. On one process, or data parallel on the ranks torchrun
+started (tlpipe.distributed). The forward and backward passes run under bf16
 autocast where it pays: on a GPU with bf16, on a CPU where a probe measured it faster than
 fp32 (see `Runtime` and tlpipe.precision).
 """
@@ -32,6 +33,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from tlpipe import distributed
+from tlpipe.distributed import World
 from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout
 from tlpipe.faults import failpoint
 from tlpipe.params import FinetuneParams, OptimParams, PretrainParams
@@ -115,6 +118,14 @@ class Runtime:
 
     def without(self, *fast_paths: str) -> Runtime:
         return replace(self, off=self.off | frozenset(fast_paths))
+
+    def among(self, w: World) -> Runtime:
+        """This runtime on one of `w`'s ranks. The row-sparse embedding gradient is off
+        there: it clears, after each step, only the rows this rank's batch looked up, while
+        the gradient averaged over the ranks also fills the rows of the others' batches,
+        which would then stay in it. Clipping in the optimizer's step stays on: it runs after
+        the average, on the same gradients on every rank."""
+        return self.without("embedding_row_grads") if w.distributed else self
 
     @classmethod
     def pick(cls, device: str = "auto", precision: str = "auto") -> Runtime:
@@ -254,6 +265,8 @@ def train_model(
     batches, the best weights so far, the history) at validations `resume.every_s` apart:
     on a CPU, a run killed and resumed ends with the weights of a run never stopped.
     """
+    w = distributed.world()
+    runtime = runtime.among(w)
     device = runtime.device
     runtime.place(model)
     plan = plan_steps(task.rows, p)
@@ -267,13 +280,16 @@ def train_model(
     trainable = [q for g in optim_groups for q in g["params"]]
     optimizer = adamw(optim_groups, p.optim.lr)
     scheduler = LambdaLR(optimizer, schedule_factor(p.optim, plan.total_steps))
+    distributed.broadcast_parameters([*model.state_dict().values(), *extra], w)
     l2sp = L2SP.anchor(model, anchored, p.l2sp) if anchored else None
 
-    loop = _Loop(np.random.default_rng(p.seed), np.random.default_rng(p.seed), task.selection.worst)
-    fingerprint = run_fingerprint(desc, p, model, extra) if resume is not None else ""
+    loop = _Loop.start(p.seed, w, task.selection.worst)
+    # A state saved on other ranks' count is another run's.
+    run = desc if not w.distributed else f"{desc} on {w.size} ranks"
+    fingerprint = run_fingerprint(run, p, model, extra) if resume is not None else ""
     saved = resume.load(desc, fingerprint) if resume is not None else None
     if saved is not None:
-        loop.restore(saved, model, extra, optimizer, scheduler, task)
+        loop.restore(saved, model, extra, optimizer, scheduler, task, w)
         if p.strategy == "gradual_unfreeze" and loop.epoch:
             apply_freezing(model, groups, trainable_from(p, groups.blocks, loop.epoch))
         log.info("%s: resumed at step %d of %d", desc, loop.step, plan.total_steps)
@@ -283,7 +299,12 @@ def train_model(
     last_save = time.perf_counter()
     model.train()
     bar = tqdm(
-        total=plan.total_steps, initial=loop.step, desc=desc, unit="step", leave=False, disable=quiet()
+        total=plan.total_steps,
+        initial=loop.step,
+        desc=desc,
+        unit="step",
+        leave=False,
+        disable=quiet() or not w.main,
     )
     # L2-SP adds to every row of the embedding's gradient, which leaves nothing row-sparse.
     fast = runtime.without("embedding_row_grads") if l2sp is not None else runtime
@@ -294,25 +315,34 @@ def train_model(
                 loop.batches, loop.epoch = task.epoch(loop.rng), loop.epoch + 1
                 if p.strategy == "gradual_unfreeze":
                     apply_freezing(model, groups, trainable_from(p, groups.blocks, loop.epoch))
-            idx = loop.batches.pop()
-            with runtime.autocast():
-                loss = task.loss(model, idx, loop.rng)
-            loss.backward()
+            batch = loop.batches.pop()
+            idx = w.shard(batch)
+            if len(idx):
+                with runtime.autocast():
+                    loss = task.loss(model, idx, loop.draws)
+                # The mean over the global batch, once the ranks' gradients are averaged.
+                (loss * (len(idx) * w.size / len(batch)) if w.distributed else loss).backward()
+                running += loss.detach() * len(idx)
+                seen += len(idx)
+            distributed.average_gradients(trainable, w)
             if l2sp is not None:
                 l2sp.add_to_grads()
             clip_and_step(optimizer, trainable, p.optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             failpoint("train.step")
-            running += loss.detach() * len(idx)
-            seen += len(idx)
             bar.update()
             if loop.step % plan.eval_every and loop.step != plan.total_steps:
                 continue
-            loop.examples += seen
-            train_loss = float(running) / max(1, seen)  # the host sync, once a validation
+            if w.distributed:
+                total, seen_all = distributed.summed([float(running), seen], w)
+            else:
+                total, seen_all = float(running), seen  # the host sync, once a validation
+            loop.examples += int(seen_all)
+            train_loss = total / max(1, seen_all)
             paused = time.perf_counter()
-            scores = task.validate(model)
+            # Every rank takes rank 0's scores, and with them the same decisions.
+            scores = distributed.from_main(task.validate(model) if w.main else None, w)
             loop.history.append(
                 {
                     "step": loop.step,
@@ -334,9 +364,14 @@ def train_model(
             loop.stopped = loop.stale >= p.patience
             now = time.perf_counter()
             more = loop.step < plan.total_steps and not loop.stopped
-            if resume is not None and more and now - last_save >= resume.every_s:
+            due = distributed.from_main(resume is not None and more and now - last_save >= resume.every_s, w)
+            if due:
+                assert resume is not None
                 loop.clock = now - start
-                resume.save(desc, fingerprint, loop.snapshot(model, extra, optimizer, scheduler, task))
+                ranks = distributed.gathered(loop.own_generators(), w) if w.distributed else None
+                if w.main:
+                    state = loop.snapshot(model, extra, optimizer, scheduler, task, ranks)
+                    resume.save(desc, fingerprint, state)
                 last_save = time.perf_counter()
             loop.validating += time.perf_counter() - paused
     bar.close()
@@ -354,9 +389,11 @@ def train_model(
 class _Loop:
     """What the loop carries from step to step, besides the model and the optimizer."""
 
-    rng: np.random.Generator  # the batches and the task's draws
+    rng: np.random.Generator  # the batches (the same on every rank)
     dropout: np.random.Generator  # host dropout's masks
     best_score: float
+    # The task's draws: `rng` itself on one process, a rank's own generator among several.
+    draws: np.random.Generator | None = None
     best_step: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     stale: int = 0
@@ -369,6 +406,29 @@ class _Loop:
     clock: float = 0.0  # seconds since the run began, when last saved
     validating: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.draws is None:
+            self.draws = self.rng
+
+    @classmethod
+    def start(cls, seed: int, w: World, worst: float) -> _Loop:
+        """The loop's generators at its start. Among several ranks the batches are drawn
+        alike on every rank, and each rank's draws and dropout masks are its own."""
+        if not w.distributed:
+            return cls(np.random.default_rng(seed), np.random.default_rng(seed), worst)
+        own = np.random.SeedSequence([seed, w.rank]).spawn(2)
+        return cls(
+            np.random.default_rng(seed),
+            np.random.default_rng(own[0]),
+            worst,
+            draws=np.random.default_rng(own[1]),
+        )
+
+    def own_generators(self) -> dict[str, Any]:
+        """This rank's own generators (and the global ones), which a state saved by rank 0
+        carries for every rank."""
+        return generator_states(draws=self.draws, dropout=self.dropout)
+
     def best_is_current(self) -> bool:
         return self.best_state is not None and self.best_step == self.step
 
@@ -379,10 +439,12 @@ class _Loop:
         optimizer: torch.optim.Optimizer,
         scheduler: LambdaLR,
         task: TrainTask,
+        ranks: list[Any] | None = None,
     ) -> dict[str, Any]:
         """The whole state at a validation (the running loss was just reset): a resumed run
         draws, steps and keeps exactly what this one would have. The best weights are saved
-        apart only when they are not the current ones."""
+        apart only when they are not the current ones; `ranks`, every rank's
+        `own_generators`, when there are several."""
         return {
             "loop": {
                 "best_score": self.best_score,
@@ -405,6 +467,7 @@ class _Loop:
             "scheduler": scheduler.state_dict(),
             "task": task.state_dict(),
             "generators": generator_states(rng=self.rng, dropout=self.dropout),
+            "ranks": ranks or [],
         }
 
     def restore(
@@ -415,6 +478,7 @@ class _Loop:
         optimizer: torch.optim.Optimizer,
         scheduler: LambdaLR,
         task: TrainTask,
+        w: World,
     ) -> None:
         for key, value in state["loop"].items():
             setattr(self, key, value)
@@ -428,6 +492,8 @@ class _Loop:
         scheduler.load_state_dict(state["scheduler"])
         task.load_state_dict(state["task"])
         restore_generators(state["generators"], rng=self.rng, dropout=self.dropout)
+        if w.distributed:
+            restore_generators(state["ranks"][w.rank], draws=self.draws, dropout=self.dropout)
 
 
 def run_fingerprint(run: str, settings: Any, model: nn.Module, extra: Iterable[torch.Tensor] = ()) -> str:
@@ -521,6 +587,7 @@ def source_plan(p: PretrainParams) -> FinetuneParams:
         augment=p.augment,
         device=p.device,
         precision=p.precision,
+        distributed=p.distributed,
     )
 
 

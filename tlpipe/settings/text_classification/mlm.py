@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from tlpipe import distributed
 from tlpipe.batching import length_batches, pad_arrays, round_up
 from tlpipe.faults import failpoint
 from tlpipe.params import OptimParams
@@ -156,7 +157,12 @@ def train_mlm(
 ) -> MlmResult:
     """Masked-LM training for `steps` optimizer steps over `ids`, epoch after epoch. With
     `resume`, the run named `desc` continues from the state it saved there and saves its
-    whole state at logged steps `resume.every_s` apart (as `train_model` does)."""
+    whole state at logged steps `resume.every_s` apart (as `train_model` does). Among the
+    ranks torchrun started, data parallel as `train_model` is (tlpipe.distributed): each
+    rank corrupts and trains on its slice of every batch, the loss weighted so that the
+    averaged gradient is the mean over every masked position of the batch."""
+    w = distributed.world()
+    runtime = runtime.among(w)
     device = runtime.device
     runtime.place(model)
     encoder, head = mlm_head(model)
@@ -164,12 +170,16 @@ def train_mlm(
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     rng, dropout = np.random.default_rng(seed), np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
+    if w.distributed:  # each rank's own masks and dropout; the batches alike on every rank
+        dropout = np.random.default_rng([seed, w.rank])
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, w.rank]).generate_state(1)[0]))
     optimizer, scheduler = make_optimizer(model, optim, steps)
+    distributed.broadcast_parameters(model.state_dict().values(), w)
     result = MlmResult(steps=steps, tokens=0, seconds=0.0)
     batches: list[np.ndarray] = []
     done, clock = 0, 0.0
     fingerprint = run_fingerprint(
-        desc,
+        desc if not w.distributed else f"{desc} on {w.size} ranks",
         {
             "steps": steps,
             "optim": optim.model_dump(),
@@ -185,6 +195,8 @@ def train_mlm(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         restore_generators(saved["generators"], rng=rng, dropout=dropout, gen=gen)
+        if w.distributed:
+            restore_generators(saved["ranks"][w.rank], dropout=dropout, gen=gen)
         batches = [b.numpy() for b in saved["batches"]]
         done, clock, result.tokens = saved["step"], saved["clock"], saved["tokens"]
         result.history = saved["history"]
@@ -193,16 +205,30 @@ def train_mlm(
     running = torch.zeros((), device=device)
     start = time.perf_counter() - clock
     last_save = time.perf_counter()
-    bar = tqdm(total=steps, initial=done, desc=desc, unit="step", disable=quiet())
+    bar = tqdm(total=steps, initial=done, desc=desc, unit="step", disable=quiet() or not w.main)
     with runtime.fast_paths(model, dropout):
         for step in range(done, steps):
             if not batches:
                 batches = length_batches(lengths, optim.batch_size, rng)
-            input_ids, mask = pad_batch([ids[i] for i in batches.pop()], special.pad)
-            result.tokens += int(mask.sum())
-            with runtime.autocast():
-                loss, _ = mlm_loss(encoder, head, input_ids, mask, special, vocab, mask_prob, gen, runtime)
-            loss.backward()
+            batch = batches.pop()
+            result.tokens += int(lengths[batch].sum())
+            idx = w.shard(batch)
+            if len(idx):
+                input_ids, mask = pad_batch([ids[i] for i in idx], special.pad)
+                with runtime.autocast():
+                    loss, n = mlm_loss(
+                        encoder, head, input_ids, mask, special, vocab, mask_prob, gen, runtime
+                    )
+            else:
+                loss, n = torch.zeros((), device=device), 0
+            if w.distributed:
+                # The mean over the batch's masked positions, once the gradients are averaged.
+                (n_all,) = distributed.summed([n], w)
+                if n:
+                    (loss * (n * w.size / n_all)).backward()
+                distributed.average_gradients(model.parameters(), w)
+            else:
+                loss.backward()
             clip_and_step(optimizer, model.parameters(), optim.max_grad_norm, runtime.uses("clip_in_step"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -210,8 +236,10 @@ def train_mlm(
             running += loss.detach()
             bar.update()
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                n = (step % log_every) + 1
-                avg = float(running) / n  # the one host sync, every log_every steps
+                logged = (step % log_every) + 1
+                # The one host sync, every log_every steps; the ranks' mean among several.
+                (total,) = distributed.summed([float(running)], w)
+                avg = total / w.size / logged
                 running.zero_()
                 now = time.perf_counter()
                 result.history.append(
@@ -224,7 +252,11 @@ def train_mlm(
                     }
                 )
                 bar.set_postfix(loss=f"{avg:.3f}")
-                if resume is not None and step + 1 < steps and now - last_save >= resume.every_s:
+                due = resume is not None and step + 1 < steps and now - last_save >= resume.every_s
+                if distributed.from_main(due, w):
+                    assert resume is not None
+                    own = generator_states(dropout=dropout, gen=gen)
+                    ranks = distributed.gathered(own, w) if w.distributed else []
                     state = {
                         "step": step + 1,
                         "clock": now - start,
@@ -235,8 +267,10 @@ def train_mlm(
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "generators": generator_states(rng=rng, dropout=dropout, gen=gen),
+                        "ranks": ranks,
                     }
-                    resume.save(desc, fingerprint, state)
+                    if w.main:
+                        resume.save(desc, fingerprint, state)
                     last_save = time.perf_counter()
     bar.close()
     result.seconds = time.perf_counter() - start
