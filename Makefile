@@ -18,8 +18,12 @@ env: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tlpipe run
 
+# Then the publish and registry tests again, on the embedded store run as a cluster (a
+# master, 2 volume servers, a filer and an S3 gateway: tlpipe.cluster).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+	TLPIPE_STORE_VOLUMES=2 $(VENV)/bin/python -m pytest -q tests/test_publish.py tests/test_registry.py \
+		-k "not volume_server_killed"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

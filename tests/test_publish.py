@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -808,3 +809,45 @@ def test_lineage_traces_a_release_from_its_input_hashes_to_its_aliases_and_gc_sp
     assert _versions(store.client, store.bucket, "traced") == {first.version, rollback_of_candidate, last}
     gone = cli.invoke(app, ["lineage", unneeded])
     assert gone.exit_code == 1 and "no such release" in gone.output
+
+
+@pytest.mark.faults
+def test_a_volume_server_killed_in_the_middle_of_a_publish_loses_nothing(
+    staged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store as a cluster (TLPIPE_STORE_VOLUMES=2: every volume on both volume servers).
+    Between two uploads of a second release one volume server is SIGKILLed: while it is
+    down the first release reads back whole from the other copy; the cluster starts it
+    again, the upload waiting on it completes, and both releases read back verified."""
+    import tasks.publish as publish_module
+
+    monkeypatch.setenv("TLPIPE_STORE_VOLUMES", "2")
+    root = tmp_path / "store"
+    with embedded_store("tlpipe-cluster", root) as session:
+        first = _publish(_copy(staged, tmp_path / "a"), session)
+        prefix = first.uri.split("/", 3)[3]
+        manifest = json.loads(
+            session.client.get_object(Bucket=session.bucket, Key=prefix + "manifest.json")["Body"].read()
+        )
+        real, seen = publish_module.upload_file, {"calls": 0, "read_while_down": 0}
+        killed = json.loads((root / "cluster.json").read_text())["volume-1"]["pid"]
+
+        def killing(*args, **kw):
+            seen["calls"] += 1
+            if seen["calls"] == 2:
+                os.kill(killed, signal.SIGKILL)
+                for name, entry in manifest["files"].items():
+                    body = session.client.get_object(Bucket=session.bucket, Key=prefix + name)["Body"].read()
+                    assert hashlib.sha256(body).hexdigest() == entry["sha256"], name
+                    seen["read_while_down"] += 1
+            return real(*args, **kw)
+
+        monkeypatch.setattr(publish_module, "upload_file", killing)
+        second = _publish(_copy(staged, tmp_path / "b"), session, **{"publish.model_name": "second"})
+        assert seen["calls"] > 2 and seen["read_while_down"] == len(manifest["files"])
+        state = json.loads((root / "cluster.json").read_text())["volume-1"]
+        assert state["restarts"] == 1 and state["pid"] != killed
+        for uri in (first.uri, second.uri):
+            model = uri.rstrip("/").rsplit("/", 1)[0]
+            assert fetch_release(session, model, tmp_path / "cache" / model.rsplit("/", 1)[1]).is_dir()
+        assert not second.already_published

