@@ -523,6 +523,8 @@ class EmbeddedStore:
         else:
             self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         log_path = self.root / LOG_NAME
+        # Left by a supervisor that was killed: it names processes that are gone.
+        (self.root / CLUSTER_STATE).unlink(missing_ok=True)
         started = time.monotonic()
         with log_path.open("ab") as log_file:
             log_offset = log_file.tell()
@@ -563,7 +565,10 @@ class EmbeddedStore:
                 )
             try:
                 probe.list_buckets()
-                break
+                # A cluster is up once its supervisor has seen every part listen.
+                if self.volumes == 1 or (self.root / CLUSTER_STATE).is_file():
+                    break
+                last_error = StoreError("the cluster's parts are not all up yet")
             except (BotoCoreError, ClientError) as err:
                 last_error = err
             if time.monotonic() > deadline:
