@@ -67,10 +67,12 @@ def _env(tmp: Path, **more: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "TLPIPE_PROGRESS": "0", "TMPDIR": str(tmp), **more}
 
 
-def _finetune(root: Path, nproc: int, name: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m tasks.finetune` (what dvc.yaml runs) on `nproc` processes; its outputs
-    are moved to outputs/<name>."""
-    _write_params(root, nproc)
+def _finetune(
+    root: Path, nproc: int, name: str, params: dict[str, object] | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m tasks.finetune` (what dvc.yaml runs) on `nproc` processes, on the tiny
+    params and `params`; its outputs are moved to outputs/<name>."""
+    _write_params(root, nproc, **(params or {}))
     tmp = root / f"tmp-{name}"
     tmp.mkdir()
     done = subprocess.run(
@@ -156,16 +158,18 @@ def test_masked_lm_pretraining_on_two_ranks_follows_the_one_process_curve(
 @pytest.mark.faults
 def test_two_ranks_killed_mid_run_resume_to_the_weights_of_a_run_never_stopped(project: Path) -> None:
     """Both ranks SIGKILLed at their 7th step, a state saved at every validation: the next
-    run resumes from rank 0's state (every rank's generators in it) and ends where an
-    uninterrupted 2-rank run ends."""
-    whole = _finetune(project, 2, "whole")
+    run resumes from rank 0's state (every rank's generators and task draws in it: the
+    joint loss draws each rank's own source batches) and ends where an uninterrupted 2-rank
+    run ends."""
+    joint = {"finetune.joint_alpha": 0.3}
+    whole = _finetune(project, 2, "whole", joint)
     assert whole.returncode == 0, whole.stderr[-3000:]
     every = {"TLPIPE_CHECKPOINT_EVERY_S": "0"}
-    killed = _finetune(project, 2, "killed", TLPIPE_FAILPOINT="train.step@7", **every)
+    killed = _finetune(project, 2, "killed", joint, TLPIPE_FAILPOINT="train.step@7", **every)
     assert killed.returncode == 1
     assert "tasks.finetune on 2 processes failed" in killed.stderr
     assert not (project / "outputs/finetune").exists()
-    resumed = _finetune(project, 2, "resumed", **every)
+    resumed = _finetune(project, 2, "resumed", joint, **every)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step" in resumed.stderr
     assert _history(project / "outputs/whole") == _history(project / "outputs/resumed")

@@ -368,7 +368,7 @@ def train_model(
             if due:
                 assert resume is not None
                 loop.clock = now - start
-                ranks = distributed.gathered(loop.own_generators(), w) if w.distributed else None
+                ranks = distributed.gathered(loop.own_state(task), w) if w.distributed else None
                 if w.main:
                     state = loop.snapshot(model, extra, optimizer, scheduler, task, ranks)
                     resume.save(desc, fingerprint, state)
@@ -424,10 +424,13 @@ class _Loop:
             draws=np.random.default_rng(own[1]),
         )
 
-    def own_generators(self) -> dict[str, Any]:
-        """This rank's own generators (and the global ones), which a state saved by rank 0
-        carries for every rank."""
-        return generator_states(draws=self.draws, dropout=self.dropout)
+    def own_state(self, task: TrainTask) -> dict[str, Any]:
+        """What is this rank's own: its generators (and the global ones) and its task's
+        draws, which a state saved by rank 0 carries for every rank."""
+        return {
+            "generators": generator_states(draws=self.draws, dropout=self.dropout),
+            "task": task.state_dict(),
+        }
 
     def best_is_current(self) -> bool:
         return self.best_state is not None and self.best_step == self.step
@@ -443,8 +446,8 @@ class _Loop:
     ) -> dict[str, Any]:
         """The whole state at a validation (the running loss was just reset): a resumed run
         draws, steps and keeps exactly what this one would have. The best weights are saved
-        apart only when they are not the current ones; `ranks`, every rank's
-        `own_generators`, when there are several."""
+        apart only when they are not the current ones; `ranks`, every rank's `own_state`,
+        when there are several."""
         return {
             "loop": {
                 "best_score": self.best_score,
@@ -493,7 +496,9 @@ class _Loop:
         task.load_state_dict(state["task"])
         restore_generators(state["generators"], rng=self.rng, dropout=self.dropout)
         if w.distributed:
-            restore_generators(state["ranks"][w.rank], draws=self.draws, dropout=self.dropout)
+            own = state["ranks"][w.rank]
+            restore_generators(own["generators"], draws=self.draws, dropout=self.dropout)
+            task.load_state_dict(own["task"])
 
 
 def run_fingerprint(run: str, settings: Any, model: nn.Module, extra: Iterable[torch.Tensor] = ()) -> str:
