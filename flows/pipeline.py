@@ -62,7 +62,7 @@ def _run_stage(stage: str) -> Any:
     with clocked(stage):
         result = run_stage(stage, params)
     commit(stage)
-    logger.info("%s done: %s", stage, result)
+    logger.info("%s done: %s", stage, result.summary())
     return result
 
 
@@ -134,6 +134,7 @@ def evaluate(tuning: list[dict[str, Any]] | None = None, points: list[dict[str, 
     with clocked("evaluate"):
         result = finish_evaluate(load_params(), [*(tuning or []), *points])
     commit("evaluate")
+    get_run_logger().info("evaluate done: %s", result.summary())
     return result
 
 
@@ -159,7 +160,7 @@ def export(computed: Any = None) -> Any:
     if computed is None:
         return _run_stage("export")
     commit("export")
-    get_run_logger().info("export done: %s", computed)
+    get_run_logger().info("export done: %s", computed.summary())
     return computed
 
 

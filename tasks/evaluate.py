@@ -37,6 +37,7 @@ from tlpipe.curve import (
 from tlpipe.data import read_split
 from tlpipe.errors import DataError, GateFailed
 from tlpipe.files import fresh_dir, write_json
+from tlpipe.metrics import figures
 from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams, Size
 from tlpipe.resume import Resume
 from tlpipe.setting import Metric, Setting, primary_metric, spec
@@ -50,6 +51,14 @@ class EvaluateResult:
     shipped: dict[str, Any]
     gate: dict[str, Any]
     forgetting: dict[str, Any]
+
+    def summary(self) -> str:
+        g = self.gate
+        return (
+            f"gain in {g['metric']} at {g['units']:,} {g['unit']} {g['gain']:+.4f} "
+            f"[{g['ci_low']:+.4f}, {g['ci_high']:+.4f}], gate {'passed' if g['passed'] else 'failed'}; "
+            f"shipped model: {figures(self.shipped)}"
+        )
 
 
 def labelled_target(prepare_dir: Path) -> pd.DataFrame:

@@ -39,6 +39,13 @@ class ExportResult:
     # How far int8 falls below fp32 on the setting's export quality metric (None: no int8).
     int8_drop: float | None
 
+    def summary(self) -> str:
+        int8 = "no int8 model" if self.int8_drop is None else f"int8 drop {self.int8_drop:+.4f}"
+        return (
+            f"parity on {self.rows:,} rows: max |diff| {self.max_abs_diff:.2e}, argmax agreement "
+            f"{self.argmax_agreement:.2%}; {int8}; bundle {self.bundle_dir}"
+        )
+
 
 def _parity(ort_out: np.ndarray, torch_out: np.ndarray) -> tuple[float, float]:
     if not len(ort_out):

@@ -25,6 +25,9 @@ class FinetuneResult:
     # The validation score that kept the best weights (the setting's selection metric).
     val_score: float
 
+    def summary(self) -> str:
+        return f"best at step {self.best_step:,} (validation {self.val_score:.4g}); model {self.model_dir}"
+
 
 def write_history(path: Path, run: TrainResult) -> None:
     """One row per validation: step, epoch, train loss and every validation score."""

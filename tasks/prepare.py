@@ -27,6 +27,10 @@ class PrepareResult:
     duplicates_dropped: dict[str, int]
     counts: dict[str, dict[str, int]]
 
+    def summary(self) -> str:
+        rows = ", ".join(f"{name} {sum(by_label.values()):,}" for name, by_label in self.counts.items())
+        return f"rows: {rows}; duplicates dropped: {sum(self.duplicates_dropped.values()):,}"
+
 
 def prepare(
     rules: RowRules, p: PrepareParams, data: DataParams, rows: ValidateParams, root: Path, out_dir: Path

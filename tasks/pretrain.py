@@ -13,6 +13,7 @@ from typing import Any
 from tlpipe.checkpoint import META_FILE, init_record, seed_everything
 from tlpipe.data import read_split, sha256_file, source_split
 from tlpipe.files import fresh_dir, write_json
+from tlpipe.metrics import figures
 from tlpipe.params import DataParams, PretrainParams, pretrain_objective
 from tlpipe.resume import Resume
 from tlpipe.setting import Setting, spec
@@ -29,6 +30,11 @@ class PretrainResult:
     # Held-out source metrics: masked-LM loss before/after (mlm), accuracy and macro-F1
     # (supervised).
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.objective is None:
+            return f"checkpoint taken as it is, in {self.model_dir}"
+        return f"{self.objective}, {self.steps:,} steps: {figures(self.metrics)}; model {self.model_dir}"
 
 
 def pretrain(

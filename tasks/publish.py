@@ -47,6 +47,12 @@ class PublishResult:
     # (empty when production names it, or when publish.promote is false).
     held: tuple[str, ...] = ()
 
+    def summary(self) -> str:
+        state = "already published" if self.already_published else "published"
+        aliases = f", named {', '.join(self.aliases)}" if self.aliases else ""
+        held = f"; production held: {'; '.join(self.held)}" if self.held else ""
+        return f"version {self.version} {state} at {self.uri}{aliases}{held}"
+
 
 def release_prefix(p: PublishParams, version: str) -> str:
     return f"{model_prefix(p)}/{version}"

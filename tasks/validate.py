@@ -43,6 +43,11 @@ class ValidateResult:
     def failed(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if not c.success)
 
+    def summary(self) -> str:
+        passed = len(self.checks) - len(self.failed)
+        failed = "".join(f"; failed {c.split}: {c.check}" for c in self.failed)
+        return f"{passed} of {len(self.checks)} checks passed{failed}; report {self.report_path}"
+
 
 def validate(
     suite: Callable[[ValidateParams, DataParams, dict[str, pd.DataFrame]], list[Frame]],

@@ -57,6 +57,11 @@ class Wiring:
         module, name = self.function.split(":")
         return getattr(importlib.import_module(module), name)
 
+    def call(self, stage: str, params: Params, out_dir: Path) -> Any:
+        """The stage's function on `params`, writing into `out_dir`."""
+        options = self.options(params) | self.resume(stage, params)
+        return self.resolve()(*self.inputs(params), out_dir, **options)
+
 
 def _pretrain_inputs(params: Params) -> tuple[Any, ...]:
     return (get_setting(params.setting), params.pretrain, params.data, stage_dir("prepare"))
@@ -171,6 +176,9 @@ class Launched:
     nproc: int
     out: Path
 
+    def summary(self) -> str:
+        return f"ran on {self.nproc} processes; outputs in {self.out}"
+
 
 def run_stage(stage: str, params: Params) -> Any:
     """Run one stage on `params`. Its outputs are built beside outputs/<stage>/ and take its
@@ -193,16 +201,14 @@ def run_stage(stage: str, params: Params) -> Any:
         with process_group(backend) as w:
             if not w.main:
                 with tempfile.TemporaryDirectory(prefix=f"tlpipe-{stage}-rank{w.rank}-") as scratch:
-                    options = wiring.options(params) | wiring.resume(stage, params)
-                    return wiring.resolve()(*wiring.inputs(params), Path(scratch), **options)
+                    return wiring.call(stage, params, Path(scratch))
             return _run_here(stage, wiring, params, out)
     return _run_here(stage, wiring, params, out)
 
 
 def _run_here(stage: str, wiring: Wiring, params: Params, out: Path) -> Any:
     with _named_where_kept(out), replacing(out, keep=(GateFailed,)) as work:
-        options = wiring.options(params) | wiring.resume(stage, params)
-        result = wiring.resolve()(*wiring.inputs(params), work, **options)
+        result = wiring.call(stage, params, work)
     clear_stage(stage)
     return _rebased(result, work, out)
 

@@ -327,6 +327,11 @@ def test_command_line_exits_non_zero_naming_the_rule_then_publishes_once_the_dat
     csv.write_text(good)
     again = subprocess.run([str(tlpipe), "run"], cwd=project, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
+    # Each stage's result in one short line.
+    lines = again.stderr.splitlines()
+    done = {line.split(" done: ")[0].split()[-1]: line for line in lines if " done: " in line}
+    assert set(done) == {"prepare", "validate", "pretrain", "finetune", "evaluate", "export", "publish"}, done
+    assert all(len(line) < 400 for line in done.values()), done
     from tlpipe.registry import list_versions, read_alias
     from tlpipe.store import open_store
 

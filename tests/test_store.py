@@ -252,10 +252,43 @@ def test_listens_on_loopback_only(running: Running) -> None:
     assert len(listening) >= 8 and set(listening) == {("tcp", "0100007F")}, listening  # 127.0.0.1
 
 
+_TRY_SOCKETS = """
+import socket, sys
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except PermissionError:
+        print("refused", path)
+    else:
+        print("OPEN", path)
+"""
+
+
+def _assert_sockets_private(pid: int) -> None:
+    """Every path-bound unix socket in the network namespace of process `pid` (SeaweedFS
+    binds its filer's HTTP and each part's gRPC in /tmp, unauthenticated) is its owner's
+    alone; run as root, another user is refused by each."""
+    table = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]
+    paths = sorted({Path(f[7]) for line in table if len(f := line.split()) > 7 and f[7].startswith("/")})
+    assert any(p.name.startswith("seaweedfs-") for p in paths), paths
+    for path in paths:
+        st = path.stat()
+        assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0, (path, oct(st.st_mode))
+    if os.geteuid() == 0:
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        tried = subprocess.run(
+            [*nobody, sys.executable, "-c", _TRY_SOCKETS, *map(str, paths)], capture_output=True, text=True
+        )
+        assert tried.returncode == 0, tried.stderr
+        assert tried.stdout.split()[::2] == ["refused"] * len(paths), tried.stdout
+
+
 @pytest.mark.faults
 def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running: Running) -> None:
     """SeaweedFS's master, volume and filer answer without credentials: they run in a
-    network namespace of their own, and the host reaches the S3 gateway alone."""
+    network namespace of their own, the unix sockets it binds at paths admit its owner
+    alone, and the host reaches the S3 gateway alone."""
     import socket
     import urllib.error
     import urllib.request
@@ -275,6 +308,7 @@ def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running:
     for name, port in ports.items():
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pytest.fail(f"SeaweedFS {name} port {port} answers on the host")
+    _assert_sockets_private(running.pid)
     for path in ("/", f"/{BUCKET}", f"/{BUCKET}/any-key"):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(running.session.endpoint_url + path, timeout=5)
@@ -631,6 +665,7 @@ def test_a_cluster_store_runs_every_part_as_a_process_and_keeps_each_volume_twic
         assert all(Path(c[0]).name == "weed" for c in commands.values()), commands
         assert [c[1] for c in commands.values()] == ["master", "volume", "volume", "filer", "s3"]
         assert "-defaultReplication=001" in commands["master"]
+        _assert_sockets_private(pids["filer"]["pid"])
         client = server.client()
         client.create_bucket(Bucket=BUCKET)
         body = os.urandom(3 << 20)

@@ -1,6 +1,6 @@
 """Scores shared by the classification settings: accuracy, macro-F1, per-class figures, the
 confusion matrix, what always predicting the majority class scores, and a linear probe's
-accuracy on features."""
+accuracy on features; and the figures of any stage's scores as one line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+
+def figures(scores: dict[str, Any]) -> str:
+    """The numbers among `scores` as `name value` pairs, four significant digits; the rest
+    (tables, samples, text) is left to the stage's files."""
+    numbers = {
+        k: v for k, v in scores.items() if isinstance(v, int | float | np.number) and not isinstance(v, bool)
+    }
+    return ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict[str, Any]:

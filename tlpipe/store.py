@@ -542,6 +542,10 @@ class EmbeddedStore:
                 pass_fds=(lock_fd,),
                 # Shutdown is ours to order: a Ctrl-C in the terminal reaches Python only.
                 start_new_session=True,
+                # weed binds unix sockets of its own at fixed paths in /tmp (the filer's HTTP,
+                # every part's gRPC) that answer without credentials, whatever the network
+                # namespace: created under this umask, only their owner may connect to them.
+                umask=0o077,
             )
         self._finalizer = weakref.finalize(self, _terminate, self._proc, self.stop_timeout)
         if self._forwarder is not None:
