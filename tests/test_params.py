@@ -74,6 +74,14 @@ BAD_PARAMS = {
         "data.target.select.pattern: not a",
     ),
     "empty path": ({"data.target.path": " "}, "data.target.path: must name a file"),
+    "an s3 key leaving its mirror": (
+        {"data.target.path": "s3://data/../../../tmp/x.csv"},
+        "data.target.path: 's3://data/../../../tmp/x.csv': a key's parts",
+    ),
+    "an s3 bucket that is no bucket": (
+        {"data.source.path": "s3://My_Bucket/x.csv"},
+        "data.source.path: 's3://My_Bucket/x.csv' names no valid bucket",
+    ),
     "bounds reversed": (
         {"validate.min_chars": 500, "validate.max_chars": 10},
         "max_chars (10) is below min_chars",

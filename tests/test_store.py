@@ -34,7 +34,6 @@ from tlpipe.store import (
     make_client,
     object_exists,
     open_store,
-    parse_s3_uri,
     upload_file,
 )
 
@@ -52,29 +51,6 @@ def _get(session: StoreSession, key: str) -> bytes:
 
 
 # --- without a server -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("s3://bucket/a/b.onnx", ("bucket", "a/b.onnx")),
-        ("s3://bucket", ("bucket", "")),
-        ("s3://bucket/", ("bucket", "")),
-        ("s3://bucket/releases/model/", ("bucket", "releases/model/")),
-        ("s3://bucket/a?b#c", ("bucket", "a?b#c")),
-    ],
-)
-def test_parse_s3_uri(uri: str, expected: tuple[str, str]) -> None:
-    assert parse_s3_uri(uri) == expected
-
-
-@pytest.mark.parametrize(
-    "uri", ["", "bucket/key", "s3:/bucket/key", "S3://bucket/key", "http://host/b/k", "s3://", "s3:///key"]
-)
-def test_parse_s3_uri_rejects(uri: str) -> None:
-    with pytest.raises(ValueError, match=r"s3://|bucket") as info:
-        parse_s3_uri(uri)
-    assert isinstance(info.value, StoreError)
 
 
 def test_credentials_created_once_private_and_reused(tmp_path: Path) -> None:

@@ -413,7 +413,8 @@ def _bundle_folder(bundle: str) -> Path:
     if not bundle.startswith("s3://"):
         return Path(bundle)
     from tlpipe.release import fetch_release
-    from tlpipe.store import open_store, parse_s3_uri
+    from tlpipe.s3uri import parse_s3_uri
+    from tlpipe.store import open_store
 
     bucket, _ = parse_s3_uri(bundle)
     with open_store(bucket) as store:

@@ -53,7 +53,7 @@ def local_path(path: str, root: Path = Path(".")) -> Path:
     """Where an input is read from: a local path under `root`, or an s3:// URI's mirror
     under data/s3/<bucket>/<key> (written by `fetch_s3_input`)."""
     if path.startswith("s3://"):
-        from tlpipe.store import parse_s3_uri
+        from tlpipe.s3uri import parse_s3_uri
 
         bucket, key = parse_s3_uri(path)
         return root / S3_MIRROR / bucket / key.rstrip("/")
@@ -250,7 +250,8 @@ def fetch_s3_input(uri: str, root: Path = Path(".")) -> Path:
     import shutil
     import tempfile
 
-    from tlpipe.store import ENDPOINT_ENV, download_folder, download_object, make_client, parse_s3_uri, region
+    from tlpipe.s3uri import parse_s3_uri
+    from tlpipe.store import ENDPOINT_ENV, download_folder, download_object, make_client, region
 
     bucket, key = parse_s3_uri(uri)
     dest = local_path(uri, root)

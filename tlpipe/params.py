@@ -107,8 +107,14 @@ class InputParams(_Section):
             missing = [s for s in TARGET_SPLITS if s not in v]
             if missing:
                 raise ValueError(f"split files need train, val and test; missing {missing}")
-        if any(not path.strip() for path in (v.values() if isinstance(v, dict) else [v])):
+        paths = list(v.values()) if isinstance(v, dict) else [v]
+        if any(not path.strip() for path in paths):
             raise ValueError("must name a file, a folder or an s3:// URI, not an empty string")
+        for path in paths:
+            if path.startswith("s3://"):
+                from tlpipe.s3uri import parse_s3_uri
+
+                parse_s3_uri(path)
         return v
 
     @model_validator(mode="after")
@@ -548,9 +554,9 @@ class PublishParams(_Section):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        import re
+        from tlpipe.s3uri import BUCKET_NAME
 
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", v):
+        if not BUCKET_NAME.fullmatch(v):
             raise ValueError("must be a valid S3 bucket name (3-63 chars of a-z, 0-9, '.', '-')")
         return v
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from tlpipe.data import sha256_file
 from tlpipe.errors import StoreError
 from tlpipe.registry import PRODUCTION, resolve_alias
+from tlpipe.s3uri import parse_s3_uri
 from tlpipe.signing import SIGNATURE, SignatureError, trusted_keys, verify
-from tlpipe.store import StoreSession, download_prefix, object_exists, parse_s3_uri, read_object
+from tlpipe.store import StoreSession, download_prefix, object_exists, read_object
 
 MANIFEST = "manifest.json"
 

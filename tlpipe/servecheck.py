@@ -16,8 +16,9 @@ from pathlib import Path
 
 from tlpipe.gates import same_prediction
 from tlpipe.release import fetch_release
+from tlpipe.s3uri import parse_s3_uri
 from tlpipe.serve import from_wire, load_bundle
-from tlpipe.store import open_store, parse_s3_uri
+from tlpipe.store import open_store
 
 
 def main(uri: str, recorded_path: Path, folder: Path) -> dict:

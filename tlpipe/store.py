@@ -43,6 +43,7 @@ from tqdm import tqdm
 from tlpipe.errors import StoreError
 from tlpipe.isolation import UnixForwarder, namespace_prefix
 from tlpipe.processes import die_with_parent
+from tlpipe.s3uri import parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,6 @@ def store_volumes() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise StoreError(f"{VOLUMES_ENV}={raw!r} is not a count of volume servers (1 or more)")
     return int(raw)
-
-
-class S3UriError(StoreError, ValueError):
-    """A string that is not an s3://bucket[/key] URI."""
 
 
 class AlreadyExists(StoreError):
@@ -863,17 +860,6 @@ def _external_session(endpoint_url: str, bucket: str, region_name: str) -> Store
         else _child_env(endpoint_url, region_name, None, None, None)
     )
     return StoreSession(endpoint_url, bucket, region_name, client, env)
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """("bucket", "key") of "s3://bucket/key"; the key is "" for "s3://bucket" and keeps any
-    trailing "/". Raises S3UriError (a StoreError and a ValueError) on anything else."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise S3UriError(f"{uri!r} is not an s3:// URI")
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket or any(c.isspace() for c in bucket):
-        raise S3UriError(f"{uri!r} names no valid bucket")
-    return bucket, key
 
 
 def _unless_absent(err: ClientError | BotoCoreError, doing: str) -> None:
