@@ -158,8 +158,8 @@ from tests.conftest import REPO, embedded_store, publish_staged, tiny_params, wo
 from tlpipe.params import parse_params
 from tlpipe.store import open_store
 
-root, bucket, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-params = parse_params(tiny_params(**{"publish.bucket": bucket, "publish.model_name": "concurrent"}))
+root, bucket, go, name = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+params = parse_params(tiny_params(**{"publish.bucket": bucket, "publish.model_name": name}))
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.01)
@@ -167,22 +167,17 @@ with open_store(bucket) as store:
     out = root / "outputs"
     stages = [out / name for name in ("prepare", "validate", "export", "evaluate", "publish")]
     done = publish(params, root, *stages, store)
-print(json.dumps({"version": done.version, "already": done.already_published}), flush=True)
+print(json.dumps({"version": done.version, "already": done.already_published, "held": done.held}), flush=True)
 """
 
 
-@pytest.mark.faults
-def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
-    staged: Path, store, tmp_path: Path
-) -> None:
-    """Eight processes publish the same content at once against the real server: every one
-    succeeds, and the bucket holds exactly one version, complete, signed and loadable."""
-    go = tmp_path / "go"
+def _publish_at_once(roots: list[Path], store, model: str, go: Path) -> list[dict]:
+    """Publish each project in `roots` from a process of its own, all let go at once; their
+    results, in order."""
     env = {**os.environ, **store.env, "PYTHONPATH": str(REPO)}
     publishers = []
-    for i in range(8):
-        root = shutil.copytree(staged, tmp_path / f"proj{i}")
-        command = [sys.executable, "-c", PUBLISHER, str(root), store.bucket, str(go)]
+    for root in roots:
+        command = [sys.executable, "-c", PUBLISHER, str(root), store.bucket, str(go), model]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         publishers.append(subprocess.Popen(command, env=env, cwd=root, **pipes))
     for proc in publishers:
@@ -193,10 +188,24 @@ def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def _listed_versions(store, model: str) -> set[str]:
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=f"releases/{model}/")["Contents"]
+    return {o["Key"].split("/")[2] for o in listed if o["Key"].count("/") == 3} - {"aliases"}
+
+
+@pytest.mark.faults
+def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
+    staged: Path, store, tmp_path: Path
+) -> None:
+    """Eight processes publish the same content at once against the real server: every one
+    succeeds, and the bucket holds exactly one version, complete, signed and loadable."""
+    roots = [shutil.copytree(staged, tmp_path / f"proj{i}") for i in range(8)]
+    results = _publish_at_once(roots, store, "concurrent", tmp_path / "go")
     assert len({r["version"] for r in results}) == 1
-    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix="releases/concurrent/")["Contents"]
-    versions = {o["Key"].split("/")[2] for o in listed if o["Key"].count("/") == 3} - {"aliases"}
-    assert versions == {results[0]["version"]}
+    assert _listed_versions(store, "concurrent") == {results[0]["version"]}
     # Each alias moved once, by whichever publisher got there first; the others found it set.
     for alias in ("candidate", "production"):
         named = read_alias(store, "releases/concurrent", alias)
@@ -208,6 +217,51 @@ def test_eight_concurrent_publishers_of_one_model_make_one_complete_release(
         "neutral",
         "positive",
     )
+
+
+def _chain(history: tuple[dict, ...]) -> list[str | None]:
+    """The versions an alias went through, checking each move starts where the last ended."""
+    held: list[str | None] = [None]
+    for entry in history:
+        assert entry["from"] == held[-1], history
+        held.append(entry["to"])
+    return held
+
+
+@pytest.mark.faults
+def test_two_runs_publishing_different_versions_at_once_keep_both_and_production_whole(
+    staged: Path, finetuned: Path, prepared: Path, store, tmp_path: Path
+) -> None:
+    """The fine-tuned model and a worse one published at once, each from a process of its own:
+    both versions complete and signed; `candidate` moved by both, one unbroken history;
+    `production` moved only by a publisher whose gates passed against what it then held,
+    never overwritten: a publisher that lost the race is held, saying production was set
+    meanwhile (or, coming second, by the champion gate)."""
+    good = _copy(staged, tmp_path)
+    worse = shutil.copytree(good, tmp_path / "worse")
+    shutil.rmtree(worse / "outputs/export")
+    shutil.copytree(worse_export(finetuned, prepared, tmp_path / "worse-stages"), worse / "outputs/export")
+    results = _publish_at_once([good, worse], store, "two", tmp_path / "go")
+    versions = [r["version"] for r in results]
+    assert len(set(versions)) == 2 and _listed_versions(store, "two") == set(versions)
+    for version in versions:
+        folder = fetch_release(store, f"s3://{store.bucket}/releases/two/{version}", tmp_path / version)
+        assert (folder / "manifest.json.sig").is_file()
+    candidate = read_alias(store, "releases/two", "candidate")
+    assert candidate is not None and candidate.sequence == 2
+    assert sorted(_chain(candidate.history)[1:]) == sorted(versions)
+    production = read_alias(store, "releases/two", "production")
+    assert production is not None
+    holders = _chain(production.history)[1:]
+    promoted = [r["version"] for r in results if not r["held"]]
+    assert sorted(holders) == sorted(promoted) and production.version == holders[-1]
+    for r in results:
+        if r["held"]:
+            (why,) = r["held"]
+            lost = ("set to" in why and "meanwhile" in why) or ("production:" in why and "not moved" in why)
+            assert lost or why.startswith("champion gate"), why
+    # The worse model never takes production from the better one.
+    assert holders[-1] == versions[0] or holders == [versions[1]], (holders, versions)
 
 
 class StoreProxy:
@@ -715,6 +769,7 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
 
     # The good model again, but export's record says another label for one input.
     recorded = good / "outputs/export/serving.json"
+    kept = shutil.copy(recorded, tmp_path / "second-serving.json")
     body = json.loads(recorded.read_text())
     body["predictions"][0]["label"] = "not-a-label"
     recorded.write_text(json.dumps(body))
@@ -727,6 +782,15 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
         f"serving gate: s3://{store.bucket}/{model}@candidate: 1 of 16 predictions differ from export's",
     )
     assert gate(gates(good), "serving")["figures"]["differ"] == [0]
+
+    # A candidate moved on by another run while this one checks its own version: that
+    # version is asked again by its own URI.
+    from tlpipe.gates import serving_check
+
+    late = serving_check(store, f"s3://{store.bucket}/{model}@candidate", second.version, kept, good)
+    assert late.passed, late.detail
+    asked = f"was moved to {fourth.version} meanwhile, so {second.version} was asked by its version"
+    assert asked in late.detail, late.detail
 
 
 @pytest.mark.faults

@@ -76,9 +76,11 @@ def test_where_the_curve_runs_is_no_part_of_a_workspace(project: Path) -> None:
 
 
 @pytest.mark.faults
+@pytest.mark.faults
 def test_one_run_at_a_time_holds_the_project(project: Path) -> None:
-    """A second run in the project refuses at once, naming the run that holds it; the lock
-    goes with its holder however that ends."""
+    """A second run in the project refuses at once, naming the run that holds it: `tlpipe run`
+    before it starts any server or writes a log; the lock goes with its holder however that
+    ends."""
     import subprocess
     import sys
 
@@ -96,6 +98,11 @@ def test_one_run_at_a_time_holds_the_project(project: Path) -> None:
         holder = f"another run holds this project: tlpipe pid {child.pid} (`-c {project}`), running since"
         with pytest.raises(WorkspaceError, match=re.escape(holder)), workspace(project, None, None):
             pytest.fail("a second run entered the project")
+        tlpipe = Path(sys.executable).parent / "tlpipe"
+        env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+        second = subprocess.run([str(tlpipe), "run"], cwd=project, capture_output=True, text=True, env=env)
+        assert second.returncode == 1 and holder in second.stderr, second.stderr
+        assert not (project / ".tlpipe/logs").exists() and not (project / ".prefect").exists()
     finally:
         child.kill()
         child.wait()

@@ -91,14 +91,16 @@ def run(
         raise typer.Exit(2)
     from flows.runners import runner_choice
     from tlpipe.params import ParamsError
-    from tlpipe.workspace import parse_override, run_plan
+    from tlpipe.workspace import WorkspaceError, parse_override, refuse_if_held, run_plan
 
     try:
         overrides = dict(parse_override(text) for text in set_ or [])
         plan = run_plan(project, params_file, overrides)
         ws, params = plan.workspace, plan.params
         kind, address = runner_choice(runner, dask_address, params.runs)
-    except (ParamsError, ValueError) as err:
+        # Before any server starts; the flow holds the lock itself (a scheduled run too).
+        refuse_if_held(project, plan)
+    except (ParamsError, ValueError, WorkspaceError) as err:
         _fail(err)
     from tlpipe.bundled import has_remote_inputs
     from tlpipe.report import REPORT

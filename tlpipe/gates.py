@@ -114,10 +114,9 @@ def champion_check(
     return Champion(Gate("champion", passed, detail, figures), held)
 
 
-def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, root: Path) -> Gate:
-    """Ask `uri` (a model and alias, `s3://bucket/<model>@candidate`), downloaded into a
-    clean folder in a process without torch, for export's `recorded` predictions; the gate
-    passes when it resolves to `version`, torch stayed out, and every prediction matches."""
+def _serve(store: StoreSession, uri: str, recorded: Path, root: Path) -> tuple[dict[str, Any], Gate | None]:
+    """`tlpipe.servecheck` on `uri` in a clean folder: what it found (with its seconds), or
+    the failed gate when it did not answer."""
     with tempfile.TemporaryDirectory(prefix="tlpipe-serving-") as work:
         command = [sys.executable, "-m", "tlpipe.servecheck", uri, str(recorded.resolve()), work]
         start = time.perf_counter()
@@ -127,16 +126,34 @@ def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, r
                 timeout=SERVING_TIMEOUT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
-            return Gate("serving", False, f"{uri} did not answer within {SERVING_TIMEOUT_S:.0f} s")
+            return {}, Gate("serving", False, f"{uri} did not answer within {SERVING_TIMEOUT_S:.0f} s")
         seconds = time.perf_counter() - start
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        return Gate("serving", False, f"{uri} failed to serve: {last}", {"exit_code": done.returncode})
-    found = json.loads(done.stdout)
-    figures = {**found, "seconds": round(seconds, 2)}
+        return {}, Gate("serving", False, f"{uri} failed to serve: {last}", {"exit_code": done.returncode})
+    return {**json.loads(done.stdout), "seconds": round(seconds, 2)}, None
+
+
+def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, root: Path) -> Gate:
+    """Ask `uri` (a model and alias, `s3://bucket/<model>@candidate`), downloaded into a
+    clean folder in a process without torch, for export's `recorded` predictions; the gate
+    passes when torch stayed out and every prediction of `version` matches. When the alias
+    was moved to another version meanwhile (another run published), `version` is asked again
+    by its own URI, and the detail says so."""
+    found, failed = _serve(store, uri, recorded, root)
+    if failed is not None:
+        return failed
+    moved = ""
+    if found["version"] != version:
+        moved = f"; {uri} was moved to {found['version']} meanwhile, so {version} was asked by its version"
+        uri = f"{uri.rpartition('@')[0]}/{version}"
+        found, failed = _serve(store, uri, recorded, root)
+        if failed is not None:
+            return failed
+    figures, seconds = found, found["seconds"]
     problems = []
     if found["version"] != version:
-        problems.append(f"it resolved to {found['version']}, not {version} (the alias moved meanwhile)")
+        problems.append(f"it resolved to {found['version']}, not {version}")
     if found["torch_loaded"]:
         problems.append("the serving process imported torch")
     if found["differ"]:
@@ -145,7 +162,7 @@ def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, r
         return Gate("serving", False, f"{uri}: " + "; ".join(problems), figures)
     detail = (
         f"{uri} ({version}) downloaded, verified and loaded without torch; {found['rows']} recorded "
-        f"predictions matched, in {seconds:.1f} s"
+        f"predictions matched, in {seconds:.1f} s{moved}"
     )
     return Gate("serving", True, detail, figures)
 

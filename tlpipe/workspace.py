@@ -260,6 +260,21 @@ def run_plan(project: Path, params_file: Path | str | None, overrides: Mapping[s
     return RunPlan(plan[0], parse_params(plan[1]))
 
 
+def _lock(project: Path, ws: Path | None) -> tuple[Path, str]:
+    """The lock a run in workspace `ws` (None: in the project itself) holds, and what a second
+    run is told."""
+    if ws is None:
+        return project / PROJECT_LOCK, f"{project}: another run holds this project"
+    return ws.parent / f"{ws.name}.lock", f"{ws}: another run on the same params holds this workspace"
+
+
+def refuse_if_held(project: Path, plan: RunPlan) -> None:
+    """Fail at once with WorkspaceError, naming the holder, where another run holds what a run
+    on `plan` would hold; the run takes the lock itself for its whole length (`workspace`)."""
+    with held(*_lock(project.resolve(), plan.workspace)):
+        pass
+
+
 @contextlib.contextmanager
 def workspace(
     project: Path, params_file: Path | str | None, overrides: Mapping[str, Any] | None
@@ -270,12 +285,12 @@ def workspace(
     project = project.resolve()
     plan = _plan(project, params_file, overrides)
     if plan is None:
-        with held(project / PROJECT_LOCK, f"{project}: another run holds this project"):
+        with held(*_lock(project, None)):
             yield project
         return
     ws, resolved = plan
     ws.mkdir(parents=True, exist_ok=True)
-    with held(ws.parent / f"{ws.name}.lock", f"{ws}: another run on the same params holds this workspace"):
+    with held(*_lock(project, ws)):
         sync(project, ws)
         text = yaml.safe_dump(resolved, sort_keys=False)
         if not (ws / "params.yaml").is_file() or (ws / "params.yaml").read_text() != text:
