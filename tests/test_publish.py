@@ -396,6 +396,11 @@ def test_a_store_that_is_down_fails_publish_as_worth_a_retry_and_publishes_nothi
         _publish(_copy(staged, tmp_path), down)  # not reached: the store is checked first
     assert is_transient(failed.value)  # so the flow's publish task tries again
     assert store.client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0) == before
+    # The fault cleared (the store's own endpoint): exactly one version.
+    monkeypatch.setenv("TLPIPE_S3_ENDPOINT", store.endpoint_url)
+    with open_store(store.bucket) as up:
+        _publish(_copy(staged, tmp_path / "again"), up, **{"publish.model_name": "was-down"})
+    assert len(_versions(store.client, store.bucket, "was-down")) == 1
 
 
 def test_gate_refusal_uploads_nothing(staged: Path, store, tmp_path: Path) -> None:
@@ -561,7 +566,9 @@ def _publish_through(root: Path, name: str, bucket: str = LIMITED):
 
 
 @pytest.mark.faults
-def test_wrong_credentials_fail_at_once_naming_the_refusal(limited, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_credentials_fail_at_once_naming_the_refusal(
+    limited, staged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tlpipe.store import is_transient
 
     server, admin, _ = limited
@@ -573,6 +580,10 @@ def test_wrong_credentials_fail_at_once_naming_the_refusal(limited, monkeypatch:
             pass
         assert not is_transient(err.value), "a refusal is not worth a retry"
     assert server.client().list_objects_v2(Bucket=LIMITED).get("KeyCount", 0) == before
+    # The fault cleared (the right keys): exactly one version.
+    _as(monkeypatch, server.endpoint_url, admin)
+    _publish_through(_copy(staged, tmp_path), "rekeyed")
+    assert len(_versions(server.client(), LIMITED, "rekeyed")) == 1
 
 
 @pytest.mark.faults
