@@ -92,6 +92,13 @@ def _task_run_names(flow_state) -> list[str]:
     return asyncio.run(fetch())
 
 
+def _secrets(project: Path) -> set[bytes]:
+    """The embedded store's secret key and the signing key's private half, as stored."""
+    identity = json.loads((project / ".tlpipe/store/s3.json").read_text())["identities"][0]
+    pem = Path(os.environ["TLPIPE_SIGNING_KEY"]).read_text().splitlines()
+    return {identity["credentials"][0]["secretKey"].encode(), "".join(pem[1:-1]).encode()}
+
+
 @pytest.mark.faults  # its secret scan
 def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
     from flows.pipeline import pipeline
@@ -145,9 +152,7 @@ def test_whole_flow_then_noop_rerun(harness: None, project: Path) -> None:
         assert release["aliases"] == ["candidate", "production"]
         # No secret leaves where it is kept: the store's secret key and the signing key's
         # private half are in no output, record, Prefect artifact or object.
-        identity = json.loads((project / ".tlpipe/store/s3.json").read_text())["identities"][0]
-        pem = Path(os.environ["TLPIPE_SIGNING_KEY"]).read_text().splitlines()
-        secrets = {identity["credentials"][0]["secretKey"].encode(), "".join(pem[1:-1]).encode()}
+        secrets = _secrets(project)
         seen = _artifact_texts(state)
         assert seen, "the run recorded no Prefect artifact"
         files = [p for root in ("outputs", ".tlpipe/logs") for p in Path(root).rglob("*") if p.is_file()]
@@ -339,6 +344,12 @@ def test_command_line_exits_non_zero_naming_the_rule_then_publishes_once_the_dat
         (only,) = list_versions(store, "releases/tiny")
         assert only.aliases == ("candidate", "production")
         assert read_alias(store, "releases/tiny", "production").sequence == 1
+    # No secret in what the command line printed, its log files, or Prefect's own records
+    # (its database of run logs and states, and any result it stored, under PREFECT_HOME).
+    kept = [p for root in (".tlpipe/logs", ".prefect") for p in (project / root).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".log" for p in kept) and any(p.name.startswith("prefect.db") for p in kept), kept
+    seen = [p.read_bytes() for p in kept] + [(run.stdout + run.stderr).encode() for run in (out, again)]
+    assert not [s for s in _secrets(project) for body in seen if s in body]
 
 
 def _proc(pid: int, name: str) -> str:
