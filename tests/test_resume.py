@@ -383,3 +383,33 @@ def test_a_finished_curve_run_is_taken_as_it_was(
     monkeypatch.setattr(evaluate_stage, "fit", lambda *a, **k: pytest.fail("the finished run trained again"))
     again = run_point(point, *inputs, resume)
     assert again == json.loads(json.dumps(first))
+
+
+@pytest.mark.faults
+def test_a_curve_run_killed_mid_training_resumes_to_the_same_record(
+    pretrained: Path,
+    prepared: Path,
+    tmp_path: Path,
+    kill: Callable[[str | None], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A curve run (transfer at 20 rows) killed after its first saved state resumes from it
+    and returns the record of a run never stopped, its scores and steps alike."""
+    params = parse_params(tiny_params())
+    inputs = (get_setting(params.setting), params.evaluate, params.finetune, params.data, pretrained, prepared)
+    point = CurvePoint("transfer", 20, 0)
+    whole = run_point(point, *inputs)
+    resume = Resume(tmp_path / "resume", every_s=0)
+    kill("train.step@3")
+    with pytest.raises(Killed):
+        run_point(point, *inputs, resume)
+    kill(None)
+    assert list(resume.dir.glob("*.pt")), "the killed run saved no state to resume from"
+    with caplog.at_level(logging.INFO, logger="tlpipe"):
+        resumed = run_point(point, *inputs, resume)
+    assert "resumed at step" in caplog.text
+
+    def timeless(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in json.loads(json.dumps(record)).items() if "seconds" not in k}
+
+    assert timeless(resumed) == timeless(whole)
