@@ -364,18 +364,16 @@ def test_stages_sigkilled_mid_epoch_mid_write_and_mid_export_resume_to_the_same_
         assert not (project / ".tlpipe/resume" / stage).exists(), "the finished stage left its states"
 
 
+def _curve_inputs(pretrained: Path, prepared: Path) -> tuple[Any, ...]:
+    """A curve run's inputs on the tiny params, after its point."""
+    params = parse_params(tiny_params())
+    return (get_setting(params.setting), params.evaluate, params.finetune, params.data, pretrained, prepared)
+
+
 def test_a_finished_curve_run_is_taken_as_it_was(
     pretrained: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    params = parse_params(tiny_params())
-    inputs = (
-        get_setting(params.setting),
-        params.evaluate,
-        params.finetune,
-        params.data,
-        pretrained,
-        prepared,
-    )
+    inputs = _curve_inputs(pretrained, prepared)
     point = CurvePoint("transfer", 20, 0)
     resume = Resume(tmp_path / "resume", every_s=0)
     first = run_point(point, *inputs, resume)
@@ -395,8 +393,7 @@ def test_a_curve_run_killed_mid_training_resumes_to_the_same_record(
 ) -> None:
     """A curve run (transfer at 20 rows) killed after its first saved state resumes from it
     and returns the record of a run never stopped, its scores and steps alike."""
-    params = parse_params(tiny_params())
-    inputs = (get_setting(params.setting), params.evaluate, params.finetune, params.data, pretrained, prepared)
+    inputs = _curve_inputs(pretrained, prepared)
     point = CurvePoint("transfer", 20, 0)
     whole = run_point(point, *inputs)
     resume = Resume(tmp_path / "resume", every_s=0)
