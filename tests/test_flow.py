@@ -409,6 +409,7 @@ def test_missing_column_stops_the_run(harness: None, project: Path) -> None:
     assert not Path("outputs/validate").exists() and not (project / ".tlpipe/store").exists()
 
 
+@pytest.mark.faults
 def test_bad_data_stops_before_pretrain(harness: None, project: Path) -> None:
     from flows.pipeline import pipeline
 

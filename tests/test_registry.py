@@ -215,6 +215,7 @@ def _complete(store, model: str, version: str) -> bool:
     return keys == 2
 
 
+@pytest.mark.faults
 def test_gc_deletes_only_versions_no_alias_needs(store) -> None:
     """Six versions: production moved 1 -> 2 -> 3 and rolled back to 2; candidate moved along
     every publish to 6; one publish cut short. With --keep 1, only 4 goes: 1 and 3 stay

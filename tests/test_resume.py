@@ -147,6 +147,7 @@ STRATEGIES = {
 }
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_a_classifier_killed_mid_epoch_resumes_to_the_same_weights(
     classifier_inputs: tuple, kill: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, strategy: str
@@ -156,6 +157,7 @@ def test_a_classifier_killed_mid_epoch_resumes_to_the_same_weights(
     _killed_then_resumed(run, kill, tmp_path, caplog)
 
 
+@pytest.mark.faults
 def test_a_kill_while_writing_a_state_resumes_from_the_one_before(
     classifier_inputs: tuple, kill: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -177,6 +179,7 @@ def test_a_kill_while_writing_a_state_resumes_from_the_one_before(
     assert _without_clock(resumed.history) == _without_clock(whole.history)
 
 
+@pytest.mark.faults
 def test_an_early_stopped_run_resumes_to_its_stop(
     classifier_inputs: tuple, kill: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -193,6 +196,7 @@ def tweets(sample_csv: Path) -> tuple[list[str], list[str]]:
     return frame.loc[~airline, "text"].tolist(), frame.loc[airline, "text"].tolist()
 
 
+@pytest.mark.faults
 def test_an_lstm_language_model_resumes_to_the_same_weights(
     tweets: tuple[list[str], list[str]], kill: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -211,6 +215,7 @@ def test_an_lstm_language_model_resumes_to_the_same_weights(
     _killed_then_resumed(run, kill, tmp_path, caplog)
 
 
+@pytest.mark.faults
 def test_a_cnn_resumes_to_the_same_weights_and_batch_norm_statistics(
     tmp_path: Path, kill: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -258,12 +263,14 @@ def _mlm_run(**changed: Any) -> Run:
     return run
 
 
+@pytest.mark.faults
 def test_masked_lm_pretraining_resumes_to_the_same_weights(
     kill: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _killed_then_resumed(_mlm_run(), kill, tmp_path, caplog, "train.step@8")
 
 
+@pytest.mark.faults
 def test_a_state_saved_by_other_params_is_started_over(
     kill: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -277,6 +284,7 @@ def test_a_state_saved_by_other_params_is_started_over(
     _same(_mlm_run(mask_prob=0.2)(None)[0], weights)
 
 
+@pytest.mark.faults
 def test_a_torn_state_is_started_over_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -370,6 +378,7 @@ def _curve_inputs(pretrained: Path, prepared: Path) -> tuple[Any, ...]:
     return (get_setting(params.setting), params.evaluate, params.finetune, params.data, pretrained, prepared)
 
 
+@pytest.mark.faults
 def test_a_finished_curve_run_is_taken_as_it_was(
     pretrained: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
