@@ -323,8 +323,12 @@ def test_command_line_exits_non_zero_naming_the_rule_then_publishes_once_the_dat
     # The failure once, no traceback; the traceback in the log file the last line names.
     assert "Traceback" not in out.stderr and out.stderr.count("validation failed") == 1, out.stderr
     assert "see outputs/validate/report.json" in out.stderr
-    last = out.stderr.strip().splitlines()[-2:]
-    (named,) = [line for line in last if line.startswith("tlpipe: tracebacks in ")]
+    # The log file named, then the real cause, last.
+    lines = out.stderr.strip().splitlines()
+    failed_at = max(i for i, line in enumerate(lines) if line.startswith("tlpipe: run failed after "))
+    named = lines[failed_at - 1]
+    assert named.startswith("tlpipe: tracebacks in ") and "validation failed" in lines[failed_at], lines[-3:]
+    assert "see outputs/validate/report.json" in "\n".join(lines[failed_at:])
     log_file = project / named.split()[3]
     assert "Traceback" in log_file.read_text() and "GateFailed: validation failed" in log_file.read_text()
 

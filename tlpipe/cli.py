@@ -146,14 +146,14 @@ def run(
     seconds = time.perf_counter() - start
     timing = summarise(run_id, seconds)
     if state.is_failed():
-        try:
-            state.result()
-        except Exception as err:  # the failing stage's own message
-            typer.echo(f"tlpipe: run failed after {seconds:.0f} s: {err}", err=True)
         if not debug:
             typer.echo(
                 f"tlpipe: tracebacks in {log_file.relative_to(project)} (or run again with --debug)", err=True
             )
+        try:
+            state.result()
+        except Exception as err:  # the failing stage's own message, the last line
+            typer.echo(f"tlpipe: run failed after {seconds:.0f} s: {err}", err=True)
         raise typer.Exit(1)
     result = state.result()
     if isinstance(result, str):
