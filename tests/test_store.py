@@ -297,12 +297,40 @@ def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running:
 
 
 @pytest.mark.faults
-def test_a_second_server_on_the_same_root_is_refused(running: Running) -> None:
+def test_a_second_server_on_the_same_root_waits_then_is_refused_naming_the_holder(running: Running) -> None:
     before = _weed_children()
-    holder = f"in use by tlpipe pid {os.getpid()} .*SeaweedFS is pid {running.pid}"
+    holder = f"in use by tlpipe pid {os.getpid()} .*SeaweedFS is pid {running.pid}; waited 1 s"
     with pytest.raises(StoreError, match=holder):
-        EmbeddedStore(running.root).start()
+        EmbeddedStore(running.root, wait_timeout=1).start()
     assert _weed_children() == before
+
+
+@pytest.mark.faults
+def test_a_second_store_on_the_same_root_starts_once_the_first_is_stopped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs publishing to the embedded store at once take it in turn: the second waits
+    for the first's server to stop, then starts its own on the same data."""
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    root = tmp_path / "store"
+    read: list[bytes] = []
+
+    def second_run() -> None:
+        with open_store(BUCKET, root=root) as again:
+            read.append(_get(again, "kept"))
+
+    with contextlib.ExitStack() as first_run:
+        first = first_run.enter_context(open_store(BUCKET, root=root))
+        first.client.put_object(Bucket=BUCKET, Key="kept", Body=b"first")
+        second = threading.Thread(target=second_run)
+        with caplog.at_level(logging.INFO, "tlpipe.store"):
+            second.start()
+            deadline = time.monotonic() + 30
+            while "waiting up to 600 s for it to finish" not in caplog.text:
+                assert time.monotonic() < deadline and second.is_alive(), caplog.text
+                time.sleep(0.2)
+    second.join(timeout=120)
+    assert read == [b"first"]
 
 
 def test_wrong_secret_is_rejected(session: StoreSession) -> None:

@@ -60,6 +60,9 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 # How long a stopped stranger's last threads may hold the root's lock.
 RELEASE_TIMEOUT_S = 10.0
+# How long a store whose root another live run holds waits for it (that run's publish, a
+# minute or so) before failing, naming the holder: two runs publish in turn.
+WAIT_TIMEOUT_S = 600.0
 PROGRESS_MIN_BYTES = 1 << 20
 PART_BYTES = 8 << 20
 
@@ -306,28 +309,39 @@ def _stop_stranger(pid: int, started: float | None, timeout: float) -> None:
         raise StoreError(f"SeaweedFS pid {pid} did not stop on SIGKILL")
 
 
-def _lock_root(root: Path, stop_timeout: float) -> int:
-    """Lock `root` for this process. A server whose run was killed (its tlpipe process is
-    gone, the server still holds the lock) is stopped and the root taken over; a root held
-    by a live run is refused, naming it."""
+def _lock_root(root: Path, stop_timeout: float, wait_timeout: float) -> int:
+    """Lock `root` for this process. A root held by a live run is waited for, up to
+    `wait_timeout`, then refused, naming that run; a server whose run was killed (its tlpipe
+    process is gone, the server still holds the lock) is stopped and the root taken over."""
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait_timeout
+    waiting = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            pass
-        owner = _read_owner(root)
-        if owner is None:
-            raise StoreError(
-                f"{root} is in use by another SeaweedFS (one starting now, or one with no owner "
-                f"record: find it with `pgrep -af 'weed server.*{root}'`)"
-            )
-        if _alive(owner["pid"], owner["started"]):
-            raise StoreError(
-                f"{root} is in use by tlpipe pid {owner['pid']} ({_command(owner['pid'])}), whose "
-                f"SeaweedFS is pid {owner['weed_pid']}; wait for it to finish"
-            )
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            owner = _read_owner(root)
+            if owner is not None and not _alive(owner["pid"], owner["started"]):
+                break
+            if owner is None:
+                held = (
+                    f"{root} is in use by another SeaweedFS (one starting now, or one with no owner "
+                    f"record: find it with `pgrep -af 'weed server.*{root}'`)"
+                )
+            else:
+                held = (
+                    f"{root} is in use by tlpipe pid {owner['pid']} ({_command(owner['pid'])}), whose "
+                    f"SeaweedFS is pid {owner['weed_pid']}"
+                )
+            if time.monotonic() >= deadline:
+                raise StoreError(f"{held}; waited {wait_timeout:.0f} s for it to finish")
+            if not waiting:
+                log.info("%s; waiting up to %.0f s for it to finish", held, wait_timeout)
+                waiting = True
+            time.sleep(0.5)
         if not _alive(owner["weed_pid"], owner["weed_started"]):
             raise StoreError(
                 f"{root} is locked by an unknown process (its last owner, tlpipe pid {owner['pid']}, "
@@ -411,12 +425,14 @@ class EmbeddedStore:
         *,
         start_timeout: float = START_TIMEOUT_S,
         stop_timeout: float = STOP_TIMEOUT_S,
+        wait_timeout: float = WAIT_TIMEOUT_S,
         volumes: int | None = None,
     ) -> None:
         # Absolute, because weed runs with the root as its working directory.
         self.root = Path(root).absolute()
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.wait_timeout = wait_timeout
         self.volumes = store_volumes() if volumes is None else volumes
         self.endpoint_url = ""
         self.ports: dict[str, int] = {}
@@ -466,7 +482,7 @@ class EmbeddedStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_layout()
         (self.root / self._data_dir).mkdir(exist_ok=True)
-        self._lock_fd = lock_fd = _lock_root(self.root, self.stop_timeout)
+        self._lock_fd = lock_fd = _lock_root(self.root, self.stop_timeout, self.wait_timeout)
         try:
             self._credentials = load_or_create_credentials(self.root / CONFIG_NAME)
             # Ports are picked free, then bound by weed: another process can take one in
