@@ -84,7 +84,8 @@ def _finetune(
         timeout=600,
     )
     if done.returncode == 0:
-        assert not list(tmp.glob("tlpipe-*")), "a rank left its scratch outputs behind"
+        # Neither a rank's scratch outputs nor torchrun's own folders.
+        assert not list(tmp.iterdir()), "the run left temporary files behind"
         shutil.move(root / "outputs/finetune", root / "outputs" / name)
     return done
 

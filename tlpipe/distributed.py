@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -121,12 +122,18 @@ def launch(module: str, nproc: int) -> None:
     """Run `python -m module` on `nproc` ranks under torchrun and wait for them. torchrun and
     its ranks are a process group of their own, stopped whole if this process is
     interrupted (SIGTERM turned into an exception, Ctrl-C) and sent SIGTERM if it dies even
-    by SIGKILL. Raises DistributedError naming the exit status when any rank fails."""
-    proc = subprocess.Popen([*die_with_parent(), *launch_command(module, nproc)], start_new_session=True)
-    try:
-        code = proc.wait()
-    finally:
-        _stop_group(proc)
+    by SIGKILL. Raises DistributedError naming the exit status when any rank fails. What
+    torchrun and the ranks put in the temporary folder goes with it (a folder of its own)."""
+    with tempfile.TemporaryDirectory(prefix="tlpipe-torchrun-") as scratch:
+        proc = subprocess.Popen(
+            [*die_with_parent(), *launch_command(module, nproc)],
+            start_new_session=True,
+            env={**os.environ, "TMPDIR": scratch},
+        )
+        try:
+            code = proc.wait()
+        finally:
+            _stop_group(proc)
     if code != 0:
         raise DistributedError(f"{module} on {nproc} processes failed (torchrun exit {code}); see above")
 
