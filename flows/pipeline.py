@@ -61,8 +61,8 @@ def _run_stage(stage: str) -> Any:
     params = load_params()
     with clocked(stage):
         result = run_stage(stage, params)
-    commit(stage)
     logger.info("%s done: %s", stage, result.summary())
+    commit(stage)
     return result
 
 
@@ -133,8 +133,8 @@ def evaluate(tuning: list[dict[str, Any]] | None = None, points: list[dict[str, 
         return _run_stage("evaluate")
     with clocked("evaluate"):
         result = finish_evaluate(load_params(), [*(tuning or []), *points])
-    commit("evaluate")
     get_run_logger().info("evaluate done: %s", result.summary())
+    commit("evaluate")
     return result
 
 
@@ -159,8 +159,8 @@ def export(computed: Any = None) -> Any:
     without it, export runs here (or is skipped when up to date)."""
     if computed is None:
         return _run_stage("export")
-    commit("export")
     get_run_logger().info("export done: %s", computed.summary())
+    commit("export")
     return computed
 
 

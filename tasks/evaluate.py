@@ -66,13 +66,34 @@ def labelled_target(prepare_dir: Path) -> pd.DataFrame:
     return pd.concat([read_split(prepare_dir, "train"), read_split(prepare_dir, "pool")], ignore_index=True)
 
 
-def subsample(
-    frame: pd.DataFrame, size: Size, seed: int, units: np.ndarray | None = None, unit: str = "rows"
-) -> pd.DataFrame:
-    """The first rows of a seeded permutation that make `size`: `size` rows, or, with each
-    row's `units` (a text's tokens), the fewest rows whose units reach `size`. Sizes are
-    nested for a given seed."""
+def draw_order(frame: pd.DataFrame, seed: int, stratify: bool = False) -> np.ndarray:
+    """A seeded permutation of `frame`'s rows. Stratified, each label's rows keep their
+    permuted order and are spread through the whole order by their rank within the label,
+    so every prefix holds each label in proportion to its share (to a row)."""
     order = np.random.default_rng(seed).permutation(len(frame))
+    if not stratify:
+        return order
+    _, label, counts = np.unique(frame["label"].to_numpy()[order], return_inverse=True, return_counts=True)
+    rank = np.zeros(len(order))
+    for code in range(len(counts)):
+        rows = label == code
+        rank[rows] = np.arange(rows.sum())
+    # Ties (labels of one size) keep the permutation's order: stable.
+    return order[np.argsort((rank + 0.5) / counts[label], kind="stable")]
+
+
+def subsample(
+    frame: pd.DataFrame,
+    size: Size,
+    seed: int,
+    units: np.ndarray | None = None,
+    unit: str = "rows",
+    stratify: bool = False,
+) -> pd.DataFrame:
+    """The first rows of a seeded draw (`draw_order`) that make `size`: `size` rows, or,
+    with each row's `units` (a text's tokens), the fewest rows whose units reach `size`.
+    Sizes are nested for a given seed."""
+    order = draw_order(frame, seed, stratify)
     if size == "all":
         return frame.iloc[order]
     total = len(frame) if units is None else int(units.sum())
@@ -110,7 +131,7 @@ def run_point(
     seed_everything(point.seed)
     target = labelled_target(prepare_dir)
     units = setting.units(target, source_dir)
-    rows = subsample(target, point.size, point.seed, units, spec(setting.name).size_unit)
+    rows = subsample(target, point.size, point.seed, units, spec(setting.name).size_unit, p.stratify)
     drawn = len(rows) if units is None else int(units[target.index.get_indexer(rows.index)].sum())
     val, test = read_split(prepare_dir, "val"), read_split(prepare_dir, "test")
     if point.arm == "reference":

@@ -448,8 +448,7 @@ def promote(
     If-Match on the production model the champion check scored, so a production move made
     meanwhile by anyone else is never overwritten (the version is then held, saying so)."""
     p = params.publish
-    candidate = f"s3://{store.bucket}/{model}@{CANDIDATE}"
-    serving = serving_check(store, candidate, version, export_dir / SERVING, root)
+    serving = serving_check(store, model, CANDIDATE, version, export_dir / SERVING, root)
     gates = (*stage_gates, champion.gate, serving)
     before = champion.version
     failed = tuple(f"{g.name} gate: {g.detail}" for g in gates if not g.passed)

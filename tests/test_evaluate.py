@@ -136,6 +136,25 @@ def test_sizes_nest_per_seed_and_differ_across_seeds() -> None:
         subsample(frame, 101, 0)
 
 
+def test_a_stratified_draw_keeps_each_label_s_share_in_every_nested_size() -> None:
+    """70 / 20 / 10 rows of three labels: every stratified size holds each label in
+    proportion, to a row, the sizes nest, seeds differ; a plain draw of 10 may miss one."""
+    labels = ["negative"] * 70 + ["neutral"] * 20 + ["positive"] * 10
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": labels})
+    for seed in range(5):
+        for size in (10, 20, 50, 99):
+            counts = subsample(frame, size, seed, stratify=True)["label"].value_counts()
+            for label, share in (("negative", 0.7), ("neutral", 0.2), ("positive", 0.1)):
+                assert abs(counts.get(label, 0) - share * size) <= 1, (seed, size, counts.to_dict())
+        small, big = (subsample(frame, n, seed, stratify=True) for n in (10, 50))
+        assert list(small.index) == list(big.index[:10])
+    first, second = (list(subsample(frame, 10, seed, stratify=True).index) for seed in (0, 1))
+    assert first != second
+    assert sorted(subsample(frame, "all", 0, stratify=True).index) == list(range(100))
+    missed = [s for s in range(20) if subsample(frame, 10, s)["label"].nunique() < 3]
+    assert missed, "some plain draws of 10 rows miss a label (so stratifying changes something)"
+
+
 def test_curve_params_are_checked() -> None:
     for bad, match in (
         ({"evaluate.seeds": [0]}, "two distinct seeds"),

@@ -174,6 +174,8 @@ def test_text_generation_reads_plain_text_and_trains_a_causal_lm() -> None:
         parse_params(_generation(**{"pretrain.objective": "mlm"}))
     with pytest.raises(ParamsError, match="tapt_steps is masked-LM"):
         parse_params(_generation(**{"finetune.tapt_steps": 10}))
+    with pytest.raises(ParamsError, match="evaluate.stratify draws by label, and text-generation reads no"):
+        parse_params(_generation(**{"evaluate.stratify": True}))
     with pytest.raises(ParamsError, match=r"pretrain\.lm.*divisible"):
         parse_params(_generation(**{"pretrain.lm.architecture": "gpt", "pretrain.lm.num_heads": 3}))
 

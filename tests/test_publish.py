@@ -798,7 +798,7 @@ def test_production_moves_only_through_the_champion_and_serving_gates(
     # version is asked again by its own URI.
     from tlpipe.gates import serving_check
 
-    late = serving_check(store, f"s3://{store.bucket}/{model}@candidate", second.version, kept, good)
+    late = serving_check(store, model, "candidate", second.version, kept, good)
     assert late.passed, late.detail
     asked = f"was moved to {fourth.version} meanwhile, so {second.version} was asked by its version"
     assert asked in late.detail, late.detail

@@ -24,6 +24,7 @@ import pytest
 
 import tlpipe.store as store_module
 from tlpipe.errors import DataError, StoreError
+from tlpipe.isolation import namespace_prefix
 from tlpipe.settings.text_classification.rows import ROWS
 from tlpipe.store import (
     ENDPOINT_ENV,
@@ -77,8 +78,8 @@ def test_root_in_use_is_refused(tmp_path: Path) -> None:
     root.mkdir()
     with (root / "lock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(StoreError, match="in use"):
-            EmbeddedStore(root).start()
+        with pytest.raises(StoreError, match="in use by a SeaweedFS with no owner record"):
+            EmbeddedStore(root).start()  # once a store starting now would have recorded itself
 
 
 def _fake_weed(tmp_path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,8 +270,6 @@ def test_only_the_s3_gateway_can_be_reached_and_it_checks_every_request(running:
     import urllib.error
     import urllib.request
 
-    from tlpipe.isolation import namespace_prefix
-
     if not namespace_prefix():
         pytest.skip("this machine allows no user namespaces (the store runs without isolation)")
     assert os.readlink(f"/proc/{running.pid}/ns/net") != os.readlink("/proc/self/ns/net")
@@ -326,11 +325,11 @@ def test_a_second_store_on_the_same_root_starts_once_the_first_is_stopped(
         with caplog.at_level(logging.INFO, "tlpipe.store"):
             second.start()
             deadline = time.monotonic() + 30
-            while "waiting up to 600 s for it to finish" not in caplog.text:
+            while "waiting up to" not in caplog.text:
                 assert time.monotonic() < deadline and second.is_alive(), caplog.text
                 time.sleep(0.2)
     second.join(timeout=120)
-    assert read == [b"first"]
+    assert read == [b"first"], "the second run did not start its store (its error is above)"
 
 
 def test_wrong_secret_is_rejected(session: StoreSession) -> None:
@@ -655,6 +654,7 @@ def _volume_bytes(root: Path, name: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_cluster_store_runs_every_part_as_a_process_and_keeps_each_volume_twice(tmp_path: Path) -> None:
     """TLPIPE_STORE_VOLUMES=2: a master, two volume servers, a filer and an S3 gateway, each
     a process; an object's bytes are on both volume servers; stopping the store stops all
@@ -669,7 +669,8 @@ def test_a_cluster_store_runs_every_part_as_a_process_and_keeps_each_volume_twic
         assert all(Path(c[0]).name == "weed" for c in commands.values()), commands
         assert [c[1] for c in commands.values()] == ["master", "volume", "volume", "filer", "s3"]
         assert "-defaultReplication=001" in commands["master"]
-        _assert_sockets_private(pids["filer"]["pid"])
+        if namespace_prefix():  # else the namespace is the host's, its sockets too
+            _assert_sockets_private(pids["filer"]["pid"])
         client = server.client()
         client.create_bucket(Bucket=BUCKET)
         body = os.urandom(3 << 20)

@@ -76,7 +76,6 @@ def test_where_the_curve_runs_is_no_part_of_a_workspace(project: Path) -> None:
 
 
 @pytest.mark.faults
-@pytest.mark.faults
 def test_one_run_at_a_time_holds_the_project(project: Path) -> None:
     """A second run in the project refuses at once, naming the run that holds it: `tlpipe run`
     before it starts any server or writes a log; the lock goes with its holder however that

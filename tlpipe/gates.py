@@ -134,22 +134,25 @@ def _serve(store: StoreSession, uri: str, recorded: Path, root: Path) -> tuple[d
     return {**json.loads(done.stdout), "seconds": round(seconds, 2)}, None
 
 
-def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, root: Path) -> Gate:
-    """Ask `uri` (a model and alias, `s3://bucket/<model>@candidate`), downloaded into a
-    clean folder in a process without torch, for export's `recorded` predictions; the gate
-    passes when torch stayed out and every prediction of `version` matches. When the alias
-    was moved to another version meanwhile (another run published), `version` is asked again
-    by its own URI, and the detail says so."""
+def serving_check(
+    store: StoreSession, model: str, alias: str, version: str, recorded: Path, root: Path
+) -> Gate:
+    """Ask `model`@`alias` (which names `version`), downloaded into a clean folder in a
+    process without torch, for export's `recorded` predictions; the gate passes when torch
+    stayed out and every prediction of `version` matches. When the alias was moved on
+    meanwhile (another run published), `version` is asked again by its own URI, and the
+    detail says so."""
+    uri = f"s3://{store.bucket}/{model}@{alias}"
     found, failed = _serve(store, uri, recorded, root)
-    if failed is not None:
-        return failed
     moved = ""
-    if found["version"] != version:
-        moved = f"; {uri} was moved to {found['version']} meanwhile, so {version} was asked by its version"
-        uri = f"{uri.rpartition('@')[0]}/{version}"
-        found, failed = _serve(store, uri, recorded, root)
-        if failed is not None:
-            return failed
+    if failed is not None or found["version"] != version:
+        now = read_alias(store, model, alias)
+        if now is not None and now.version != version:
+            moved = f"; {uri} was moved to {now.version} meanwhile, so {version} was asked by its version"
+            uri = f"s3://{store.bucket}/{model}/{version}"
+            found, failed = _serve(store, uri, recorded, root)
+    if failed is not None:
+        return Gate("serving", False, failed.detail + moved, failed.figures)
     figures, seconds = found, found["seconds"]
     problems = []
     if found["version"] != version:
@@ -159,7 +162,7 @@ def serving_check(store: StoreSession, uri: str, version: str, recorded: Path, r
     if found["differ"]:
         problems.append(f"{len(found['differ'])} of {found['rows']} predictions differ from export's")
     if problems:
-        return Gate("serving", False, f"{uri}: " + "; ".join(problems), figures)
+        return Gate("serving", False, f"{uri}: " + "; ".join(problems) + moved, figures)
     detail = (
         f"{uri} ({version}) downloaded, verified and loaded without torch; {found['rows']} recorded "
         f"predictions matched, in {seconds:.1f} s{moved}"

@@ -462,6 +462,10 @@ class EvaluateParams(_Section):
 
     sizes: tuple[Size, ...] = (50, 100, 500, 1000, "all")
     seeds: tuple[int, ...] = (0, 1, 2)
+    # true: each draw takes every label in proportion to its share of train + pool (a
+    # labelling budget spread over the classes; sizes stay nested for a seed); false: a
+    # plain seeded draw, where a small size may miss a class. Settings with labels only.
+    stratify: bool = False
     # The negative-transfer gate: at this size the lower end of the gain's confidence
     # interval (how much better transfer scores than scratch on the primary metric: accuracy
     # points, or perplexity saved) must be above min_gain.
@@ -636,6 +640,8 @@ class Params(_Section):
         if self.finetune.transfer != "all" and "embeddings" not in setting.carried:
             raise ValueError(f"finetune.transfer: {self.setting} transfers the whole source model (all)")
         primary_metric(setting, self.evaluate.metric)
+        if self.evaluate.stratify and not setting.labelled:
+            raise ValueError(f"evaluate.stratify draws by label, and {self.setting} reads no labels")
         split_files = isinstance(self.data.target.path, dict)
         if split_files != (self.prepare.split.by == "files"):
             raise ValueError(

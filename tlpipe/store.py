@@ -63,6 +63,9 @@ RELEASE_TIMEOUT_S = 10.0
 # How long a store whose root another live run holds waits for it (that run's publish, a
 # minute or so) before failing, naming the holder: two runs publish in turn.
 WAIT_TIMEOUT_S = 600.0
+# A store takes the root's lock a moment before it writes its owner record: a held lock
+# with no record, or with a stale one, is given this long to be named.
+RECORD_GRACE_S = 5.0
 PROGRESS_MIN_BYTES = 1 << 20
 PART_BYTES = 8 << 20
 
@@ -314,7 +317,8 @@ def _lock_root(root: Path, stop_timeout: float, wait_timeout: float) -> int:
     `wait_timeout`, then refused, naming that run; a server whose run was killed (its tlpipe
     process is gone, the server still holds the lock) is stopped and the root taken over."""
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + wait_timeout
+    start = time.monotonic()
+    deadline, grace = start + wait_timeout, start + min(wait_timeout, RECORD_GRACE_S)
     waiting = False
     try:
         while True:
@@ -324,29 +328,31 @@ def _lock_root(root: Path, stop_timeout: float, wait_timeout: float) -> int:
             except BlockingIOError:
                 pass
             owner = _read_owner(root)
-            if owner is not None and not _alive(owner["pid"], owner["started"]):
-                break
-            if owner is None:
-                held = (
-                    f"{root} is in use by another SeaweedFS (one starting now, or one with no owner "
-                    f"record: find it with `pgrep -af 'weed server.*{root}'`)"
+            if owner is None or not _alive(owner["pid"], owner["started"]):
+                if owner is not None and _alive(owner["weed_pid"], owner["weed_started"]):
+                    break  # a server whose run is gone: taken over below
+                if time.monotonic() < grace:  # a store starting now has yet to record itself
+                    time.sleep(0.1)
+                    continue
+                if owner is None:
+                    raise StoreError(
+                        f"{root} is in use by a SeaweedFS with no owner record: find it with "
+                        f"`pgrep -af 'weed server.*{root}'`"
+                    )
+                raise StoreError(
+                    f"{root} is locked by an unknown process (its last owner, tlpipe pid {owner['pid']}, "
+                    f"and its SeaweedFS pid {owner['weed_pid']} are gone)"
                 )
-            else:
-                held = (
-                    f"{root} is in use by tlpipe pid {owner['pid']} ({_command(owner['pid'])}), whose "
-                    f"SeaweedFS is pid {owner['weed_pid']}"
-                )
+            held = (
+                f"{root} is in use by tlpipe pid {owner['pid']} ({_command(owner['pid'])}), whose "
+                f"SeaweedFS is pid {owner['weed_pid']}"
+            )
             if time.monotonic() >= deadline:
                 raise StoreError(f"{held}; waited {wait_timeout:.0f} s for it to finish")
             if not waiting:
-                log.info("%s; waiting up to %.0f s for it to finish", held, wait_timeout)
+                log.warning("%s; waiting up to %.0f s for it to finish", held, wait_timeout)
                 waiting = True
             time.sleep(0.5)
-        if not _alive(owner["weed_pid"], owner["weed_started"]):
-            raise StoreError(
-                f"{root} is locked by an unknown process (its last owner, tlpipe pid {owner['pid']}, "
-                f"and its SeaweedFS pid {owner['weed_pid']} are gone)"
-            )
         log.warning(
             "%s: SeaweedFS pid %d outlived the run that started it (tlpipe pid %d); stopping it",
             root, owner["weed_pid"], owner["pid"],
@@ -408,9 +414,9 @@ class EmbeddedStore:
     started it dies, killed or not, so it lives no longer than the thread holding the `with`.
     `root` holds data/, the identity config s3.json (0600), weed.log and owner.json, and is
     locked while the server runs; a server left behind by a killed run is stopped and the
-    root taken over. Raises StoreError when weed is missing, the root is in use by a live
-    run (named), or the server exits or is not ready within `start_timeout`, with the tail
-    of weed.log.
+    root taken over, and a root a live run holds is waited for (`wait_timeout`). Raises
+    StoreError when weed is missing, the root is still in use by a live run (named), or
+    the server exits or is not ready within `start_timeout`, with the tail of weed.log.
 
     With `volumes` >= 2 (TLPIPE_STORE_VOLUMES by default) the store runs as a cluster
     (tlpipe.cluster): its supervisor is the process above, its parts each a process with
