@@ -12,6 +12,12 @@ from tlpipe.errors import StoreError
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
+def plain_path(key: str) -> bool:
+    """Whether `key` is a relative path of plain parts (none empty, "." or "..", no NUL): one
+    that stays below the folder it is written into."""
+    return "\0" not in key and all(part not in ("", ".", "..") for part in key.split("/"))
+
+
 class S3UriError(StoreError, ValueError):
     """A string that is not an s3://bucket[/key] URI."""
 
@@ -26,6 +32,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not BUCKET_NAME.fullmatch(bucket):
         raise S3UriError(f"{uri!r} names no valid bucket (3-63 chars of a-z, 0-9, '.', '-')")
-    if key and any(part in ("", ".", "..") for part in key.removesuffix("/").split("/")):
+    if key and not plain_path(key.removesuffix("/")):
         raise S3UriError(f"{uri!r}: a key's parts between '/' may not be empty, '.' or '..'")
     return bucket, key

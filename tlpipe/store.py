@@ -43,7 +43,7 @@ from tqdm import tqdm
 from tlpipe.errors import StoreError
 from tlpipe.isolation import UnixForwarder, namespace_prefix
 from tlpipe.processes import die_with_parent
-from tlpipe.s3uri import parse_s3_uri
+from tlpipe.s3uri import parse_s3_uri, plain_path
 
 log = logging.getLogger(__name__)
 
@@ -1005,7 +1005,7 @@ def _relative_key(key: str, folder: str) -> str | None:
     rel = key[len(folder) :]
     if not rel or rel.endswith("/"):
         return None
-    if any(part in ("", ".", "..") for part in rel.split("/")) or "\0" in rel:
+    if not plain_path(rel):
         raise StoreError(f"refusing to download s3 key {key!r}: {rel!r} is not a plain relative path")
     return rel
 
