@@ -135,6 +135,19 @@ def test_augmentation_is_seeded_and_a_sure_flip_mirrors() -> None:
     assert torch.allclose(mirrored, x.flip(-1), atol=1e-5)
 
 
+def test_zoom_enlarges_or_shrinks_within_its_range_and_leaves_the_other_draws_alone() -> None:
+    square = torch.zeros(64, 1, 32, 32)
+    square[:, :, 12:20, 12:20] = 1.0  # an 8-pixel square at the centre
+    sides = Augment(scale=0.5)(square, torch.Generator().manual_seed(0)).sum((1, 2, 3)).sqrt()
+    # Log-uniform zoom in [1/1.5, 1.5]: the side between 8/1.5 and 8*1.5, both ways drawn.
+    assert sides.min() >= 8 / 1.5 - 0.5 and sides.max() <= 8 * 1.5 + 0.5
+    assert (sides < 7).any() and (sides > 9).any()
+    x = torch.rand(4, 1, 16, 16)
+    plain = Augment(rotation=10, shift=0.1)(x, torch.Generator().manual_seed(3))
+    barely = Augment(rotation=10, shift=0.1, scale=1e-9)(x, torch.Generator().manual_seed(3))
+    assert torch.allclose(plain, barely, atol=1e-5)
+
+
 def test_a_cnn_learns_the_digits_and_its_checkpoint_round_trips(digits: pd.DataFrame, tmp_path: Path) -> None:
     torch.manual_seed(0)
     prep = _prep()

@@ -279,11 +279,12 @@ class AugmentParams(_Section):
     """Seeded training-time changes to each image batch: a rotation up to `rotation`
     degrees either way, a shift up to `shift` of the side, a horizontal flip with
     probability `flip` (leave it 0 for digits and text, where a mirror image is no longer
-    the same class)."""
+    the same class), a zoom by a factor between 1 / (1 + `scale`) and 1 + `scale`."""
 
     rotation: float = Field(0.0, ge=0, le=180)
     shift: float = Field(0.0, ge=0, le=0.5)
     flip: float = Field(0.0, ge=0, le=1)
+    scale: float = Field(0.0, ge=0, le=1)
 
 
 class LanguageModelParams(_Section):

@@ -2,8 +2,8 @@
 predictions.
 
 Every image is decoded and resized once (uint8, (N, C, H, W)); a training batch is
-augmented on the fly (a seeded random rotation, shift and optional horizontal flip, one
-affine resampling per batch), then normalised by the checkpoint's preprocessor.
+augmented on the fly (a seeded random rotation, zoom, shift and optional horizontal flip,
+one affine resampling per batch), then normalised by the checkpoint's preprocessor.
 """
 
 from __future__ import annotations
@@ -40,19 +40,22 @@ SELECTION = METRICS["macro_f1"]
 class Augment:
     """Random training-time changes: rotation up to `rotation` degrees either way, a shift
     up to `shift` of the side in each direction, a horizontal flip with probability `flip`
-    (off for digits and text, where a mirror image is another class or none)."""
+    (off for digits and text, where a mirror image is another class or none), and a zoom by
+    a factor between 1 / (1 + `scale`) and 1 + `scale`, log-uniform (a source whose objects
+    fill less or more of the frame than the target's)."""
 
     rotation: float = 0.0
     shift: float = 0.0
     flip: float = 0.0
+    scale: float = 0.0
 
     @classmethod
     def of(cls, p: AugmentParams) -> Augment:
-        return cls(p.rotation, p.shift, p.flip)
+        return cls(p.rotation, p.shift, p.flip, p.scale)
 
     @property
     def active(self) -> bool:
-        return self.rotation > 0 or self.shift > 0 or self.flip > 0
+        return self.rotation > 0 or self.shift > 0 or self.flip > 0 or self.scale > 0
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """`x`: float (B, C, H, W) in [0, 1]; outside the image is black."""
@@ -62,7 +65,10 @@ class Augment:
         angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(self.rotation)
         shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * (2 * self.shift)  # grid units span 2
         mirror = torch.where(torch.rand(b, generator=gen) < self.flip, -1.0, 1.0)
-        cos, sin = torch.cos(angle), torch.sin(angle)
+        # Drawn only when asked for, so the draws above stay those of a run without zoom.
+        zoom = (1 + self.scale) ** (torch.rand(b, generator=gen) * 2 - 1) if self.scale > 0 else torch.ones(b)
+        # theta maps output coordinates to input ones: dividing by the zoom enlarges.
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack(
             [
                 torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
