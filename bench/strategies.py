@@ -30,6 +30,8 @@ from tlpipe.data import sha256_file
 from tlpipe.params import Params, load_params, parse_params, stage_dir
 from tlpipe.setting import get_setting
 
+NO_AUGMENT = {"rotation": 0.0, "shift": 0.0, "flip": 0.0, "scale": 0.0}
+LONG = {"finetune.min_steps": 400, "finetune.max_steps": 1200, "finetune.patience": 6}
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     # Plain full fine-tuning: pretrain.init_from as it is (no pretraining), every layer at
@@ -54,20 +56,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full+llrd0.7": {"finetune.layer_decay": 0.7},
     "full@3e-4": {"finetune.optim.lr": 3e-4},
     "full@3e-3": {"finetune.optim.lr": 3e-3},
-    "full-augment": {"finetune.augment": {"rotation": 0.0, "shift": 0.0, "flip": 0.0}},
+    "full-augment": {"finetune.augment": NO_AUGMENT},
     "full-bn-update": {"finetune.update_batch_norm": False},
     "full+zoom0.2": {"finetune.augment": {"rotation": 10.0, "shift": 0.1, "flip": 0.0, "scale": 0.2}},
-    "full-long": {"finetune.min_steps": 400, "finetune.max_steps": 1200, "finetune.patience": 6},
-    "full-augment-long": {
-        "finetune.augment": {"rotation": 0.0, "shift": 0.0, "flip": 0.0, "scale": 0.0},
-        "finetune.min_steps": 400,
-        "finetune.max_steps": 1200,
-        "finetune.patience": 6,
-    },
-    "full-augment@3e-4": {
-        "finetune.augment": {"rotation": 0.0, "shift": 0.0, "flip": 0.0, "scale": 0.0},
-        "finetune.optim.lr": 3e-4,
-    },
+    "full-long": LONG,
+    "full-augment-long": {"finetune.augment": NO_AUGMENT, **LONG},
+    "full-augment@3e-4": {"finetune.augment": NO_AUGMENT, "finetune.optim.lr": 3e-4},
     # Text generation (examples/text-generation: every parameter at lr 2e-3).
     "embeddings": {"finetune.transfer": "embeddings"},
     "freeze_bottom:1": {"finetune.strategy": "freeze_bottom", "finetune.freeze_bottom": 1},
