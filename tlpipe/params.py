@@ -279,12 +279,26 @@ class AugmentParams(_Section):
     """Seeded training-time changes to each image batch: a rotation up to `rotation`
     degrees either way, a shift up to `shift` of the side, a horizontal flip with
     probability `flip` (leave it 0 for digits and text, where a mirror image is no longer
-    the same class), a zoom by a factor between 1 / (1 + `scale`) and 1 + `scale`."""
+    the same class), a zoom by a factor between 1 / (1 + `scale`) and 1 + `scale`, and with
+    probability `downscale` a loss of resolution: the image averaged down to a side between
+    `downscale_range` of its own (drawn uniformly) and resized back."""
 
     rotation: float = Field(0.0, ge=0, le=180)
     shift: float = Field(0.0, ge=0, le=0.5)
     flip: float = Field(0.0, ge=0, le=1)
     scale: float = Field(0.0, ge=0, le=1)
+    downscale: float = Field(0.0, ge=0, le=1)
+    downscale_range: tuple[float, float] = (0.25, 0.5)
+
+    @model_validator(mode="after")
+    def _downscale_range_ordered(self) -> AugmentParams:
+        low, high = self.downscale_range
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"downscale_range {list(self.downscale_range)}: want 0 < low <= high <= 1 "
+                "(fractions of the image's side)"
+            )
+        return self
 
 
 class LanguageModelParams(_Section):
@@ -425,8 +439,9 @@ class FinetuneParams(_Section):
     # get no decay toward zero).
     l2sp: float = Field(0.0, ge=0)
     transfer: Carried = "all"
-    # Joint loss: alpha * the source objective (masked-LM on source text for a classifier,
-    # the next-token loss on it for a language model) + (1 - alpha) * the target loss.
+    # Joint loss: alpha * the source objective (masked-LM on source text for a text
+    # classifier, the next-token loss on it for a language model, cross entropy on labelled
+    # source images for an image classifier) + (1 - alpha) * the target loss.
     joint_alpha: float = Field(0.0, ge=0, lt=1)
     # Task-adaptive pretraining: masked-LM steps on the target's unlabelled text first.
     tapt_steps: int = Field(0, ge=0)
@@ -675,7 +690,11 @@ class Params(_Section):
         if self.pretrain.objective == "supervised" and kind != "labelled":
             raise ValueError(f"pretrain.objective supervised needs a labelled data.source (it is {kind})")
         if self.finetune.joint_alpha and kind == "none":
-            raise ValueError("finetune.joint_alpha trains on source text, but there is no data.source")
+            raise ValueError("finetune.joint_alpha trains on the source data, but there is no data.source")
+        if self.finetune.joint_alpha and self.setting == "image-classification" and kind != "labelled":
+            raise ValueError(
+                f"finetune.joint_alpha on images trains on labelled source images (data.source is {kind})"
+            )
         return self
 
     def as_dict(self) -> dict[str, Any]:

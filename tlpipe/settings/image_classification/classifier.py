@@ -3,7 +3,8 @@ predictions.
 
 Every image is decoded and resized once (uint8, (N, C, H, W)); a training batch is
 augmented on the fly (a seeded random rotation, zoom, shift and optional horizontal flip,
-one affine resampling per batch), then normalised by the checkpoint's preprocessor.
+one affine resampling per batch, then an optional loss of resolution), then normalised by
+the checkpoint's preprocessor.
 """
 
 from __future__ import annotations
@@ -40,22 +41,27 @@ SELECTION = METRICS["macro_f1"]
 class Augment:
     """Random training-time changes: rotation up to `rotation` degrees either way, a shift
     up to `shift` of the side in each direction, a horizontal flip with probability `flip`
-    (off for digits and text, where a mirror image is another class or none), and a zoom by
+    (off for digits and text, where a mirror image is another class or none), a zoom by
     a factor between 1 / (1 + `scale`) and 1 + `scale`, log-uniform (a source whose objects
-    fill less or more of the frame than the target's)."""
+    fill less or more of the frame than the target's), and, with probability `downscale`,
+    a loss of resolution: the image averaged down to a side drawn uniformly between
+    `downscale_range` of its own and resized back bilinearly, as the preprocessor resizes
+    (a source scanned finer than the target)."""
 
     rotation: float = 0.0
     shift: float = 0.0
     flip: float = 0.0
     scale: float = 0.0
+    downscale: float = 0.0
+    downscale_range: tuple[float, float] = (0.25, 0.5)
 
     @classmethod
     def of(cls, p: AugmentParams) -> Augment:
-        return cls(p.rotation, p.shift, p.flip, p.scale)
+        return cls(p.rotation, p.shift, p.flip, p.scale, p.downscale, tuple(p.downscale_range))
 
     @property
     def active(self) -> bool:
-        return self.rotation > 0 or self.shift > 0 or self.flip > 0 or self.scale > 0
+        return self.rotation > 0 or self.shift > 0 or self.flip > 0 or self.scale > 0 or self.downscale > 0
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """`x`: float (B, C, H, W) in [0, 1]; outside the image is black."""
@@ -77,7 +83,21 @@ class Augment:
             1,
         ).to(x.device, x.dtype)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return self._lose_resolution(x, gen) if self.downscale > 0 else x
+
+    def _lose_resolution(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b, _, h, w = x.shape
+        low, high = self.downscale_range
+        chosen = torch.rand(b, generator=gen) < self.downscale
+        fraction = low + (high - low) * torch.rand(b, generator=gen)
+        sides = torch.clamp((fraction * h).round().long(), 1, h)
+        out = x.clone()
+        for side in torch.unique(sides[chosen]).tolist():
+            rows = torch.nonzero(chosen & (sides == side)).squeeze(1).to(x.device)
+            small = F.interpolate(x[rows], size=(side, max(1, round(side * w / h))), mode="area")
+            out[rows] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        return out
 
 
 def model_input(pixels: torch.Tensor, prep: Preprocessor) -> torch.Tensor:
@@ -111,6 +131,20 @@ def batch_norm_statistics(model: nn.Module, update_trainable: bool) -> Iterator[
 
 
 @dataclass
+class SourceImages:
+    """The joint objective's other half: labelled source images (uint8 (N, C, H, W)) and
+    their label ids, weighted `alpha` against the target loss's 1 - alpha, augmented as
+    pretrain augmented them. `head` is the source model's own classifier when the target
+    got a new one (trained beside it, on the pooled features), None when the model kept it."""
+
+    pixels: torch.Tensor
+    y: np.ndarray
+    alpha: float
+    augment: Augment
+    head: nn.Module | None = None
+
+
+@dataclass
 class ImageTask:
     """An image classifier's `TrainTask`: shuffled batches of decoded images, augmentation,
     cross entropy, and accuracy and macro-F1 on validation."""
@@ -127,6 +161,7 @@ class ImageTask:
     seed: int
     augment: Augment = field(default_factory=Augment)
     update_batch_norm: bool = True
+    source: SourceImages | None = None
     selection: Metric = SELECTION
     rows: int = field(init=False)
 
@@ -134,6 +169,10 @@ class ImageTask:
         self.rows = len(self.pixels)
         self._labels = torch.tensor(self.y, dtype=torch.long, device=self.runtime.device)
         self._gen = torch.Generator().manual_seed(self.seed)
+        if self.source is not None:
+            self._source_labels = torch.tensor(self.source.y, dtype=torch.long, device=self.runtime.device)
+            if self.source.head is not None:
+                self.source.head.to(self.runtime.device)
 
     def epoch(self, rng: np.random.Generator) -> list[np.ndarray]:
         order = rng.permutation(self.rows)
@@ -143,7 +182,17 @@ class ImageTask:
         rows = torch.from_numpy(idx)
         x = self.augment(self.pixels[rows].float() / 255.0, self._gen)
         logits = model(model_input(x, self.prep).to(self.runtime.device))  # (B, labels)
-        return F.cross_entropy(logits.float(), self._labels[rows.to(self.runtime.device)])
+        target = F.cross_entropy(logits.float(), self._labels[rows.to(self.runtime.device)])
+        src = self.source
+        if src is None:
+            return target
+        # As many source images as target ones, drawn with replacement.
+        picked = torch.from_numpy(rng.integers(0, len(src.pixels), len(idx)))
+        x = model_input(src.augment(src.pixels[picked].float() / 255.0, self._gen), self.prep)
+        x = x.to(self.runtime.device)
+        logits = model(x) if src.head is None else src.head(model.features(x))  # (B, source labels)
+        source = F.cross_entropy(logits.float(), self._source_labels[picked.to(self.runtime.device)])
+        return src.alpha * source + (1.0 - src.alpha) * target
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         pred = predict_logits(model, self.val_pixels, self.prep, self.eval_batch_size, self.runtime).argmax(1)
@@ -151,7 +200,8 @@ class ImageTask:
         return {f"val_{key}": scores[key] for key in METRICS}
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        return []
+        head = self.source.head if self.source is not None else None
+        return list(head.parameters()) if head is not None else []
 
     def fast_paths(
         self, model: nn.Module, runtime: Runtime, seed: int | np.random.Generator
@@ -221,6 +271,7 @@ def image_task(
         seed=p.seed,
         augment=Augment.of(p.augment),
         update_batch_norm=p.update_batch_norm,
+        source=arm.extras,
     )
 
 

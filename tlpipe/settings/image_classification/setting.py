@@ -10,10 +10,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tlpipe.checkpoint import read_meta
 from tlpipe.data import label_ids, read_split, source_split
+from tlpipe.errors import DataError
 from tlpipe.images import image_facts
 from tlpipe.metrics import majority_scores, probe_accuracy
-from tlpipe.params import DataParams, EncoderConfig, EvaluateParams, FinetuneParams
+from tlpipe.params import AugmentParams, DataParams, EncoderConfig, EvaluateParams, FinetuneParams
 from tlpipe.setting import Arm, SourceRun
 from tlpipe.settings.image_classification import SPEC, classifier, reference
 from tlpipe.settings.image_classification import pretrain as source_model
@@ -21,6 +23,27 @@ from tlpipe.settings.image_classification.model import Cnn, build, load_checkpoi
 from tlpipe.settings.image_classification.preprocess import Preprocessor
 from tlpipe.train import Runtime
 from tlpipe.transfer import LayerGroups
+
+
+def _head(model: nn.Module) -> nn.Module:
+    """The classifier on top of `model.features`: a Cnn's `head`, EfficientNet's `_fc`."""
+    return model.head if isinstance(model, Cnn) else model._fc
+
+
+def _source_images(
+    alpha: float, source_dir: Path, prepare_dir: Path, prep: Preprocessor, labels: tuple[str, ...],
+    head: nn.Module | None,
+) -> classifier.SourceImages:  # fmt: skip
+    """The source rows pretrain trained on, augmented as its tlpipe.json says pretrain did
+    (not at all for a checkpoint that does not say)."""
+    _, trained_on = source_split(read_split(prepare_dir, "source"))
+    if "label" not in trained_on.columns:
+        raise DataError("finetune.joint_alpha trains on labelled source images; data.source has no labels")
+    pretrained = read_meta(source_dir).get("params", {}).get("augment")
+    augment = classifier.Augment.of(AugmentParams(**pretrained)) if pretrained else classifier.Augment()
+    return classifier.SourceImages(
+        classifier.pixels(trained_on, prep), label_ids(trained_on, labels), alpha, augment, head
+    )
 
 
 class ImageClassification:
@@ -41,14 +64,21 @@ class ImageClassification:
 
     def transfer_arm(self, p: FinetuneParams, data: DataParams, source_dir: Path, prepare_dir: Path) -> Arm:
         """The source model; its head kept when it was trained on the target's labels, else a
-        new one. Every parameter that came from the source model is an L2-SP anchor."""
-        model, _ = load_checkpoint(source_dir)
-        kept = model.config.labels == data.labels
+        new one. Every parameter that came from the source model is an L2-SP anchor. Under
+        the joint objective, the labelled source images pretrain trained on (not those it
+        held out) come along, with the source's own head when the target got a new one."""
+        model, prep = load_checkpoint(source_dir)
+        source_labels = model.config.labels
+        kept = source_labels == data.labels
         before = {name: id(q) for name, q in model.named_parameters()}
+        old_head = None if kept else _head(model)
         if not kept:
             model.new_head(data.labels)
         transferred = {name for name, q in model.named_parameters() if before.get(name) == id(q)}
-        return Arm(model, transferred, None, {"head": "transferred" if kept else "new"})
+        extras = None
+        if p.joint_alpha:
+            extras = _source_images(p.joint_alpha, source_dir, prepare_dir, prep, source_labels, old_head)
+        return Arm(model, transferred, extras, {"head": "transferred" if kept else "new"})
 
     def scratch_arm(self, data: DataParams, source_dir: Path, size: EncoderConfig | None) -> Arm:
         """The source model's architecture, randomly initialised, with the target's head
