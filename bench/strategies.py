@@ -30,7 +30,7 @@ from tlpipe.data import sha256_file
 from tlpipe.params import Params, load_params, parse_params, stage_dir
 from tlpipe.setting import get_setting
 
-NO_AUGMENT = {"rotation": 0.0, "shift": 0.0, "flip": 0.0, "scale": 0.0}
+NO_AUGMENT = {"rotation": 0.0, "shift": 0.0, "flip": 0.0, "scale": 0.0, "downscale": 0.0}
 LONG = {"finetune.min_steps": 400, "finetune.max_steps": 1200, "finetune.patience": 6}
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full-long": LONG,
     "full-augment-long": {"finetune.augment": NO_AUGMENT, **LONG},
     "full-augment@3e-4": {"finetune.augment": NO_AUGMENT, "finetune.optim.lr": 3e-4},
+    "joint0.5": {"finetune.joint_alpha": 0.5},
+    "joint0.5-long": {"finetune.joint_alpha": 0.5, **LONG},
+    "joint0.7-long": {"finetune.joint_alpha": 0.7, **LONG},
     # Text generation (examples/text-generation: every parameter at lr 2e-3).
     "embeddings": {"finetune.transfer": "embeddings"},
     "freeze_bottom:1": {"finetune.strategy": "freeze_bottom", "finetune.freeze_bottom": 1},
