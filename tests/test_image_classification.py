@@ -446,9 +446,7 @@ def test_the_joint_objective_mixes_in_the_labelled_source_with_its_own_head(
     got = task.loss(arm.model, idx, rng)
     picked = torch.from_numpy(np.random.default_rng(0).integers(0, 270, 16))
     x = model_input(arm.extras.pixels[picked].float() / 255.0, prep)
-    source_loss = F.cross_entropy(
-        arm.extras.head(arm.model.features(x)), torch.tensor(arm.extras.y)[picked]
-    )
+    source_loss = F.cross_entropy(arm.extras.head(arm.model.features(x)), torch.tensor(arm.extras.y)[picked])
     target_x = model_input(task.pixels[:16].float() / 255.0, prep)
     target_loss = F.cross_entropy(arm.model(target_x), torch.as_tensor(task.y[:16]))
     torch.testing.assert_close(got, 0.4 * source_loss + 0.6 * target_loss)
