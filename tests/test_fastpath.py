@@ -14,7 +14,13 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 from tests.conftest import train_tiny
 from tlpipe import train
@@ -200,3 +206,25 @@ def test_finetune_runs_the_fast_paths_its_objective_allows(
     assert not any(isinstance(m, HostDropout) for m in model.modules())
     assert all("forward" not in vars(m) for m in model.modules())
     assert not model.get_input_embeddings().sparse
+
+
+def test_host_dropout_reaches_gpt2_attention_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2 names its probability dropout `attn_dropout`: under host dropout no draw is
+    left to torch's Bernoulli kernel, and the same seed draws the same masks."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, attn_pdrop=0.5)
+    model = GPT2LMHeadModel(config).train()
+    model.set_attn_implementation(ATTENTION)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def no_torch_dropout(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("torch's dropout ran under host dropout")
+
+    outs = []
+    for _ in range(2):
+        with host_dropout(model, seed=3), monkeypatch.context() as m:
+            m.setattr(F, "dropout", no_torch_dropout)
+            outs.append(model(input_ids=ids, use_cache=False).logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(outs[0], model.eval()(input_ids=ids, use_cache=False).logits)

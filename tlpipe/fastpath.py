@@ -25,6 +25,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ATTENTION = "tlpipe_eager"
+# The attention modules' dropout on the probabilities: BERT's and RoBERTa's, GPT-2's.
+_PROBS_DROPOUT = ("dropout", "attn_dropout")
 
 
 class HostDropout(nn.Dropout):
@@ -56,13 +58,14 @@ def eager_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention (q, k, v: (B, heads, T, d)) whose probability dropout is the module's
-    own dropout layer, so a `HostDropout` put there applies; otherwise transformers' eager."""
+    own dropout layer (BERT's `dropout`, GPT-2's `attn_dropout`), so a `HostDropout` put
+    there applies; otherwise transformers' eager."""
     scores = torch.matmul(query, key.transpose(2, 3)) * (scaling or query.size(-1) ** -0.5)  # (B, h, Tq, Tk)
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1)
     if dropout > 0.0:
-        layer = getattr(module, "dropout", None)
+        layer = next((getattr(module, name) for name in _PROBS_DROPOUT if hasattr(module, name)), None)
         probs = layer(probs) if isinstance(layer, HostDropout) else F.dropout(probs, dropout, training=True)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
