@@ -126,12 +126,14 @@ def same_machine_section(section: str, path: Path = RESULTS) -> dict[str, Any]:
 def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
     """Write `section` of results.json (with the machine and the date), keeping the others.
     A section last measured on another kind of machine is kept under "earlier", by section
-    and machine, so its figures stay on the page, labelled, and never mix with these."""
+    and machine, so its figures stay on the page, labelled, and never mix with these; one
+    kept there from this kind of machine is replaced by these."""
     data = json.loads(path.read_text()) if path.is_file() else {}
     here = machine()
     old = data.get(section)
     if old is not None and machine_kind(old["machine"]) != machine_kind(here):
         data.setdefault("earlier", {})[f"{section} on {machine_kind(old['machine'])}"] = old
+    data.get("earlier", {}).pop(f"{section} on {machine_kind(here)}", None)
     data[section] = {
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": here,

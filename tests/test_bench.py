@@ -29,7 +29,7 @@ def test_a_section_from_another_machine_is_kept_apart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A rerun on another kind of machine keeps the old figures under "earlier"; a rerun on
-    the same kind replaces them."""
+    the same kind replaces them, and a kind coming back replaces its own earlier figures."""
     from bench import common
 
     path = tmp_path / "results.json"
@@ -44,6 +44,14 @@ def test_a_section_from_another_machine_is_kept_apart(
     assert data["predict"]["fig"] == 3
     assert list(data["earlier"]) == ["predict on Older CPU (avx2)"]
     assert data["earlier"]["predict on Older CPU (avx2)"]["fig"] == 1
+    # Back on the older kind: its figures come back to the top, this kind's go down, and
+    # nothing is kept twice.
+    monkeypatch.setattr(common, "machine", lambda: old)
+    common.record("predict", {"fig": 4}, path)
+    data = json.loads(path.read_text())
+    assert data["predict"]["fig"] == 4
+    assert list(data["earlier"]) == [f"predict on {common.machine_kind(here)}"]
+    assert data["earlier"][f"predict on {common.machine_kind(here)}"]["fig"] == 3
 
 
 @pytest.mark.slow
@@ -113,6 +121,31 @@ def test_the_generation_benchmark_times_every_side_and_engine(sample_csv: Path) 
             "onnxruntime_no_cache",
             "pytorch",
         }
+
+
+@pytest.mark.slow
+def test_the_gpt_levers_benchmark_times_and_profiles_every_configuration(sample_csv: Path) -> None:
+    """bench.gpt_levers on a few steps: every configuration timed in every round (compiling
+    in the warm-up), and the profile's matrix products a share of the step with FLOPs."""
+    import pandas as pd
+    import torch
+
+    from bench.gpt_levers import TLPIPE, bench
+    from tlpipe.params import TokenizerParams
+    from tlpipe.settings.text_generation.tokenizer import eos_id, token_stream, train_bpe
+    from tlpipe.train import bf16_native
+
+    texts = pd.read_csv(sample_csv, dtype=str)["text"].tolist()
+    tok = train_bpe(texts, TokenizerParams(vocab_size=300, lowercase=False))
+    corpus = {"train": token_stream(tok, texts), "vocab": tok.get_vocab_size(), "eos": eos_id(tok)}
+    found = bench(corpus, steps=2, rounds=2, gpt_layers=1)
+    assert found["vs"] == (TLPIPE if bf16_native(torch.device("cpu")) else "fp32")
+    assert found["ratio"][found["vs"]] == 1.0 and set(found["warmup_seconds"]) == set(found["configs"])
+    for name, rate in found["configs"].items():
+        assert rate["median"] > 0 and rate["reps"] == 2, name
+    prof = found["profile"]
+    assert 0 < prof["matmul_share"] < 1 and prof["matmul_flop_per_step"] > 0
+    assert prof["ceiling_ratio"] == pytest.approx(1 / prof["matmul_share"])
 
 
 @pytest.mark.slow
