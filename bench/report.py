@@ -448,6 +448,38 @@ def levers(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def gpt_levers(section: dict[str, Any]) -> list[str]:
+    """`python -m bench.gpt_levers`: a GPT step's profile and levers not in the loop."""
+    prof, peak = section["profile"], section["profile"]["peak_flop_per_s"]["median"]
+    lines = [
+        "## A GPT training step: where the time goes, levers not in the loop (`gpt-levers-cpu`)",
+        "",
+        machine_line(section),
+        "",
+        f"### {section['model']}, blocks of {section['block']} tokens, batch {section['batch_size']}, "
+        f"{section['steps_per_turn']} steps a turn, {section['rounds']} rounds after a warm-up round, "
+        "the configurations taking turns; no quality figure",
+        "",
+        f"| configuration | tokens/s | vs {section['vs']} | warm-up round (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, rate in section["configs"].items():
+        ratio, warmup = section["ratio"][name], section["warmup_seconds"][name]
+        lines.append(f"| {name} | {fmt(rate)} | {ratio:.2f}x | {warmup:.1f} |")
+    others = ", ".join(f"{k.removeprefix('aten::')} {v:.0%}" for k, v in prof["others"].items())
+    lines += [
+        "",
+        f"Profile of {section['vs']} over {prof['steps']} steps: matrix products take "
+        f"{prof['matmul_share']:.0%} of the step, {prof['matmul_flop_per_step'] / 1e9:.1f} GFLOP a step at "
+        f"{prof['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s, {prof['matmul_flop_per_s'] / peak:.0%} of the "
+        f"{prof['peak_dtype']} 2048³ rate measured in the same run ({peak / 1e9:.0f} GFLOP/s). With "
+        f"nothing else left the step would run {prof['ceiling_ratio']:.2f}x faster: the bound on any "
+        f"fusion. The largest of the rest: {others}.",
+        "",
+    ]
+    return lines
+
+
 def serving(section: dict[str, Any]) -> list[str]:
     """`python -m bench.serving`: tlpipe serve against a plain FastAPI + PyTorch server."""
     lines = [
@@ -484,6 +516,7 @@ SECTIONS = {
     "image-cpu": image,
     "generation-cpu": generation,
     "levers-cpu": levers,
+    "gpt-levers-cpu": gpt_levers,
     "predict": predict,
     "serving": serving,
     "validate": validate,

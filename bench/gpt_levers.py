@@ -1,0 +1,209 @@
+"""Where a GPT training step's time goes on this machine, and what levers outside tlpipe's
+loop would give it, side by side: step-time probes without a quality figure
+(bench.generation trains whole runs against the Hugging Face Trainer, with held-out loss).
+
+- The profile of tlpipe's bf16 step (the loop's step: autocast, host dropout, clipping in
+  the fused AdamW): the share of its time in matrix products and their FLOP/s against this
+  machine's 2048^3 bf16 rate in the same run. Everything else (layer norms, GELU, softmax,
+  dropout, the cross entropy over the vocabulary, casts, the optimizer) is what fusion
+  could remove: the step rate with none of it left is the ceiling of any such lever.
+- torch.compile (inductor) of the model under the same autocast, its dropout in the graph
+  (host dropout would break the graph at every layer); compiling is timed apart.
+- bf16 weights between steps, trained without autocast, the optimizer stepping fp32
+  master weights and casting them back once a step.
+- fp32, for scale.
+
+The generation benchmark's GPT (the example's source tweets, its BPE, a GPT-2 config of its
+width, blocks of `pretrain.max_length`, its batch and optimizer); every configuration takes
+`--steps` steps a turn on the same batches, in turns for `--rounds` rounds after an untimed
+warm-up round.
+
+    python -m bench.gpt_levers [--steps 30] [--rounds 3] [--gpt-layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import in_turns, pin_threads, ratio, record, stat, threads_from_env
+from bench.generation import EXAMPLE, source_corpus
+from bench.train import matmul_flops
+from tlpipe.params import OptimParams, load_params
+from tlpipe.settings.text_generation.lm import block_starts, gather, lm_loss
+from tlpipe.settings.text_generation.model import new_gpt
+from tlpipe.train import Runtime, bf16_native, clip_and_step, make_optimizer
+
+CPU = torch.device("cpu")
+TLPIPE = "bf16 autocast (tlpipe)"
+# The profiler's names for matrix products (a linear layer is addmm, attention bmm).
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callable[[torch.Tensor], None]]:
+    """name -> step(windows): one optimizer step of its own copy of `model` on (B, T + 1)
+    token windows. A step's `model` is what host dropout goes on (None: its own dropout)."""
+    configs: dict[str, Callable] = {}
+
+    def autocast_step(rt: Runtime, compiled: bool = False) -> Callable:
+        own = copy.deepcopy(model)
+        rt.place(own)
+        own.train()
+        optimizer, _ = make_optimizer(own, optim, 10_000)
+        params = list(own.parameters())
+        forward = torch.compile(own, dynamic=False) if compiled else own
+
+        def step(windows: torch.Tensor) -> None:
+            with rt.autocast():
+                loss = lm_loss(forward, windows)
+            loss.backward()
+            clip_and_step(optimizer, params, optim.max_grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+
+        step.model = None if compiled else own  # type: ignore[attr-defined]
+        return step
+
+    def bf16_weights_step() -> Callable:
+        master = copy.deepcopy(model)
+        own = copy.deepcopy(model).to(torch.bfloat16)
+        Runtime(CPU, bf16=True).place(own)
+        own.train()
+        optimizer, _ = make_optimizer(master, optim, 10_000)
+        masters, params = list(master.parameters()), list(own.parameters())
+
+        def step(windows: torch.Tensor) -> None:
+            lm_loss(own, windows).backward()
+            for m, q in zip(masters, params, strict=True):
+                m.grad = q.grad.float() if q.grad is not None else None
+                q.grad = None
+            clip_and_step(optimizer, masters, optim.max_grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_copy_(params, masters)
+
+        step.model = own  # type: ignore[attr-defined]
+        return step
+
+    configs["fp32"] = autocast_step(Runtime(CPU, bf16=False))
+    if bf16_native(CPU):
+        configs[TLPIPE] = autocast_step(Runtime(CPU, bf16=True))
+        configs["bf16 autocast, torch.compile (inductor)"] = autocast_step(Runtime(CPU, bf16=True), True)
+        configs["bf16 weights, fp32 masters"] = bf16_weights_step()
+    return configs
+
+
+def profile_step(step: Callable, batches: list[torch.Tensor], seed: int) -> dict[str, Any]:
+    """The share of `step`'s time in matrix products over `batches` (after one untimed
+    step), their FLOPs and FLOP/s, and the biggest other operators' shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    host = Runtime(CPU, bf16=False)
+    with host.fast_paths(step.model, seed):
+        step(batches[0])
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            for windows in batches:
+                step(windows)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = [e for e in events if e.key in MATMULS]
+    mm_us = sum(e.self_cpu_time_total for e in mm)
+    flops = sum(e.flops for e in mm)
+    others = sorted((e for e in events if e.key not in MATMULS), key=lambda e: -e.self_cpu_time_total)
+    return {
+        "steps": len(batches),
+        "matmul_share": mm_us / total,
+        "matmul_flop_per_step": flops / len(batches),
+        "matmul_flop_per_s": flops / (mm_us * 1e-6),
+        "others": {e.key: e.self_cpu_time_total / total for e in others[:8]},
+    }
+
+
+def bench(corpus: dict[str, Any], steps: int, rounds: int, gpt_layers: int) -> dict[str, Any]:
+    """Every configuration's tokens/s on `corpus` (`bench.generation.source_corpus`'s), the
+    warm-up round's seconds, and the profile of tlpipe's step."""
+    p = load_params(EXAMPLE).pretrain
+    lm, block, optim = p.lm, p.max_length, p.optim
+    torch.manual_seed(p.seed)
+    model = new_gpt(
+        corpus["vocab"], lm.hidden_size, gpt_layers, lm.num_heads, lm.dropout, block + 1, corpus["eos"]
+    )
+    ids = torch.as_tensor(corpus["train"].astype(np.int64))
+    starts = block_starts(len(corpus["train"]), block)
+    rng = np.random.default_rng(p.seed)
+    batches = [
+        gather(ids, starts[rng.integers(0, len(starts), optim.batch_size)], block + 1) for _ in range(steps)
+    ]
+    configs = step_configs(model, optim)
+    rates: dict[str, list[float]] = {name: [] for name in configs}
+    warmup: dict[str, float] = {}
+    host = Runtime(CPU, bf16=False)
+    tokens = steps * optim.batch_size * block
+    for r, name in in_turns(list(configs), rounds + 1):  # round 0 warms up (and compiles), untimed
+        step = configs[name]
+        with host.fast_paths(step.model, p.seed + r) if step.model is not None else contextlib.nullcontext():
+            start = time.perf_counter()
+            for windows in batches:
+                step(windows)
+            seconds = time.perf_counter() - start
+        if r:
+            rates[name].append(tokens / seconds)
+            print(f"round {r}, {name}: {rates[name][-1]:.0f} tokens/s", flush=True)
+        else:
+            warmup[name] = seconds
+    out = {name: stat(r, "tokens/s") for name, r in rates.items()}
+    base = TLPIPE if TLPIPE in out else "fp32"
+    profiled = profile_step(configs[base], batches[: min(10, steps)], p.seed)
+    dtype = torch.bfloat16 if base == TLPIPE else torch.float32
+    peak = matmul_flops(CPU, dtype, 2048)
+    return {
+        "model": f"GPT-2 {gpt_layers}x{lm.hidden_size}, vocab {corpus['vocab']}",
+        "block": block,
+        "batch_size": optim.batch_size,
+        "steps_per_turn": steps,
+        "rounds": rounds,
+        "configs": out,
+        "warmup_seconds": warmup,
+        "vs": base,
+        "ratio": {name: ratio(r, out[base]) for name, r in out.items()},
+        "profile": profiled
+        | {
+            "peak_flop_per_s": peak,
+            "peak_dtype": str(dtype).removeprefix("torch."),
+            "ceiling_ratio": 1.0 / profiled["matmul_share"],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpt-layers", type=int, default=4)
+    parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    threads = threads_from_env()
+    pin_threads(threads)
+    out = {"threads": threads, **bench(source_corpus()[1], args.steps, args.rounds, args.gpt_layers)}
+    for name, r in out["ratio"].items():
+        print(f"{name}: {r:.2f}x {out['vs']}")
+    prof = out["profile"]
+    rate = prof["matmul_flop_per_s"]
+    print(
+        f"matrix products: {prof['matmul_share']:.0%} of the step at {rate / 1e9:.0f} GFLOP/s "
+        f"({rate / prof['peak_flop_per_s']['median']:.0%} of the 2048^3 rate)"
+    )
+    record("gpt-levers-cpu", out, args.results)
+
+
+if __name__ == "__main__":
+    main()
