@@ -336,7 +336,9 @@ def test_the_imagenet_backbone_loads_verified_weights_with_a_new_head(
     assert groups.depth("_conv_head.weight") == groups.depth("_fc.weight") == groups.head == 17
     imagenet = backbones.imagenet_weights()
     assert torch.equal(model.state_dict()["_conv_stem.weight"], imagenet["_conv_stem.weight"])
-    assert model._fc.out_features == 3 and imagenet["_fc.weight"].shape[0] == 1000
+    assert (
+        model.head is model._fc and model.head.out_features == 3 and imagenet["_fc.weight"].shape[0] == 1000
+    )
 
     prep = backbones.imagenet_preprocessor(64)
     save_checkpoint(model, prep, tmp_path / "ckpt")

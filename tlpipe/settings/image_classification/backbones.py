@@ -47,7 +47,8 @@ class LiteConfig:
 
 
 class EfficientNetLite(EfficientNet):
-    """EfficientNet-Lite0 with tlpipe's model interface: `config`, `new_head`, `layer_groups`."""
+    """EfficientNet-Lite0 with tlpipe's model interface: `config`, `head`, `new_head`,
+    `layer_groups`."""
 
     config: LiteConfig
 
@@ -67,6 +68,11 @@ class EfficientNetLite(EfficientNet):
         """A freshly initialised classifier for `labels` (the backbone kept)."""
         self.config = self.config.with_labels(labels)
         self._fc = nn.Linear(self._fc.in_features, len(labels))
+
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier on top of `features` (EfficientNet's `_fc`), as a Cnn's `head`."""
+        return self._fc
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images to (B, 1280) pooled features (before dropout and the classifier)."""

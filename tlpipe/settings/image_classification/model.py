@@ -1,6 +1,6 @@
 """The image classifiers and their self-contained checkpoint: a small VGG-style CNN tlpipe
 trains from scratch or pretrains on the source images, or the ImageNet EfficientNet-Lite0
-(`backbones`). Each has a `config` (with its labels), `new_head` and `layer_groups`.
+(`backbones`). Each has a `config` (with its labels), `head`, `new_head` and `layer_groups`.
 
 A checkpoint is a directory: `model.safetensors` (the weights), `config.json` (the
 architecture, its sizes and the label set), `preprocessor.json` (how images become its

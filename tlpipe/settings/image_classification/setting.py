@@ -25,11 +25,6 @@ from tlpipe.train import Runtime
 from tlpipe.transfer import LayerGroups
 
 
-def _head(model: nn.Module) -> nn.Module:
-    """The classifier on top of `model.features`: a Cnn's `head`, EfficientNet's `_fc`."""
-    return model.head if isinstance(model, Cnn) else model._fc
-
-
 def _source_images(
     alpha: float, source_dir: Path, prepare_dir: Path, prep: Preprocessor, labels: tuple[str, ...],
     head: nn.Module | None,
@@ -71,7 +66,7 @@ class ImageClassification:
         source_labels = model.config.labels
         kept = source_labels == data.labels
         before = {name: id(q) for name, q in model.named_parameters()}
-        old_head = None if kept else _head(model)
+        old_head = None if kept else model.head
         if not kept:
             model.new_head(data.labels)
         transferred = {name for name, q in model.named_parameters() if before.get(name) == id(q)}
