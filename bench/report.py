@@ -458,7 +458,8 @@ def gpt_levers(section: dict[str, Any]) -> list[str]:
         "",
         f"### {section['model']}, blocks of {section['block']} tokens, batch {section['batch_size']}, "
         f"{section['steps_per_turn']} steps a turn, {section['rounds']} rounds after a warm-up round, "
-        "the configurations taking turns; no quality figure",
+        "the configurations taking turns; no quality figure (the warm-up round includes "
+        "compiling, less where inductor's cache already held the kernels)",
         "",
         f"| configuration | tokens/s | vs {section['vs']} | warm-up round (s) |",
         "|---|---:|---:|---:|",
@@ -466,7 +467,8 @@ def gpt_levers(section: dict[str, Any]) -> list[str]:
     for name, rate in section["configs"].items():
         ratio, warmup = section["ratio"][name], section["warmup_seconds"][name]
         lines.append(f"| {name} | {fmt(rate)} | {ratio:.2f}x | {warmup:.1f} |")
-    others = ", ".join(f"{k.removeprefix('aten::')} {v:.0%}" for k, v in prof["others"].items())
+    biggest = sorted(prof["others"].items(), key=lambda kv: -kv[1])
+    others = ", ".join(f"{k.removeprefix('aten::')} {v:.0%}" for k, v in biggest)
     lines += [
         "",
         f"Profile of {section['vs']} over {prof['steps']} steps: matrix products take "
