@@ -36,6 +36,7 @@ import torch
 
 from bench.common import in_turns, pin_threads, ratio, record, stat, threads_from_env
 from bench.generation import EXAMPLE, source_corpus
+from bench.levers import step_masters
 from bench.train import matmul_flops
 from tlpipe.params import OptimParams, load_params
 from tlpipe.settings.text_generation.lm import block_starts, gather, lm_loss
@@ -81,13 +82,7 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
 
         def step(windows: torch.Tensor) -> None:
             lm_loss(own, windows).backward()
-            for m, q in zip(masters, params, strict=True):
-                m.grad = q.grad.float() if q.grad is not None else None
-                q.grad = None
-            clip_and_step(optimizer, masters, optim.max_grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_copy_(params, masters)
+            step_masters(optimizer, masters, params, optim.max_grad_norm)
 
         step.model = own  # type: ignore[attr-defined]
         return step

@@ -41,6 +41,20 @@ PREPARE = Path("outputs/prepare")
 CPU = torch.device("cpu")
 
 
+def step_masters(
+    optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], params: list[torch.Tensor], max_norm: float
+) -> None:
+    """The bf16 weights' gradients moved onto their fp32 masters, a clipped optimizer step
+    there, and the masters cast back into the bf16 weights."""
+    for m, q in zip(masters, params, strict=True):
+        m.grad = q.grad.float() if q.grad is not None else None
+        q.grad = None
+    clip_and_step(optimizer, masters, max_norm)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_copy_(params, masters)
+
+
 def step_configs(model: torch.nn.Module, special: SpecialIds, batch_size: int) -> dict[str, Callable]:
     """name -> step(input_ids, mask, gen): one optimizer step of its own copy of `model`."""
     p = load_params().pretrain
@@ -79,13 +93,7 @@ def step_configs(model: torch.nn.Module, special: SpecialIds, batch_size: int) -
         def step(input_ids: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> None:
             loss, _ = mlm_loss(encoder, head, input_ids, mask, special, vocab, p.mask_prob, gen, rt)
             loss.backward()
-            for m, q in zip(masters, params, strict=True):
-                m.grad = q.grad.float() if q.grad is not None else None
-                q.grad = None
-            clip_and_step(optimizer, masters, optim.max_grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_copy_(params, masters)
+            step_masters(optimizer, masters, params, optim.max_grad_norm)
 
         step.model = own  # type: ignore[attr-defined]
         return step
