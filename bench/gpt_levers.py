@@ -95,13 +95,20 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
     return configs
 
 
+def dropout_for(step: Callable, seed: int) -> contextlib.AbstractContextManager:
+    """Host dropout on the step's model, as tlpipe's loop trains; nothing for a step that
+    keeps its own dropout."""
+    if step.model is None:
+        return contextlib.nullcontext()
+    return Runtime(CPU, bf16=False).fast_paths(step.model, seed)
+
+
 def profile_step(step: Callable, batches: list[torch.Tensor], seed: int) -> dict[str, Any]:
     """The share of `step`'s time in matrix products over `batches` (after one untimed
     step), their FLOPs and FLOP/s, and the biggest other operators' shares."""
     from torch.profiler import ProfilerActivity, profile
 
-    host = Runtime(CPU, bf16=False)
-    with host.fast_paths(step.model, seed):
+    with dropout_for(step, seed):
         step(batches[0])
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
             for windows in batches:
@@ -139,11 +146,10 @@ def bench(corpus: dict[str, Any], steps: int, rounds: int, gpt_layers: int) -> d
     configs = step_configs(model, optim)
     rates: dict[str, list[float]] = {name: [] for name in configs}
     warmup: dict[str, float] = {}
-    host = Runtime(CPU, bf16=False)
     tokens = steps * optim.batch_size * block
     for r, name in in_turns(list(configs), rounds + 1):  # round 0 warms up (and compiles), untimed
         step = configs[name]
-        with host.fast_paths(step.model, p.seed + r) if step.model is not None else contextlib.nullcontext():
+        with dropout_for(step, p.seed + r):
             start = time.perf_counter()
             for windows in batches:
                 step(windows)
