@@ -11,6 +11,8 @@ loop would give it, side by side: step-time probes without a quality figure
   (host dropout would break the graph at every layer); compiling is timed apart.
 - bf16 weights between steps, trained without autocast, the optimizer stepping fp32
   master weights and casting them back once a step.
+- GPT-2's GELU as transformers writes it (`gelu_new`: eight elementwise operations), the
+  loop's one-kernel tanh GELU fast path off.
 - fp32, for scale.
 
 The generation benchmark's GPT (the example's source tweets, its BPE, a GPT-2 config of its
@@ -51,7 +53,8 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callable[[torch.Tensor], None]]:
     """name -> step(windows): one optimizer step of its own copy of `model` on (B, T + 1)
-    token windows. A step's `model` is what host dropout goes on (None: its own dropout)."""
+    token windows. A step's `model` is what its `runtime`'s fast paths go on (None: the
+    model keeps its own dropout and GELU)."""
     configs: dict[str, Callable] = {}
 
     def autocast_step(rt: Runtime, compiled: bool = False) -> Callable:
@@ -70,6 +73,7 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
             optimizer.zero_grad(set_to_none=True)
 
         step.model = None if compiled else own  # type: ignore[attr-defined]
+        step.runtime = rt  # type: ignore[attr-defined]
         return step
 
     def bf16_weights_step() -> Callable:
@@ -85,6 +89,7 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
             step_masters(optimizer, masters, params, optim.max_grad_norm)
 
         step.model = own  # type: ignore[attr-defined]
+        step.runtime = Runtime(CPU, bf16=True)  # type: ignore[attr-defined]
         return step
 
     configs["fp32"] = autocast_step(Runtime(CPU, bf16=False))
@@ -92,15 +97,18 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
         configs[TLPIPE] = autocast_step(Runtime(CPU, bf16=True))
         configs["bf16 autocast, torch.compile (inductor)"] = autocast_step(Runtime(CPU, bf16=True), True)
         configs["bf16 weights, fp32 masters"] = bf16_weights_step()
+        configs["bf16 autocast, GELU written out (gelu_new)"] = autocast_step(
+            Runtime(CPU, bf16=True).without("tanh_gelu")
+        )
     return configs
 
 
 def dropout_for(step: Callable, seed: int) -> contextlib.AbstractContextManager:
-    """Host dropout on the step's model, as tlpipe's loop trains; nothing for a step that
-    keeps its own dropout."""
+    """The step's runtime's fast paths on its model (host dropout, the tanh GELU), as
+    tlpipe's loop trains; nothing for a step that keeps its own dropout and GELU."""
     if step.model is None:
         return contextlib.nullcontext()
-    return Runtime(CPU, bf16=False).fast_paths(step.model, seed)
+    return step.runtime.fast_paths(step.model, seed)
 
 
 def profile_step(step: Callable, batches: list[torch.Tensor], seed: int) -> dict[str, Any]:

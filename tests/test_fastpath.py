@@ -1,6 +1,7 @@
 """The training fast paths compute what the plain loop computes: the [CLS]-only last layer
 gives the same logits and gradients, host dropout the same distribution, the row-sparse
-embedding gradient the same gradient; and training leaves the model as it was."""
+embedding gradient the same gradient, the one-kernel tanh GELU the same function; and
+training leaves the model as it was."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from transformers import (
 
 from tests.conftest import train_tiny
 from tlpipe import train
-from tlpipe.fastpath import ATTENTION, HostDropout, embedding_row_grads, host_dropout
+from tlpipe.fastpath import ATTENTION, HostDropout, embedding_row_grads, host_dropout, tanh_gelu
 from tlpipe.settings.text_classification import fastpath as text_fastpath
 from tlpipe.settings.text_classification.fastpath import first_token_only
 from tlpipe.train import FAST_PATHS, Runtime
@@ -228,3 +229,37 @@ def test_host_dropout_reaches_gpt2_attention_probabilities(monkeypatch: pytest.M
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     with torch.no_grad():
         assert not torch.allclose(outs[0], model.eval()(input_ids=ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast"])
+def test_tanh_gelu_gives_gpt2_the_same_logits_and_gradients(activation: str) -> None:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, activation_function=activation,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
+    before = [type(m) for m in model.modules()]
+
+    def logits_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    written_out = logits_and_grads()
+    with tanh_gelu(model):
+        assert [type(b.mlp.act).__name__ for b in model.transformer.h] == ["GELUTanh"] * 2
+        fused = logits_and_grads()
+    assert [type(m) for m in model.modules()] == before
+    torch.testing.assert_close(fused[0], written_out[0], rtol=1e-5, atol=1e-6)
+    for name, grad in written_out[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tanh_gelu_leaves_other_activations_alone() -> None:
+    model = _classifier()  # BERT's erf GELU: already one kernel
+    before = [type(m) for m in model.modules()]
+    with tanh_gelu(model):
+        assert [type(m) for m in model.modules()] == before

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from tlpipe import distributed
 from tlpipe.distributed import World
-from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout
+from tlpipe.fastpath import ATTENTION, embedding_row_grads, host_dropout, tanh_gelu
 from tlpipe.faults import failpoint
 from tlpipe.params import FinetuneParams, OptimParams, PretrainParams
 from tlpipe.precision import bf16_pays
@@ -68,7 +68,14 @@ def bf16_native(device: torch.device) -> bool:
 
 
 # The fast paths a Runtime can turn off (benchmarks measure each one's share).
-FAST_PATHS = ("first_token_only", "host_dropout", "embedding_row_grads", "clip_in_step", "shape_buckets")
+FAST_PATHS = (
+    "first_token_only",
+    "host_dropout",
+    "embedding_row_grads",
+    "clip_in_step",
+    "shape_buckets",
+    "tanh_gelu",
+)
 # On a GPU torch's dropout is a fast on-device kernel, where host masks would cross the bus
 # every step.
 _CPU_ONLY = ("host_dropout",)
@@ -159,11 +166,13 @@ class Runtime:
         self, model: nn.Module, seed: int | np.random.Generator, *, row_grads: bool = False
     ) -> contextlib.ExitStack:
         """The shared fast paths for training `model`, active until the returned stack
-        closes: host dropout seeded by `seed` (or drawing from the generator given); if
-        `row_grads` (nothing outside `model` shares its input embedding, and nothing adds to
-        every row of its gradient), the row-sparse embedding gradient. A setting's task adds
-        its own."""
+        closes: the one-kernel tanh GELU; host dropout seeded by `seed` (or drawing from the
+        generator given); if `row_grads` (nothing outside `model` shares its input
+        embedding, and nothing adds to every row of its gradient), the row-sparse embedding
+        gradient. A setting's task adds its own."""
         stack = contextlib.ExitStack()
+        if self.uses("tanh_gelu"):
+            stack.enter_context(tanh_gelu(model))
         if self.uses("host_dropout"):
             stack.enter_context(host_dropout(model, seed))
         if row_grads and self.uses("embedding_row_grads"):
