@@ -8,12 +8,20 @@ loop would give it, side by side: step-time probes without a quality figure
   dropout, the cross entropy over the vocabulary, casts, the optimizer) is what fusion
   could remove: the step rate with none of it left is the ceiling of any such lever.
 - torch.compile (inductor) of the model under the same autocast, its dropout in the graph
-  (host dropout would break the graph at every layer); compiling is timed apart.
+  (host dropout would break the graph at every layer), the loss on the compiled model's
+  logits; compiling is timed apart.
 - bf16 weights between steps, trained without autocast, the optimizer stepping fp32
   master weights and casting them back once a step.
 - GPT-2's GELU as transformers writes it (`gelu_new`: eight elementwise operations), the
   loop's one-kernel tanh GELU fast path off.
+- The loss unfused: the (B, T, V) logits cast to fp32, then the cross entropy, as a causal
+  LM's forward computes it (tlpipe's loss projects and takes the softmax a chunk of rows at
+  a time, and keeps only the logits' gradient for backward).
 - fp32, for scale.
+- The memory of the fused loss against the unfused one at GPT-2's own vocabulary: the
+  peak resident memory of one loss and backward over 2,048 rows of width 768 and a
+  50,257-token vocabulary, each side in a fresh process, above a process that only builds
+  the inputs.
 
 The generation benchmark's GPT (the example's source tweets, its BPE, a GPT-2 config of its
 width, blocks of `pretrain.max_length`, its batch and optimizer); every configuration takes
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,14 +44,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
-from bench.common import in_turns, pin_threads, ratio, record, stat, threads_from_env
+from bench.common import in_turns, pin_threads, ratio, record, run_measured, stat, threads_from_env
 from bench.generation import EXAMPLE, source_corpus
 from bench.levers import step_masters
 from bench.train import matmul_flops
 from tlpipe.params import OptimParams, load_params
-from tlpipe.settings.text_generation.lm import block_starts, gather, lm_loss
-from tlpipe.settings.text_generation.model import new_gpt
+from tlpipe.settings.text_generation.lm import block_starts, gather, linear_cross_entropy, lm_loss
+from tlpipe.settings.text_generation.model import logits, new_gpt
 from tlpipe.train import Runtime, bf16_native, clip_and_step, make_optimizer
 
 CPU = torch.device("cpu")
@@ -57,7 +67,7 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
     model keeps its own dropout and GELU)."""
     configs: dict[str, Callable] = {}
 
-    def autocast_step(rt: Runtime, compiled: bool = False) -> Callable:
+    def autocast_step(rt: Runtime, compiled: bool = False, loss: Callable = lm_loss) -> Callable:
         own = copy.deepcopy(model)
         rt.place(own)
         own.train()
@@ -67,8 +77,8 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
 
         def step(windows: torch.Tensor) -> None:
             with rt.autocast():
-                loss = lm_loss(forward, windows)
-            loss.backward()
+                value = loss(forward, windows)
+            value.backward()
             clip_and_step(optimizer, params, optim.max_grad_norm)
             optimizer.zero_grad(set_to_none=True)
 
@@ -95,12 +105,24 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
     configs["fp32"] = autocast_step(Runtime(CPU, bf16=False))
     if bf16_native(CPU):
         configs[TLPIPE] = autocast_step(Runtime(CPU, bf16=True))
-        configs["bf16 autocast, torch.compile (inductor)"] = autocast_step(Runtime(CPU, bf16=True), True)
+        configs["bf16 autocast, logits then cross entropy"] = autocast_step(
+            Runtime(CPU, bf16=True), loss=unfused_lm_loss
+        )
+        configs["bf16 autocast, torch.compile (inductor)"] = autocast_step(
+            Runtime(CPU, bf16=True), True, unfused_lm_loss
+        )
         configs["bf16 weights, fp32 masters"] = bf16_weights_step()
         configs["bf16 autocast, GELU written out (gelu_new)"] = autocast_step(
             Runtime(CPU, bf16=True).without("tanh_gelu")
         )
     return configs
+
+
+def unfused_lm_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """The loss as a causal LM's forward computes it: the (B, T, V) logits, cast to fp32,
+    then the cross entropy (tlpipe's `lm_loss` fuses the output projection into it)."""
+    out = logits(model, windows[:, :-1])
+    return F.cross_entropy(out.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
 def dropout_for(step: Callable, seed: int) -> contextlib.AbstractContextManager:
@@ -191,6 +213,39 @@ def bench(corpus: dict[str, Any], steps: int, rounds: int, gpt_layers: int) -> d
     }
 
 
+# GPT-2's vocabulary and width, and a batch of 32 blocks of 64 tokens.
+MEMORY_SHAPE = {"vocab": 50_257, "width": 768, "rows": 2_048}
+MEMORY_SIDES = ("inputs only", "fused", "logits then cross entropy")
+
+
+def loss_memory_side(side: str) -> None:
+    """One side of `loss_memory`, in this process: the inputs, then (unless "inputs only")
+    one bf16-autocast loss over them and its backward."""
+    n, width, vocab = MEMORY_SHAPE["rows"], MEMORY_SHAPE["width"], MEMORY_SHAPE["vocab"]
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, width, generator=gen).requires_grad_()
+    weight = (torch.randn(vocab, width, generator=gen) * 0.02).requires_grad_()
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    if side == "inputs only":
+        return
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if side == "fused":
+            loss = linear_cross_entropy(hidden, weight, None, target)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight).float(), target)
+    loss.backward()
+
+
+def loss_memory(threads: int) -> dict[str, Any]:
+    """Peak resident MiB of each side's loss and backward above the inputs' process."""
+    peak = {}
+    for side in MEMORY_SIDES:
+        cmd = [sys.executable, "-m", "bench.gpt_levers", "--loss-memory", side, "--threads", str(threads)]
+        peak[side] = run_measured(cmd)[1]
+    base = peak.pop("inputs only")
+    return MEMORY_SHAPE | {"mib_above_inputs": {side: mib - base for side, mib in peak.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,10 +254,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gpt-layers", type=int, default=4)
     parser.add_argument("--results", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--loss-memory", choices=MEMORY_SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    threads = threads_from_env()
+    threads = args.threads or threads_from_env()
     pin_threads(threads)
+    if args.loss_memory:
+        loss_memory_side(args.loss_memory)
+        return
     out = {"threads": threads, **bench(source_corpus()[1], args.steps, args.rounds, args.gpt_layers)}
+    out["loss_memory"] = loss_memory(threads)
     for name, r in out["ratio"].items():
         print(f"{name}: {r:.2f}x {out['vs']}")
     prof = out["profile"]
@@ -211,6 +272,8 @@ def main() -> None:
         f"matrix products: {prof['matmul_share']:.0%} of the step at {rate / 1e9:.0f} GFLOP/s "
         f"({rate / prof['peak_flop_per_s']['median']:.0%} of the 2048^3 rate)"
     )
+    for side, mib in out["loss_memory"]["mib_above_inputs"].items():
+        print(f"loss memory, {side}: {mib:.0f} MiB")
     record("gpt-levers-cpu", out, args.results)
 
 

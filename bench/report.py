@@ -479,6 +479,17 @@ def gpt_levers(section: dict[str, Any]) -> list[str]:
         f"fusion. The largest of the rest: {others}.",
         "",
     ]
+    memory = section.get("loss_memory")
+    if memory:
+        mib = memory["mib_above_inputs"]
+        lines += [
+            f"Memory of one bf16 loss and backward at a {memory['vocab']:,}-token vocabulary, "
+            f"{memory['rows']:,} rows of width {memory['width']} (peak resident, each side in a fresh "
+            f"process, above one that only builds the inputs): "
+            + "; ".join(f"{side} {v:,.0f} MiB" for side, v in mib.items())
+            + ".",
+            "",
+        ]
     return lines
 
 

@@ -19,9 +19,11 @@ from tests.conftest import AIRLINES, REPO
 from tlpipe.params import FinetuneParams, OptimParams, TokenizerParams, parse_params
 from tlpipe.settings.text_generation.export import write_bundle
 from tlpipe.settings.text_generation.lm import (
+    LOSS_CHUNK_ROWS,
     LanguageModelTask,
     SourceLm,
     block_starts,
+    lm_loss,
     scores,
     stream_nll,
     torch_continuation,
@@ -186,6 +188,42 @@ def test_perplexity_scores_every_token_after_the_first_once() -> None:
     np.testing.assert_allclose(nll[:16], whole.numpy()[:16], rtol=1e-4, atol=1e-5)
     found = scores(nll)
     assert found["perplexity"] == pytest.approx(math.exp(found["loss"]))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("arch", ["lstm", "gpt"])
+def test_the_fused_loss_matches_logits_then_cross_entropy(arch: str, bf16: bool) -> None:
+    model = _models(100)[arch].eval()  # the LSTM's projection has a bias, GPT's is tied without
+    windows = torch.as_tensor(np.random.default_rng(0).integers(0, 100, (5, 61)))
+    assert 5 * 60 > LOSS_CHUNK_ROWS  # more than one chunk of rows
+
+    def loss_and_grads(loss_fn, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(windows)
+        return loss, torch.autograd.grad(0.3 * loss, list(model.parameters()))
+
+    def unfused(w: torch.Tensor) -> torch.Tensor:
+        out = logits(model, w[:, :-1]).float()
+        return torch.nn.functional.cross_entropy(out.flatten(0, 1), w[:, 1:].flatten())
+
+    def error(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
+        """Each gradient's largest deviation, relative to its largest entry."""
+        for got, want in zip(grads, ref, strict=True):
+            assert got.dtype == want.dtype == torch.float32
+        return [float((g - r).abs().max() / r.abs().max()) for g, r in zip(grads, ref, strict=True)]
+
+    fused, fused_grads = loss_and_grads(lambda w: lm_loss(model, w), bf16)
+    want, want_grads = loss_and_grads(unfused, bf16)
+    if not bf16:
+        torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+        assert max(error(fused_grads, want_grads)) <= 1e-5
+        return
+    # bf16 rounds the products either way, in a different order: both sit about 1% of each
+    # gradient's scale from fp32's; the fused loss must be about as close as the unfused one.
+    torch.testing.assert_close(fused, want, rtol=1e-2, atol=1e-2)
+    _, exact = loss_and_grads(unfused, False)
+    for fused_error, unfused_error in zip(error(fused_grads, exact), error(want_grads, exact), strict=True):
+        assert fused_error <= 2 * unfused_error + 1e-3
 
 
 @pytest.mark.parametrize("arch", ["lstm", "gpt"])

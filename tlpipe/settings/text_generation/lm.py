@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from tlpipe.setting import Metric
 from tlpipe.settings.text_generation import METRICS
-from tlpipe.settings.text_generation.model import LstmLM, context_limit, logits
+from tlpipe.settings.text_generation.model import LstmLM, context_limit, features, logits
 from tlpipe.settings.text_generation.sampling import Sampling, new_tokens, next_token
 from tlpipe.train import Runtime
 
@@ -53,10 +53,79 @@ def gather(stream: torch.Tensor, starts: np.ndarray, length: int) -> torch.Tenso
     return stream[index]
 
 
+# Rows of logits the fused loss holds in fp32 at once: 256 x a 4,000-token vocabulary is 4 MB,
+# within the last-level cache, so the softmax passes over it do not go to memory.
+LOSS_CHUNK_ROWS = 256
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of logits = hidden @ weight.T + bias against `target`, without
+    the (N, V) fp32 logits and their log-softmax kept for backward: each chunk of rows is
+    projected, its softmax taken in fp32 in cache, and softmax - one-hot (the logits'
+    gradient up to 1/N) stored once in the matmul dtype; backward is two matrix products.
+    Under autocast the products run in its dtype, as the linear layer's would, and the
+    weight's gradient arrives in fp32."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        h, w = hidden.to(dtype), weight.to(dtype)  # (N, H), (V, H)
+        b = None if bias is None else bias.to(dtype)
+        n = h.shape[0]
+        probs = torch.empty(n, w.shape[0], dtype=dtype, device=h.device)  # softmax - one-hot
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for lo in range(0, n, LOSS_CHUNK_ROWS):
+            rows, t = slice(lo, lo + LOSS_CHUNK_ROWS), target[lo : lo + LOSS_CHUNK_ROWS]
+            z = (h[rows] @ w.T if b is None else torch.addmm(b, h[rows], w.T)).float()  # (C, V)
+            z.sub_(z.amax(1, keepdim=True))
+            picked = z.gather(1, t[:, None])  # (C, 1), before exp: a tiny probability stays finite
+            z.exp_()  # one exp a logit: the softmax is exp(z) / its sum
+            sums = z.sum(1, keepdim=True)
+            total += (sums.log() - picked).sum()
+            z.div_(sums)
+            z[torch.arange(len(t), device=z.device), t] -= 1.0
+            probs[rows] = z
+        ctx.save_for_backward(h, w, probs)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, w, probs = ctx.saved_tensors
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad / h.shape[0]
+        grad_hidden = (probs @ w).to(hidden_dtype) * scale
+        grad_weight = (probs.T @ h).to(weight_dtype) * scale
+        grad_bias = None if bias_dtype is None else probs.sum(0, dtype=torch.float32).to(bias_dtype) * scale
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+) -> torch.Tensor:
+    """F.cross_entropy(F.linear(hidden, weight, bias).float(), target) for hidden (N, H),
+    fused (`_LinearCrossEntropy`); in autocast's dtype when autocast is on."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, target, dtype)
+
+
 def lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over windows (B, T + 1)."""
-    out = logits(model, windows[:, :-1])  # (B, T, V)
-    return F.cross_entropy(out.flatten(0, 1).float(), windows[:, 1:].flatten())
+    """Mean next-token cross entropy over windows (B, T + 1), the output projection fused
+    into the loss."""
+    found = features(model, windows[:, :-1])
+    if found is None:
+        out = logits(model, windows[:, :-1])  # (B, T, V)
+        return F.cross_entropy(out.flatten(0, 1).float(), windows[:, 1:].flatten())
+    hidden, weight, bias = found  # (B, T, H), (V, H), (V,) or None
+    return linear_cross_entropy(hidden.flatten(0, 1), weight, bias, windows[:, 1:].flatten())
 
 
 @torch.no_grad()

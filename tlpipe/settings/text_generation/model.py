@@ -62,10 +62,10 @@ class LstmLM(nn.Module):
         # loss for hundreds of steps; at 0.3 it leaves that plateau within about a hundred.
         nn.init.normal_(self.embed.weight, std=0.3)
 
-    def forward(
+    def hidden(
         self, input_ids: torch.Tensor, state: LstmState | None = None
     ) -> tuple[torch.Tensor, LstmState]:
-        """(logits (B, T, V), the state after the last position)."""
+        """(the last layer's outputs (B, T, H), the state after the last position)."""
         x = self.drop(self.embed(input_ids))  # (B, T, H)
         hs, cs = [], []
         for i, layer in enumerate(self.layers):
@@ -73,8 +73,14 @@ class LstmLM(nn.Module):
             x = self.drop(x)
             hs.append(h)
             cs.append(c)
-        logits = nn.functional.linear(x, self.embed.weight, self.bias)
-        return logits, (torch.cat(hs), torch.cat(cs))
+        return x, (torch.cat(hs), torch.cat(cs))
+
+    def forward(
+        self, input_ids: torch.Tensor, state: LstmState | None = None
+    ) -> tuple[torch.Tensor, LstmState]:
+        """(logits (B, T, V), the state after the last position)."""
+        x, state = self.hidden(input_ids, state)
+        return nn.functional.linear(x, self.embed.weight, self.bias), state
 
 
 def new_lstm(vocab_size: int, hidden_size: int, num_layers: int, dropout: float) -> LstmLM:
@@ -114,6 +120,22 @@ def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if isinstance(model, LstmLM):
         return model(input_ids)[0]
     return model(input_ids=input_ids, use_cache=False).logits
+
+
+def features(
+    model: nn.Module, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, nn.Parameter, nn.Parameter | None] | None:
+    """What the output projection reads, for a loss that fuses it: the hidden states (B, T, H)
+    and the projection's weight (V, H) and bias (V,) or None, so that logits = hidden @
+    weight.T + bias. None for a decoder family not declared in DECODERS (its logits may be
+    scaled or capped after the projection)."""
+    if isinstance(model, LstmLM):
+        return model.hidden(input_ids)[0], model.embed.weight, model.bias
+    if model.config.model_type not in DECODERS:
+        return None
+    head = model.get_output_embeddings()
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden, head.weight, head.bias
 
 
 def context_limit(model: nn.Module) -> int | None:
