@@ -18,6 +18,9 @@ loop would give it, side by side: step-time probes without a quality figure
   LM's forward computes it (tlpipe's loss projects and takes the softmax a chunk of rows at
   a time, and keeps only the logits' gradient for backward).
 - fp32, for scale.
+- GPT-2's GELU alone, forward and backward over one block's feed-forward activations
+  (batch x block x 4 x width, bf16): written out as transformers writes it against the
+  one kernel the loop swaps in.
 - The memory of the fused loss against the unfused one at GPT-2's own vocabulary: the
   peak resident memory of one loss and backward over 2,048 rows of width 768 and a
   50,257-token vocabulary, each side in a fresh process, above a process that only builds
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -45,8 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
+from transformers.activations import GELUTanh, NewGELUActivation
 
-from bench.common import in_turns, pin_threads, ratio, record, run_measured, stat, threads_from_env
+from bench.common import in_turns, pin_threads, ratio, record, run_measured, stat, threads_from_env, timed
 from bench.generation import EXAMPLE, source_corpus
 from bench.levers import step_masters
 from bench.train import matmul_flops
@@ -213,6 +218,20 @@ def bench(corpus: dict[str, Any], steps: int, rounds: int, gpt_layers: int) -> d
     }
 
 
+def gelu_times(shape: tuple[int, ...], rounds: int) -> dict[str, Any]:
+    """Milliseconds of one forward and backward of each GELU over a bf16 tensor of `shape`,
+    the two taking turns for `rounds` rounds of 20 calls."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    grad = torch.ones_like(x)
+    acts = {"gelu_new, written out": NewGELUActivation(), "one kernel (tlpipe)": GELUTanh()}
+    ms: dict[str, list[float]] = {name: [] for name in acts}
+    for _, name in in_turns(list(acts), rounds):
+        xs = x.clone().requires_grad_()
+        seconds = timed(lambda act=acts[name], xs=xs: act(xs).backward(grad), reps=20)
+        ms[name].append(1e3 * statistics.median(seconds))
+    return {"shape": list(shape), "ms": {name: stat(v, "ms") for name, v in ms.items()}}
+
+
 # GPT-2's vocabulary and width, and a batch of 32 blocks of 64 tokens.
 MEMORY_SHAPE = {"vocab": 50_257, "width": 768, "rows": 2_048}
 MEMORY_SIDES = ("inputs only", "fused", "logits then cross entropy")
@@ -263,6 +282,8 @@ def main() -> None:
         loss_memory_side(args.loss_memory)
         return
     out = {"threads": threads, **bench(source_corpus()[1], args.steps, args.rounds, args.gpt_layers)}
+    p = load_params(EXAMPLE).pretrain
+    out["gelu"] = gelu_times((p.optim.batch_size, p.max_length, 4 * p.lm.hidden_size), args.rounds)
     out["loss_memory"] = loss_memory(threads)
     for name, r in out["ratio"].items():
         print(f"{name}: {r:.2f}x {out['vs']}")
@@ -272,6 +293,8 @@ def main() -> None:
         f"matrix products: {prof['matmul_share']:.0%} of the step at {rate / 1e9:.0f} GFLOP/s "
         f"({rate / prof['peak_flop_per_s']['median']:.0%} of the 2048^3 rate)"
     )
+    for name, ms in out["gelu"]["ms"].items():
+        print(f"GELU forward and backward, {name}: {ms['median']:.2f} ms")
     for side, mib in out["loss_memory"]["mib_above_inputs"].items():
         print(f"loss memory, {side}: {mib:.0f} MiB")
     record("gpt-levers-cpu", out, args.results)

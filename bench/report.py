@@ -479,6 +479,16 @@ def gpt_levers(section: dict[str, Any]) -> list[str]:
         f"fusion. The largest of the rest: {others}.",
         "",
     ]
+    gelu = section.get("gelu")
+    if gelu:
+        ms = gelu["ms"]
+        shape = " x ".join(str(d) for d in gelu["shape"])
+        lines += [
+            f"GPT-2's GELU alone, forward and backward over a bf16 ({shape}) activation: "
+            + "; ".join(f"{name} {v['median']:.2f} ms" for name, v in ms.items())
+            + ".",
+            "",
+        ]
     memory = section.get("loss_memory")
     if memory:
         mib = memory["mib_above_inputs"]

@@ -195,7 +195,7 @@ def test_perplexity_scores_every_token_after_the_first_once() -> None:
 def test_the_fused_loss_matches_logits_then_cross_entropy(arch: str, bf16: bool) -> None:
     model = _models(100)[arch].eval()  # the LSTM's projection has a bias, GPT's is tied without
     windows = torch.as_tensor(np.random.default_rng(0).integers(0, 100, (5, 61)))
-    assert 5 * 60 > LOSS_CHUNK_ROWS  # more than one chunk of rows
+    assert LOSS_CHUNK_ROWS < 5 * 60  # more than one chunk of rows
 
     def loss_and_grads(loss_fn, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
