@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -145,18 +146,40 @@ def record(section: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
+# Linux carries a process's memory high-water mark through fork and exec, so a child's
+# ru_maxrss is at least its parent's peak: a benchmark holding a model would read its own
+# size as the child's. The command is started by this small Python process instead, which
+# writes its child's peak (KiB) to the file it is given.
+_PEAK_OF_CHILD = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
     """Run `cmd` in its own process (in `cwd`): (wall seconds, that process's peak RSS in
     MiB, its stdout). Output goes through files, not pipes, so a chatty child never blocks;
     raises RuntimeError with the end of its stderr when it fails."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        peak_file = Path(tmp) / "peak"
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_OF_CHILD, str(peak_file), *cmd],
+            stdout=out,
+            stderr=err,
+            text=True,
+            cwd=cwd,
+        )
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd[2:4])} failed: {err.read()[-2000:]}")
-        return seconds, usage.ru_maxrss / 1024, out.read()
+        return seconds, int(peak_file.read_text()) / 1024, out.read()

@@ -54,6 +54,23 @@ def test_a_section_from_another_machine_is_kept_apart(
     assert data["earlier"][f"predict on {common.machine_kind(here)}"]["fig"] == 3
 
 
+def test_a_child_s_peak_memory_is_its_own_not_its_parent_s() -> None:
+    """A process's memory high-water mark survives fork and exec: a child started straight
+    from a benchmark holding a model would report the benchmark's size as its own."""
+    import sys
+
+    import numpy as np
+
+    from bench.common import run_measured
+
+    held = np.ones(800 * 2**20 // 8)  # 800 MiB resident in this process
+    script = "import numpy as np; x = np.ones(200 * 2**20 // 8); print(x.sum())"
+    _, peak_mib, out = run_measured([sys.executable, "-c", script])
+    assert float(out) == 200 * 2**20 // 8
+    assert 200 < peak_mib < 400  # its 200 MiB and the interpreter, not this process's 800
+    del held
+
+
 @pytest.mark.slow
 def test_the_image_benchmark_times_every_side_and_engine(tmp_path: Path) -> None:
     """bench.image end to end on a few steps: both loops at both precisions, the FLOP
