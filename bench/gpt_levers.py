@@ -56,8 +56,14 @@ from bench.generation import EXAMPLE, source_corpus
 from bench.levers import step_masters
 from bench.train import matmul_flops
 from tlpipe.params import OptimParams, load_params
-from tlpipe.settings.text_generation.lm import block_starts, gather, linear_cross_entropy, lm_loss
-from tlpipe.settings.text_generation.model import logits, new_gpt
+from tlpipe.settings.text_generation.lm import (
+    block_starts,
+    gather,
+    linear_cross_entropy,
+    lm_loss,
+    logits_loss,
+)
+from tlpipe.settings.text_generation.model import new_gpt
 from tlpipe.train import Runtime, bf16_native, clip_and_step, make_optimizer
 
 CPU = torch.device("cpu")
@@ -111,23 +117,16 @@ def step_configs(model: torch.nn.Module, optim: OptimParams) -> dict[str, Callab
     if bf16_native(CPU):
         configs[TLPIPE] = autocast_step(Runtime(CPU, bf16=True))
         configs["bf16 autocast, logits then cross entropy"] = autocast_step(
-            Runtime(CPU, bf16=True), loss=unfused_lm_loss
+            Runtime(CPU, bf16=True), loss=logits_loss
         )
         configs["bf16 autocast, torch.compile (inductor)"] = autocast_step(
-            Runtime(CPU, bf16=True), True, unfused_lm_loss
+            Runtime(CPU, bf16=True), True, logits_loss
         )
         configs["bf16 weights, fp32 masters"] = bf16_weights_step()
         configs["bf16 autocast, GELU written out (gelu_new)"] = autocast_step(
             Runtime(CPU, bf16=True).without("tanh_gelu")
         )
     return configs
-
-
-def unfused_lm_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """The loss as a causal LM's forward computes it: the (B, T, V) logits, cast to fp32,
-    then the cross entropy (tlpipe's `lm_loss` fuses the output projection into it)."""
-    out = logits(model, windows[:, :-1])
-    return F.cross_entropy(out.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
 def dropout_for(step: Callable, seed: int) -> contextlib.AbstractContextManager:

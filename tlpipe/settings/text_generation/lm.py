@@ -117,13 +117,19 @@ def linear_cross_entropy(
         return _LinearCrossEntropy.apply(hidden, weight, bias, target, dtype)
 
 
+def logits_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over windows (B, T + 1) as a causal LM's forward computes
+    it: the (B, T, V) logits, cast to fp32, then the cross entropy."""
+    out = logits(model, windows[:, :-1])  # (B, T, V)
+    return F.cross_entropy(out.flatten(0, 1).float(), windows[:, 1:].flatten())
+
+
 def lm_loss(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over windows (B, T + 1), the output projection fused
-    into the loss."""
+    into the loss (`logits_loss` for a decoder family whose projection is not declared)."""
     found = features(model, windows[:, :-1])
     if found is None:
-        out = logits(model, windows[:, :-1])  # (B, T, V)
-        return F.cross_entropy(out.flatten(0, 1).float(), windows[:, 1:].flatten())
+        return logits_loss(model, windows)
     hidden, weight, bias = found  # (B, T, H), (V, H), (V,) or None
     return linear_cross_entropy(hidden.flatten(0, 1), weight, bias, windows[:, 1:].flatten())
 
